@@ -1,0 +1,163 @@
+"""Train an unconditional half-data model `shapes-half-a` or `shapes-half-b`.
+
+Each half sees only its own shape classes (``world.SHAPE_HALVES``: a = circle, square;
+b = triangle, cross), every colour, held-out pairs excluded, in the latent space of the
+shared shapes VAE (the same one the text-to-image model uses). The UNet2DModel is trained
+on the epsilon-prediction loss (min-SNR-5 weights) over SD v1's DDPM schedule; the EMA
+weights are exported in diffusers layout:
+
+    <out>/unet/        UNet2DModel (config.json + diffusion_pytorch_model.safetensors)
+    <out>/scheduler/   EulerDiscreteScheduler config (same betas as shapes-t2i)
+    <out>/vae/         a copy of the shared AutoencoderKL
+    <out>/training.json
+
+    nohup nice -n 10 .venv/bin/python scripts/train_shapes_halves.py --half a > outputs/train_half_a.log 2>&1 &
+
+Re-running the same command resumes from <workdir>/checkpoint.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from superdiff.shapes import world
+from superdiff.shapes.models import make_sampling_scheduler, make_train_scheduler, make_uncond_unet
+from superdiff.shapes.training import EMA, Run, encode_latents, lr_at, min_snr_weights, parameter_count, step_rng, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--half", required=True, choices=sorted(world.SHAPE_HALVES))
+    ap.add_argument("--vae", default="outputs/train/shapes-vae/final", help="trained VAE directory")
+    ap.add_argument("--workdir", default=None, help="default outputs/train/shapes-half-<half>")
+    ap.add_argument("--out", default=None, help="default superdiff/bundled/shapes-half-<half>")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--dataset-size", type=int, default=20000)
+    ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and exit")
+    args = ap.parse_args(argv)
+    name = f"shapes-half-{args.half}"
+    workdir = Path(args.workdir or f"outputs/train/{name}")
+    out = Path(args.out or f"superdiff/bundled/{name}")
+    shapes = world.SHAPE_HALVES[args.half]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from diffusers import AutoencoderKL
+
+    vae_dir = Path(args.vae)
+    if not (vae_dir / "config.json").exists():
+        raise SystemExit(f"no trained VAE at {vae_dir}; run scripts/train_shapes_vae.py first or pass --vae DIR")
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    scaling = float(vae.config.scaling_factor)
+
+    run = Run(workdir)
+    unet = make_uncond_unet()
+    ema = EMA(unet, args.ema)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    train_sched = make_train_scheduler()
+    ac = train_sched.alphas_cumprod
+    start = 0
+    state = run.load()
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        ema.module.load_state_dict(state["ema_unet"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        run.truncate_log(start)
+        print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+
+    cache = run.dir / f"latents-{args.seed}-{args.dataset_size}.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+    else:
+        print(f"rendering and encoding {args.dataset_size} images of {shapes} ...", flush=True)
+        ds = world.make_dataset(np.random.default_rng([args.seed, 3, ord(args.half)]), args.dataset_size, shapes=shapes)
+        mean, std = encode_latents(vae, ds.images)
+        data = {"mean": mean, "std": std}
+        torch.save(data, cache)
+    n = len(data["mean"])
+
+    unet.train()
+    steps = 0 if args.export_only else args.steps
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, mininterval=10)
+    running = []
+    for step in bar:
+        rng = step_rng(args.seed, step)
+        idx = torch.from_numpy(rng.integers(0, n, size=args.batch))
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        z0 = (data["mean"][idx] + data["std"][idx] * torch.randn(data["mean"][idx].shape, generator=gen)) * scaling
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, len(ac), (args.batch,), generator=gen)
+        zt = train_sched.add_noise(z0, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        pred = unet(zt, t).sample
+        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per * min_snr_weights(ac, t, args.min_snr)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet, step)
+        running.append(per.mean().item())
+        if (step + 1) % args.log_every == 0:
+            rec = {"step": step + 1, "loss": float(np.mean(running)), "lr": opt.param_groups[0]["lr"], "cpu_s": run.cpu_seconds}
+            running = []
+            run.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            print(rec, flush=True)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            run.save({"unet": unet.state_dict(), "ema_unet": ema.module.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+
+    final_state = run.load()
+    if final_state is None:
+        raise SystemExit(f"no checkpoint in {run.dir}; train first")
+    ema.module.load_state_dict(final_state["ema_unet"])
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ema.module.save_pretrained(out / "unet")
+    make_sampling_scheduler().save_pretrained(out / "scheduler")
+    vae.save_pretrained(out / "vae")
+    vae_info = json.loads((vae_dir / "training.json").read_text()) if (vae_dir / "training.json").exists() else {}
+    write_json(
+        out / "training.json",
+        {
+            "name": name,
+            "kind": "unconditional",
+            "shapes": list(shapes),
+            "colours": list(world.COLOURS),
+            "steps_trained": final_state["step"],
+            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "export_only", "vae")},
+            "parameters": {"unet": parameter_count([ema.module]), "vae": parameter_count([vae])},
+            "cpu_seconds": {"unet": round(float(final_state["cpu_seconds"]), 1), "vae": vae_info.get("cpu_seconds")},
+            "vae": vae_info,
+            "data": {
+                "training_images": args.dataset_size,
+                "shapes": list(shapes),
+                "held_out_excluded": [list(p) for p in world.HELD_OUT],
+            },
+        },
+    )
+    print(f"exported {out}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

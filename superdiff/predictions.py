@@ -1,0 +1,108 @@
+"""Prediction parameterisations and their conversions (superdiff-math.md, section 1).
+
+With x = alpha x0 + sigma eps at the current time:
+
+    epsilon:       score = -eps / sigma                     x0 = (x - sigma eps) / alpha
+    sample (x0):   score = (alpha x0 - x) / sigma^2         eps = (x - alpha x0) / sigma
+    v_prediction:  v = a eps - b x0 with (a, b) = (alpha, sigma) / r, r = sqrt(alpha^2 + sigma^2)
+                   (the VP variables; r = 1 for VP, sqrt(1 + sigma^2) in the VE form):
+                   eps = b x/r + a v,   x0 = a x/r - b v
+    flow (u = eps - x0, needs alpha + sigma = 1):
+                   x0 = x - sigma u,   eps = x + alpha u
+
+Every conversion is affine in the prediction, so an affine combination (weights summing
+to one) of predictions of one kind equals the same combination in any other kind. That is
+what lets operators mix predictions in their native kind, which stays finite where a
+conversion would not (x0 from eps at alpha = 0, the flow-matching start).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+KINDS = ("epsilon", "sample", "v_prediction", "flow")
+
+__all__ = ["KINDS", "check_kind", "to_eps_x0", "from_eps_x0", "convert", "to_score", "null_prediction"]
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown prediction type {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def _coef(c: Any, like: Tensor) -> Tensor:
+    return torch.as_tensor(c, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+
+
+def to_eps_x0(pred: Tensor, kind: str, x: Tensor, alpha: Any, sigma: Any) -> tuple[Tensor, Tensor]:
+    """(eps_hat, x0_hat) from a prediction of the given kind at (x, alpha, sigma)."""
+    check_kind(kind)
+    a, s = _coef(alpha, x), _coef(sigma, x)
+    if kind == "epsilon":
+        return pred, (x - s * pred) / a
+    if kind == "sample":
+        return (x - a * pred) / s, pred
+    if kind == "v_prediction":
+        r = torch.sqrt(a * a + s * s)
+        av, bv = a / r, s / r
+        return bv * x / r + av * pred, av * x / r - bv * pred
+    # flow velocity u = eps - x0 of x = (1 - t) x0 + t eps
+    return x + a * pred, x - s * pred
+
+
+def from_eps_x0(eps: Tensor, x0: Tensor, kind: str, x: Tensor, alpha: Any, sigma: Any) -> Tensor:
+    """The prediction of the given kind that corresponds to (eps_hat, x0_hat)."""
+    check_kind(kind)
+    a, s = _coef(alpha, x), _coef(sigma, x)
+    if kind == "epsilon":
+        return eps
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        r = torch.sqrt(a * a + s * s)
+        return (a * eps - s * x0) / r
+    return eps - x0
+
+
+def convert(pred: Tensor, kind: str, to: str, x: Tensor, alpha: Any, sigma: Any) -> Tensor:
+    """Convert between kinds; identity when kind == to (no arithmetic, no rounding).
+
+    Goes through x0 when the target needs it and through eps otherwise, so that the
+    conversions that stay finite at alpha = 0 (x0/flow -> eps) or sigma = 0 do.
+    """
+    check_kind(kind), check_kind(to)
+    if kind == to:
+        return pred
+    eps, x0 = to_eps_x0(pred, kind, x, alpha, sigma)
+    if to == "epsilon":
+        return eps
+    if to == "sample":
+        return x0
+    return from_eps_x0(eps, x0, to, x, alpha, sigma)
+
+
+def to_score(pred: Tensor, kind: str, x: Tensor, alpha: Any, sigma: Any) -> Tensor:
+    """grad_x log q_t(x) = -eps_hat / sigma."""
+    if kind == "sample":
+        a, s = _coef(alpha, x), _coef(sigma, x)
+        return (a * pred - x) / (s * s)
+    eps, _ = to_eps_x0(pred, kind, x, alpha, sigma)
+    return -eps / _coef(sigma, x)
+
+
+def null_prediction(kind: str, x: Tensor, alpha: Any, sigma: Any) -> Tensor:
+    """The prediction whose score is zero (eps = 0), in the given kind.
+
+    A combination whose weights do not sum to one is completed with this "null expert", so
+    that sum_i w_i pred_i means sum_i w_i score_i in every kind.
+    """
+    eps = torch.zeros_like(x)
+    if kind == "epsilon":
+        return eps
+    x0 = x / _coef(alpha, x)
+    return from_eps_x0(eps, x0, kind, x, alpha, sigma)

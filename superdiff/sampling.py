@@ -1,0 +1,187 @@
+"""The sampling entry point: loop(integrator, operator, estimator) over a time grid.
+
+    out = sample(experts, schedule, num_steps=100, operator="or", estimator="kernel",
+                 integrator="em", shape=(B, d), generator=torch.Generator().manual_seed(0))
+    out.samples   # [B, *S]
+    out.trace     # kappa and log q per step, sample and expert (superdiff.trace.Trace)
+
+Every step is `superdiff.step.superdiff_step`, the same code the pipelines use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .estimators import Estimator, check_pair, make_estimator
+from .experts import Expert, ExpertSet, as_expert_set
+from .integrators import Integrator, make_integrator
+from .operators import Operator, make_operator
+from .schedules import Schedule
+from .step import Generator, StepOutput, randn, superdiff_step
+from .trace import Trace, stack_steps
+
+Tensor = torch.Tensor
+_F64 = torch.float64
+
+__all__ = ["SampleOutput", "StepInfo", "sample", "prior_log_prob", "DEFAULT_ESTIMATOR", "default_estimator"]
+
+#: chosen from benchmarks/estimator_accuracy (see README): the kernel-ratio estimator is the
+#: most accurate at every step count for the SDE integrators and stays finite at alpha = 0
+DEFAULT_ESTIMATOR = "kernel"
+
+
+def default_estimator(integrator: Integrator) -> str:
+    """kernel-ratio for SDE integrators, the divergence estimator for ODE ones."""
+    return DEFAULT_ESTIMATOR if integrator.stochastic else "ode"
+
+
+@dataclass
+class SampleOutput:
+    samples: Tensor  # [B, *S]
+    trace: Trace
+    logq: Tensor  # [B, M] float64, tracked log q_i at the final sample
+
+
+@dataclass
+class StepInfo:
+    """Passed to `callback` after every step."""
+
+    step: int
+    t: float
+    t_next: float
+    x: Tensor  # [B, *S] after the step (float64)
+    kappa: Tensor  # [B, M]
+    logq: Tensor  # [B, M] after the step
+    output: StepOutput
+
+
+def prior_log_prob(x: Tensor, schedule: Schedule, t: Any = None) -> Tensor:
+    """log N(x; 0, prior_std^2 I) per sample: the shared starting value of every log q_i."""
+    std = float(schedule.prior_std(t))
+    d = x[0].numel()
+    xf = x.to(_F64).reshape(x.shape[0], -1)
+    return -0.5 * (xf**2).sum(-1) / std**2 - 0.5 * d * math.log(2 * math.pi * std**2)
+
+
+def sample(
+    experts: ExpertSet | Expert | Sequence[Expert],
+    schedule: Schedule,
+    num_steps: int = 100,
+    *,
+    operator: str | Operator = "or",
+    estimator: str | Estimator | None = None,
+    integrator: str | Integrator = "em",
+    shape: Sequence[int] | None = None,
+    latents: Tensor | None = None,
+    generator: Generator = None,
+    guidance_scale: float = 1.0,
+    timesteps: Tensor | Sequence[float] | None = None,
+    grid_end: str = "zero",
+    logq_init: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    expert_names: Sequence[str] | None = None,
+    progress: bool = True,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> SampleOutput:
+    """Sample a superposition of experts.
+
+    experts: an ExpertSet (M experts evaluated together) or a list of Experts.
+    operator: "or", "and", "average", "single" or an Operator instance with its parameters.
+    estimator: "kernel" (default for SDE integrators), "ito", "ode" (default for ODE ones).
+    integrator: "em" (alias "sde"), "ddpm", "euler" (alias "ode"), "heun".
+    shape / latents: the batch shape [B, *S], or x_T itself (in the schedule's coordinates:
+        x_T ~ N(0, prior_std^2 I), e.g. sqrt(1 + sigma_max^2) in the VE form).
+    generator: a torch.Generator, or one per sample (row b uses generator b).
+    timesteps: a custom decreasing time grid (overrides num_steps and grid_end).
+    grid_end: "zero" (end noise-free, as diffusers) or "min" (end at the smallest trained
+        noise level, where every estimator is defined).
+    logq_init: [B, M] starting log-densities (default: the shared prior for every expert).
+    dtype: dtype of the noise draws and of the returned samples; model_dtype: what the
+        experts are fed (default dtype). Kappa and log q arithmetic is always float64.
+    callback: called with a StepInfo after every step.
+    """
+    es = as_expert_set(experts)
+    M = es.num_experts
+    op = make_operator(operator)
+    op.validate(M)
+    integ = make_integrator(integrator)
+    est = make_estimator(estimator if estimator is not None else default_estimator(integ))
+    check_pair(est, integ)
+    if not math.isfinite(float(guidance_scale)):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    if guidance_scale != 1.0 and not es.has_uncond:
+        raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional branch, and these "
+                         "experts have none; use guidance_scale=1.0 or add an unconditional condition")
+    if timesteps is not None:
+        grid = torch.as_tensor(timesteps, dtype=_F64).flatten()
+        if len(grid) < 2 or not torch.all(grid[1:] < grid[:-1]):
+            raise ValueError("timesteps must be a strictly decreasing grid of at least 2 times")
+    else:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        grid = schedule.grid(int(num_steps), end=grid_end)
+    n = len(grid) - 1
+    model_dtype = model_dtype or dtype
+
+    if latents is not None:
+        if shape is not None and tuple(shape) != tuple(latents.shape):
+            raise ValueError(f"shape {tuple(shape)} does not match latents of shape {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or inf")
+        device = latents.device if device is None else torch.device(device)
+        x = latents.to(device=device, dtype=_F64)
+    else:
+        if shape is None or len(shape) < 2 or any(int(s) < 1 for s in shape):
+            raise ValueError(f"give latents or a shape [B, *S] with positive sizes, got shape={shape!r}")
+        device = torch.device(device or "cpu")
+        x = randn(tuple(int(s) for s in shape), generator, dtype, device).to(_F64) * float(schedule.prior_std(grid[0]))
+    B = x.shape[0]
+    if logq_init is None:
+        logq = prior_log_prob(x, schedule, grid[0])[:, None].expand(B, M).clone()
+    else:
+        logq = torch.as_tensor(logq_init, dtype=_F64, device=x.device)
+        if logq.shape != (B, M):
+            raise ValueError(f"logq_init must have shape [B, M] = [{B}, {M}], got {tuple(logq.shape)}")
+
+    kappas, logqs = [], [logq.clone()]
+    calls0 = es.num_forward_calls
+    t0 = time.perf_counter()
+    for k in tqdm(range(n), desc="superdiff", disable=not progress, leave=False):
+        t, t_next = grid[k], grid[k + 1]
+        so = superdiff_step(es, schedule, integ, op, est, x, t, t_next, logq, k, n, generator,
+                            guidance_scale, noise_dtype=dtype, model_dtype=model_dtype)
+        x = so.x_next
+        logq = logq + so.delta_logq
+        kappas.append(so.kappa)
+        logqs.append(logq.clone())
+        if callback is not None:
+            callback(StepInfo(k, float(t), float(t_next), x, so.kappa, logq, so))
+
+    trace = Trace(
+        t=grid.numpy().copy(),
+        sigma=schedule.sigma(grid).numpy().copy(),
+        kappa=stack_steps(kappas),
+        logq=stack_steps(logqs),
+        expert_names=list(expert_names) if expert_names is not None else [f"expert {i}" for i in range(M)],
+        meta={
+            "operator": op.name,
+            "operator_params": op.params(),
+            "estimator": est.name,
+            "integrator": integ.name,
+            "schedule": repr(schedule),
+            "guidance_scale": float(guidance_scale),
+            "num_steps": n,
+            "forward_calls": es.num_forward_calls - calls0,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
+    return SampleOutput(x.to(dtype), trace, logq)

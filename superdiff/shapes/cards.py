@@ -1,0 +1,143 @@
+"""Model cards (README.md) for the bundled models, rendered from their measured JSON files.
+
+A bundled directory holds ``training.json`` (written by its training script: data,
+hyperparameters, parameter counts, CPU seconds) and ``quality.json`` (written by
+``scripts/eval_bundled.py``: oracle-measured quality). ``write_card(dir)`` turns both into
+README.md, so that no number in a card is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .world import COLOURS, HELD_OUT, SHAPES
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100.0 * x:.1f}%"
+
+
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60.0:.1f} CPU-min ({seconds:.0f} s)"
+
+
+def _hyper(h: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(h.items()))
+
+
+def render_card(directory: str | Path) -> str:
+    """The README.md text for a bundled model directory."""
+    d = Path(directory)
+    tr = json.loads((d / "training.json").read_text())
+    q = json.loads((d / "quality.json").read_text()) if (d / "quality.json").exists() else None
+    name, kind = tr["name"], tr["kind"]
+    vae = tr.get("vae", {})
+    cpu = tr.get("cpu_seconds", {})
+    size = sum(p.stat().st_size for p in d.rglob("*.safetensors"))
+    lines = [f"# {name}", ""]
+    held = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
+    world_line = (
+        f"Data: the procedural shapes world (`superdiff.shapes.world`): 32x32 RGB, one shape "
+        f"({', '.join(SHAPES)}) in one colour ({', '.join(COLOURS)}) on black, random size and "
+        f"position. Held out of all training data: {held}."
+    )
+    if kind == "text-to-image":
+        lines += [
+            "A mini text-to-image model in Stable Diffusion layout, trained from scratch on CPU by "
+            "this repository's scripts. Load it like any hub checkpoint:",
+            "",
+            "```python",
+            "from diffusers import StableDiffusionPipeline",
+            "from superdiff.registry import bundled_model_path",
+            f'pipe = StableDiffusionPipeline.from_pretrained(bundled_model_path("{name}"))',
+            'image = pipe("a blue circle", num_inference_steps=25, guidance_scale=4.0).images[0]  # 32x32',
+            "```",
+            "",
+            world_line,
+            f"Captions name all or some attributes (\"a red circle\", \"a circle\", \"something red\"); "
+            f"{tr['data']['training_images']} training images, caption modes {tr['data']['caption_modes']}, "
+            f"caption dropped to \"\" with probability {tr['hyperparameters']['uncond_prob']} for classifier-free guidance.",
+            "",
+            "Components: AutoencoderKL (32x32x3 <-> 8x8x4, shared with the half-data models), "
+            "CLIPTextModel trained from scratch with a CLIP BPE tokenizer built from the caption words "
+            "(`superdiff/shapes/tokenizer.py`), UNet2DConditionModel, EulerDiscreteScheduler "
+            "(SD v1 scaled_linear betas 0.00085-0.012, 1000 steps, epsilon prediction).",
+            f"Parameters: {tr['parameters']}. Weights: {size / 1e6:.1f} MB (float32 safetensors).",
+        ]
+    else:
+        shapes = ", ".join(tr["shapes"])
+        lines += [
+            f"An unconditional latent diffusion model trained only on the shapes {shapes} "
+            "(all colours), for multi-checkpoint composition (the SuperDiff paper's CIFAR-halves setup). "
+            "It shares the VAE latent space of `shapes-t2i` (vae/ is a copy of the same weights).",
+            "",
+            "```python",
+            "from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DModel",
+            "from superdiff.registry import bundled_model_path",
+            f'path = bundled_model_path("{name}")',
+            'unet = UNet2DModel.from_pretrained(path, subfolder="unet")',
+            'vae = AutoencoderKL.from_pretrained(path, subfolder="vae")',
+            'scheduler = EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")',
+            "```",
+            "",
+            "`superdiff.shapes.reference.sample_unconditional` is a plain sampling loop for it.",
+            "",
+            world_line,
+            f"{tr['data']['training_images']} training images of {shapes} only.",
+            f"Parameters: {tr['parameters']}. Weights: {size / 1e6:.1f} MB (float32 safetensors, VAE copy included).",
+        ]
+    unet_cpu = cpu.get("unet_and_text_encoder", cpu.get("unet"))
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- Script: `{tr.get('script', 'scripts/train_shapes_t2i.py' if kind == 'text-to-image' else 'scripts/train_shapes_halves.py')}` "
+        f"(VAE: `scripts/train_shapes_vae.py`); {tr['steps_trained']} steps.",
+        f"- Hyperparameters: {_hyper(tr['hyperparameters'])}.",
+        f"- VAE hyperparameters: {_hyper(vae.get('hyperparameters', {}))}; "
+        f"reconstruction MSE {vae.get('reconstruction', {}).get('mse_01', float('nan')):.4f} (images in [0,1]), "
+        f"oracle joint accuracy on reconstructions {_pct(vae.get('reconstruction', {}).get('oracle_accuracy_on_reconstructions', {}).get('joint'))}.",
+        f"- CPU time (one thread, shared machine): diffusion model {_minutes(unet_cpu)}; VAE {_minutes(vae.get('cpu_seconds'))}.",
+        "",
+        "## Measured quality",
+        "",
+    ]
+    if q is None:
+        lines.append("Not measured yet: run `python scripts/eval_bundled.py`.")
+    else:
+        lines.append(f"Measured by `{q['command']}` with the analytic oracle (`superdiff.shapes.oracle`); settings {q['settings']}.")
+        lines.append("")
+        if kind == "text-to-image":
+            f, h = q["full_caption"], q["held_out"]
+            lines += [
+                f"- Full-caption prompts (the 12 training pairs), right shape AND colour: **{_pct(f['joint'])}** "
+                f"of {f['samples']} samples (shape {_pct(f['shape'])}, colour {_pct(f['colour'])}).",
+                f"- Held-out pairs ({held}), joint prompt success: **{_pct(h['joint'])}** of {h['samples']} "
+                f"samples (shape {_pct(h['shape'])}, colour {_pct(h['colour'])}); per pair: "
+                + ", ".join(f"{k} {_pct(v)}" for k, v in h["per_prompt"].items())
+                + ".",
+                f"- Single-attribute prompts (\"a circle\", \"something red\"): named attribute right in "
+                f"{_pct(q['single_attribute']['accuracy'])} of {q['single_attribute']['samples']} samples.",
+            ]
+            if "guidance_sweep" in q:
+                lines.append(
+                    "- Full-caption joint success by guidance scale: "
+                    + ", ".join(f"{g}: {_pct(v)}" for g, v in q["guidance_sweep"].items())
+                    + "."
+                )
+        else:
+            lines += [
+                f"- Samples whose oracle shape is one of its own classes ({', '.join(tr['shapes'])}): "
+                f"**{_pct(q['purity'])}** of {q['samples']}.",
+                f"- Shape distribution: {q['shape_distribution']}; colour distribution: {q['colour_distribution']}.",
+            ]
+        lines.append(f"- Mean oracle template fit (IoU) of the samples: {q['mean_fit']:.3f} (clean renders: {q['reference_fit']:.3f}).")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(directory: str | Path) -> Path:
+    path = Path(directory) / "README.md"
+    path.write_text(render_card(directory))
+    return path

@@ -1,0 +1,140 @@
+"""Resumable training scaffolding shared by the bundled-model scripts in ``scripts/``.
+
+A run lives in a work directory holding ``checkpoint.pt`` (models, EMA, optimiser, step,
+accumulated CPU seconds, loss log) and ``log.jsonl`` (one JSON line per logged step).
+Every batch is drawn from ``numpy.random.default_rng([seed, step])``, so a resumed run
+sees exactly the batches an uninterrupted run would have seen, without saving RNG state.
+
+Learning rate: linear warm-up for ``warmup`` steps, then cosine decay to 10% of the base.
+EMA: ``ema = d * ema + (1 - d) * param`` with ``d = min(decay, (1 + step) / (10 + step))``.
+Diffusion loss: epsilon MSE with min-SNR-gamma weights ``min(SNR, gamma) / SNR``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """The batch generator of ``step``: deterministic and independent of resumption."""
+    return np.random.default_rng([seed, step])
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Warm-up then cosine decay to ``0.1 * base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (see module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        for e, p in zip(self.module.parameters(), module.parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1.0 - d)
+        for e, b in zip(self.module.buffers(), module.buffers()):
+            e.copy_(b)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample min-SNR-gamma loss weights for epsilon prediction."""
+    snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr
+
+
+class Run:
+    """A resumable run: checkpoint I/O, CPU-time accounting and a JSON-lines loss log."""
+
+    def __init__(self, workdir: str | Path):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.dir / "checkpoint.pt"
+        self.log_path = self.dir / "log.jsonl"
+        self.cpu_offset = 0.0
+        self._cpu_start = time.process_time()
+        self._wall_start = time.time()
+        self.wall_offset = 0.0
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds of this process since start plus those recorded before a resume."""
+        return self.cpu_offset + time.process_time() - self._cpu_start
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.wall_offset + time.time() - self._wall_start
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` for a fresh run; restores the time counters."""
+        if not self.ckpt.exists():
+            return None
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        self.cpu_offset = float(state.get("cpu_seconds", 0.0))
+        self.wall_offset = float(state.get("wall_seconds", 0.0))
+        self._cpu_start = time.process_time()
+        self._wall_start = time.time()
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Atomically write ``state`` (plus the time counters) to ``checkpoint.pt``."""
+        state = dict(state, cpu_seconds=self.cpu_seconds, wall_seconds=self.wall_seconds)
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """Drop log lines past ``step`` (written after the last checkpoint before a crash)."""
+        if not self.log_path.exists():
+            return
+        keep = [
+            line
+            for line in self.log_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.log_path.write_text("".join(k + "\n" for k in keep))
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """float [N,3,H,W] in [0,1] -> torch tensor in [-1,1] (the VAE's input range)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float() * 2.0 - 1.0
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std [N,4,h,w] of ``images`` (float [N,3,H,W] in [0,1]), unscaled."""
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        dist = vae.encode(to_model_range(images[i : i + batch_size])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def parameter_count(modules: Iterable[torch.nn.Module]) -> int:
+    return int(sum(p.numel() for m in modules for p in m.parameters()))

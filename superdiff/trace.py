@@ -1,0 +1,132 @@
+"""The composition trace: per step and sample, time, sigma, kappa and log q per expert.
+
+Small (float64 arrays of [steps, batch, experts]), serialisable to JSON, and plotted by
+`plot_trace` for the UI, the CLI and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Trace", "plot_trace"]
+
+
+@dataclass
+class Trace:
+    t: np.ndarray  # [n + 1] schedule times of the grid
+    sigma: np.ndarray  # [n + 1]
+    kappa: np.ndarray  # [n, B, M] weights used for step k
+    logq: np.ndarray  # [n + 1, B, M] tracked log q_i(x_k) (index 0: the prior)
+    expert_names: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.kappa)
+
+    @property
+    def batch_size(self) -> int:
+        return self.logq.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.logq.shape[2]
+
+    def select(self, index: int | Sequence[int] | slice) -> "Trace":
+        """The trace of a subset of the samples."""
+        idx = [index] if isinstance(index, int) else index
+        return Trace(self.t, self.sigma, self.kappa[:, idx], self.logq[:, idx], list(self.expert_names), dict(self.meta))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t.tolist(),
+            "sigma": self.sigma.tolist(),
+            "kappa": self.kappa.tolist(),
+            "logq": self.logq.tolist(),
+            "expert_names": list(self.expert_names),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trace":
+        try:
+            return cls(np.asarray(d["t"], dtype=np.float64), np.asarray(d["sigma"], dtype=np.float64),
+                       np.asarray(d["kappa"], dtype=np.float64), np.asarray(d["logq"], dtype=np.float64),
+                       list(d.get("expert_names", [])), dict(d.get("meta", {})))
+        except KeyError as e:
+            raise ValueError(f"not a superdiff trace: missing field {e}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), allow_nan=False))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def plot(self, path: str | Path | None = None, samples: int | Sequence[int] = 4, title: str | None = None):
+        return plot_trace(self, path, samples, title)
+
+
+def _names(trace: Trace) -> list[str]:
+    M = trace.num_experts
+    names = list(trace.expert_names)[:M]
+    return names + [f"expert {i}" for i in range(len(names), M)]
+
+
+def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequence[int] = 4,
+               title: str | None = None):
+    """Two panels per shown sample: kappa_i and log q_i (relative to the mean over experts)
+    against the step. Writes a PNG when path is given; returns the matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    idx = list(range(min(samples, trace.batch_size))) if isinstance(samples, int) else list(samples)
+    if not idx:
+        raise ValueError("no samples selected to plot")
+    names = _names(trace)
+    n = len(idx)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n + 0.8, 5.2), squeeze=False, sharex=True)
+    steps_k = np.arange(trace.num_steps)
+    steps_q = np.arange(trace.num_steps + 1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, b in enumerate(idx):
+        ak, aq = axes[0, c], axes[1, c]
+        rel = trace.logq[:, b, :] - trace.logq[:, b, :].mean(-1, keepdims=True)
+        for i, name in enumerate(names):
+            col = colors[i % len(colors)]
+            ak.plot(steps_k, trace.kappa[:, b, i], color=col, label=name, lw=1.4)
+            aq.plot(steps_q, rel[:, i], color=col, label=name, lw=1.4)
+        ak.set_title(f"sample {b}", fontsize=10)
+        ak.axhline(0, color="0.8", lw=0.6, zorder=0)
+        aq.axhline(0, color="0.8", lw=0.6, zorder=0)
+        aq.set_xlabel("step")
+        if c == 0:
+            ak.set_ylabel("kappa")
+            aq.set_ylabel("log q - mean (nats)")
+    axes[0, 0].legend(fontsize=8, loc="best")
+    op = trace.meta.get("operator")
+    fig.suptitle(title or (f"SuperDiff trace ({op})" if op else "SuperDiff trace"), fontsize=11)
+    fig.tight_layout()
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def stack_steps(values: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack([v.detach().to(torch.float64).cpu() for v in values]).numpy()

@@ -1,0 +1,133 @@
+"""The shapes world (determinism, held-out pairs, captions, geometry) and its oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from superdiff.shapes import oracle, world
+from superdiff.shapes.tokenizer import bpe_tables, build_tokenizer
+
+
+def test_generator_is_deterministic_per_seed():
+    a = world.make_dataset(5, 64)
+    b = world.make_dataset(np.random.default_rng(5), 64)
+    c = world.make_dataset(6, 64)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.captions == b.captions and a.scenes == b.scenes
+    assert not np.array_equal(a.images, c.images)
+    assert a.images.shape == (64, 3, world.RESOLUTION, world.RESOLUTION)
+    assert a.images.dtype == np.float32 and a.images.min() >= 0.0 and a.images.max() <= 1.0
+
+
+def test_generator_rejects_bad_seeds_and_names():
+    with pytest.raises(TypeError, match="seed"):
+        world.sample_scenes("0", 3)
+    with pytest.raises(ValueError, match="hexagon"):
+        world.sample_scenes(0, 3, shapes=("hexagon",))
+    with pytest.raises(ValueError, match="excluded"):
+        world.sample_scenes(0, 3, shapes=("circle",), colours=("red",))
+
+
+def test_held_out_pairs_never_appear_by_default():
+    scenes = world.sample_scenes(0, 4000)
+    pairs = {(s.colour, s.shape) for s in scenes}
+    assert pairs.isdisjoint(world.HELD_OUT)
+    assert pairs == set(world.allowed_combinations())
+    assert len(pairs) == len(world.SHAPES) * len(world.COLOURS) - len(world.HELD_OUT)
+    # Every shape and every colour is still seen in training.
+    assert {s for _, s in pairs} == set(world.SHAPES) and {c for c, _ in pairs} == set(world.COLOURS)
+    # ... and the held-out pairs are reachable when explicitly allowed.
+    assert set(world.HELD_OUT) <= {(s.colour, s.shape) for s in world.sample_scenes(0, 4000, exclude=())}
+
+
+def test_half_datasets_contain_only_their_shapes():
+    assert set(world.SHAPE_HALVES["a"]).isdisjoint(world.SHAPE_HALVES["b"])
+    assert set(world.SHAPE_HALVES["a"]) | set(world.SHAPE_HALVES["b"]) == set(world.SHAPES)
+    d = world.make_dataset(1, 500, shapes=world.SHAPE_HALVES["a"])
+    assert {world.SHAPES[i] for i in d.shape_ids} == set(world.SHAPE_HALVES["a"])
+
+
+def test_captions_name_all_or_some_attributes():
+    assert world.caption("red", "circle") == "a red circle"
+    assert world.caption(None, "circle") == "a circle"
+    assert world.caption("red", None) == "something red"
+    for c in world.COLOURS:
+        for s in world.SHAPES:
+            assert world.parse_caption(world.caption(c, s)) == (c, s)
+    d = world.make_dataset(2, 600)
+    kinds = {world.parse_caption(t) for t in d.captions}
+    assert any(c and s for c, s in kinds) and any(c is None for c, _ in kinds) and any(s is None for _, s in kinds)
+    for t, sc in zip(d.captions, d.scenes):
+        c, s = world.parse_caption(t)
+        assert c in (None, sc.colour) and s in (None, sc.shape)
+
+
+@pytest.mark.parametrize("shape", world.SHAPES)
+def test_rendered_area_matches_geometry(shape):
+    r = np.full(8, 9.0)
+    centre = np.linspace(12.0, 20.0, 8)
+    mask = world.shape_masks([shape] * 8, r, centre, centre[::-1])
+    expected = oracle._AREA_PER_R2[shape] * 81.0
+    np.testing.assert_allclose(mask.sum(axis=(1, 2)), expected, rtol=0.03)
+
+
+def test_oracle_accuracy_on_fresh_samples():
+    data = world.make_dataset(np.random.default_rng(20240101), 1024, exclude=())
+    res = oracle.classify(data.images)
+    acc = oracle.accuracy(res, data.shape_ids, data.colour_ids)
+    assert acc["shape"] >= 0.98 and acc["colour"] >= 0.98 and acc["joint"] >= 0.98, acc
+    np.testing.assert_allclose(res.shape_probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(res.colour_probs.sum(1), 1.0, atol=1e-5)
+    assert not res.empty.any()
+
+
+def test_oracle_is_robust_to_blur_and_noise():
+    rng = np.random.default_rng(7)
+    data = world.make_dataset(rng, 512, exclude=())
+    damaged = np.clip(oracle.smooth(data.images, 1.0) + rng.normal(0, 0.1, data.images.shape), 0, 1)
+    acc = oracle.accuracy(oracle.classify(damaged), data.shape_ids, data.colour_ids)
+    assert acc["joint"] >= 0.95, acc
+
+
+def test_oracle_reports_empty_and_wrong_images():
+    res = oracle.classify(np.zeros((2, 3, 32, 32), dtype=np.float32))
+    assert res.empty.all() and not res.matches(shape="circle").any()
+    # A red square is not a red circle, nor a blue square.
+    sq = world.render([world.Scene("square", "red", 9.0, 16.0, 16.0, world.COLOUR_RGB["red"])])
+    res = oracle.classify(sq)
+    assert res.matches("red", "square")[0]
+    assert not res.matches("red", "circle")[0] and not res.matches("blue", "square")[0]
+    assert res.shape_probs[0, world.SHAPES.index("square")] > 0.9
+
+
+def test_oracle_accepts_common_layouts():
+    from PIL import Image
+
+    data = world.make_dataset(3, 16, exclude=())
+    ref = oracle.classify(data.images)
+    x = torch.from_numpy(data.images)
+    u8 = (data.images.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    variants = [
+        oracle.classify(x * 2 - 1, value_range=(-1, 1)),
+        oracle.classify(data.images.transpose(0, 2, 3, 1)),
+        oracle.classify(u8),
+        oracle.classify([Image.fromarray(a) for a in u8]),
+    ]
+    for v in variants:
+        assert v.shape == ref.shape and v.colour == ref.colour
+    with pytest.raises(ValueError, match="channels"):
+        oracle.classify(np.zeros((2, 4, 32, 32)))
+
+
+def test_tokenizer_maps_each_caption_word_to_one_token(tmp_path):
+    vocab, merges = bpe_tables(world.vocabulary())
+    assert len(set(vocab.values())) == len(vocab)
+    tok = build_tokenizer(tmp_path, model_max_length=16)
+    assert (tmp_path / "vocab.json").is_file() and (tmp_path / "merges.txt").is_file()
+    ids = tok("a yellow triangle", padding="max_length", max_length=16).input_ids
+    assert len(ids) == 16
+    assert tok.convert_ids_to_tokens(ids[:5]) == ["<|startoftext|>", "a</w>", "yellow</w>", "triangle</w>", "<|endoftext|>"]
+    # Unknown words still tokenize (letter by letter), never to an empty sequence.
+    assert len(tok("purple", add_special_tokens=False).input_ids) > 1
