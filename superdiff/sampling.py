@@ -107,7 +107,8 @@ def sample(
     logq_init: [B, M] starting log-densities (default: the shared prior for every expert).
     dtype: dtype of the noise draws and of the returned samples; model_dtype: what the
         experts are fed (default dtype). Kappa and log q arithmetic is always float64.
-    callback: called with a StepInfo after every step.
+    callback: called with a StepInfo after every step; it may return a tensor that replaces
+        x (the latents) for the next step, or None.
     """
     es = as_expert_set(experts)
     M = es.num_experts
@@ -164,7 +165,13 @@ def sample(
         kappas.append(so.kappa)
         logqs.append(logq.clone())
         if callback is not None:
-            callback(StepInfo(k, float(t), float(t_next), x, so.kappa, logq, so))
+            new_x = callback(StepInfo(k, float(t), float(t_next), x, so.kappa, logq, so))
+            if new_x is not None:  # a callback may replace the latents (diffusers' callback_on_step_end)
+                if not isinstance(new_x, torch.Tensor) or new_x.shape != x.shape:
+                    raise ValueError(f"callback returned {type(new_x).__name__} "
+                                     f"{tuple(getattr(new_x, 'shape', ()))}; expected None or a tensor "
+                                     f"of shape {tuple(x.shape)}")
+                x = new_x.to(device=x.device, dtype=_F64)
 
     trace = Trace(
         t=grid.numpy().copy(),
