@@ -155,6 +155,7 @@ def eval_half(name: str, path: Path, args, reference_fit: float, command: str) -
         "purity": float(in_half.mean()),
         "shape_distribution": {s: float(np.mean([x == s for x in res.shape])) for s in world.SHAPES},
         "colour_distribution": {c: float(np.mean([x == c for x in res.colour])) for c in world.COLOURS},
+        "held_out_pair_rate": float(np.mean([(c, s) in world.HELD_OUT for c, s in zip(res.colour, res.shape)])),
         "empty": float(res.empty.mean()),
         "mean_fit": float(res.fit.mean()),
         "reference_fit": reference_fit,

@@ -124,6 +124,8 @@ class ItoEstimator(Estimator):
         return ctx.scores, self._c(ctx) - ctx.dot(ctx.x, ctx.scores).T
 
     def delta(self, ctx, x_next, **kw):
+        if not float(ctx.variance) > 0:  # the noise-free final denoise: log q at sigma = 0 is not tracked
+            return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=_F64, device=ctx.x.device)
         return ctx.dot(x_next.to(_F64) - ctx.x, ctx.scores).T + self._c(ctx)
 
 

@@ -7,7 +7,9 @@ the step and lets the kernel-ratio estimator evaluate each expert's own kernel.
 
     em     Euler-Maruyama of dx = (f x - g2 s) dt + g dW (dt < 0), coefficients at t:
            mean = x + (-f x + g2 s) h,   var = g2 h,   h = t - t'
-           (VE form: x + 2 ds eps, var 2 sigma |ds|, the reference update)
+           (VE form: x + 2 ds eps, var 2 sigma |ds|, the reference update); a final step
+           to sigma = 0 is the noise-free denoise x' = x0_hat (the reference leaves noise of
+           std sqrt(2) sigma_min in the image)
     ddpm   exact Gaussian posterior q(x' | x, x0_hat) of the forward process (DDPM ancestral;
            finite at alpha_t = 0, i.e. flow matching at t = 1):
            mean = (a s'^2 / s^2) x + (alpha' s2 / s^2) x0,  var = s2 s'^2 / s^2,
@@ -67,12 +69,16 @@ class EulerMaruyama(Integrator):
             )
 
     def mean(self, schedule, x, t, t_next, pred, kind):
+        if float(schedule.sigma(t_next)) == 0.0:
+            return to_eps_x0(pred, kind, x, schedule.alpha(t), schedule.sigma(t))[1]
         h = (t - t_next).to(x)
         f, g2 = schedule.f(t).to(x), schedule.g2(t).to(x)
         s = to_score(pred, kind, x, schedule.alpha(t), schedule.sigma(t))
         return x + (-f * x + g2 * s) * h
 
     def variance(self, schedule, t, t_next):
+        if float(schedule.sigma(t_next)) == 0.0:
+            return torch.zeros((), dtype=torch.float64)
         return torch.clamp(schedule.g2(t) * (t - t_next), min=0.0)
 
 

@@ -261,11 +261,12 @@ class VPDiscrete(Schedule):
         T = self.num_train_timesteps
         if n + (end == "min") > T:
             raise ValueError(f"num_steps={n} is too many for num_train_timesteps={T}")
+        # DDPM/DDIM round their timesteps to integers (Euler keeps them fractional)
         if end == "zero":
-            ts = diffusers_timesteps(T, n, self.timestep_spacing, self.steps_offset)
+            ts = diffusers_timesteps(T, n, self.timestep_spacing, self.steps_offset).round()
             ts = np.concatenate([np.clip(ts, 0, T - 1), [-1.0]])
         else:
-            ts = np.clip(diffusers_timesteps(T, n + 1, self.timestep_spacing, self.steps_offset), 0, T - 1)
+            ts = np.clip(diffusers_timesteps(T, n + 1, self.timestep_spacing, self.steps_offset).round(), 0, T - 1)
         if np.any(np.diff(ts) >= 0):
             raise ValueError(f"timestep grid is not strictly decreasing for num_steps={n} with "
                              f"spacing {self.timestep_spacing!r}: {ts}")
@@ -359,7 +360,7 @@ class VESigma(Schedule):
         sig = np.interp(ts, np.arange(T, dtype=np.float64), self.sigmas_train)
         if self.use_karras_sigmas:
             rho = 7.0  # Karras et al. 2022, eq. 5
-            lo, hi = self.sigmas_train[0] ** (1 / rho), sig[0] ** (1 / rho)
+            lo, hi = sig[-1] ** (1 / rho), sig[0] ** (1 / rho)
             sig = (hi + np.linspace(0, 1, m) * (lo - hi)) ** rho
         if end == "zero":
             sig = np.concatenate([sig, [0.0]])
@@ -427,14 +428,18 @@ class RectifiedFlow(Schedule):
         return t
 
 
-def schedule_from_config(config: Mapping[str, Any], kind: str | None = None, **overrides: Any) -> Schedule:
-    """Build a schedule from a diffusers scheduler config (dict or scheduler.config).
+def schedule_from_config(config: Any, kind: str | None = None, **overrides: Any) -> Schedule:
+    """Build a schedule from a diffusers scheduler, its config, or a config dict.
 
     kind: "vp" (DDPM/DDIM posterior steps), "ve" (Euler sigma grid) or "flow"; by default
     FlowMatch* schedulers give "flow", Euler*/Heun*/DPM* "ve", everything else "vp".
     """
-    cfg = dict(config)
-    cls_name = str(cfg.get("_class_name", ""))
+    if hasattr(config, "config") and not isinstance(config, Mapping):  # a scheduler instance
+        cls_name = type(config).__name__
+        cfg = dict(config.config)
+    else:
+        cfg = dict(config)
+        cls_name = str(cfg.get("_class_name", ""))
     if kind is None:
         if "FlowMatch" in cls_name:
             kind = "flow"

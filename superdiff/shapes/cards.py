@@ -99,6 +99,7 @@ def render_card(directory: str | Path) -> str:
         f"- VAE hyperparameters: {_hyper(vae.get('hyperparameters', {}))}; "
         f"reconstruction MSE {vae.get('reconstruction', {}).get('mse_01', float('nan')):.4f} (images in [0,1]), "
         f"oracle joint accuracy on reconstructions {_pct(vae.get('reconstruction', {}).get('oracle_accuracy_on_reconstructions', {}).get('joint'))}.",
+        *([f"- VAE note: {vae['note']}"] if vae.get("note") else []),
         f"- CPU time (one thread, shared machine): diffusion model {_minutes(unet_cpu)}; VAE {_minutes(vae.get('cpu_seconds'))}.",
         "",
         "## Measured quality",
@@ -131,7 +132,9 @@ def render_card(directory: str | Path) -> str:
             lines += [
                 f"- Samples whose oracle shape is one of its own classes ({', '.join(tr['shapes'])}): "
                 f"**{_pct(q['purity'])}** of {q['samples']}.",
-                f"- Shape distribution: {q['shape_distribution']}; colour distribution: {q['colour_distribution']}.",
+                "- Shape distribution: " + ", ".join(f"{k} {_pct(v)}" for k, v in q["shape_distribution"].items())
+                + "; colour distribution: " + ", ".join(f"{k} {_pct(v)}" for k, v in q["colour_distribution"].items()) + ".",
+                f"- Samples that are a held-out pair (never in training data): {_pct(q.get('held_out_pair_rate'))}.",
             ]
         lines.append(f"- Mean oracle template fit (IoU) of the samples: {q['mean_fit']:.3f} (clean renders: {q['reference_fit']:.3f}).")
     return "\n".join(lines) + "\n"

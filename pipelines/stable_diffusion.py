@@ -1,0 +1,252 @@
+"""SuperDiff for Stable Diffusion 1.x / 2.x: N prompts (one expert each), composed with
+OR / AND / average / single at sampling time, plus optional extra UNets as experts.
+
+    from superdiff.pipelines import SuperDiffStableDiffusionPipeline
+    pipe = SuperDiffStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    out = pipe(["a flamingo", "a candy cane"], operator="and", num_inference_steps=100)
+    out.images[0].save("and.png"); out.plot_trace("trace.png")
+
+Also loadable as a custom pipeline:
+    DiffusionPipeline.from_pretrained(path, custom_pipeline="pipelines/stable_diffusion.py")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from superdiff.estimators import check_pair
+from superdiff.pipelines import _common as C
+
+__all__ = ["SuperDiffStableDiffusionPipeline"]
+
+
+class SuperDiffStableDiffusionPipeline(
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    C.SuperDiffPipelineMixin,
+):
+    """SuperDiff composition for the Stable Diffusion 1.x / 2.x component layout.
+
+    Components as diffusers' StableDiffusionPipeline: vae, text_encoder, tokenizer, unet,
+    scheduler (its config defines the noise schedule; the sampler is superdiff's), and the
+    optional safety_checker / feature_extractor.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = C.CALLBACK_TENSOR_INPUTS
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__()
+        if scheduler is not None and getattr(scheduler.config, "steps_offset", 1) != 1:
+            # as diffusers' StableDiffusionPipeline does for outdated SD configs, so that the
+            # timestep grid (and a seed's image) matches it
+            from diffusers.configuration_utils import FrozenDict
+
+            scheduler._internal_dict = FrozenDict({**scheduler.config, "steps_offset": 1})
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler, safety_checker=safety_checker,
+                              feature_extractor=feature_extractor)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+
+    # diffusers' own implementations (textual inversion, LoRA scale and clip_skip included)
+    encode_prompt = StableDiffusionPipeline.encode_prompt
+    run_safety_checker = StableDiffusionPipeline.run_safety_checker
+
+    def _encode_texts(self, texts: Sequence[str], device: torch.device, clip_skip: int | None,
+                      lora_scale: float | None) -> dict[str, dict[str, torch.Tensor]]:
+        """Each distinct text once, in one text-encoder batch: text -> {"encoder_hidden_states": [1, L, D]}."""
+        texts = C.unique_keys(list(texts))
+        emb, _ = self.encode_prompt(texts, device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip)
+        return {t: {"encoder_hidden_states": emb[i : i + 1]} for i, t in enumerate(texts)}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        operator: str | Any = "or",
+        weights: Sequence[float] | None = None,
+        bias: Sequence[float] | None = None,
+        temperature: float | None = None,
+        lift: float | Sequence[float] | None = None,
+        offsets: Sequence[float] | None = None,
+        kappa_clamp: Any = None,
+        ridge: float | None = None,
+        feedback: float | None = None,
+        operator_kwargs: dict[str, Any] | None = None,
+        sampler: str = "sde",
+        estimator: str | None = None,
+        schedule: Any = None,
+        time_grid: Sequence[float] | None = None,
+        grid_end: str = "zero",
+        extra_unets: Sequence[Any] | None = None,
+        max_batch_size: int | None = None,
+        joint_template: str | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Generate images from a superposition of N prompts (one expert each).
+
+        Args:
+            prompt: one prompt or a list of N >= 1 prompts; each is an expert.
+            height, width: image size (default: unet.config.sample_size * vae_scale_factor);
+                must be divisible by the VAE factor.
+            num_inference_steps: number of sampler steps.
+            guidance_scale: classifier-free guidance w (> 1 enables it); every expert is guided
+                as u + w (c_i - u), the combination is u + w sum_i kappa_i (c_i - u).
+            negative_prompt: one for all prompts or one per prompt.
+            num_images_per_prompt: batch size B (each image is a superposition of all experts).
+            generator: a torch.Generator or one per image (a batch equals separate calls).
+            latents: initial noise [B, C, H/f, W/f] (scaled like diffusers: times init sigma).
+            output_type: "pil", "np", "pt" or "latent".
+            operator: "or", "and", "average", "single", "joint" (the joint-prompt baseline: one
+                expert with the prompts combined by `joint_template`), or a superdiff Operator.
+            weights / bias / temperature: OR mixture weights, log-weights and temperature T;
+                `weights` are the fixed kappa for "average" (0.5/0.5 is the paper's averaging
+                baseline; a negative weight is NOT).
+            lift / offsets, kappa_clamp, ridge, feedback: AND parameters (kappa_clamp=False
+                disables the clamp).
+            operator_kwargs: further operator parameters (e.g. {"index": 1} for "single").
+            sampler: "sde" (Euler-Maruyama, the paper's), "ddpm" (ancestral), "euler"/"ode"
+                (deterministic, reproduces diffusers' EulerDiscreteScheduler), "heun".
+            estimator: log-density estimator "kernel", "ito", "ode" or "none" (default: kernel
+                for SDE samplers, ode for ODE samplers, none for single/average on an ODE).
+            schedule: "ve" (sigma grid of diffusers' Euler schedulers; default except for
+                "ddpm"), "vp" (DDPM/DDIM timesteps) or a superdiff Schedule.
+            time_grid: a custom decreasing grid in schedule time -- sigmas for "ve", DDPM
+                timesteps for "vp" -- of num_steps + 1 points (overrides num_inference_steps).
+            grid_end: "zero" (end noise-free) or "min" (end at the smallest trained noise level).
+            extra_unets: more experts from other UNets sharing this VAE (and text encoder):
+                modules, checkpoint paths / hub ids, (unet, prompt) pairs or
+                superdiff.pipelines.UNetExpert. A text-conditional UNet adds one expert per
+                prompt unless given its own; a UNet2DModel on the same latents adds one
+                unconditional expert. Incompatible ones are refused with ValueError.
+            max_batch_size: at most this many rows per network forward (all branches sharing a
+                network otherwise go through ONE batched forward per step).
+            cross_attention_kwargs, clip_skip: as in diffusers.
+            callback_on_step_end: fn(pipe, step, timestep, callback_kwargs) -> dict, called after
+                every step; callback_kwargs holds the names in
+                `callback_on_step_end_tensor_inputs` among "latents", "kappa" [B, M],
+                "logq" [B, M], "noise_pred"; a returned "latents" replaces the latents.
+
+        Returns:
+            SuperDiffPipelineOutput (images, trace, nsfw_content_detected), or a tuple
+            (images, trace) when return_dict is False.
+        """
+        # 1. validate everything before any compute
+        prompts = C.normalize_prompts(prompt)
+        negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
+        op_name = operator.lower() if isinstance(operator, str) else operator
+        if op_name == "joint":
+            prompts = [C.joint_prompt(prompts, joint_template)]
+            negs = C.unique_keys([n for n in negatives if n is not None])
+            negatives = [", ".join(negs) if negs else None]
+            op_name = "single"
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        C.check_height_width(height, width, self.vae_scale_factor)
+        callback_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        C.check_common(num_inference_steps, num_images_per_prompt, output_type, callback_inputs,
+                       self._callback_tensor_inputs, guidance_scale, max_batch_size)
+        B = int(num_images_per_prompt)
+        C.check_generator(generator, B)
+        integrator = C.resolve_sampler(sampler)
+        text_dim = self.text_encoder.config.hidden_size if self.text_encoder is not None else \
+            self.unet.config.cross_attention_dim
+        base = C.NetworkPlan(self.unet, C.network_info(self.unet, self.scheduler.config, None,
+                                                       self.vae.config, "unet"), "unet")
+        networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config, text_dim,
+                                                 self.unet.dtype)
+        plans = C.plan_text_experts(prompts, negatives, networks, extras)
+        op = C.build_operator(op_name, len(plans), weights=weights, bias=bias, temperature=temperature, lift=lift,
+                              offsets=offsets, kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback,
+                              operator_kwargs=operator_kwargs)
+        est = C.resolve_estimator(estimator, op, integrator)
+        check_pair(est, integrator)
+        sched = C.make_schedule(self.scheduler.config, integrator, schedule)
+        do_cfg, w = self._guidance(guidance_scale)
+        grid, sigma0 = self._grid_and_sigma(sched, num_inference_steps, time_grid, grid_end, self.scheduler.config)
+
+        # 2. encode every distinct prompt and negative prompt once
+        device = self._execution_device
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+        texts = [p.prompt for p in plans if p.prompt is not None]
+        enc = self._encode_texts(texts, device, clip_skip, lora_scale) if texts else {}
+        enc_neg = {}
+        if do_cfg and texts:  # negatives as diffusers encodes them: last hidden state, no clip_skip
+            enc_neg = self._encode_texts([p.negative or "" for p in plans if p.prompt is not None], device, None,
+                                         lora_scale)
+        branches = []
+        for p in plans:
+            if p.prompt is None:  # unconditional / class-conditional UNet2DModel
+                cond = None if p.class_label is None else {
+                    "class_labels": torch.tensor([p.class_label], device=device)}
+                branches.append(C.Branch(p.network, cond, name=p.name))
+                continue
+            neg = p.negative or ""
+            branches.append(C.Branch(p.network, enc[p.prompt], enc_neg[neg] if do_cfg else None,
+                                     ("neg", neg) if do_cfg else None, p.name))
+        experts = C.NetworkExperts(C.prepare_networks(networks, sched, device, cross_attention_kwargs), branches,
+                                   guidance=do_cfg, prediction_type=base.info["prediction_type"],
+                                   max_batch_size=max_batch_size)
+
+        # 3. latents, as diffusers draws them
+        shape = (B, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        x = C.prepare_latents(shape, generator, device, self.unet.dtype, latents, sigma0)
+
+        # 4. sample: every step is superdiff.step.superdiff_step
+        out = self._superdiff_sample(experts, sched, num_inference_steps, op, est, integrator, x, generator, w,
+                                     grid if time_grid is not None else None, grid_end, self.unet.dtype,
+                                     callback_on_step_end, callback_inputs, [p.name for p in plans])
+        trace = out.trace
+        trace.meta.update(pipeline=type(self).__name__, prompts=[p.prompt for p in plans],
+                          forward_calls_per_network=experts.forward_calls_per_network())
+
+        # 5. decode
+        has_nsfw = None
+        if output_type == "latent":
+            image = out.samples.to(self.unet.dtype)
+        else:
+            image = C.decode_latents(self.vae, out.samples, generator)
+            image, has_nsfw = self.run_safety_checker(image, device, image.dtype)
+        do_denormalize = [True] * image.shape[0] if has_nsfw is None else [not f for f in has_nsfw]
+        image = self._postprocess(image, output_type, do_denormalize)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, trace)
+        return C.SuperDiffPipelineOutput(images=image, trace=trace, nsfw_content_detected=has_nsfw)

@@ -1,0 +1,208 @@
+"""Experts backed by diffusers networks (UNet2DConditionModel, UNet2DModel).
+
+The pipelines describe every expert as a *branch*: one network evaluated under one
+condition (a prompt embedding, a class label, nothing), plus the condition of its
+unconditional (classifier-free guidance) branch. `NetworkExperts` groups the branches by
+network and evaluates each network's rows -- all its experts' conditions and every distinct
+unconditional condition -- in ONE batched forward per step (chunked by `max_batch_size`),
+through `superdiff.experts.SharedNetworkExperts`. It then converts each network's output
+to one common prediction kind and hands the core
+
+    cond   [M, B, *S]                 branch i's conditional prediction
+    uncond [B, *S]                    when every branch shares one unconditional row block
+           [M, B, *S]                 otherwise (per-expert negative prompts, several networks;
+                                      a branch without guidance gets u_i = c_i)
+
+`unet_forward` turns a diffusers UNet into the `fn(x, t, cond)` that SharedNetworkExperts
+expects, closing over the schedule: the VE ("sigma") form of diffusers' Euler schedulers
+feeds the network x~ / sqrt(sigma^2 + 1) at the timestep whose sigma is t
+(`VESigma.input_scale`, `VESigma.model_time`); the VP form feeds x at t itself.
+
+`NullEstimator` skips log-density tracking for operators whose kappa does not depend on
+it ("single", "average"), so an ODE sampler does not pay for a divergence it never uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+
+from .estimators import Estimator
+from .experts import ExpertOutput, ExpertSet, SharedNetworkExperts
+from .integrators import Integrator
+from .predictions import check_kind, convert
+from .schedules import Schedule
+
+Tensor = torch.Tensor
+
+__all__ = ["Branch", "Network", "NetworkExperts", "unet_forward", "NullEstimator"]
+
+
+def _differentiated(x: Tensor) -> bool:
+    """Whether x is being differentiated through (autograd or torch.func transforms)."""
+    if x.requires_grad:
+        return True
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def unet_forward(unet: torch.nn.Module, schedule: Schedule,
+                 cross_attention_kwargs: dict | None = None) -> Callable[[Tensor, Tensor, Any], Tensor]:
+    """fn(x [N, *S], t (0-d schedule time), cond) -> prediction [N, *S] for a diffusers UNet.
+
+    cond is None (unconditional UNet2DModel), or a dict with any of
+    "encoder_hidden_states" [N, L, D], "text_embeds" [N, P], "time_ids" [N, 6] (SDXL's
+    added conditions) and "class_labels" [N].
+    """
+    scale = getattr(schedule, "input_scale", None)
+
+    def fn(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        xin = x
+        if scale is not None:
+            xin = x * float(scale(t))
+        ts = torch.tensor(float(schedule.model_time(t)), dtype=torch.float32, device=x.device)
+        dtype = getattr(unet, "dtype", x.dtype)
+        kw: dict[str, Any] = {}
+        if cond is not None:
+            if "encoder_hidden_states" in cond:
+                kw["encoder_hidden_states"] = cond["encoder_hidden_states"].to(dtype)
+                if cross_attention_kwargs is not None:
+                    kw["cross_attention_kwargs"] = cross_attention_kwargs
+            if "text_embeds" in cond:
+                kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype),
+                                           "time_ids": cond["time_ids"].to(dtype)}
+            if "class_labels" in cond:
+                kw["class_labels"] = cond["class_labels"]
+        if _differentiated(x):
+            # the ODE estimator's Jacobian-vector products: fused attention kernels (flash,
+            # memory-efficient) have no forward-mode / double-backward derivative; math has
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = unet(xin.to(dtype), ts, return_dict=False, **kw)[0]
+        else:
+            out = unet(xin.to(dtype), ts, return_dict=False, **kw)[0]
+        return out.to(x.dtype)
+
+    return fn
+
+
+@dataclass
+class Network:
+    """One network: fn(x, t, cond) as for SharedNetworkExperts, and its prediction kind."""
+
+    fn: Callable[[Tensor, Tensor, Any], Tensor]
+    prediction_type: str
+    name: str = "network"
+
+
+@dataclass
+class Branch:
+    """One expert: network index, its condition, and its unconditional condition.
+
+    uncond_key identifies equal unconditional conditions (e.g. the negative prompt text),
+    so that each distinct one is computed once per network. uncond=None with
+    uncond_key=None: this expert has no guidance branch (u_i = c_i).
+    """
+
+    network: int
+    cond: Any
+    uncond: Any = None
+    uncond_key: Hashable | None = None
+    name: str = "expert"
+
+
+class NetworkExperts(ExpertSet):
+    """Branches over one or more networks; one batched forward per network per step."""
+
+    def __init__(self, networks: Sequence[Network], branches: Sequence[Branch], guidance: bool,
+                 prediction_type: str | None = None, max_batch_size: int | None = None) -> None:
+        if not branches:
+            raise ValueError("no experts: give at least one prompt, class label or UNet")
+        self.networks = list(networks)
+        self.branches = list(branches)
+        self.prediction_type = check_kind(prediction_type or self.networks[self.branches[0].network].prediction_type)
+        self.num_experts = len(self.branches)
+        self.guidance = bool(guidance)
+        # per network: the rows it evaluates, and where each branch's cond / uncond lives
+        self._sets: dict[int, SharedNetworkExperts] = {}
+        self._cond_row: list[tuple[int, int]] = []
+        self._uncond_row: list[tuple[int, int] | None] = []
+        rows: dict[int, list[Any]] = {}
+        ukeys: dict[int, dict[Hashable, int]] = {}
+        for b in self.branches:
+            if not 0 <= b.network < len(self.networks):
+                raise ValueError(f"branch {b.name!r} refers to network {b.network}, but there are "
+                                 f"{len(self.networks)}")
+            rows.setdefault(b.network, [])
+            ukeys.setdefault(b.network, {})
+        for b in self.branches:
+            self._cond_row.append((b.network, len(rows[b.network])))
+            rows[b.network].append(b.cond)
+        for b in self.branches:
+            if not self.guidance or b.uncond_key is None:
+                self._uncond_row.append(None)
+                continue
+            keys = ukeys[b.network]
+            if b.uncond_key not in keys:
+                keys[b.uncond_key] = len(rows[b.network])
+                rows[b.network].append(b.uncond)
+            self._uncond_row.append((b.network, keys[b.uncond_key]))
+        for n, conds in rows.items():
+            self._sets[n] = SharedNetworkExperts(self.networks[n].fn, conds, self.networks[n].prediction_type,
+                                                 max_batch_size=max_batch_size)
+        self.has_uncond = self.guidance and any(u is not None for u in self._uncond_row)
+        distinct = {u for u in self._uncond_row}
+        self._shared_uncond = self.has_uncond and len(distinct) == 1 and None not in distinct
+
+    @property
+    def num_forward_calls(self) -> int:  # type: ignore[override]
+        return sum(s.num_forward_calls for s in self._sets.values())
+
+    @num_forward_calls.setter
+    def num_forward_calls(self, value: int) -> None:  # ExpertSet's class attribute default
+        pass
+
+    def forward_calls_per_network(self) -> dict[str, int]:
+        return {self.networks[n].name: s.num_forward_calls for n, s in self._sets.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.branches]
+
+    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        outs: dict[int, Tensor] = {}
+        for n, s in self._sets.items():
+            o = s.evaluate(x, t, schedule).cond  # [rows, B, *S]
+            outs[n] = convert(o, self.networks[n].prediction_type, self.prediction_type, x, alpha, sigma)
+        cond = torch.stack([outs[n][r] for n, r in self._cond_row])
+        if not self.has_uncond:
+            return ExpertOutput(cond, None, self.prediction_type)
+        if self._shared_uncond:
+            n, r = self._uncond_row[0]
+            return ExpertOutput(cond, outs[n][r], self.prediction_type)
+        unc = torch.stack([outs[u[0]][u[1]] if u is not None else cond[i] for i, u in enumerate(self._uncond_row)])
+        return ExpertOutput(cond, unc, self.prediction_type)
+
+
+class NullEstimator(Estimator):
+    """No log-density tracking: Delta log q = 0 (valid with every integrator).
+
+    For operators whose kappa ignores log q ("single", "average"); the trace then keeps
+    the shared prior value for every expert.
+    """
+
+    name = "none"
+    integrators = (Integrator,)
+
+    def linear(self, ctx):
+        raise ValueError("estimator 'none' cannot drive the AND operator, which needs log-density "
+                         "changes; use 'kernel', 'ito' or 'ode'")
+
+    def delta(self, ctx, x_next, **kw):
+        return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=torch.float64, device=ctx.x.device)

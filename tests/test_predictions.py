@@ -1,0 +1,55 @@
+"""Parameterisation conversions (superdiff-math.md 1)."""
+
+import pytest
+import torch
+
+from superdiff.predictions import KINDS, convert, null_prediction, to_eps_x0, to_score
+
+
+@pytest.mark.parametrize("alpha,sigma", [(0.8, 0.6), (1.0, 3.0), (0.3, 0.7)])
+def test_every_kind_round_trips_through_every_other(alpha, sigma):
+    torch.manual_seed(0)
+    x0, eps = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    x = alpha * x0 + sigma * eps
+    flow_ok = abs(alpha + sigma - 1) < 1e-12
+    for kind in KINDS:
+        if kind == "flow" and not flow_ok:
+            continue
+        from superdiff.predictions import from_eps_x0
+
+        p = from_eps_x0(eps, x0, kind, x, alpha, sigma)
+        e2, x02 = to_eps_x0(p, kind, x, alpha, sigma)
+        assert torch.allclose(e2, eps) and torch.allclose(x02, x0), kind
+        assert torch.allclose(to_score(p, kind, x, alpha, sigma), -eps / sigma), kind
+        for to in KINDS:
+            if to == "flow" and not flow_ok:
+                continue
+            back = convert(convert(p, kind, to, x, alpha, sigma), to, kind, x, alpha, sigma)
+            assert torch.allclose(back, p), (kind, to)
+
+
+def test_v_prediction_matches_the_vp_definition_and_diffusers_euler():
+    a, s = 0.6, 0.8  # VP: v = alpha eps - sigma x0
+    x0, eps = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    v = a * eps - s * x0
+    assert torch.allclose(convert(v, "v_prediction", "epsilon", a * x0 + s * eps, a, s), eps)
+    # VE form (alpha = 1, sigma = s~): diffusers' Euler computes x0 = v * (-s/sqrt(s^2+1)) + x/(s^2+1)
+    sv = 2.5
+    x = torch.randn(3, 2, dtype=torch.float64)
+    want = v * (-sv / (sv**2 + 1) ** 0.5) + x / (sv**2 + 1)
+    assert torch.allclose(convert(v, "v_prediction", "sample", x, 1.0, sv), want)
+
+
+def test_flow_conversions_are_finite_at_alpha_zero():
+    x = torch.randn(3, 2, dtype=torch.float64)
+    u = torch.randn(3, 2, dtype=torch.float64)
+    eps, x0 = to_eps_x0(u, "flow", x, 0.0, 1.0)
+    assert torch.isfinite(eps).all() and torch.allclose(x0, x - u) and torch.allclose(eps, x)
+
+
+def test_null_prediction_has_zero_score_and_unknown_kinds_are_refused():
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for kind in ("epsilon", "sample", "v_prediction"):
+        assert torch.allclose(to_score(null_prediction(kind, x, 0.7, 0.5), kind, x, 0.7, 0.5), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        convert(x, "score-ish", "epsilon", x, 1.0, 1.0)
