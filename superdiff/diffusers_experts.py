@@ -29,7 +29,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
-from .estimators import Estimator
+from .estimators import NullEstimator  # noqa: F401  (re-exported for the pipelines)
 from .experts import ExpertOutput, ExpertSet, SharedNetworkExperts
 from .integrators import Integrator
 from .predictions import check_kind, convert
@@ -190,19 +190,3 @@ class NetworkExperts(ExpertSet):
         return ExpertOutput(cond, unc, self.prediction_type)
 
 
-class NullEstimator(Estimator):
-    """No log-density tracking: Delta log q = 0 (valid with every integrator).
-
-    For operators whose kappa ignores log q ("single", "average"); the trace then keeps
-    the shared prior value for every expert.
-    """
-
-    name = "none"
-    integrators = (Integrator,)
-
-    def linear(self, ctx):
-        raise ValueError("estimator 'none' cannot drive the AND operator, which needs log-density "
-                         "changes; use 'kernel', 'ito' or 'ode'")
-
-    def delta(self, ctx, x_next, **kw):
-        return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=torch.float64, device=ctx.x.device)

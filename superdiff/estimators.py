@@ -38,7 +38,7 @@ Tensor = torch.Tensor
 _F64 = torch.float64
 
 __all__ = ["StepContext", "Estimator", "ItoEstimator", "KernelEstimator", "ODEEstimator",
-           "ESTIMATORS", "make_estimator", "check_pair", "divergence", "HeunStage"]
+           "ESTIMATORS", "make_estimator", "check_pair", "divergence", "HeunStage", "NullEstimator"]
 
 
 @dataclass
@@ -260,10 +260,29 @@ class HeunStage:
     velocity: Tensor  # [B, *S] combined velocity used at (x_e, t')
 
 
+class NullEstimator(Estimator):
+    """No log-density tracking: Delta log q = 0 (valid with every integrator).
+
+    For operators whose kappa ignores log q ("single", "average"); the trace then keeps
+    the shared prior value for every expert.
+    """
+
+    name = "none"
+    integrators = (Integrator,)
+
+    def linear(self, ctx):
+        raise ValueError("estimator 'none' cannot drive the AND operator, which needs log-density "
+                         "changes; use 'kernel', 'ito' or 'ode'")
+
+    def delta(self, ctx, x_next, **kw):
+        return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=torch.float64, device=ctx.x.device)
+
+
 ESTIMATORS: dict[str, type[Estimator]] = {
     "ito": ItoEstimator,
     "kernel": KernelEstimator,
     "ode": ODEEstimator,
+    "none": NullEstimator,
 }
 
 

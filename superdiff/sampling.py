@@ -117,6 +117,9 @@ def sample(
     integ = make_integrator(integrator)
     est = make_estimator(estimator if estimator is not None else default_estimator(integ))
     check_pair(est, integ)
+    if est.name == "none" and (op.needs_linear_model or (op.name == "or" and getattr(op, "temperature", 0) > 0)):
+        raise ValueError(f"operator {op.name!r} needs log-density tracking; estimator 'none' tracks nothing. "
+                         "Use 'ito', 'kernel' or 'ode'")
     if not math.isfinite(float(guidance_scale)):
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
     if guidance_scale != 1.0 and not es.has_uncond:
