@@ -153,9 +153,11 @@ def main(argv: list[str] | None = None) -> None:
                 "training_images": args.dataset_size,
                 "shapes": list(shapes),
                 "held_out_excluded": [list(p) for p in world.HELD_OUT],
+                "loss_log": "train_log.jsonl",
             },
         },
     )
+    shutil.copy(run.log_path, out / "train_log.jsonl")
     print(f"exported {out}", flush=True)
 
 

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and exit")
+    ap.add_argument("--note", default="", help="free-text note recorded in training.json (e.g. schedule changes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -192,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         out / "training.json",
         {
             "name": "shapes-t2i",
+            **({"note": args.note} if args.note else {}),
             "kind": "text-to-image",
             "steps_trained": final_state["step"],
-            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "export_only", "vae")},
+            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "export_only", "vae", "note")},
             "parameters": {
                 "unet": parameter_count([ema_unet.module]),
                 "text_encoder": parameter_count([ema_te.module]),
@@ -206,10 +208,11 @@ def main(argv: list[str] | None = None) -> None:
                 "training_images": args.dataset_size,
                 "caption_modes": {"full": 0.6, "shape": 0.2, "colour": 0.2},
                 "held_out": [list(p) for p in world.HELD_OUT],
-                "final_loss_log": str(run.log_path),
+                "loss_log": "train_log.jsonl",
             },
         },
     )
+    shutil.copy(run.log_path, out / "train_log.jsonl")
     print(f"exported {out}", flush=True)
 
 

@@ -96,10 +96,12 @@ def render_card(directory: str | Path) -> str:
         f"- Script: `{tr.get('script', 'scripts/train_shapes_t2i.py' if kind == 'text-to-image' else 'scripts/train_shapes_halves.py')}` "
         f"(VAE: `scripts/train_shapes_vae.py`); {tr['steps_trained']} steps.",
         f"- Hyperparameters: {_hyper(tr['hyperparameters'])}.",
+        *([f"- Note: {tr['note']}"] if tr.get("note") else []),
         f"- VAE hyperparameters: {_hyper(vae.get('hyperparameters', {}))}; "
         f"reconstruction MSE {vae.get('reconstruction', {}).get('mse_01', float('nan')):.4f} (images in [0,1]), "
         f"oracle joint accuracy on reconstructions {_pct(vae.get('reconstruction', {}).get('oracle_accuracy_on_reconstructions', {}).get('joint'))}.",
         *([f"- VAE note: {vae['note']}"] if vae.get("note") else []),
+        "- Loss log: `train_log.jsonl` (one JSON line per 50 steps: step, loss, lr, cumulative CPU seconds).",
         f"- CPU time (one thread, shared machine): diffusion model {_minutes(unet_cpu)}; VAE {_minutes(vae.get('cpu_seconds'))}.",
         "",
         "## Measured quality",
@@ -124,7 +126,7 @@ def render_card(directory: str | Path) -> str:
             ]
             if "guidance_sweep" in q:
                 lines.append(
-                    "- Full-caption joint success by guidance scale: "
+                    f"- Full-caption joint success by guidance scale ({q.get('guidance_sweep_samples_each', '?')} samples each): "
                     + ", ".join(f"{g}: {_pct(v)}" for g, v in q["guidance_sweep"].items())
                     + "."
                 )
