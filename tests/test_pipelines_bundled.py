@@ -11,18 +11,10 @@ import torch
 pytest.importorskip("diffusers")
 
 from superdiff.registry import bundled_model_path, list_bundled_models  # noqa: E402
+from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
 
 AVAILABLE = set(list_bundled_models())
 STEPS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    yield
-    torch.set_num_threads(n)
 
 
 def need(*names):

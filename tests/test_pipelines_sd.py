@@ -20,23 +20,10 @@ from superdiff.pipelines import (  # noqa: E402
     render_trace,
 )
 from superdiff.pipelines._testing import SD_SCHEDULE, tiny_sd_components, tiny_sd_unet, tiny_unet2d  # noqa: E402
+from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny networks: thread fan-out only costs time on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    yield
-    torch.set_num_threads(n)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def make_pipe(scheduler="euler", prediction_type="epsilon", seed=0):

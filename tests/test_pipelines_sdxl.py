@@ -15,22 +15,10 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 
 from superdiff.pipelines import SuperDiffStableDiffusionXLPipeline  # noqa: E402
 from superdiff.pipelines._testing import tiny_sd_unet, tiny_sdxl_components, tiny_sdxl_unet  # noqa: E402
+from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    yield
-    torch.set_num_threads(n)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")

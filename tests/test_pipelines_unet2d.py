@@ -15,23 +15,11 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline  # noqa: E4
 
 from superdiff.pipelines import SuperDiffUNet2DPipeline, UNetExpert  # noqa: E402
 from superdiff.pipelines._testing import tiny_unet2d, tiny_vae  # noqa: E402
+from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 SCHED = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    yield
-    torch.set_num_threads(n)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def quiet(p):
