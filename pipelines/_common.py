@@ -447,8 +447,16 @@ def build_operator(operator: str | Operator, num_experts: int, *, weights: Seque
     return op
 
 
-def resolve_sampler(sampler: str | Integrator) -> Integrator:
-    return make_integrator(sampler)
+def resolve_sampler(sampler: str | Integrator, scheduler_config: Mapping[str, Any] | None = None) -> Integrator:
+    """The integrator; the ddpm sampler follows the scheduler's x0 clipping (clip_sample and
+    clip_sample_range, as diffusers' DDPMScheduler), so pixel models keep their behaviour."""
+    if isinstance(sampler, Integrator):
+        return sampler
+    integrator = make_integrator(sampler)
+    cfg = scheduler_config or {}
+    if integrator.name == "ddpm" and cfg.get("clip_sample"):
+        integrator = make_integrator("ddpm", clip_sample=float(cfg.get("clip_sample_range", 1.0)))
+    return integrator
 
 
 def resolve_estimator(estimator: Any, operator: Operator, integrator: Integrator):

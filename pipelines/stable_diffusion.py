@@ -185,7 +185,7 @@ class SuperDiffStableDiffusionPipeline(
                        self._callback_tensor_inputs, guidance_scale, max_batch_size)
         B = int(num_images_per_prompt)
         C.check_generator(generator, B)
-        integrator = C.resolve_sampler(sampler)
+        integrator = C.resolve_sampler(sampler, self.scheduler.config)
         text_dim = self.text_encoder.config.hidden_size if self.text_encoder is not None else \
             self.unet.config.cross_attention_dim
         base = C.NetworkPlan(self.unet, C.network_info(self.unet, self.scheduler.config, None,

@@ -156,7 +156,7 @@ class SuperDiffStableDiffusionXLPipeline(
                        self._callback_tensor_inputs, guidance_scale, max_batch_size)
         B = int(num_images_per_prompt)
         C.check_generator(generator, B)
-        integrator = C.resolve_sampler(sampler)
+        integrator = C.resolve_sampler(sampler, self.scheduler.config)
         base = C.NetworkPlan(self.unet, C.network_info(self.unet, self.scheduler.config, None,
                                                        self.vae.config, "unet"), "unet")
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config,

@@ -217,7 +217,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         C.check_common(num_inference_steps, B, output_type, callback_inputs, self._callback_tensor_inputs,
                        guidance_scale, max_batch_size)
         C.check_generator(generator, B)
-        integrator = C.resolve_sampler(sampler)
+        integrator = C.resolve_sampler(sampler, self.scheduler.config)
         networks = self._check_registered()
         n_registered = len(networks)
         extras: list[C.UNetExpert] = []

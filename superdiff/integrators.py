@@ -13,7 +13,8 @@ the step and lets the kernel-ratio estimator evaluate each expert's own kernel.
     ddpm   exact Gaussian posterior q(x' | x, x0_hat) of the forward process (DDPM ancestral;
            finite at alpha_t = 0, i.e. flow matching at t = 1):
            mean = (a s'^2 / s^2) x + (alpha' s2 / s^2) x0,  var = s2 s'^2 / s^2,
-           with (a, s2) the forward transition t' -> t
+           with (a, s2) the forward transition t' -> t; clip_sample=c clamps x0_hat to
+           [-c, c] first, as diffusers' DDPMScheduler(clip_sample=True) does for pixel models
     euler  probability-flow ODE dx/dt = v = alpha'(t) x0 + sigma'(t) eps (= f x - g2 s / 2)
     heun   the same ODE, Heun's second order (trapezoid), Euler on a step to sigma = 0
 """
@@ -85,6 +86,11 @@ class EulerMaruyama(Integrator):
 class DDPMAncestral(Integrator):
     name = "ddpm"
 
+    def __init__(self, clip_sample: float | None = None) -> None:
+        if clip_sample is not None and not float(clip_sample) > 0:
+            raise ValueError(f"clip_sample must be a positive range (e.g. 1.0) or None, got {clip_sample}")
+        self.clip_sample = None if clip_sample is None else float(clip_sample)
+
     def _coefs(self, schedule: Schedule, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, s2 = schedule.transition(t_next, t)
         st2, sn2 = schedule.sigma(t) ** 2, schedule.sigma(t_next) ** 2
@@ -100,6 +106,8 @@ class DDPMAncestral(Integrator):
     def mean(self, schedule, x, t, t_next, pred, kind):
         cx, c0, _ = self._coefs(schedule, t, t_next)
         _, x0 = to_eps_x0(pred, kind, x, schedule.alpha(t), schedule.sigma(t))
+        if self.clip_sample is not None:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         if float(cx) == 0.0:  # alpha_t = 0: x carries no information about x'
             return c0.to(x) * x0
         return cx.to(x) * x + c0.to(x) * x0
@@ -142,11 +150,15 @@ INTEGRATORS: dict[str, type[Integrator]] = {
 ALIASES = {"sde": "em", "ode": "euler", "euler_maruyama": "em", "ancestral": "ddpm"}
 
 
-def make_integrator(name: str | Integrator) -> Integrator:
+def make_integrator(name: str | Integrator, **kwargs) -> Integrator:
+    """An integrator by name (or alias); kwargs go to its constructor (ddpm: clip_sample)."""
     if isinstance(name, Integrator):
         return name
     key = ALIASES.get(str(name).lower(), str(name).lower())
     if key not in INTEGRATORS:
         raise ValueError(f"unknown integrator {name!r}; expected one of "
                          f"{', '.join(list(INTEGRATORS) + list(ALIASES))}")
-    return INTEGRATORS[key]()
+    try:
+        return INTEGRATORS[key](**kwargs)
+    except TypeError:
+        raise ValueError(f"integrator {key!r} takes no options {sorted(kwargs)}") from None

@@ -146,14 +146,19 @@ def project_capped_simplex(k: Tensor, lo: float, hi: float, iters: int = 64) -> 
     return torch.clamp(k + 0.5 * (a + b), lo, hi)
 
 
-def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float = 1e-3) -> Tensor:
+def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float = 1e-3,
+              floor: float = 1e-8) -> Tensor:
     """kappa [B, M] with sum 1 making b + A kappa - offsets equal across experts (least squares).
 
     Parametrise kappa = 1/M + Q z with Q an orthonormal basis of {sum = 0} and minimise
     ||P (A kappa + b - offsets)||^2 + rho ||z||^2, P the centring projector. The ridge
     rho = ridge * mean((A Q)^2) is relative to how strongly kappa moves the log-densities at
     all, so experts that agree to within sqrt(ridge) get (nearly) equal weights instead of
-    a division by ||s_1 - s_2||^2 ~ 0. Non-finite rows fall back to equal weights.
+    a division by ||s_1 - s_2||^2 ~ 0. That alone is not enough when the experts differ only
+    by rounding (fp16 networks): then A Q itself is rounding noise and so is the relative
+    ridge. The absolute floor adds floor * mean(A^2): a differential authority ||P A Q|| below
+    sqrt(floor) ||A|| (scores agreeing to about 1%) is treated as agreement. Non-finite rows
+    fall back to equal weights.
     """
     A = A.to(_F64)
     b = b.to(_F64)
@@ -169,7 +174,7 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     PAQ = AQ - AQ.mean(-2, keepdim=True)
     r0 = A.sum(-1) / M + c  # residual at equal weights, [B, M]
     Pr0 = r0 - r0.mean(-1, keepdim=True)
-    rho = ridge * (AQ**2).mean((-1, -2)) + torch.finfo(_F64).tiny  # [B]
+    rho = ridge * (AQ**2).mean((-1, -2)) + floor * (A**2).mean((-1, -2)) + torch.finfo(_F64).tiny  # [B]
     H = PAQ.transpose(-1, -2) @ PAQ + rho[:, None, None] * torch.eye(M - 1, dtype=_F64, device=b.device)
     g = -(PAQ.transpose(-1, -2) @ Pr0[..., None])
     z = torch.linalg.solve(H, g)[..., 0]  # [B, M-1]
@@ -188,7 +193,7 @@ class AndOperator(Operator):
         the ridge or clamp had to hold kappa back, it steers the densities back to equality
         instead of letting the error stay. Measured (benchmarks/estimator_accuracy): fewer
         samples stranded off the shared mode.
-    ridge: see solve_and. clamp=(lo, hi): project kappa onto {sum 1, lo <= kappa_i <= hi};
+    ridge, floor: see solve_and (both 0: the exact least-squares solution). clamp=(lo, hi): project kappa onto {sum 1, lo <= kappa_i <= hi};
         the default (-1, 2) bounds the extrapolation of one step, where the linearised
         estimator stops being accurate; None disables it.
     """
@@ -197,9 +202,12 @@ class AndOperator(Operator):
     needs_linear_model = True
 
     def __init__(self, offsets: Sequence[float] | Tensor | None = None, ridge: float = 1e-3,
-                 clamp: tuple[float, float] | None = (-1.0, 2.0), feedback: float = 1.0) -> None:
-        if not (ridge >= 0 and math.isfinite(ridge)):
-            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+                 clamp: tuple[float, float] | None = (-1.0, 2.0), feedback: float = 1.0,
+                 floor: float = 1e-8) -> None:
+        for name, v in (("ridge", ridge), ("floor", floor)):
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        self.floor = float(floor)
         if not (0.0 <= float(feedback) <= 1.0):
             raise ValueError(f"feedback must be in [0, 1], got {feedback}")
         self.feedback = float(feedback)
@@ -214,7 +222,8 @@ class AndOperator(Operator):
 
     def params(self) -> dict[str, Any]:
         return {"offsets": None if self.offsets is None else self.offsets.tolist(),
-                "ridge": self.ridge, "clamp": self.clamp, "feedback": self.feedback}
+                "ridge": self.ridge, "floor": self.floor,
+                "clamp": self.clamp, "feedback": self.feedback}
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)
@@ -238,7 +247,7 @@ class AndOperator(Operator):
             # l_i / N, plus (with feedback) the part of the schedule not yet reached
             frac = (1.0 / state.num_steps) + (self.feedback * state.step / state.num_steps)
             off = (self.offsets * frac).to(b.device)[None].expand_as(b)
-        k = solve_and(A, b, off, self.ridge)
+        k = solve_and(A, b, off, self.ridge, self.floor)
         if self.clamp is not None:
             k = project_capped_simplex(k, *self.clamp)
         return k

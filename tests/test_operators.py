@@ -6,6 +6,7 @@ import torch
 from _gmm import schedules, shared_mode_experts, two_mixtures
 
 from superdiff.experts import GaussianMixtureExpert
+from superdiff.integrators import make_integrator
 from superdiff.operators import AndOperator, OrOperator, SingleOperator, project_capped_simplex, solve_and
 from superdiff.sampling import sample
 from superdiff.schedules import VESigma, make_betas
@@ -132,7 +133,7 @@ def test_solve_and_exact_for_well_posed_systems_and_equal_for_singular():
     torch.manual_seed(0)
     A = torch.randn(5, 3, 3, dtype=torch.float64)
     b = torch.randn(5, 3, dtype=torch.float64)
-    k = solve_and(A, b, ridge=0.0)
+    k = solve_and(A, b, ridge=0.0, floor=0.0)
     r = b + (A @ k[..., None])[..., 0]
     assert torch.allclose(k.sum(-1), torch.ones(5, dtype=torch.float64))
     assert torch.allclose(r - r.mean(-1, keepdim=True), torch.zeros_like(r), atol=1e-9)
@@ -164,11 +165,14 @@ def test_single_operator_reproduces_the_experts_own_sampler_exactly():
         assert torch.equal(alone.samples, both.samples), integ
 
 
-def test_single_ddpm_matches_diffusers_ddpm_scheduler():
-    """Our DDPM integrator with the VP schedule is diffusers' DDPMScheduler (same generator)."""
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_single_ddpm_matches_diffusers_ddpm_scheduler(clip):
+    """Our DDPM integrator with the VP schedule is diffusers' DDPMScheduler (same generator),
+    with and without its x0 clipping (clip_sample)."""
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="leading")
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="leading",
+                          clip_sample=clip is not None, clip_sample_range=clip or 1.0)
     sched.set_timesteps(25)
     from superdiff.schedules import VPDiscrete
 
@@ -180,8 +184,8 @@ def test_single_ddpm_matches_diffusers_ddpm_scheduler():
     for t in sched.timesteps:
         eps = e.predict(ref.double(), torch.tensor(float(t), dtype=torch.float64), vp).float()
         ref = sched.step(eps, t, ref, generator=g).prev_sample
-    ours = sample([e], vp, 25, operator="single", integrator="ddpm", latents=x, grid_end="zero",
-                  generator=torch.Generator().manual_seed(1), progress=False)
+    ours = sample([e], vp, 25, operator="single", integrator=make_integrator("ddpm", clip_sample=clip),
+                  latents=x, grid_end="zero", generator=torch.Generator().manual_seed(1), progress=False)
     assert torch.allclose(ours.samples, ref, atol=1e-4), (ours.samples - ref).abs().max()
 
 

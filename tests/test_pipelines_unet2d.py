@@ -44,9 +44,11 @@ def count_rows(modules):
     return rows, hooks
 
 
-def test_stochastic_parity_with_diffusers_ddpm_pipeline(unets):
-    """One UNet, operator single, sampler ddpm == diffusers' DDPMPipeline (same noise draws)."""
-    sched = DDPMScheduler(**SCHED)
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_stochastic_parity_with_diffusers_ddpm_pipeline(unets, clip_sample):
+    """One UNet, operator single, sampler ddpm == diffusers' DDPMPipeline (same noise draws),
+    including the scheduler's x0 clipping when its config asks for it."""
+    sched = DDPMScheduler(**dict(SCHED, clip_sample=clip_sample, clip_sample_range=0.5))
     ref = quiet(DDPMPipeline(unet=unets[0], scheduler=sched))
     a = ref(batch_size=2, generator=gen(0), num_inference_steps=8, output_type="np").images
     pipe = quiet(SuperDiffUNet2DPipeline.from_unets(unets[:1], sched))
