@@ -1,4 +1,9 @@
-"""Command line: `superdiff demo` (and `python -m superdiff demo`)."""
+"""Command line: `superdiff demo|generate|batch|ui|protein` (also `python -m superdiff ...`).
+
+Subcommands that live in other modules register themselves through an
+``add_parser(subparsers)`` function; those modules import nothing heavy at import time, so
+`superdiff --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--estimator", choices=["kernel", "ito"], default=None, help="default: the package default")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
+    import importlib
+
+    for module in _SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a module not written yet or an optional extra missing
+            if e.name and (e.name == module or module.startswith(e.name + ".")):
+                continue
+            raise
+        mod.add_parser(sub)
     return p
+
+
+#: modules providing further subcommands via add_parser(subparsers)
+_SUBCOMMAND_MODULES = ("superdiff.generate_cli", "superdiff.ui.cli", "superdiff.protein.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,18 @@ class Trace:
         idx = [index] if isinstance(index, int) else index
         return Trace(self.t, self.sigma, self.kappa[:, idx], self.logq[:, idx], list(self.expert_names), dict(self.meta))
 
+    @classmethod
+    def concat(cls, traces: Sequence["Trace"]) -> "Trace":
+        """Join traces of separate runs on the same grid along the sample axis."""
+        if not traces:
+            raise ValueError("no traces to join")
+        first = traces[0]
+        for tr in traces[1:]:
+            if tr.t.shape != first.t.shape or not np.allclose(tr.t, first.t) or tr.num_experts != first.num_experts:
+                raise ValueError("traces on different time grids or with different experts cannot be joined")
+        return cls(first.t, first.sigma, np.concatenate([tr.kappa for tr in traces], axis=1),
+                   np.concatenate([tr.logq for tr in traces], axis=1), list(first.expert_names), dict(first.meta))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "t": self.t.tolist(),

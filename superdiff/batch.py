@@ -1,0 +1,392 @@
+"""Batch generation: many compositions from a JSONL/CSV job file, resumable and sharded.
+
+Work is split into tasks, one per (job, method, image index). Every task is independent
+(image i of a composition uses seed + i in its own pipeline call, see compose.py), so
+
+- resume: a task is done exactly when its PNG exists. PNGs (and their trace JSON, written
+  first) are renamed into place atomically and the manifest line is appended only after the
+  rename: a kill at any moment loses at most the images in flight, never leaves a truncated
+  PNG or a manifest line without its file, and a rerun neither repeats finished images nor
+  writes them twice. A PNG found without its manifest line (a kill between the two) gets
+  its line on the next run, marked "recovered".
+- scale-out: task k goes to process k mod world_size (RANK / WORLD_SIZE as set by
+  `accelerate launch` or torchrun). Images are byte-identical to a one-process run; each
+  process appends to its own manifest part, merged into manifest.jsonl by process 0 at the
+  end, so no two processes ever write the same file.
+
+Job lines: the fields of `superdiff.compose.Composition`, plus
+    id       a name for the job's folder (default job0001, job0002, ... by line)
+    methods  a list of methods to run the same composition with (the paper's sweep): an
+             operator name ("joint", "average", "or", "and", "single"), "single:<i>", or an
+             object of overrides with an optional "name", e.g. {"name": "and_lift", "lift": 1}.
+CSV: a header row of those field names; list fields (prompts, extra_models, methods,
+weights, bias, kappa_clamp) separated by "|".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .compose import Composition, ModelCache, OPERATOR_CHOICES, run_composition, save_png
+
+__all__ = ["Task", "JobError", "parse_jobs", "expand_tasks", "run_batch", "BatchSummary"]
+
+_LIST_FIELDS = {"prompts", "extra_models", "methods", "weights", "bias", "kappa_clamp"}
+_NUM_LIST_FIELDS = {"weights", "bias", "kappa_clamp"}
+_EXTRA_FIELDS = {"id", "methods"}
+_ID_RE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass
+class JobError:
+    line: int  # 1-based line in the job file (CSV: counting the header)
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Task:
+    job: str
+    method: str
+    index: int
+    line: int
+    composition: Composition = field(compare=False)  # of the whole (job, method)
+
+    @property
+    def key(self) -> str:
+        return f"{self.job}/{self.method}/{self.index:04d}"
+
+    def image_path(self, out: Path) -> Path:
+        return out / "images" / self.job / self.method / f"{self.index:04d}.png"
+
+
+def _scalar(text: str) -> Any:
+    t = text.strip()
+    if t == "":
+        return None
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def _csv_rows(text: str) -> Iterable[tuple[int, dict[str, Any] | JobError]]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    header = [h.strip() for h in header]
+    str_fields = {"model", "operator", "sampler", "estimator", "negative_prompt", "joint_template", "id", "dtype"}
+    for row in reader:
+        line = reader.line_num
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            yield line, JobError(line, f"{len(row)} columns but the header has {len(header)}")
+            continue
+        d: dict[str, Any] = {}
+        for name, cell in zip(header, row):
+            if name in _LIST_FIELDS:
+                parts = [p for p in cell.split("|") if p.strip() != ""]
+                if name in _NUM_LIST_FIELDS:
+                    d[name] = [_scalar(p) for p in parts] if parts else None
+                    if name == "kappa_clamp" and cell.strip().lower() == "false":
+                        d[name] = False
+                else:
+                    d[name] = [p.strip() for p in parts]
+            elif name in str_fields:
+                d[name] = cell if cell.strip() else None
+            else:
+                d[name] = _scalar(cell)
+        yield line, {k: v for k, v in d.items() if v is not None}
+
+
+def _jsonl_rows(text: str) -> Iterable[tuple[int, dict[str, Any] | JobError]]:
+    for line, raw in enumerate(text.splitlines(), start=1):
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            yield line, JobError(line, f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(d, dict):
+            yield line, JobError(line, f"expected a JSON object, got {type(d).__name__}")
+            continue
+        yield line, d
+
+
+def _method_overrides(m: Any, where: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(m, str):
+        name = m.strip().lower()
+        if name.startswith("single:"):
+            try:
+                return name.replace(":", ""), {"operator": "single", "single_index": int(name.split(":", 1)[1])}
+            except ValueError:
+                raise ValueError(f"{where}: bad method {m!r}; use single:<expert index>") from None
+        if name not in OPERATOR_CHOICES:
+            raise ValueError(f"{where}: unknown method {m!r}; use one of {', '.join(OPERATOR_CHOICES)}, "
+                             "single:<i>, or an object of overrides")
+        return name, {"operator": name}
+    if isinstance(m, dict):
+        over = dict(m)
+        name = over.pop("name", None) or str(over.get("operator", "method"))
+        return _ID_RE.sub("_", str(name)), over
+    raise ValueError(f"{where}: a method must be a name or an object, got {m!r}")
+
+
+def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None
+               ) -> tuple[list[tuple[int, str, str, Composition]], list[JobError]]:
+    """(line, job id, method, composition) for every valid (job, method), and the errors of
+    the lines that were skipped. Models are resolved up front (a bundled name, an existing
+    directory or a hub id), so that an unknown model is reported with its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"job file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _csv_rows(text)
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        rows = _jsonl_rows(text)
+    else:
+        raise ValueError(f"job file {path}: expected a .jsonl or .csv file")
+    cache = cache or ModelCache()
+    out: list[tuple[int, str, str, Composition]] = []
+    errors: list[JobError] = []
+    seen_ids: dict[str, int] = {}
+    n_job = 0
+    for line, row in rows:
+        if isinstance(row, JobError):
+            errors.append(row)
+            continue
+        n_job += 1
+        try:
+            d = dict(row)
+            job_id = d.pop("id", None)
+            job_id = f"job{n_job:04d}" if job_id in (None, "") else _ID_RE.sub("_", str(job_id))
+            if job_id in seen_ids:
+                raise ValueError(f"id: {job_id!r} is already used on line {seen_ids[job_id]}")
+            methods = d.pop("methods", None)
+            unknown = sorted(set(d) - set(Composition.field_names()))
+            if unknown:
+                raise ValueError(f"unknown field(s) {', '.join(unknown)}; known fields: "
+                                 f"{', '.join(Composition.field_names() + sorted(_EXTRA_FIELDS))}")
+            base = Composition.from_dict(d)
+            cache.resolve(base.model)
+            for m in base.extra_models:
+                cache.resolve(m, "extra_models")
+            variants: list[tuple[str, Composition]] = []
+            if methods is None:
+                variants.append((base.operator, base))
+            else:
+                if isinstance(methods, str):
+                    methods = [methods]
+                if not isinstance(methods, list) or not methods:
+                    raise ValueError("methods: give a non-empty list of methods")
+                names = set()
+                for k, m in enumerate(methods):
+                    name, over = _method_overrides(m, f"methods[{k}]")
+                    if name in names:
+                        raise ValueError(f"methods[{k}]: method name {name!r} appears twice; give it a distinct 'name'")
+                    names.add(name)
+                    bad = sorted(set(over) - set(Composition.field_names()))
+                    if bad:
+                        raise ValueError(f"methods[{k}]: unknown field(s) {', '.join(bad)}")
+                    variants.append((name, Composition.from_dict({**base.to_dict(), **over})))
+            seen_ids[job_id] = line
+            out.extend((line, job_id, name, comp) for name, comp in variants)
+        except ValueError as e:
+            errors.append(JobError(line, str(e)))
+    return out, errors
+
+
+def expand_tasks(jobs: Sequence[tuple[int, str, str, Composition]]) -> list[Task]:
+    """All tasks in a fixed order (file order, then method, then image index)."""
+    return [Task(job, method, i, line, comp) for line, job, method, comp in jobs for i in range(comp.num_images)]
+
+
+@dataclass
+class BatchSummary:
+    tasks: int = 0
+    generated: int = 0
+    skipped: int = 0  # already done by an earlier run
+    recovered: int = 0  # done earlier, manifest line added now
+    failed: int = 0
+    invalid_lines: int = 0
+    failed_jobs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Manifest:
+    """Append-only JSONL; each line flushed and fsynced before the next task starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _manifest_keys(out: Path) -> set[str]:
+    keys = set()
+    for p in [out / "manifest.jsonl", *sorted(out.glob("manifest.rank*.jsonl"))]:
+        if not p.is_file():
+            continue
+        for raw in p.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: its task is judged by its PNG
+            if r.get("status") == "ok" and "key" in r:
+                keys.add(r["key"])
+    return keys
+
+
+def _dist_state() -> tuple[int, int, Any]:
+    """(rank, world_size, state) from accelerate when launched by it (or torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state
+    return 0, 1, None
+
+
+def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True,
+              cache: ModelCache | None = None, limit: int | None = None,
+              log=print) -> BatchSummary:
+    """Run (or resume) every task of the job file into `out`; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    rank, world, state = _dist_state()
+    cache = cache or ModelCache()
+    t0 = time.perf_counter()
+    jobs, errors = parse_jobs(jobs_path, cache)
+    summary = BatchSummary(invalid_lines=len(errors), world_size=world)
+    if rank == 0:
+        for e in errors:
+            log(f"superdiff batch: skipping {jobs_path} {e}", file=sys.stderr)
+    tasks = expand_tasks(jobs)
+    summary.tasks = len(tasks)
+    mine = [t for k, t in enumerate(tasks) if k % world == rank]
+    if limit is not None:
+        mine = mine[:limit]
+    out.mkdir(parents=True, exist_ok=True)
+    listed = _manifest_keys(out)
+    manifest = _Manifest(out / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl"))
+    failed_combo: dict[tuple[str, str], str] = {}
+    bar = tqdm(mine, desc=f"images (process {rank + 1}/{world})" if world > 1 else "images",
+               disable=not progress, unit="img")
+    try:
+        for task in bar:
+            path = task.image_path(out)
+            base = {"key": task.key, "job": task.job, "line": task.line, "method": task.method,
+                    "index": task.index, "image": str(path.relative_to(out)),
+                    "seed": task.composition.seed + task.index, "rank": rank}
+            if path.is_file():
+                if task.key in listed:
+                    summary.skipped += 1
+                else:
+                    manifest.write({**base, "status": "ok", "recovered": True})
+                    summary.recovered += 1
+                continue
+            combo = (task.job, task.method)
+            if combo in failed_combo:
+                manifest.write({**base, "status": "error", "error": failed_combo[combo]})
+                summary.failed += 1
+                continue
+            bar.set_postfix_str(f"{task.job}/{task.method}")
+            started = time.time()
+            t1 = time.perf_counter()
+            try:
+                res = run_composition(task.composition, cache, progress=progress, indices=[task.index])
+                record = res.records[0]
+                res.trace.save(path.with_suffix(".trace.json"))
+                save_png(res.images[0], path, record)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001  (record and go on)
+                msg = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+                failed_combo[combo] = msg
+                manifest.write({**base, "status": "error", "error": msg})
+                summary.failed += 1
+                log(f"superdiff batch: {task.key} (line {task.line}) failed: {msg}", file=sys.stderr)
+                if not isinstance(e, ValueError):
+                    log(traceback.format_exc(limit=3), file=sys.stderr)
+                continue
+            manifest.write({**base, "status": "ok", "started": round(started, 3),
+                            "seconds": round(time.perf_counter() - t1, 4)})
+            summary.generated += 1
+    finally:
+        bar.close()
+        manifest.close()
+    summary.failed_jobs = sorted({f"{j}/{m}" for j, m in failed_combo})
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    if world > 1:
+        summary = _gather(summary, state, out, rank, world)
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(
+            {**summary.to_dict(), "invalid": [str(e) for e in errors]}, indent=2))
+    return summary
+
+
+def _gather(summary: BatchSummary, state: Any, out: Path, rank: int, world: int) -> BatchSummary:
+    """Wait for every process, merge the manifest parts (process 0 only) and sum the counts."""
+    import torch.distributed as dist
+
+    counts = [None] * world
+    dist.all_gather_object(counts, summary.to_dict())
+    state.wait_for_everyone()
+    total = BatchSummary(world_size=world)
+    for c in counts:
+        for k in ("generated", "skipped", "recovered", "failed"):
+            setattr(total, k, getattr(total, k) + c[k])
+        total.failed_jobs = sorted(set(total.failed_jobs) | set(c["failed_jobs"]))
+        total.seconds = max(total.seconds, c["seconds"])
+    total.tasks, total.invalid_lines = summary.tasks, summary.invalid_lines
+    if rank == 0:
+        with open(out / "manifest.jsonl", "a", encoding="utf-8") as f:
+            for r in range(world):
+                part = out / f"manifest.rank{r}.jsonl"
+                if part.is_file():
+                    f.write(part.read_text(encoding="utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        for r in range(world):
+            (out / f"manifest.rank{r}.jsonl").unlink(missing_ok=True)
+    state.wait_for_everyone()
+    return total

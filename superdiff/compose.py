@@ -1,0 +1,519 @@
+"""One composition described as data, and the one function that runs it.
+
+`Composition` is a flat, JSON-serialisable record of everything that determines a set of
+images (models, prompts, operator and its parameters, sampler, steps, guidance, seed,
+image count). The command line (`superdiff generate` / `batch`), the Gradio studio and the
+benchmarks all build a Composition and call `run_composition`, which loads the models
+through a `ModelCache` and calls the SuperDiff diffusers pipeline (which runs the one
+SuperDiff step of `superdiff.step`).
+
+Reproducibility: image i of a composition is sampled in its own pipeline call with
+``torch.Generator(device).manual_seed(seed + i)``, so every image is bit-for-bit the same
+whatever else is generated with it (a batch, a resumed run, another process). Its PNG
+carries the composition with ``seed = seed + i`` and ``num_images = 1``; running that
+record again gives the same pixels (`read_png_composition`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "Composition",
+    "CompositionResult",
+    "ModelCache",
+    "OPERATOR_CHOICES",
+    "SAMPLER_CHOICES",
+    "ESTIMATOR_CHOICES",
+    "run_composition",
+    "save_png",
+    "read_png_composition",
+    "png_metadata",
+    "image_grid",
+    "DEFAULT_COMPOSITION",
+]
+
+OPERATOR_CHOICES = ("or", "and", "average", "single", "joint")
+SAMPLER_CHOICES = ("sde", "ddpm", "ode", "euler", "heun")
+ESTIMATOR_CHOICES = (None, "kernel", "ito", "ode", "none")
+DTYPES = ("float32", "float16", "bfloat16")
+PNG_KEY = "superdiff"
+
+
+def _fail(field_name: str, msg: str) -> ValueError:
+    return ValueError(f"{field_name}: {msg}")
+
+
+@dataclass
+class Composition:
+    """Everything that determines the images of one composition (see the module docstring).
+
+    model: a bundled model name (`superdiff.registry.list_bundled_models()`), a local
+        diffusers directory or a hub id; a text-to-image pipeline (one expert per prompt),
+        or an unconditional UNet2D checkpoint.
+    extra_models: further UNet checkpoints, each one more expert (for a text-to-image model:
+        unconditional UNets sharing its VAE; for UNet2D models: the other checkpoints).
+    prompts: one expert per prompt (text-to-image models); empty for unconditional models.
+    operator: "or", "and", "average" (kappa fixed by `weights`, 0.5/0.5 by default: the
+        averaging baseline), "single" (expert `single_index` alone), "joint" (the joint-prompt
+        baseline: one prompt made from all of them with `joint_template`).
+    """
+
+    model: str = "shapes-t2i"
+    prompts: list[str] = field(default_factory=list)
+    operator: str = "and"
+    extra_models: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    bias: list[float] | None = None
+    temperature: float | None = None
+    lift: float | None = None
+    kappa_clamp: list[float] | bool | None = None
+    single_index: int = 0
+    joint_template: str | None = None
+    estimator: str | None = None
+    sampler: str = "sde"
+    steps: int = 25
+    guidance_scale: float = 4.0
+    negative_prompt: str | None = None
+    seed: int = 0
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "float32"
+
+    # ---- validation and (de)serialisation -------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Composition":
+        """Build and validate; unknown fields are an error that names them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a composition must be a JSON object, got {type(d).__name__}")
+        names = cls.field_names()
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; known fields: {', '.join(names)}")
+        comp = cls(**{k: v for k, v in d.items()})
+        return comp.validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Composition":
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> "Composition":
+        """A normalised copy; raises ValueError naming the first bad field and how to fix it."""
+        c = dataclasses.replace(self)
+        if not isinstance(c.model, str) or not c.model.strip():
+            raise _fail("model", "give a bundled model name, a local directory or a hub id")
+        c.model = c.model.strip()
+        c.prompts = _str_list(c.prompts, "prompts")
+        c.extra_models = _str_list(c.extra_models, "extra_models")
+        c.operator = str(c.operator).lower().strip()
+        if c.operator not in OPERATOR_CHOICES:
+            raise _fail("operator", f"unknown operator {self.operator!r}; choose one of {', '.join(OPERATOR_CHOICES)}")
+        c.sampler = str(c.sampler).lower().strip()
+        if c.sampler not in SAMPLER_CHOICES:
+            raise _fail("sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_CHOICES)}")
+        if c.estimator is not None:
+            c.estimator = str(c.estimator).lower().strip() or None
+        if c.estimator not in ESTIMATOR_CHOICES:
+            raise _fail("estimator", f"unknown estimator {self.estimator!r}; choose one of "
+                                     f"{', '.join(str(e) for e in ESTIMATOR_CHOICES[1:])} or leave it empty")
+        c.steps = _int(c.steps, "steps", 1, 10_000)
+        c.num_images = _int(c.num_images, "num_images", 1, 10_000)
+        c.seed = _int(c.seed, "seed", 0, 2**63 - 1)
+        c.single_index = _int(c.single_index, "single_index", 0, 1_000)
+        c.guidance_scale = _float(c.guidance_scale, "guidance_scale", lo=0.0)
+        if c.temperature is not None:
+            c.temperature = _float(c.temperature, "temperature", lo=0.0, allow_inf=True)
+        if c.lift is not None:
+            c.lift = _float(c.lift, "lift")
+        for name in ("weights", "bias"):
+            v = getattr(c, name)
+            if v is not None:
+                if isinstance(v, (int, float)) or not isinstance(v, Sequence) or isinstance(v, str):
+                    raise _fail(name, f"give a list with one number per expert, got {v!r}")
+                setattr(c, name, [_float(x, name) for x in v])
+        if c.weights is not None and c.bias is not None:
+            raise _fail("weights", "give either weights or bias (log-weights), not both")
+        if c.kappa_clamp is not None and not isinstance(c.kappa_clamp, bool):
+            if not isinstance(c.kappa_clamp, Sequence) or len(c.kappa_clamp) != 2:
+                raise _fail("kappa_clamp", f"give [lo, hi], false to disable, or leave it empty; got {c.kappa_clamp!r}")
+            lo, hi = (_float(x, "kappa_clamp") for x in c.kappa_clamp)
+            if not lo < hi:
+                raise _fail("kappa_clamp", f"lo must be below hi, got {c.kappa_clamp!r}")
+            c.kappa_clamp = [lo, hi]
+        if c.kappa_clamp is True:
+            raise _fail("kappa_clamp", "true is ambiguous: give [lo, hi] or leave it empty for the default")
+        for name in ("height", "width"):
+            v = getattr(c, name)
+            if v is not None:
+                setattr(c, name, _int(v, name, 8, 8192))
+        if c.dtype not in DTYPES:
+            raise _fail("dtype", f"choose one of {', '.join(DTYPES)}, got {c.dtype!r}")
+        if c.negative_prompt is not None and not isinstance(c.negative_prompt, str):
+            raise _fail("negative_prompt", "must be a string")
+        if c.joint_template is not None and not isinstance(c.joint_template, str):
+            raise _fail("joint_template", "must be a string such as '{0} that looks like {1}'")
+        n_experts = len(c.prompts) + len(c.extra_models)
+        if c.operator == "joint" and len(c.prompts) < 1:
+            raise _fail("prompts", "the joint-prompt baseline needs prompts to join")
+        # text-to-image: one expert per prompt and extra model (unconditional models: the
+        # checkpoints; the pipeline checks those counts before any compute)
+        for name in ("weights", "bias"):
+            v = getattr(c, name)
+            if v is not None and c.prompts and c.operator != "joint" and len(v) != n_experts:
+                raise _fail(name, f"{len(v)} values for {n_experts} experts "
+                                  f"({len(c.prompts)} prompts + {len(c.extra_models)} extra models)")
+        return c
+
+    def image_record(self, index: int) -> "Composition":
+        """The composition that reproduces image `index` alone (seed + index, one image)."""
+        return dataclasses.replace(self, seed=self.seed + index, num_images=1)
+
+    def describe(self) -> str:
+        what = " | ".join(self.prompts + self.extra_models) or self.model
+        return f"{self.operator.upper()}[{what}] seed {self.seed}"
+
+
+def _str_list(v: Any, name: str) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v] if v.strip() else []
+    if not isinstance(v, Sequence) or not all(isinstance(x, str) for x in v):
+        raise _fail(name, f"must be a list of strings, got {v!r}")
+    return [x for x in v]
+
+
+def _int(v: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool):
+        raise _fail(name, f"must be an integer, got {v!r}")
+    try:
+        iv = int(v)
+    except (TypeError, ValueError):
+        raise _fail(name, f"must be an integer, got {v!r}") from None
+    if isinstance(v, float) and iv != v:
+        raise _fail(name, f"must be an integer, got {v!r}")
+    if not lo <= iv <= hi:
+        raise _fail(name, f"must be between {lo} and {hi}, got {iv}")
+    return iv
+
+
+def _float(v: Any, name: str, lo: float | None = None, allow_inf: bool = False) -> float:
+    if isinstance(v, bool):
+        raise _fail(name, f"must be a number, got {v!r}")
+    try:
+        fv = float(v)
+    except (TypeError, ValueError):
+        raise _fail(name, f"must be a number, got {v!r}") from None
+    if math.isnan(fv) or (math.isinf(fv) and not allow_inf):
+        raise _fail(name, f"must be a finite number, got {v!r}")
+    if lo is not None and fv < lo:
+        raise _fail(name, f"must be >= {lo}, got {fv}")
+    return fv
+
+
+DEFAULT_COMPOSITION = Composition(model="shapes-t2i", prompts=["a circle", "something red"], operator="and")
+
+
+# ---- models ---------------------------------------------------------------------------------
+def _model_kind(path_or_id: str) -> str:
+    """'sd', 'sdxl' or 'unet2d' from the model's model_index.json / unet config."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(path_or_id)
+    if local.is_dir():
+        index = local / "model_index.json"
+        cfg = json.loads(index.read_text()) if index.is_file() else None
+        if cfg is None:
+            if (local / "unet").is_dir() or (local / "config.json").is_file():
+                return "unet2d"
+            raise ValueError(f"model: {path_or_id} is neither a diffusers pipeline directory (model_index.json) "
+                             "nor a UNet2D checkpoint (unet/ or config.json)")
+    else:
+        try:
+            cfg = DiffusionPipeline.load_config(path_or_id)
+        except Exception as e:  # noqa: BLE001  (network, missing repo, ...)
+            raise ValueError(f"model: {path_or_id!r} is not a bundled model or a local directory, and loading it "
+                             f"as a hub id failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                             "Check the name, or the network / HF cache") from None
+    cls = str(cfg.get("_class_name", ""))
+    if "XL" in cls:
+        return "sdxl"
+    if "text_encoder" in cfg and "unet" in cfg:
+        return "sd"
+    if "unet" in cfg:
+        return "unet2d"
+    raise ValueError(f"model: {path_or_id} is a {cls or 'unknown'} pipeline; SuperDiff composes Stable Diffusion "
+                     "(1.x/2.x, XL) and UNet2D models")
+
+
+class ModelCache:
+    """Loaded pipelines, keyed by (model, extra UNet2D checkpoints, dtype, device), least
+    recently used evicted beyond `max_models`.
+
+    allow_roots: when given, local directories must lie under one of them (resolved, so
+        `..` and symlinks cannot escape); bundled names are always allowed.
+    allow_hub: whether names that are neither bundled nor local may be loaded as hub ids.
+    Weights are loaded from safetensors only; no remote code is ever trusted.
+    """
+
+    def __init__(self, max_models: int = 2, allow_roots: Sequence[str | os.PathLike] | None = None,
+                 allow_hub: bool = True, device: str | None = None) -> None:
+        self.max_models = max(1, int(max_models))
+        self.allow_roots = None if allow_roots is None else [Path(r).resolve() for r in allow_roots]
+        self.allow_hub = allow_hub
+        self.device = device
+        self._pipes: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # how many times a model was actually loaded (not served from the cache)
+
+    def resolve(self, name: str, what: str = "model") -> str:
+        """A bundled name -> its directory; a local path -> checked against allow_roots;
+        otherwise a hub id (if allowed)."""
+        from .registry import list_bundled_models, resolve as resolve_bundled
+
+        if name in list_bundled_models():
+            return resolve_bundled(name)
+        looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
+        p = Path(name).expanduser()
+        if looks_local or p.exists():
+            rp = p.resolve()
+            if self.allow_roots is not None and not any(rp == r or r in rp.parents for r in self.allow_roots):
+                raise ValueError(f"{what}: {name} is outside the allowed model folders "
+                                 f"({', '.join(map(str, self.allow_roots)) or 'none configured'})")
+            if not rp.is_dir():
+                raise ValueError(f"{what}: {name} is not a directory")
+            return str(rp)
+        if not self.allow_hub:
+            raise ValueError(f"{what}: unknown model {name!r}; give a bundled model "
+                             f"({', '.join(list_bundled_models())}) or a folder under the allowed roots")
+        if name.count("/") != 1 or any(ch in name for ch in " \\:"):
+            raise ValueError(f"{what}: {name!r} is not a bundled model ({', '.join(list_bundled_models())}), "
+                             "an existing directory, or a hub id of the form 'org/name'")
+        return name
+
+    def pipeline(self, model: str, extra_models: Sequence[str] = (), dtype: str = "float32") -> tuple[Any, str, list[str]]:
+        """(pipeline, kind, resolved extra models). For UNet2D models the extra checkpoints are
+        part of the pipeline; for text-to-image models they are passed per call."""
+        import torch
+
+        src = self.resolve(model)
+        extras = [self.resolve(m, "extra_models") for m in extra_models]
+        kind = _model_kind(src)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        key = (src, tuple(extras) if kind == "unet2d" else (), dtype, device)
+        with self._lock:
+            if key in self._pipes:
+                self._pipes.move_to_end(key)
+                return self._pipes[key], kind, extras
+        torch_dtype = getattr(torch, dtype)
+        if torch_dtype != torch.float32 and device == "cpu":
+            raise ValueError(f"dtype: {dtype} needs a GPU; use float32 on the CPU")
+        from .pipelines import (SuperDiffStableDiffusionPipeline, SuperDiffStableDiffusionXLPipeline,
+                                SuperDiffUNet2DPipeline)
+
+        if kind == "unet2d":
+            pipe = SuperDiffUNet2DPipeline.from_checkpoints([src, *extras], torch_dtype=torch_dtype)
+        else:
+            cls = SuperDiffStableDiffusionXLPipeline if kind == "sdxl" else SuperDiffStableDiffusionPipeline
+            kw: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
+            if kind == "sd":
+                kw.update(safety_checker=None, requires_safety_checker=False)
+            pipe = cls.from_pretrained(src, **kw)
+        pipe = pipe.to(device)
+        with self._lock:
+            self.loads += 1
+            self._pipes[key] = pipe
+            while len(self._pipes) > self.max_models:
+                self._pipes.popitem(last=False)
+        return pipe, kind, extras
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pipes.clear()
+
+
+# ---- running --------------------------------------------------------------------------------
+@dataclass
+class CompositionResult:
+    composition: Composition
+    images: list[Any]  # PIL images, one per image index
+    trace: Any  # superdiff.trace.Trace over all images (batch axis = image index)
+    seconds: float
+    records: list[Composition] = field(default_factory=list)  # per image: reproduces it alone
+
+
+def _call_kwargs(c: Composition, kind: str, extras: list[str]) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(num_inference_steps=c.steps, sampler=c.sampler, estimator=c.estimator)
+    op = c.operator
+    if op == "single":
+        kw["operator_kwargs"] = {"index": c.single_index}
+    if c.weights is not None:
+        kw["weights"] = c.weights
+    if c.bias is not None:
+        kw["bias"] = c.bias
+    if c.temperature is not None:
+        kw["temperature"] = c.temperature
+    if c.lift is not None:
+        kw["lift"] = c.lift
+    if c.kappa_clamp is not None:
+        kw["kappa_clamp"] = False if c.kappa_clamp is False else tuple(c.kappa_clamp)
+    if c.height is not None:
+        kw["height"] = c.height
+    if c.width is not None:
+        kw["width"] = c.width
+    if kind == "unet2d":
+        if c.prompts:
+            raise _fail("prompts", f"{c.model} is an unconditional UNet2D model; it takes no prompts "
+                                   "(compose checkpoints with extra_models instead)")
+        if op == "joint":
+            raise _fail("operator", "the joint-prompt baseline needs a text-to-image model")
+        kw["operator"] = op
+        kw["batch_size"] = 1  # unconditional UNets: guidance_scale does not apply
+    else:
+        if not c.prompts:
+            raise _fail("prompts", f"{c.model} is a text-to-image model: give at least one prompt")
+        kw.update(prompt=list(c.prompts), operator=op, guidance_scale=c.guidance_scale,
+                  num_images_per_prompt=1)
+        if c.negative_prompt:
+            kw["negative_prompt"] = c.negative_prompt
+        if c.joint_template is not None:
+            kw["joint_template"] = c.joint_template
+        if extras:
+            kw["extra_unets"] = extras
+    return kw
+
+
+def run_composition(comp: Composition, cache: ModelCache | None = None, *,
+                    progress: bool = True,
+                    on_step: Callable[[int, int, int], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None,
+                    indices: Sequence[int] | None = None) -> CompositionResult:
+    """Generate the images of `comp` (all, or only the image `indices`).
+
+    on_step(image_index, step, num_steps) is called after every sampler step (progress bars,
+    the studio's live progress); should_stop() returning True aborts with InterruptedError
+    after the current step (cancel buttons).
+    """
+    import torch
+
+    from .trace import Trace
+
+    comp = comp.validated()
+    cache = cache or ModelCache()
+    pipe, kind, extras = cache.pipeline(comp.model, comp.extra_models, comp.dtype)
+    kw = _call_kwargs(comp, kind, extras)
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    device = pipe.device
+    idx = list(range(comp.num_images)) if indices is None else [int(i) for i in indices]
+    images, traces, records = [], [], []
+    t0 = time.perf_counter()
+    for i in idx:
+        def callback(p, step, t, cb_kwargs, _i=i):
+            if on_step is not None:
+                on_step(_i, step + 1, comp.steps)
+            if should_stop is not None and should_stop():
+                raise InterruptedError("cancelled")
+            return {}
+
+        g = torch.Generator(device=device.type if device.type != "mps" else "cpu").manual_seed(comp.seed + i)
+        out = pipe(generator=g, output_type="pil", callback_on_step_end=callback, **kw)
+        images.append(out.images[0])
+        traces.append(out.trace)
+        records.append(comp.image_record(i))
+    trace = Trace.concat(traces) if traces else None
+    if trace is not None:
+        trace.meta["composition"] = comp.to_dict()
+    return CompositionResult(comp, images, trace, time.perf_counter() - t0, records)
+
+
+# ---- PNG files with their parameters --------------------------------------------------------
+def png_metadata(record: Composition) -> dict[str, str]:
+    """Text chunks: the composition as JSON under 'superdiff' (with the package version),
+    and a human-readable 'parameters' line. Nothing time-dependent: files are byte-identical
+    across runs."""
+    from . import __version__
+
+    d = record.to_dict()
+    d["superdiff_version"] = __version__
+    return {PNG_KEY: json.dumps(d, sort_keys=True),
+            "parameters": f"{record.describe()}; steps {record.steps}, guidance {record.guidance_scale}, "
+                          f"sampler {record.sampler}; superdiff {__version__}",
+            "Software": f"superdiff {__version__}"}
+
+
+def save_png(image: Any, path: str | os.PathLike, record: Composition) -> Path:
+    """Write atomically (temp file + rename): a crash never leaves a truncated PNG."""
+    from PIL import PngImagePlugin
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for k, v in png_metadata(record).items():
+        info.add_text(k, v)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_png_composition(path: str | os.PathLike) -> Composition:
+    """The composition stored in a PNG written by superdiff (one image: seed already offset)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable PNG ({e})") from None
+    if PNG_KEY not in text:
+        raise ValueError(f"{path} carries no superdiff parameters (was it written by superdiff generate?)")
+    d = json.loads(text[PNG_KEY])
+    d.pop("superdiff_version", None)
+    return Composition.from_dict(d)
+
+
+def image_grid(images: Sequence[Any], cols: int | None = None, pad: int = 2, scale: int = 1) -> Any:
+    """A PIL grid of equally sized images (nearest-neighbour upscaled by `scale`)."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images to put in a grid")
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    n = len(images)
+    cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), (255, 255, 255))
+    for k, im in enumerate(images):
+        im = im.convert("RGB")
+        if scale != 1:
+            im = im.resize((w, h), Image.NEAREST)
+        r, c = divmod(k, cols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
