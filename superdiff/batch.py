@@ -176,16 +176,14 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None
     out: list[tuple[int, str, str, Composition]] = []
     errors: list[JobError] = []
     seen_ids: dict[str, int] = {}
-    n_job = 0
     for line, row in rows:
         if isinstance(row, JobError):
             errors.append(row)
             continue
-        n_job += 1
         try:
             d = dict(row)
             job_id = d.pop("id", None)
-            job_id = f"job{n_job:04d}" if job_id in (None, "") else _ID_RE.sub("_", str(job_id))
+            job_id = f"job{line:04d}" if job_id in (None, "") else _ID_RE.sub("_", str(job_id))
             if job_id in seen_ids:
                 raise ValueError(f"id: {job_id!r} is already used on line {seen_ids[job_id]}")
             methods = d.pop("methods", None)
@@ -238,6 +236,7 @@ class BatchSummary:
     failed_jobs: list[str] = field(default_factory=list)
     seconds: float = 0.0
     world_size: int = 1
+    rank: int = 0  # of the process returning this summary (only rank 0 reports)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -275,14 +274,18 @@ def _manifest_keys(out: Path) -> set[str]:
     return keys
 
 
-def _dist_state() -> tuple[int, int, Any]:
-    """(rank, world_size, state) from accelerate when launched by it (or torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+def _dist_state() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by `accelerate launch` / torchrun (RANK,
+    WORLD_SIZE, LOCAL_RANK). With more than one process a gloo process group is joined for the
+    final barrier and the summary gather (tiny messages; the images never cross processes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
 
-        state = PartialState()
-        return state.process_index, state.num_processes, state
-    return 0, 1, None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True,
@@ -292,11 +295,14 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     from tqdm.auto import tqdm
 
     out = Path(out)
-    rank, world, state = _dist_state()
-    cache = cache or ModelCache()
+    rank, world, local_rank = _dist_state()
+    if cache is None:
+        import torch
+
+        cache = ModelCache(device=f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     jobs, errors = parse_jobs(jobs_path, cache)
-    summary = BatchSummary(invalid_lines=len(errors), world_size=world)
+    summary = BatchSummary(invalid_lines=len(errors), world_size=world, rank=rank)
     if rank == 0:
         for e in errors:
             log(f"superdiff batch: skipping {jobs_path} {e}", file=sys.stderr)
@@ -324,6 +330,8 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
                     manifest.write({**base, "status": "ok", "recovered": True})
                     summary.recovered += 1
                 continue
+            for stale in path.parent.glob(f".{path.stem}.*.tmp"):  # left by a killed run
+                stale.unlink(missing_ok=True)
             combo = (task.job, task.method)
             if combo in failed_combo:
                 manifest.write({**base, "status": "error", "error": failed_combo[combo]})
@@ -357,23 +365,23 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     summary.failed_jobs = sorted({f"{j}/{m}" for j, m in failed_combo})
     summary.seconds = round(time.perf_counter() - t0, 3)
     if world > 1:
-        summary = _gather(summary, state, out, rank, world)
+        summary = _gather(summary, out, rank, world)
     if rank == 0:
-        (out / "summary.json").write_text(json.dumps(
-            {**summary.to_dict(), "invalid": [str(e) for e in errors]}, indent=2))
+        d = summary.to_dict()
+        d.pop("rank")
+        (out / "summary.json").write_text(json.dumps({**d, "invalid": [str(e) for e in errors]}, indent=2))
     return summary
 
 
-def _gather(summary: BatchSummary, state: Any, out: Path, rank: int, world: int) -> BatchSummary:
+def _gather(summary: BatchSummary, out: Path, rank: int, world: int) -> BatchSummary:
     """Wait for every process, merge the manifest parts (process 0 only) and sum the counts."""
     import torch.distributed as dist
 
     counts = [None] * world
-    dist.all_gather_object(counts, summary.to_dict())
-    state.wait_for_everyone()
-    total = BatchSummary(world_size=world)
+    dist.all_gather_object(counts, summary.to_dict())  # also a barrier: every part is complete
+    total = BatchSummary(world_size=world, rank=rank)
     for c in counts:
-        for k in ("generated", "skipped", "recovered", "failed"):
+        for k in ("generated", "skipped", "recovered", "failed"):  # per-process counts
             setattr(total, k, getattr(total, k) + c[k])
         total.failed_jobs = sorted(set(total.failed_jobs) | set(c["failed_jobs"]))
         total.seconds = max(total.seconds, c["seconds"])
@@ -388,5 +396,5 @@ def _gather(summary: BatchSummary, state: Any, out: Path, rank: int, world: int)
             os.fsync(f.fileno())
         for r in range(world):
             (out / f"manifest.rank{r}.jsonl").unlink(missing_ok=True)
-    state.wait_for_everyone()
+    dist.barrier()
     return total

@@ -100,6 +100,8 @@ def _batch(args: argparse.Namespace) -> int:
         print(*a, **kw)
 
     s = run_batch(args.jobs, args.out, progress=not args.quiet, limit=args.limit, log=log)
+    if s.rank != 0:
+        return 0  # process 0 reports for all
     done = s.generated + s.skipped + s.recovered
     msg = (f"superdiff batch: {s.tasks} image task(s) in {s.world_size} process(es): {s.generated} generated, "
            f"{s.skipped} already done, {s.recovered} recovered, {s.failed} failed; {s.invalid_lines} invalid "
