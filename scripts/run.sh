@@ -3,7 +3,8 @@
 # environment in .venv, installs the pinned CPU build of PyTorch when no CUDA GPU is
 # present, installs this package in editable mode, then runs the requested job.
 #
-#   bash scripts/run.sh demo [args...]   # main job: composition images + trace plot in outputs/
+#   bash scripts/run.sh demo [args...]   # main job: "a circle" AND "something red" on the bundled
+#                                        # shapes-t2i model: images, grid and trace plot in outputs/demo
 #   bash scripts/run.sh test [args...]   # the default (fast) test suite
 #   bash scripts/run.sh setup            # only create/refresh the environment
 #
@@ -57,7 +58,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) ensure_venv ;;
-  demo)  ensure_venv; exec "$py" -m superdiff demo "$@" ;;
+  demo)  ensure_venv; exec "$py" -m superdiff generate --num-images 8 --out outputs/demo "$@" ;;
   test)  ensure_venv; exec "$py" -m pytest "$@" ;;
   *) echo "usage: bash scripts/run.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""Command line: `superdiff demo|generate|batch|ui|protein` (also `python -m superdiff ...`).
+"""Command line: `superdiff generate|batch|ui|protein|gmm-demo` (also `python -m superdiff ...`).
 
 Subcommands that live in other modules register themselves through an
 ``add_parser(subparsers)`` function; those modules import nothing heavy at import time, so
@@ -25,8 +25,8 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="superdiff", description="Compose diffusion models at sampling time (SuperDiff).")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the 2-D Gaussian-mixture OR/AND demo (paper Figure 2): scatter + trace plots")
-    d.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    d = sub.add_parser("gmm-demo", help="the 2-D Gaussian-mixture OR/AND demo (paper Figure 2): scatter + trace plots")
+    d.add_argument("--out", default="outputs/gmm-demo", help="output folder (default: outputs/gmm-demo)")
     d.add_argument("--samples", type=int, default=2000)
     d.add_argument("--steps", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)

@@ -263,6 +263,28 @@ def _model_kind(path_or_id: str) -> str:
                      "(1.x/2.x, XL) and UNet2D models")
 
 
+class _quiet_loading:
+    """Hide diffusers' per-component loading bars and deprecation chatter while loading."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        from diffusers.utils import logging as dlog
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        self._bars = dlog.is_progress_bar_enabled()
+        dlog.disable_progress_bar()
+
+    def __exit__(self, *exc: Any) -> None:
+        from diffusers.utils import logging as dlog
+
+        if self._bars:
+            dlog.enable_progress_bar()
+        self._w.__exit__(*exc)
+
+
 class ModelCache:
     """Loaded pipelines, keyed by (model, extra UNet2D checkpoints, dtype, device), least
     recently used evicted beyond `max_models`.
@@ -328,14 +350,15 @@ class ModelCache:
         from .pipelines import (SuperDiffStableDiffusionPipeline, SuperDiffStableDiffusionXLPipeline,
                                 SuperDiffUNet2DPipeline)
 
-        if kind == "unet2d":
-            pipe = SuperDiffUNet2DPipeline.from_checkpoints([src, *extras], torch_dtype=torch_dtype)
-        else:
-            cls = SuperDiffStableDiffusionXLPipeline if kind == "sdxl" else SuperDiffStableDiffusionPipeline
-            kw: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
-            if kind == "sd":
-                kw.update(safety_checker=None, requires_safety_checker=False)
-            pipe = cls.from_pretrained(src, **kw)
+        with _quiet_loading():
+            if kind == "unet2d":
+                pipe = SuperDiffUNet2DPipeline.from_checkpoints([src, *extras], torch_dtype=torch_dtype)
+            else:
+                cls = SuperDiffStableDiffusionXLPipeline if kind == "sdxl" else SuperDiffStableDiffusionPipeline
+                kw: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
+                if kind == "sd":
+                    kw.update(safety_checker=None, requires_safety_checker=False)
+                pipe = cls.from_pretrained(src, **kw)
         pipe = pipe.to(device)
         with self._lock:
             self.loads += 1
@@ -419,24 +442,32 @@ def run_composition(comp: Composition, cache: ModelCache | None = None, *,
     cache = cache or ModelCache()
     pipe, kind, extras = cache.pipeline(comp.model, comp.extra_models, comp.dtype)
     kw = _call_kwargs(comp, kind, extras)
-    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    pipe.set_progress_bar_config(disable=True)
     device = pipe.device
     idx = list(range(comp.num_images)) if indices is None else [int(i) for i in indices]
     images, traces, records = [], [], []
-    t0 = time.perf_counter()
-    for i in idx:
-        def callback(p, step, t, cb_kwargs, _i=i):
-            if on_step is not None:
-                on_step(_i, step + 1, comp.steps)
-            if should_stop is not None and should_stop():
-                raise InterruptedError("cancelled")
-            return {}
+    from tqdm.auto import tqdm
 
-        g = torch.Generator(device=device.type if device.type != "mps" else "cpu").manual_seed(comp.seed + i)
-        out = pipe(generator=g, output_type="pil", callback_on_step_end=callback, **kw)
-        images.append(out.images[0])
-        traces.append(out.trace)
-        records.append(comp.image_record(i))
+    bar = tqdm(total=len(idx) * comp.steps, disable=not progress, unit="step", leave=False,
+               desc=f"{comp.operator} x{len(idx)}")
+    t0 = time.perf_counter()
+    try:
+        for i in idx:
+            def callback(p, step, t, cb_kwargs, _i=i):
+                bar.update(1)
+                if on_step is not None:
+                    on_step(_i, step + 1, comp.steps)
+                if should_stop is not None and should_stop():
+                    raise InterruptedError("cancelled")
+                return {}
+
+            g = torch.Generator(device=device.type if device.type != "mps" else "cpu").manual_seed(comp.seed + i)
+            out = pipe(generator=g, output_type="pil", callback_on_step_end=callback, **kw)
+            images.append(out.images[0])
+            traces.append(out.trace)
+            records.append(comp.image_record(i))
+    finally:
+        bar.close()
     trace = Trace.concat(traces) if traces else None
     if trace is not None:
         trace.meta["composition"] = comp.to_dict()

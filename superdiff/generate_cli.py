@@ -82,6 +82,14 @@ def _generate(args: argparse.Namespace) -> int:
     res.trace.plot(out / "trace.png", samples=min(4, len(res.images)),
                    title=f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
     (out / "composition.json").write_text(json.dumps(comp.to_dict(), indent=2))
+    if Path(comp.model).name.startswith("shapes-"):  # the bundled shapes world has an exact oracle
+        from .shapes import oracle
+
+        r = oracle.classify(res.images)
+        labels = [("(empty)" if e else f"{c} {s}") for c, s, e in zip(r.colour, r.shape, r.empty)]
+        counts = {lab: labels.count(lab) for lab in sorted(set(labels))}
+        (out / "oracle.json").write_text(json.dumps({"labels": labels, "counts": counts}, indent=2))
+        print("oracle: " + ", ".join(f"{lab} {n}/{len(labels)}" for lab, n in counts.items()))
     print(f"wrote {len(paths)} image(s), grid.png, trace.json, trace.png and composition.json in {out} "
           f"({res.seconds:.1f} s)")
     if args.from_png:
