@@ -48,9 +48,26 @@ ensure_venv() {
   local want
   want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$py" -c "import superdiff" 2>/dev/null; then
-    log "installing superdiff (editable) with its test and ui extras"
-    "${pip[@]}" install -e ".[test,ui]"
+    log "installing superdiff (editable) with its test, ui and protein extras"
+    "${pip[@]}" install -e ".[test,ui,protein]"
     echo "$want" > "$stamp"
+  fi
+}
+
+# The studio's end-to-end test drives a real headless Chromium (Debian's package; Playwright
+# itself comes from PyPI through the test extra and never downloads a browser).
+ensure_browser() {
+  if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then
+    return 0
+  fi
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    log "installing Debian's chromium for the browser test"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then
+    log "installing Debian's chromium for the browser test (sudo)"
+    sudo apt-get update -qq >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    log "chromium is not installed and cannot be installed here; the browser test will say how to get it"
   fi
 }
 
@@ -59,6 +76,6 @@ cmd="${1:-}"
 case "$cmd" in
   setup) ensure_venv ;;
   demo)  ensure_venv; exec "$py" -m superdiff generate --num-images 8 --out outputs/demo "$@" ;;
-  test)  ensure_venv; exec "$py" -m pytest "$@" ;;
+  test)  ensure_venv; ensure_browser || log "could not install chromium"; exec "$py" -m pytest "$@" ;;
   *) echo "usage: bash scripts/run.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac
