@@ -1,0 +1,365 @@
+"""The SuperDiff studio: a Gradio page to compose prompts or models with OR / AND (and the
+baselines), watch kappa and log q per expert, compare methods on one seed, and download
+PNGs that carry their parameters.
+
+`build_app(...)` returns the `gr.Blocks`; `launch(app, ...)` serves it (offline: no share
+link, no analytics, local fonts). The logic lives in `ui/handlers.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from superdiff.compose import DEFAULT_COMPOSITION, Composition, ModelCache  # noqa: E402
+
+from . import handlers as H  # noqa: E402
+
+log = logging.getLogger("superdiff.ui")
+
+__all__ = ["build_app", "launch", "CSS", "Studio"]
+
+CSS = """
+#results-gallery img, #trace-plot img { image-rendering: pixelated; }
+#results-gallery img { image-rendering: pixelated; }
+.prompt-row { align-items: end; }
+footer { display: none !important; }
+"""
+
+MAX_STEPS = 200
+MAX_IMAGES = 8
+
+
+class Studio:
+    """Server-side state shared by all sessions: the model cache (models are loaded once), the
+    allow-listed model folders, cancel flags and the output folders."""
+
+    def __init__(self, cache: ModelCache | None = None, *, allow_roots: Sequence[str | os.PathLike] | None = None,
+                 allow_hub: bool = True, max_models: int = 2, out_root: str | os.PathLike | None = None,
+                 max_steps: int = MAX_STEPS, max_images: int = MAX_IMAGES) -> None:
+        roots = H.default_allow_roots() if allow_roots is None else [Path(r).resolve() for r in allow_roots]
+        # never None: an empty allow-list means "bundled models only", never "any path"
+        self.cache = cache or ModelCache(max_models=max_models, allow_roots=roots, allow_hub=allow_hub)
+        if self.cache.allow_roots is None:
+            self.cache.allow_roots = roots
+        self.allow_roots = list(self.cache.allow_roots)
+        self.allow_hub = self.cache.allow_hub
+        self.cancels = H.CancelRegistry()
+        self.outputs = H.OutputDirs(out_root)
+        self.max_steps = max_steps
+        self.max_images = max_images
+
+    def model_choices(self) -> list[str]:
+        return H.model_choices(self.allow_roots)
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_COMPOSITION,
+              max_concurrency: int = 1, max_queue: int = 16, **studio_kwargs: Any) -> gr.Blocks:
+    """The studio page. `studio_kwargs` (allow_roots, allow_hub, max_models, ...) build a
+    Studio when none is given. The queue runs at most `max_concurrency` jobs at once and
+    holds at most `max_queue` waiting ones."""
+    studio = studio or Studio(**studio_kwargs)
+    form0 = H.form_from_composition(default)
+    models = studio.model_choices()
+    if default.model not in models:
+        models = [default.model, *models]
+
+    with gr.Blocks(title="SuperDiff studio", analytics_enabled=False) as app:
+        gr.Markdown("## SuperDiff studio\nCompose prompts or models at sampling time. **AND** finds images all "
+                    "experts find likely; **OR** follows whichever fits best. The plots show each expert's weight "
+                    "(kappa) and log-density (log q) over the steps.")
+        rows_state = gr.State(form0["rows"])
+        results_state = gr.State([])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=360):
+                with gr.Row():
+                    model = gr.Dropdown(models, value=default.model, label="Model", allow_custom_value=True,
+                                        scale=3, elem_id="model",
+                                        info="bundled name, a folder under the allowed roots"
+                                             + (", or a hub id" if studio.allow_hub else ""))
+                    extra_models = gr.Dropdown(models, value=form0["extra_models"], multiselect=True,
+                                               allow_custom_value=True, label="Extra models", scale=2,
+                                               info="more checkpoints, one expert each")
+                model_info = gr.Markdown(H.describe_model(default.model, studio.cache), elem_id="model-info")
+                gr.Markdown("**Prompts** (one expert each) with optional weight (OR, average) or bias (OR)")
+                prompt_rows, prompts, weights, biases = [], [], [], []
+                for i in range(H.MAX_PROMPTS):
+                    with gr.Row(visible=i < form0["rows"], elem_classes=["prompt-row"]) as row:
+                        prompts.append(gr.Textbox(form0["prompts"][i], label=f"Prompt {i + 1}", scale=6,
+                                                  elem_id=f"prompt-{i + 1}", max_lines=1))
+                        weights.append(gr.Textbox(form0["weights"][i], label="weight", scale=1, min_width=70,
+                                                  placeholder="auto", max_lines=1, elem_id=f"weight-{i + 1}"))
+                        biases.append(gr.Textbox(form0["biases"][i], label="bias", scale=1, min_width=70,
+                                                 placeholder="0", max_lines=1, elem_id=f"bias-{i + 1}"))
+                    prompt_rows.append(row)
+                with gr.Row():
+                    add_btn = gr.Button("+ Add prompt", size="sm", elem_id="add-prompt")
+                    remove_btn = gr.Button("\u2212 Remove prompt", size="sm", elem_id="remove-prompt")
+                operator = gr.Radio([(v, k) for k, v in H.OPERATOR_LABELS.items()], value=default.operator,
+                                    label="Operator", elem_id="operator")
+                with gr.Group(visible=default.operator == "or") as or_group:
+                    temperature = gr.Textbox(form0["temperature"], label="OR temperature",
+                                             placeholder="1 (default)", max_lines=1,
+                                             info="1 samples the mixture; inf: each image follows one expert; 0: "
+                                                  "plain averaging")
+                with gr.Group(visible=default.operator == "and") as and_group:
+                    with gr.Row():
+                        lift = gr.Textbox(form0["lift"], label="AND lift", placeholder="0", max_lines=1,
+                                          info="target log q1 - log q2 (two experts)")
+                        clamp_mode = gr.Radio(["default", "custom", "off"], value=form0["clamp_mode"],
+                                              label="kappa clamp", info="default [-1, 2]")
+                        clamp_lo = gr.Number(form0["clamp_lo"], label="clamp lo", min_width=80)
+                        clamp_hi = gr.Number(form0["clamp_hi"], label="clamp hi", min_width=80)
+                with gr.Group(visible=default.operator == "single") as single_group:
+                    single_expert = gr.Number(form0["single_expert"], label="Expert number", precision=0,
+                                              minimum=1, maximum=H.MAX_PROMPTS + 4)
+                with gr.Group(visible=default.operator == "joint") as joint_group:
+                    joint_template = gr.Textbox(form0["joint_template"], label="Joint prompt template",
+                                                placeholder="{0} and {1}   (default: the prompts joined by 'and')",
+                                                max_lines=1)
+                with gr.Accordion("Sampling", open=True):
+                    with gr.Row():
+                        steps = gr.Slider(1, studio.max_steps, value=default.steps, step=1, label="Steps",
+                                          elem_id="steps")
+                        guidance = gr.Slider(0, 20, value=default.guidance_scale, step=0.5, label="Guidance scale")
+                    with gr.Row():
+                        seed = gr.Number(default.seed, label="Seed", precision=0, minimum=0, elem_id="seed")
+                        dice = gr.Button("random seed", size="sm", scale=0, min_width=60)
+                        num_images = gr.Slider(1, studio.max_images, value=default.num_images, step=1,
+                                               label="Images", elem_id="num-images")
+                    with gr.Row():
+                        sampler = gr.Dropdown(list(H.SAMPLER_UI_CHOICES), value=default.sampler, label="Sampler")
+                        estimator = gr.Dropdown(list(H.ESTIMATOR_UI_CHOICES), value=form0["estimator"],
+                                                label="log q estimator", info="auto: the sampler's default")
+                    negative_prompt = gr.Textbox(form0["negative_prompt"], label="Negative prompt", max_lines=1)
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        height = gr.Textbox(form0["height"], label="Height", placeholder="the model's",
+                                            max_lines=1)
+                        width = gr.Textbox(form0["width"], label="Width", placeholder="the model's", max_lines=1)
+                        dtype = gr.Dropdown(list(H.DTYPE_UI_CHOICES), value=default.dtype, label="Precision",
+                                            info="float16/bfloat16 need a GPU")
+                with gr.Row():
+                    run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    compare_btn = gr.Button("Compare methods", elem_id="compare")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status = gr.Markdown("Ready.", elem_id="status")
+                with gr.Accordion("Settings JSON (export / import)", open=False):
+                    settings_code = gr.Code(H.settings_json(default), language="json", label="Composition",
+                                            interactive=True, elem_id="settings-json")
+                    with gr.Row():
+                        export_btn = gr.Button("Export current settings", size="sm")
+                        apply_btn = gr.Button("Apply JSON above", size="sm")
+                        import_btn = gr.UploadButton("Import .json or .png", file_types=[".json", ".png"],
+                                                     size="sm")
+                    settings_file = gr.File(label="settings file", visible=False, interactive=False)
+            with gr.Column(scale=6, min_width=360):
+                gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain",
+                                     format="png", elem_id="results-gallery", interactive=False)
+                trace_pick = gr.Dropdown([], label="Trace of image (or click an image)", elem_id="trace-pick")
+                trace_plot = gr.Image(label="kappa and log q per expert over the steps", type="filepath",
+                                      format="png", interactive=False, elem_id="trace-plot")
+                files = gr.File(label="Downloads: PNGs with embedded parameters, and everything as a zip",
+                                file_count="multiple", interactive=False, elem_id="downloads")
+
+        # the form, in handlers.FORM_SCALARS order, then prompts, weights, biases
+        scalar_components = {
+            "model": model, "extra_models": extra_models, "rows": rows_state, "operator": operator,
+            "temperature": temperature, "lift": lift, "clamp_mode": clamp_mode, "clamp_lo": clamp_lo,
+            "clamp_hi": clamp_hi, "single_expert": single_expert, "joint_template": joint_template,
+            "estimator": estimator, "sampler": sampler, "steps": steps, "guidance_scale": guidance,
+            "negative_prompt": negative_prompt, "seed": seed, "num_images": num_images, "height": height,
+            "width": width, "dtype": dtype,
+        }
+        assert tuple(scalar_components) == H.FORM_SCALARS
+        form_components = [*scalar_components.values(), *prompts, *weights, *biases]
+        op_groups = [or_group, and_group, single_group, joint_group]
+
+        def read_form(data: dict) -> dict[str, Any]:
+            return H.form_from_values([data[c] for c in form_components])
+
+        def op_visibility(op: str) -> list[Any]:
+            return [gr.update(visible=op == name) for name in ("or", "and", "single", "joint")]
+
+        def row_visibility(n: int) -> list[Any]:
+            return [gr.update(visible=i < n) for i in range(H.MAX_PROMPTS)]
+
+        # ---- form behaviour ----------------------------------------------------------------
+        operator.change(op_visibility, operator, op_groups, queue=False, show_progress="hidden")
+
+        def add_row(n: int) -> list[Any]:
+            n = min(H.MAX_PROMPTS, int(n) + 1)
+            return [n, *row_visibility(n)]
+
+        def remove_row(n: int) -> list[Any]:
+            n = max(H.MIN_PROMPTS, int(n) - 1)
+            return [n, *row_visibility(n)]
+
+        add_btn.click(add_row, rows_state, [rows_state, *prompt_rows], queue=False, show_progress="hidden")
+        remove_btn.click(remove_row, rows_state, [rows_state, *prompt_rows], queue=False, show_progress="hidden")
+        dice.click(lambda: random.randrange(0, 2**31 - 1), None, seed, queue=False, show_progress="hidden")
+
+        def on_model(name: str, extras: list[str] | None) -> list[Any]:
+            return [H.describe_model(name or "", studio.cache),
+                    gr.update(value=H.suggest_extra_models(name or "", extras, studio.cache))]
+
+        model.input(on_model, [model, extra_models], [model_info, extra_models], queue=False,
+                    show_progress="hidden")
+
+        # ---- settings export / import -------------------------------------------------------
+        def export_settings(data: dict) -> list[Any]:
+            try:
+                comp = H.composition_from_form(read_form(data))
+            except Exception as e:  # noqa: BLE001
+                raise gr.Error(H.error_message(e), print_exception=False) from None
+            path = studio.outputs.new() / "superdiff-settings.json"
+            path.write_text(H.settings_json(comp))
+            return [H.settings_json(comp), gr.update(value=str(path), visible=True),
+                    "Settings exported: download the file, or copy the JSON."]
+
+        export_btn.click(export_settings, set(form_components), [settings_code, settings_file, status],
+                         queue=False, show_progress="hidden")
+
+        apply_outputs = [*form_components, *prompt_rows, *op_groups, settings_code, model_info, status]
+
+        def apply_composition(comp: Composition, source: str) -> list[Any]:
+            form = H.form_from_composition(comp)
+            return [*H.values_from_form(form), *row_visibility(form["rows"]), *op_visibility(comp.operator),
+                    H.settings_json(comp), H.describe_model(comp.model, studio.cache),
+                    f"Settings loaded from {source}."]
+
+        def apply_json(text: str) -> list[Any]:
+            try:
+                return apply_composition(H.settings_from_json(text), "the JSON box")
+            except Exception as e:  # noqa: BLE001
+                raise gr.Error(H.error_message(e), print_exception=False) from None
+
+        def import_file(path: str | None) -> list[Any]:
+            if not path:
+                raise gr.Error("No file received; choose a .json settings file or a superdiff .png.",
+                               print_exception=False)
+            try:
+                return apply_composition(H.load_settings_file(path), Path(path).name)
+            except Exception as e:  # noqa: BLE001
+                raise gr.Error(H.error_message(e), print_exception=False) from None
+
+        apply_btn.click(apply_json, settings_code, apply_outputs, queue=False, show_progress="hidden")
+        import_btn.upload(import_file, import_btn, apply_outputs, queue=False, show_progress="hidden")
+
+        # ---- running ------------------------------------------------------------------------
+        run_outputs = [gallery, status, trace_pick, trace_plot, files, results_state, settings_code]
+
+        def gallery_value(items: list[H.ResultItem]) -> list[tuple[str, str]]:
+            return [(it.path, it.label) for it in items]
+
+        def run(data: dict, compare: bool, request: gr.Request, progress: gr.Progress) -> Any:
+            try:
+                comp, notes = H.parse_form(read_form(data))
+                H.check_limits(comp, studio.max_steps, studio.max_images)
+                jobs = H.compare_methods(comp) if compare else [(comp.operator.upper(), comp)]
+                H.model_kind(comp.model, studio.cache)  # refuses paths outside the roots before any work
+                for m in comp.extra_models:
+                    studio.cache.resolve(m, "extra_models")
+            except Exception as e:  # noqa: BLE001
+                msg = H.error_message(e)
+                yield [gr.skip(), f"**Error:** {msg}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+                raise gr.Error(msg, print_exception=False) from None
+            key = _session(request)
+            flag = studio.cancels.start(key)
+            out_dir = studio.outputs.new()
+            items: list[H.ResultItem] = []
+            what = ", ".join(label for label, _ in jobs)
+            note = (" Note: " + "; ".join(notes) + ".") if notes else ""
+            yield [gr.update(value=[]), f"Running {what} \u2026{note}", gr.update(choices=[], value=None), None,
+                   None, [], H.settings_json(comp)]
+
+            def on_progress(frac: float, text: str) -> None:
+                progress(frac, desc=text)
+
+            try:
+                for items in H.run_jobs(jobs, studio.cache, out_dir, on_progress=on_progress,
+                                        should_stop=flag.is_set):
+                    first = len(items) == 1
+                    yield [gallery_value(items), f"{len(items)} image(s) done \u2026",
+                           gr.update(choices=[it.label for it in items], value=items[0].label),
+                           H.render_trace_plot(items[0]) if first else gr.skip(), gr.skip(), items, gr.skip()]
+            except InterruptedError:
+                zipped = [H.zip_results(items, out_dir / "superdiff-results.zip")] if items else []
+                gr.Warning("Cancelled.")
+                yield [gallery_value(items), f"Cancelled after {len(items)} image(s).",
+                       gr.skip(), gr.skip(), [it.path for it in items] + zipped, items, gr.skip()]
+                return
+            except Exception as e:  # noqa: BLE001
+                msg = H.error_message(e)
+                yield [gallery_value(items), f"**Error:** {msg}", gr.skip(), gr.skip(),
+                       [it.path for it in items] or None, items, gr.skip()]
+                raise gr.Error(msg, print_exception=False) from None
+            finally:
+                studio.cancels.finish(key, flag)
+            zipped = H.zip_results(items, out_dir / "superdiff-results.zip")
+            secs = sum(it.extra.get("seconds", 0.0) for it in items)
+            yield [gallery_value(items), f"Done: {len(items)} image(s) ({what}, {comp.steps} steps, seed "
+                   f"{comp.seed}) in {secs:.1f} s. The PNGs carry their parameters (import one to reproduce it)."
+                   f"{note}", gr.skip(), gr.skip(), [it.path for it in items] + [zipped], items, gr.skip()]
+
+        def run_generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+            yield from run(data, False, request, progress)
+
+        def run_compare(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+            yield from run(data, True, request, progress)
+
+        run_btn.click(run_generate, set(form_components), run_outputs, api_name="generate",
+                      concurrency_id="generate")
+        compare_btn.click(run_compare, set(form_components), run_outputs, api_name="compare",
+                          concurrency_id="generate")
+
+        def cancel(request: gr.Request) -> str:
+            if studio.cancels.cancel(_session(request)):
+                return "Cancelling after the current step \u2026"
+            return "Nothing is running."
+
+        cancel_btn.click(cancel, None, status, queue=False, show_progress="hidden")
+
+        # ---- trace selection ----------------------------------------------------------------
+        def pick_trace(label: str | None, items: list[H.ResultItem]) -> Any:
+            for it in items or []:
+                if it.label == label:
+                    return H.render_trace_plot(it)
+            return None
+
+        def select_image(items: list[H.ResultItem], evt: gr.SelectData) -> list[Any]:
+            if not items or evt.index is None or not 0 <= int(evt.index) < len(items):
+                return [gr.skip(), gr.skip()]
+            it = items[int(evt.index)]
+            return [gr.update(value=it.label), H.render_trace_plot(it)]
+
+        trace_pick.input(pick_trace, [trace_pick, results_state], trace_plot, show_progress="hidden",
+                         concurrency_limit=None)
+        gallery.select(select_image, results_state, [trace_pick, trace_plot], show_progress="hidden",
+                       concurrency_limit=None)
+
+    app.queue(default_concurrency_limit=max(1, int(max_concurrency)), max_size=max(1, int(max_queue)))
+    app.studio = studio  # type: ignore[attr-defined]
+    return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           block: bool = True, quiet: bool = False) -> Any:
+    """Serve the studio (no share link unless asked; files only from Gradio's cache and the
+    studio's own output folder)."""
+    studio = getattr(app, "studio", None)
+    allowed = [str(studio.outputs.root)] if studio is not None else None
+    return app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                      quiet=quiet, show_error=False, ssr_mode=False, allowed_paths=allowed, css=CSS,
+                      footer_links=[], mcp_server=False, pwa=False, enable_monitoring=False)

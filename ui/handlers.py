@@ -1,0 +1,654 @@
+"""The studio's handler functions, free of gradio: form values <-> `Composition`, settings
+JSON import/export, model choices, the compare-methods expansion, user-facing error
+messages, cancellation, and the job runner that writes PNGs with their parameters.
+
+`ui/app.py` only wires these to components, so everything here is unit-testable
+(tests/test_ui_handlers.py) without a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from superdiff.compose import (DEFAULT_COMPOSITION, DTYPES, ESTIMATOR_CHOICES, OPERATOR_CHOICES, SAMPLER_CHOICES,
+                               Composition, ModelCache, read_png_composition, run_composition, save_png)
+
+log = logging.getLogger("superdiff.ui")
+
+__all__ = [
+    "MAX_PROMPTS", "MIN_PROMPTS", "FORM_SCALARS", "OPERATOR_LABELS", "COMPARE_METHODS", "FIELD_LABELS",
+    "form_from_values", "values_from_form", "parse_form", "composition_from_form", "form_from_composition",
+    "for_operator", "compare_methods", "check_limits", "settings_json", "settings_from_json", "load_settings_file",
+    "default_allow_roots", "model_choices", "model_kind", "describe_model", "suggest_extra_models", "error_message",
+    "CancelRegistry", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
+]
+
+#: prompt rows the page holds (rows beyond the visible count are ignored)
+MAX_PROMPTS = 6
+MIN_PROMPTS = 1
+
+#: the scalar form fields, in the order app.py passes their values (then prompts, weights, biases)
+FORM_SCALARS: tuple[str, ...] = (
+    "model", "extra_models", "rows", "operator", "temperature", "lift", "clamp_mode", "clamp_lo", "clamp_hi",
+    "single_expert", "joint_template", "estimator", "sampler", "steps", "guidance_scale", "negative_prompt",
+    "seed", "num_images", "height", "width", "dtype",
+)
+
+OPERATOR_LABELS: dict[str, str] = {
+    "and": "AND (all prompts at once)",
+    "or": "OR (one prompt or the other)",
+    "average": "Average (fixed weights)",
+    "joint": "Joint prompt (one prompt)",
+    "single": "Single expert",
+}
+
+#: the compare-methods mode: baselines first, then SuperDiff
+COMPARE_METHODS: tuple[tuple[str, str], ...] = (
+    ("joint", "joint prompt"), ("average", "average"), ("or", "OR"), ("and", "AND"))
+
+#: UI names of the Composition fields, used in error messages
+FIELD_LABELS: dict[str, str] = {
+    "model": "Model", "prompts": "Prompts", "extra_models": "Extra models", "operator": "Operator",
+    "weights": "Weights", "bias": "Bias", "temperature": "Temperature", "lift": "Lift",
+    "kappa_clamp": "Kappa clamp", "single_index": "Single expert", "joint_template": "Joint template",
+    "estimator": "Estimator", "sampler": "Sampler", "steps": "Steps", "guidance_scale": "Guidance scale",
+    "negative_prompt": "Negative prompt", "seed": "Seed", "num_images": "Images", "height": "Height",
+    "width": "Width", "dtype": "Precision", "settings": "Settings",
+}
+
+#: which optional Composition parameters each operator uses (the others are dropped)
+_APPLIES: dict[str, frozenset[str]] = {
+    "or": frozenset({"temperature", "weights", "bias"}),
+    "and": frozenset({"lift", "kappa_clamp"}),
+    "average": frozenset({"weights"}),
+    "single": frozenset({"single_index"}),
+    "joint": frozenset({"joint_template"}),
+}
+_OP_PARAMS = ("temperature", "weights", "bias", "lift", "kappa_clamp", "single_index", "joint_template")
+_OP_DEFAULTS: dict[str, Any] = {"single_index": 0}
+
+assert set(OPERATOR_LABELS) == set(OPERATOR_CHOICES) == set(_APPLIES)
+
+
+# ---- form values <-> Composition --------------------------------------------------------------
+def form_from_values(values: Sequence[Any]) -> dict[str, Any]:
+    """The form dict from the flat component values app.py passes: FORM_SCALARS, then
+    MAX_PROMPTS prompts, MAX_PROMPTS weights and MAX_PROMPTS biases."""
+    n = len(FORM_SCALARS)
+    if len(values) != n + 3 * MAX_PROMPTS:
+        raise ValueError(f"settings: expected {n + 3 * MAX_PROMPTS} form values, got {len(values)}")
+    form = dict(zip(FORM_SCALARS, values[:n]))
+    rest = list(values[n:])
+    form["prompts"] = rest[:MAX_PROMPTS]
+    form["weights"] = rest[MAX_PROMPTS:2 * MAX_PROMPTS]
+    form["biases"] = rest[2 * MAX_PROMPTS:]
+    return form
+
+
+def values_from_form(form: Mapping[str, Any]) -> list[Any]:
+    """Inverse of form_from_values (lists padded to MAX_PROMPTS)."""
+    def pad(v: Any, fill: Any) -> list[Any]:
+        v = list(v or [])[:MAX_PROMPTS]
+        return v + [fill] * (MAX_PROMPTS - len(v))
+
+    return [form.get(k) for k in FORM_SCALARS] + pad(form.get("prompts"), "") + pad(form.get("weights"), None) \
+        + pad(form.get("biases"), None)
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v))
+
+
+def _number(v: Any, name: str) -> float | None:
+    if _blank(v):
+        return None
+    if isinstance(v, str):
+        t = v.strip().lower()
+        if t in ("inf", "+inf", "infinity", "\u221e"):
+            return math.inf
+        try:
+            return float(t)
+        except ValueError:
+            raise ValueError(f"{name}: must be a number, got {v!r}") from None
+    if isinstance(v, bool):
+        raise ValueError(f"{name}: must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number, got {v!r}") from None
+
+
+def _int_or_none(v: Any, name: str) -> int | None:
+    x = _number(v, name)
+    if x is None:
+        return None
+    if not math.isfinite(x) or x != int(x):
+        raise ValueError(f"{name}: must be a whole number, got {v!r}")
+    return int(x)
+
+
+def _str_list(v: Any) -> list[str]:
+    if _blank(v):
+        return []
+    if isinstance(v, str):
+        return [s.strip() for s in v.replace("\n", ",").split(",") if s.strip()]
+    return [str(s).strip() for s in v if not _blank(s)]
+
+
+def _expert_rows(prompts_in: list[Any], n_extra: int) -> tuple[list[str], list[int]]:
+    """(prompts, row of each expert). With prompts, the experts are the non-blank prompt rows
+    then one blank row per extra model; without, the model and extra models take rows 0, 1, ..."""
+    prompt_rows = [i for i, p in enumerate(prompts_in) if not _blank(p)]
+    prompts = [str(prompts_in[i]).strip() for i in prompt_rows]
+    if prompts:
+        blank_rows = [i for i in range(len(prompts_in)) if i not in prompt_rows]
+        return prompts, prompt_rows + blank_rows[:n_extra]
+    return prompts, list(range(min(len(prompts_in), 1 + n_extra)))
+
+
+def _row_values(raw: list[Any], rows: list[int], n_experts: int, what: str) -> list[float] | None:
+    vals = [_number(raw[r], f"{what}") if r < len(raw) else None for r in rows]
+    if all(v is None for v in vals):
+        return None
+    if len(vals) < n_experts or any(v is None for v in vals):
+        raise ValueError(f"{what}: set a value in every expert's row ({n_experts} experts) or clear them all "
+                         "for the default")
+    return [float(v) for v in vals]  # type: ignore[arg-type]
+
+
+def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
+    """The form as a validated Composition for its operator, plus notes on the parameters the
+    operator does not use (they are dropped). Raises ValueError('field: message')."""
+    rows = _int_or_none(form.get("rows"), "prompts") or 2
+    rows = max(MIN_PROMPTS, min(MAX_PROMPTS, rows))
+    prompts_in = list(form.get("prompts") or [])[:rows]
+    prompts_in += [""] * (rows - len(prompts_in))
+    extras = _str_list(form.get("extra_models"))
+    prompts, expert_rows = _expert_rows(prompts_in, len(extras))
+    n_experts = len(prompts) + len(extras) if prompts else 1 + len(extras)
+    weights = _row_values(list(form.get("weights") or []), expert_rows, n_experts, "weights")
+    bias = _row_values(list(form.get("biases") or []), expert_rows, n_experts, "bias")
+
+    clamp_mode = str(form.get("clamp_mode") or "default").lower()
+    if clamp_mode == "default":
+        clamp: list[float] | bool | None = None
+    elif clamp_mode == "off":
+        clamp = False
+    elif clamp_mode == "custom":
+        lo, hi = _number(form.get("clamp_lo"), "kappa_clamp"), _number(form.get("clamp_hi"), "kappa_clamp")
+        if lo is None or hi is None:
+            raise ValueError("kappa_clamp: give both bounds (lo and hi) for a custom clamp, or choose default/off")
+        clamp = [lo, hi]
+    else:
+        raise ValueError(f"kappa_clamp: unknown clamp mode {clamp_mode!r}; choose default, custom or off")
+
+    single = _int_or_none(form.get("single_expert"), "single_index")
+    single_index = 0 if single is None else single - 1
+    if single_index < 0:
+        raise ValueError(f"single_index: experts are numbered from 1, got {single}")
+    estimator = form.get("estimator")
+    estimator = None if _blank(estimator) or str(estimator).lower() == "auto" else str(estimator)
+    operator = str(form.get("operator") or "and")
+    joint_template = form.get("joint_template")
+    steps = _int_or_none(form.get("steps"), "steps")
+    seed = _int_or_none(form.get("seed"), "seed")
+    num_images = _int_or_none(form.get("num_images"), "num_images")
+    guidance = _number(form.get("guidance_scale"), "guidance_scale")
+    d: dict[str, Any] = {
+        "model": str(form.get("model") or "").strip(),
+        "prompts": prompts,
+        "extra_models": extras,
+        "operator": operator,
+        "weights": weights,
+        "bias": bias,
+        "temperature": _number(form.get("temperature"), "temperature"),
+        "lift": _number(form.get("lift"), "lift"),
+        "kappa_clamp": clamp,
+        "single_index": single_index,
+        "joint_template": None if _blank(joint_template) else str(joint_template),
+        "estimator": estimator,
+        "sampler": str(form.get("sampler") or "sde"),
+        "steps": DEFAULT_COMPOSITION.steps if steps is None else steps,
+        "guidance_scale": DEFAULT_COMPOSITION.guidance_scale if guidance is None else guidance,
+        "negative_prompt": None if _blank(form.get("negative_prompt")) else str(form.get("negative_prompt")),
+        "seed": 0 if seed is None else seed,
+        "num_images": 1 if num_images is None else num_images,
+        "height": _int_or_none(form.get("height"), "height"),
+        "width": _int_or_none(form.get("width"), "width"),
+        "dtype": str(form.get("dtype") or "float32"),
+    }
+    full = Composition.from_dict(d)
+    comp = for_operator(full, full.operator)
+    notes = [f"{FIELD_LABELS[k].lower()} is not used by {comp.operator.upper()} and was ignored"
+             for k in _OP_PARAMS if getattr(full, k) != getattr(comp, k) and k != "single_index"]
+    return comp, notes
+
+
+def composition_from_form(form: Mapping[str, Any]) -> Composition:
+    """parse_form without the notes."""
+    return parse_form(form)[0]
+
+
+def for_operator(comp: Composition, operator: str) -> Composition:
+    """`comp` run with `operator`, keeping only the parameters that operator uses; checks
+    what the pipeline would reject later (scalar lift needs exactly two experts, the single
+    expert must exist, joint prompts need prompts)."""
+    op = str(operator).lower().strip()
+    if op not in _APPLIES:
+        raise ValueError(f"operator: unknown operator {operator!r}; choose one of {', '.join(OPERATOR_CHOICES)}")
+    changes: dict[str, Any] = {k: _OP_DEFAULTS.get(k) for k in _OP_PARAMS if k not in _APPLIES[op]}
+    c = comp.replace(operator=op, **changes)
+    n = len(c.prompts) + len(c.extra_models) if c.prompts else 1 + len(c.extra_models)
+    if op == "and" and c.lift is not None and n != 2:
+        raise ValueError(f"lift: the lift offsets log q_1 - log q_2 and needs exactly two experts, got {n}; "
+                         "clear it or use two prompts")
+    if op == "single" and c.single_index >= n:
+        raise ValueError(f"single_index: expert {c.single_index + 1} does not exist ({n} experts); pick 1 to {n}")
+    if op in ("or", "average") and c.weights is not None and len(c.weights) != n:
+        raise ValueError(f"weights: {len(c.weights)} values for {n} experts")
+    if op == "or" and c.weights is not None and any(w <= 0 for w in c.weights):
+        raise ValueError(f"weights: OR mixture weights must be positive, got {c.weights}")
+    if op == "or" and c.bias is not None and len(c.bias) != n:
+        raise ValueError(f"bias: {len(c.bias)} values for {n} experts")
+    return c
+
+
+def form_from_composition(comp: Composition) -> dict[str, Any]:
+    """The form that parse_form turns back into `comp` (used by settings import)."""
+    comp = comp.validated()
+    n_rows_needed = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
+    has_row_values = comp.weights is not None or comp.bias is not None
+    rows = max(2, len(comp.prompts), n_rows_needed if has_row_values else 0)
+    if rows > MAX_PROMPTS:
+        raise ValueError(f"prompts: the studio holds {MAX_PROMPTS} prompt rows; this composition needs {rows}")
+    prompts = list(comp.prompts) + [""] * (MAX_PROMPTS - len(comp.prompts))
+    weights: list[float | None] = [None] * MAX_PROMPTS
+    biases: list[float | None] = [None] * MAX_PROMPTS
+    for values, out in ((comp.weights, weights), (comp.bias, biases)):
+        for i, v in enumerate(values or []):
+            out[i] = v
+    if comp.kappa_clamp is None:
+        clamp_mode, lo, hi = "default", -1.0, 2.0
+    elif comp.kappa_clamp is False:
+        clamp_mode, lo, hi = "off", -1.0, 2.0
+    else:
+        clamp_mode, (lo, hi) = "custom", comp.kappa_clamp  # type: ignore[misc]
+    return {
+        "model": comp.model, "extra_models": list(comp.extra_models), "rows": rows, "operator": comp.operator,
+        "temperature": _fmt(comp.temperature), "lift": _fmt(comp.lift), "clamp_mode": clamp_mode,
+        "clamp_lo": lo, "clamp_hi": hi, "single_expert": comp.single_index + 1,
+        "joint_template": comp.joint_template or "", "estimator": comp.estimator or "auto",
+        "sampler": comp.sampler, "steps": comp.steps, "guidance_scale": comp.guidance_scale,
+        "negative_prompt": comp.negative_prompt or "", "seed": comp.seed, "num_images": comp.num_images,
+        "height": _fmt(comp.height), "width": _fmt(comp.width), "dtype": comp.dtype,
+        "prompts": prompts, "weights": [_fmt(w) for w in weights], "biases": [_fmt(b) for b in biases],
+    }
+
+
+def _fmt(v: float | int | None) -> str:
+    """A number for a text field: '' for None (the default), 'inf', or the shortest exact repr."""
+    if v is None:
+        return ""
+    if isinstance(v, int):
+        return str(v)
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
+
+
+def compare_methods(comp: Composition) -> list[tuple[str, Composition]]:
+    """(label, composition) for joint prompt, averaging, OR and AND on the same seed and
+    settings. The joint prompt needs prompts (text-to-image) and is left out otherwise."""
+    n = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
+    if n < 2:
+        raise ValueError("prompts: comparing methods needs at least two experts (two prompts, or a model plus "
+                         "an extra model)")
+    out = []
+    for op, label in COMPARE_METHODS:
+        if op == "joint" and (not comp.prompts or comp.extra_models):
+            continue  # joint prompt: one text prompt; no meaning for unconditional checkpoints
+        out.append((label, for_operator(comp, op)))
+    return out
+
+
+def check_limits(comp: Composition, max_steps: int, max_images: int) -> None:
+    """The studio's per-request bounds (the queue bounds how many run at once)."""
+    if comp.steps > max_steps:
+        raise ValueError(f"steps: at most {max_steps} in the studio, got {comp.steps}; use `superdiff generate` "
+                         "for longer runs")
+    if comp.num_images > max_images:
+        raise ValueError(f"num_images: at most {max_images} per request in the studio, got {comp.num_images}; "
+                         "use `superdiff batch` for more")
+
+
+# ---- settings JSON --------------------------------------------------------------------------
+def settings_json(comp: Composition) -> str:
+    """The composition as JSON (the format `superdiff generate --config` reads)."""
+    return json.dumps(comp.to_dict(), indent=2, allow_nan=True)
+
+
+_MAX_SETTINGS_BYTES = 1_000_000
+
+
+def settings_from_json(text: str) -> Composition:
+    """A Composition from settings JSON (a composition object, or {"composition": {...}})."""
+    if _blank(text):
+        raise ValueError("settings: the JSON is empty; paste exported settings or import a .json / .png file")
+    if len(text) > _MAX_SETTINGS_BYTES:
+        raise ValueError(f"settings: the JSON is larger than {_MAX_SETTINGS_BYTES} bytes")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"settings: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(d, dict) and isinstance(d.get("composition"), dict):
+        d = d["composition"]
+    if isinstance(d, dict):
+        d = {k: v for k, v in d.items() if k != "superdiff_version"}
+    try:
+        return Composition.from_dict(d)
+    except TypeError as e:  # e.g. a wrong type that the dataclass constructor rejects
+        raise ValueError(f"settings: {e}") from None
+
+
+def load_settings_file(path: str | os.PathLike) -> Composition:
+    """Settings from an uploaded .json file, or from a .png written by superdiff (its
+    embedded parameters reproduce that image)."""
+    p = Path(path)
+    if p.suffix.lower() == ".png":
+        return read_png_composition(p)
+    if p.suffix.lower() != ".json":
+        raise ValueError(f"settings: {p.name} is neither a .json settings file nor a superdiff .png")
+    if p.stat().st_size > _MAX_SETTINGS_BYTES:
+        raise ValueError(f"settings: {p.name} is larger than {_MAX_SETTINGS_BYTES} bytes")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"settings: {p.name} is not UTF-8 text") from None
+    return settings_from_json(text)
+
+
+# ---- models ---------------------------------------------------------------------------------
+def default_allow_roots(cwd: str | os.PathLike | None = None) -> list[Path]:
+    """The default allow-list: ./models when it exists, else nothing (bundled models only)."""
+    d = Path(cwd or os.getcwd()) / "models"
+    return [d.resolve()] if d.is_dir() else []
+
+
+def _looks_like_model(d: Path) -> bool:
+    return (d / "model_index.json").is_file() or (d / "unet" / "config.json").is_file() or \
+        ((d / "config.json").is_file() and any(d.glob("*.safetensors")))
+
+
+def model_choices(allow_roots: Sequence[str | os.PathLike] = (), max_depth: int = 2, limit: int = 200) -> list[str]:
+    """Bundled model names, then diffusers model folders found under the allow-listed roots
+    (absolute paths, searched `max_depth` levels deep, hidden folders skipped)."""
+    from superdiff.registry import list_bundled_models
+
+    out = list(list_bundled_models())
+    for root in allow_roots:
+        root = Path(root).resolve()
+        if not root.is_dir():
+            continue
+        frontier = [(root, 0)]
+        while frontier and len(out) < limit:
+            d, depth = frontier.pop(0)
+            if _looks_like_model(d):
+                out.append(str(d))
+                continue
+            if depth >= max_depth:
+                continue
+            try:
+                kids = sorted(k for k in d.iterdir() if k.is_dir() and not k.name.startswith("."))
+            except OSError:
+                continue
+            frontier.extend((k, depth + 1) for k in kids)
+    return out
+
+
+def model_kind(name: str, cache: ModelCache) -> str | None:
+    """'sd', 'sdxl' or 'unet2d' for bundled and allow-listed local models (raises ValueError
+    for refused paths); None for hub ids (not looked up: that would need the network)."""
+    from superdiff.compose import _model_kind
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("model: choose a model")
+    src = cache.resolve(name.strip())
+    if not Path(src).is_dir():
+        return None
+    return _model_kind(src)
+
+
+def describe_model(name: str, cache: ModelCache) -> str:
+    """One Markdown line about the picked model, or what is wrong with it."""
+    from superdiff.registry import bundled_model_info, list_bundled_models
+
+    try:
+        kind = model_kind(name, cache)
+    except Exception as e:  # noqa: BLE001  (a refused path, a broken folder)
+        return f"**{error_message(e)}**"
+    name = name.strip()
+    if kind is None:
+        return (f"Hub model `{name}`: loaded on the first run (needs the network or a local Hugging Face cache; "
+                "safetensors weights only, no remote code).")
+    what = {"sd": "text-to-image (Stable Diffusion family)", "sdxl": "text-to-image (SDXL)",
+            "unet2d": "unconditional UNet2D"}[kind]
+    extra = ""
+    if name in list_bundled_models():
+        info = bundled_model_info(name)
+        shapes = info.get("data", {}).get("shapes") or info.get("shapes")
+        colours = info.get("colours")
+        if shapes or colours:
+            extra = " Trained on " + ", ".join(filter(None, [
+                "/".join(shapes) if shapes else None, "/".join(colours) if colours else None])) + "."
+    if kind == "unet2d":
+        hint = " No prompts: compose it with other checkpoints under *Extra models* (one expert each)."
+    else:
+        hint = " One expert per prompt, e.g. `a circle` and `something red`."
+    return f"`{name}`: {what} model.{extra}{hint}"
+
+
+def suggest_extra_models(model: str, current: Sequence[str] | None, cache: ModelCache) -> list[str]:
+    """Extra models to preselect: for an unconditional bundled model with none chosen, the
+    other bundled unconditional models (the shapes halves compose with each other)."""
+    from superdiff.registry import list_bundled_models
+
+    current = [c for c in (current or []) if c != model]
+    if current or model not in list_bundled_models():
+        return list(current)
+    try:
+        if model_kind(model, cache) != "unet2d":
+            return []
+        return [m for m in list_bundled_models() if m != model and model_kind(m, cache) == "unet2d"]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+# ---- errors ---------------------------------------------------------------------------------
+_FIELD_RE = re.compile(r"^([a-z_]+): (.*)$", re.S)
+
+
+def _first_line(text: str, limit: int = 400) -> str:
+    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
+def error_message(exc: BaseException) -> str:
+    """A readable one-paragraph message for the user (never a stack trace); unexpected errors
+    are logged with their traceback on the server."""
+    if isinstance(exc, InterruptedError):
+        return "Cancelled."
+    if isinstance(exc, json.JSONDecodeError):
+        return f"Settings: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
+    if isinstance(exc, ValueError):
+        text = " ".join(s.strip() for s in str(exc).splitlines() if s.strip())
+        m = _FIELD_RE.match(text)
+        if m and m.group(1) in FIELD_LABELS:
+            text = f"{FIELD_LABELS[m.group(1)]}: {m.group(2)}"
+        return text[:800] or "Invalid input."
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return ("Out of memory: use fewer images, fewer prompts, fewer extra models or a smaller image size, "
+                "and try again.")
+    if isinstance(exc, FileNotFoundError):
+        return f"File not found: {_first_line(exc.filename or str(exc))}"
+    if isinstance(exc, ImportError):
+        return (f"A package is missing ({_first_line(str(exc))}); install the studio's dependencies with "
+                "`pip install 'superdiff[ui]'`.")
+    if isinstance(exc, OSError):
+        return f"Could not load the model files: {_first_line(str(exc))}"
+    log.error("studio: unexpected error", exc_info=exc)
+    return (f"Generation failed ({type(exc).__name__}: {_first_line(str(exc), 300)}). "
+            "The server log has the details.")
+
+
+# ---- cancellation ---------------------------------------------------------------------------
+class CancelRegistry:
+    """One cancel flag per browser session: the Cancel button sets it, the running job's
+    should_stop() reads it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+
+    def start(self, key: str) -> threading.Event:
+        ev = threading.Event()
+        with self._lock:
+            self._events[key] = ev
+        return ev
+
+    def cancel(self, key: str) -> bool:
+        """Set the flag of `key`'s running job; False when none runs."""
+        with self._lock:
+            ev = self._events.get(key)
+        if ev is None:
+            return False
+        ev.set()
+        return True
+
+    def finish(self, key: str, ev: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(key) is ev:
+                del self._events[key]
+
+    def running(self, key: str) -> bool:
+        with self._lock:
+            return key in self._events
+
+
+# ---- running --------------------------------------------------------------------------------
+@dataclass
+class ResultItem:
+    """One generated image: its PNG (parameters embedded), the record that reproduces it,
+    and its own trace (batch axis of length 1)."""
+
+    label: str
+    method: str
+    path: str
+    record: Composition
+    trace: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "image"
+
+
+def run_jobs(jobs: Sequence[tuple[str, Composition]], cache: ModelCache, out_dir: str | os.PathLike, *,
+             on_progress: Callable[[float, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Iterator[list[ResultItem]]:
+    """Run each (label, composition) image by image; after every image yield all results so
+    far. on_progress(fraction, text) follows every sampler step; should_stop() returning True
+    raises InterruptedError after the current step (finished images stay on disk)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(c.steps * c.num_images for _, c in jobs) or 1
+    done = 0
+    items: list[ResultItem] = []
+    for label, comp in jobs:
+        for i in range(comp.num_images):
+            if should_stop is not None and should_stop():
+                raise InterruptedError("cancelled")
+            head = f"{label}: image {i + 1}/{comp.num_images}"
+            if on_progress is not None:
+                on_progress(done / total, f"{head} (loading the model)" if not items else head)
+
+            def on_step(_idx: int, step: int, n: int, _head: str = head, _done: int = done) -> None:
+                if on_progress is not None:
+                    on_progress(min(1.0, (_done + step) / total), f"{_head}, step {step}/{n}")
+
+            res = run_composition(comp, cache, progress=False, on_step=on_step, should_stop=should_stop, indices=[i])
+            done += comp.steps
+            rec = res.records[0]
+            path = save_png(res.images[0], out / f"{len(items):02d}_{_slug(label)}_seed{rec.seed}.png", rec)
+            items.append(ResultItem(label=f"{label} \u00b7 image {i + 1} \u00b7 seed {rec.seed}", method=label,
+                                    path=str(path), record=rec, trace=res.trace,
+                                    extra={"seconds": round(res.seconds, 3)}))
+            yield list(items)
+
+
+def render_trace_plot(item: ResultItem) -> str | None:
+    """A PNG of kappa and log q per expert over the steps for one image (cached beside it)."""
+    if item.trace is None:
+        return None
+    path = Path(item.path).with_name(Path(item.path).stem + "_trace.png")
+    if not path.is_file():
+        item.trace.plot(path, samples=[0], title=item.label)
+    return str(path)
+
+
+def zip_results(items: Sequence[ResultItem], path: str | os.PathLike) -> str:
+    """All PNGs, their traces (JSON) and compositions in one zip."""
+    path = Path(path)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for it in items:
+            p = Path(it.path)
+            z.write(p, p.name)
+            if it.trace is not None:
+                z.writestr(p.stem + "_trace.json", json.dumps(it.trace.to_dict(), allow_nan=True))
+        z.writestr("compositions.json", json.dumps(
+            [{"label": it.label, "file": Path(it.path).name, "composition": it.record.to_dict()} for it in items],
+            indent=2))
+    return str(path)
+
+
+class OutputDirs:
+    """Per-run output folders under one temporary root; keeps the newest `keep`, deletes the
+    rest (the studio never writes anywhere else)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, keep: int = 64) -> None:
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="superdiff-studio-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep = max(1, keep)
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def new(self) -> Path:
+        with self._lock:
+            self._n += 1
+            d = self.root / f"run-{int(time.time() * 1000)}-{self._n:05d}"
+            d.mkdir(parents=True)
+            runs = sorted((p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("run-")),
+                          key=lambda p: p.stat().st_mtime)
+            for old in runs[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return d
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# keep the validation vocabulary visible to app.py
+ESTIMATOR_UI_CHOICES: tuple[str, ...] = ("auto",) + tuple(e for e in ESTIMATOR_CHOICES if e is not None)
+SAMPLER_UI_CHOICES: tuple[str, ...] = SAMPLER_CHOICES
+DTYPE_UI_CHOICES: tuple[str, ...] = DTYPES
