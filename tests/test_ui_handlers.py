@@ -1,0 +1,320 @@
+"""Unit tests of the studio's handlers (ui/handlers.py) and its command line: form <->
+Composition, validation messages, settings JSON, compare expansion, model allow-list,
+model cache reuse, cancellation and error messages. No browser; a few seconds of CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from superdiff.compose import DEFAULT_COMPOSITION, Composition, ModelCache, read_png_composition, save_png
+from superdiff.ui import handlers as H
+
+
+def roundtrip(comp: Composition) -> Composition:
+    values = H.values_from_form(H.form_from_composition(comp))
+    return H.composition_from_form(H.form_from_values(values))
+
+
+def form(**kw):
+    f = H.form_from_composition(DEFAULT_COMPOSITION)
+    f.update(kw)
+    return f
+
+
+# ---- form <-> Composition ---------------------------------------------------------------------
+@pytest.mark.parametrize("comp", [
+    DEFAULT_COMPOSITION,
+    Composition(prompts=["a circle", "something red"], operator="or", temperature=math.inf, weights=[0.3, 0.7]),
+    Composition(prompts=["a circle", "something red"], operator="or", temperature=0.5, bias=[-1.25, 0.0]),
+    Composition(prompts=["a", "b"], operator="and", lift=1.5, kappa_clamp=[-0.5, 1.5], estimator="kernel",
+                sampler="ddpm", steps=12, guidance_scale=2.5, negative_prompt="blurry", seed=7, num_images=3),
+    Composition(prompts=["a", "b", "c"], operator="and", kappa_clamp=False, height=64, width=48),
+    Composition(prompts=["a", "b", "c"], operator="single", single_index=2),
+    Composition(prompts=["a", "b"], operator="joint", joint_template="{0} that is {1}"),
+    Composition(prompts=["a", "b"], operator="average", weights=[1.5, -0.5]),
+    Composition(model="shapes-half-a", extra_models=["shapes-half-b"], operator="or", bias=[0.0, 2.0]),
+])
+def test_form_round_trip(comp):
+    assert roundtrip(comp) == comp.validated()
+
+
+def test_blank_and_extra_rows():
+    f = form(rows=4, prompts=["a circle", "", "  something red ", "", "hidden row", ""],
+             weights=["0.25", "", "0.75", "", "9", ""], operator="or")
+    c = H.composition_from_form(f)
+    assert c.prompts == ["a circle", "something red"]  # blank rows skipped, rows beyond `rows` ignored
+    assert c.weights == [0.25, 0.75]
+
+
+def test_unconditional_rows_are_model_then_extra_models():
+    f = form(model="shapes-half-a", extra_models=["shapes-half-b"], prompts=["", ""], biases=["0", "1"],
+             operator="or")
+    c = H.composition_from_form(f)
+    assert c.prompts == [] and c.extra_models == ["shapes-half-b"] and c.bias == [0.0, 1.0]
+
+
+def test_parameters_of_other_operators_are_dropped_with_a_note():
+    c, notes = H.parse_form(form(operator="and", weights=["1", "2"], temperature="3", lift="0.5"))
+    assert c.weights is None and c.temperature is None and c.lift == 0.5
+    assert any("weights" in n for n in notes) and any("temperature" in n for n in notes)
+    c, notes = H.parse_form(form(operator="or", lift="0.5", clamp_mode="off", temperature="inf"))
+    assert c.lift is None and c.kappa_clamp is None and c.temperature == math.inf
+    assert any("lift" in n for n in notes)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"steps": 0}, "Steps: must be between 1 and"),
+    ({"steps": "many"}, "Steps: must be a number"),
+    ({"num_images": 2.5}, "Images: must be a whole number"),
+    ({"seed": -1}, "Seed: must be between 0"),
+    ({"model": " "}, "Model: give a bundled model name"),
+    ({"operator": "xor"}, "Operator: unknown operator 'xor'"),
+    ({"operator": "or", "weights": ["0.5", ""]}, "Weights: set a value in every expert's row"),
+    ({"operator": "or", "weights": ["abc", "1"]}, "Weights: must be a number, got 'abc'"),
+    ({"operator": "or", "weights": ["1", "1"], "biases": ["0", "1"]}, "Weights: give either weights or bias"),
+    ({"operator": "or", "weights": ["-1", "1"]}, "Weights: OR mixture weights must be positive"),
+    ({"operator": "or", "temperature": "-2"}, "Temperature: must be >= 0"),
+    ({"clamp_mode": "custom", "clamp_lo": None}, "Kappa clamp: give both bounds"),
+    ({"clamp_mode": "custom", "clamp_lo": 2, "clamp_hi": 1}, "Kappa clamp: lo must be below hi"),
+    ({"rows": 3, "prompts": ["a", "b", "c"], "lift": "1"}, "Lift: the lift offsets log q_1 - log q_2 and needs "
+                                                           "exactly two experts, got 3"),
+    ({"operator": "single", "single_expert": 3}, "Single expert: expert 3 does not exist (2 experts)"),
+    ({"operator": "joint", "prompts": ["", ""]}, "Prompts: the joint-prompt baseline needs prompts"),
+    ({"height": "4"}, "Height: must be between 8 and"),
+    ({"dtype": "int8"}, "Precision: choose one of float32"),
+])
+def test_validation_messages_name_the_field_and_the_fix(changes, expected):
+    with pytest.raises(ValueError) as e:
+        H.composition_from_form(form(**changes))
+    msg = H.error_message(e.value)
+    assert msg.startswith(expected), msg
+    assert "Traceback" not in msg
+
+
+def test_request_limits():
+    H.check_limits(DEFAULT_COMPOSITION, max_steps=200, max_images=8)
+    with pytest.raises(ValueError, match="steps: at most 50"):
+        H.check_limits(DEFAULT_COMPOSITION.replace(steps=51), max_steps=50, max_images=8)
+    with pytest.raises(ValueError, match="num_images: at most 8 .*superdiff batch"):
+        H.check_limits(DEFAULT_COMPOSITION.replace(num_images=9), max_steps=50, max_images=8)
+
+
+def test_form_from_values_checks_the_count():
+    with pytest.raises(ValueError, match="expected"):
+        H.form_from_values([1, 2, 3])
+
+
+# ---- compare methods --------------------------------------------------------------------------
+def test_compare_expansion_text_to_image():
+    base = Composition(prompts=["a circle", "something red"], operator="or", temperature=2.0, weights=[1.0, 3.0],
+                       lift=0.5, kappa_clamp=[-0.5, 1.5], seed=11, steps=9, num_images=2)
+    jobs = H.compare_methods(base)
+    assert [label for label, _ in jobs] == ["joint prompt", "average", "OR", "AND"]
+    ops = {label: c for label, c in jobs}
+    assert [c.operator for _, c in jobs] == ["joint", "average", "or", "and"]
+    assert all(c.seed == 11 and c.steps == 9 and c.num_images == 2 and c.prompts == base.prompts for _, c in jobs)
+    assert ops["OR"].temperature == 2.0 and ops["OR"].weights == [1.0, 3.0] and ops["OR"].lift is None
+    assert ops["AND"].lift == 0.5 and ops["AND"].kappa_clamp == [-0.5, 1.5] and ops["AND"].weights is None
+    assert ops["average"].weights == [1.0, 3.0] and ops["average"].temperature is None
+    assert ops["joint prompt"].weights is None and ops["joint prompt"].lift is None
+
+
+def test_compare_expansion_unconditional_has_no_joint_prompt():
+    jobs = H.compare_methods(Composition(model="shapes-half-a", extra_models=["shapes-half-b"], operator="and"))
+    assert [label for label, _ in jobs] == ["average", "OR", "AND"]
+
+
+def test_compare_needs_two_experts():
+    with pytest.raises(ValueError, match="at least two experts"):
+        H.compare_methods(Composition(prompts=["a circle"]))
+
+
+# ---- settings JSON --------------------------------------------------------------------------------
+def test_settings_json_round_trip_and_envelope():
+    c = Composition(prompts=["a", "b"], operator="or", temperature=math.inf, bias=[0.5, -0.5], seed=3)
+    text = H.settings_json(c)
+    assert H.settings_from_json(text) == c
+    d = json.loads(text)
+    assert set(d) == set(Composition.field_names())
+    assert H.settings_from_json(json.dumps({"composition": d, "note": "from a batch job"})) == c
+    assert H.settings_from_json(json.dumps({**d, "superdiff_version": "0.1.0"})) == c
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "Settings: the JSON is empty"),
+    ('{"model": "shapes-t2i",\n "steps": }', "Settings: not valid JSON (Expecting value at line 2, column 11)"),
+    ('[1, 2]', "a composition must be a JSON object"),
+    ('{"stepz": 3}', "unknown field(s) stepz; known fields: model"),
+    ('{"steps": 0}', "Steps: must be between 1"),
+])
+def test_settings_json_errors(text, expected):
+    with pytest.raises(ValueError) as e:
+        H.settings_from_json(text)
+    assert H.error_message(e.value).startswith(expected), H.error_message(e.value)
+
+
+def test_settings_files_json_and_png(tmp_path):
+    from PIL import Image
+
+    c = DEFAULT_COMPOSITION.replace(seed=5, operator="or")
+    (tmp_path / "s.json").write_text(H.settings_json(c))
+    assert H.load_settings_file(tmp_path / "s.json") == c
+    rec = c.image_record(2)
+    save_png(Image.new("RGB", (8, 8), (255, 0, 0)), tmp_path / "img.png", rec)
+    assert H.load_settings_file(tmp_path / "img.png") == rec  # reproduces that image: seed 7, one image
+    (tmp_path / "s.txt").write_text("{}")
+    with pytest.raises(ValueError, match="neither a .json settings file nor a superdiff .png"):
+        H.load_settings_file(tmp_path / "s.txt")
+
+
+# ---- models: allow-list and choices ---------------------------------------------------------------
+def _fake_model(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                    "unet": ["diffusers", "UNet2DConditionModel"],
+                                                    "text_encoder": ["transformers", "CLIPTextModel"]}))
+    return d
+
+
+def test_paths_outside_the_allowed_roots_are_refused(tmp_path):
+    root, outside = tmp_path / "models", tmp_path / "elsewhere"
+    inside = _fake_model(root / "org" / "mine")
+    secret = _fake_model(outside / "secret")
+    (root / "link").symlink_to(secret, target_is_directory=True)
+    cache = ModelCache(allow_roots=[root], allow_hub=False)
+    assert H.model_kind(str(inside), cache) == "sd"
+    for bad in (str(secret), str(root / "link"), str(root / ".." / "elsewhere" / "secret"), "/etc", "~"):
+        with pytest.raises(ValueError) as e:
+            H.model_kind(bad, cache)
+        msg = H.error_message(e.value)
+        assert msg.startswith("Model: ") and "outside the allowed model folders" in msg, msg
+    assert "outside the allowed model folders" in H.describe_model(str(secret), cache)
+    with pytest.raises(ValueError, match="unknown model 'org/hub-model'"):
+        H.model_kind("org/hub-model", cache)  # hub ids off
+    # no roots at all: bundled models only
+    with pytest.raises(ValueError, match="none configured"):
+        H.model_kind(str(inside), ModelCache(allow_roots=[], allow_hub=False))
+    assert H.model_kind("shapes-t2i", ModelCache(allow_roots=[], allow_hub=False)) == "sd"
+
+
+def test_model_choices_lists_bundled_then_allowed_folders(tmp_path):
+    root = tmp_path / "models"
+    mine = _fake_model(root / "org" / "mine")
+    _fake_model(root / ".hidden" / "x")
+    (root / "empty").mkdir()
+    _fake_model(tmp_path / "elsewhere" / "secret")
+    choices = H.model_choices([root])
+    assert choices[:3] == ["shapes-half-a", "shapes-half-b", "shapes-t2i"]
+    assert choices[3:] == [str(mine.resolve())]
+    assert H.default_allow_roots(tmp_path) == [root.resolve()]
+    assert H.default_allow_roots(tmp_path / "models" / "empty") == []
+
+
+def test_model_descriptions_and_suggestions():
+    cache = ModelCache(allow_roots=[], allow_hub=True)
+    assert "text-to-image" in H.describe_model("shapes-t2i", cache)
+    assert "unconditional" in H.describe_model("shapes-half-a", cache)
+    assert "Hub model `org/name`" in H.describe_model("org/name", cache)
+    assert H.suggest_extra_models("shapes-half-a", [], cache) == ["shapes-half-b"]
+    assert H.suggest_extra_models("shapes-half-b", None, cache) == ["shapes-half-a"]
+    assert H.suggest_extra_models("shapes-t2i", [], cache) == []
+    assert H.suggest_extra_models("shapes-half-a", ["x/y"], cache) == ["x/y"]
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+def test_error_messages_are_readable():
+    assert H.error_message(InterruptedError("cancelled")) == "Cancelled."
+    assert H.error_message(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")).startswith("Out of memory")
+    assert H.error_message(OSError("Error no file named diffusion_pytorch_model.safetensors found\nmore")) == \
+        "Could not load the model files: Error no file named diffusion_pytorch_model.safetensors found"
+    assert H.error_message(ValueError("lift: needs two experts")) == "Lift: needs two experts"
+    assert H.error_message(ImportError("No module named 'gradio'")).startswith("A package is missing")
+    msg = H.error_message(KeyError("boom"))
+    assert msg.startswith("Generation failed (KeyError: 'boom')") and "server log" in msg
+    long = H.error_message(RuntimeError("x" * 2000 + "\nTraceback (most recent call last):"))
+    assert len(long) < 500 and "Traceback" not in long
+
+
+# ---- running: cache reuse, PNGs, traces, cancel ---------------------------------------------------
+@pytest.fixture(scope="module")
+def cache():
+    import torch
+
+    torch.set_num_threads(1)
+    return ModelCache(allow_roots=[], allow_hub=False)
+
+
+def test_run_jobs_reuses_the_loaded_model_and_writes_pngs(cache, tmp_path):
+    comp = DEFAULT_COMPOSITION.replace(steps=2, num_images=2, seed=4)
+    progress = []
+    batches = list(H.run_jobs([("AND", comp)], cache, tmp_path / "a", on_progress=lambda f, t: progress.append(f)))
+    assert [len(b) for b in batches] == [1, 2]
+    items = batches[-1]
+    assert cache.loads == 1
+    assert progress[-1] == 1.0 and progress == sorted(progress)
+    for i, it in enumerate(items):
+        assert read_png_composition(it.path) == comp.image_record(i)
+        assert it.trace.kappa.shape == (2, 1, 2) and it.trace.expert_names == ["a circle", "something red"]
+        assert Path(H.render_trace_plot(it)).stat().st_size > 1000
+    # the compare run on the same model loads nothing more
+    jobs = [(label, c.replace(num_images=1)) for label, c in H.compare_methods(comp)]
+    items = list(H.run_jobs(jobs, cache, tmp_path / "b"))[-1]
+    assert [it.method for it in items] == ["joint prompt", "average", "OR", "AND"]
+    assert {it.record.seed for it in items} == {4}
+    assert cache.loads == 1
+    z = H.zip_results(items, tmp_path / "all.zip")
+    names = zipfile.ZipFile(z).namelist()
+    assert "compositions.json" in names and sum(n.endswith(".png") for n in names) == 4
+    assert sum(n.endswith("_trace.json") for n in names) == 4
+
+
+def test_cancel_stops_after_the_current_step(cache, tmp_path):
+    reg = H.CancelRegistry()
+    assert not reg.cancel("s1")
+    flag = reg.start("s1")
+    steps = []
+
+    def on_progress(frac: float, text: str) -> None:
+        steps.append(text)
+        if "step 1/" in text:
+            assert reg.cancel("s1")
+
+    comp = DEFAULT_COMPOSITION.replace(steps=5, num_images=3)
+    done = []
+    with pytest.raises(InterruptedError):
+        for items in H.run_jobs([("AND", comp)], cache, tmp_path, on_progress=on_progress, should_stop=flag.is_set):
+            done = items
+    assert done == [] and not any("step 2/" in s for s in steps)
+    reg.finish("s1", flag)
+    assert not reg.running("s1")
+
+
+def test_output_dirs_keep_only_the_newest(tmp_path):
+    out = H.OutputDirs(tmp_path / "root", keep=2)
+    dirs = [out.new() for _ in range(4)]
+    assert [d.exists() for d in dirs] == [False, False, True, True]
+    out.cleanup()
+    assert not (tmp_path / "root").exists()
+
+
+# ---- command line -------------------------------------------------------------------------------
+def test_ui_cli_parser_and_light_import():
+    from superdiff.cli import build_parser
+
+    args = build_parser().parse_args(["ui", "--port", "7999", "--allow-root", "a", "--allow-root", "b", "--no-hub",
+                                      "--max-concurrency", "2", "--max-models", "3"])
+    assert (args.host, args.port, args.share, args.allow_root, args.no_hub) == ("127.0.0.1", 7999, False,
+                                                                                ["a", "b"], True)
+    assert (args.max_concurrency, args.max_models) == (2, 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ui", "--max-concurrency", "0"])
+    code = "import sys, superdiff.ui.cli; sys.exit(1 if 'gradio' in sys.modules else 0)"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
