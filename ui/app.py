@@ -75,7 +75,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
     if default.model not in models:
         models = [default.model, *models]
 
-    with gr.Blocks(title="SuperDiff studio", analytics_enabled=False) as app:
+    # Gradio's own file cache (what it serves to browsers) is swept hourly of files older than a day
+    with gr.Blocks(title="SuperDiff studio", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown("## SuperDiff studio\nCompose prompts or models at sampling time. **AND** finds images all "
                     "experts find likely; **OR** follows whichever fits best. The plots show each expert's weight "
                     "(kappa) and log-density (log q) over the steps.")
@@ -139,7 +140,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                         num_images = gr.Slider(1, studio.max_images, value=default.num_images, step=1,
                                                label="Images", elem_id="num-images")
                     with gr.Row():
-                        sampler = gr.Dropdown(list(H.SAMPLER_UI_CHOICES), value=default.sampler, label="Sampler")
+                        sampler = gr.Dropdown(list(H.SAMPLER_UI_CHOICES), value=default.sampler, label="Sampler",
+                                              elem_id="sampler", info="ddpm works well with few steps")
                         estimator = gr.Dropdown(list(H.ESTIMATOR_UI_CHOICES), value=form0["estimator"],
                                                 label="log q estimator", info="auto: the sampler's default")
                     negative_prompt = gr.Textbox(form0["negative_prompt"], label="Negative prompt", max_lines=1)
@@ -167,9 +169,11 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             with gr.Column(scale=6, min_width=360):
                 gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain",
                                      format="png", elem_id="results-gallery", interactive=False)
-                trace_pick = gr.Dropdown([], label="Trace of image (or click an image)", elem_id="trace-pick")
-                trace_plot = gr.Image(label="kappa and log q per expert over the steps", type="filepath",
-                                      format="png", interactive=False, elem_id="trace-plot")
+                trace_pick = gr.Dropdown([], label="Trace of image (or click an image)", elem_id="trace-pick",
+                                         info="kappa (the weight of each expert) and log q (its log-density, "
+                                              "relative to the mean) over the steps")
+                trace_plot = gr.Image(label="trace", show_label=False, type="filepath", format="png",
+                                      interactive=False, elem_id="trace-plot")
                 files = gr.File(label="Downloads: PNGs with embedded parameters, and everything as a zip",
                                 file_count="multiple", interactive=False, elem_id="downloads")
 
@@ -196,7 +200,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             return [gr.update(visible=i < n) for i in range(H.MAX_PROMPTS)]
 
         # ---- form behaviour ----------------------------------------------------------------
-        operator.change(op_visibility, operator, op_groups, queue=False, show_progress="hidden")
+        ui_only: dict[str, Any] = {"queue": False, "show_progress": "hidden", "api_visibility": "undocumented"}
+        operator.change(op_visibility, operator, op_groups, **ui_only)
 
         def add_row(n: int) -> list[Any]:
             n = min(H.MAX_PROMPTS, int(n) + 1)
@@ -206,16 +211,15 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             n = max(H.MIN_PROMPTS, int(n) - 1)
             return [n, *row_visibility(n)]
 
-        add_btn.click(add_row, rows_state, [rows_state, *prompt_rows], queue=False, show_progress="hidden")
-        remove_btn.click(remove_row, rows_state, [rows_state, *prompt_rows], queue=False, show_progress="hidden")
-        dice.click(lambda: random.randrange(0, 2**31 - 1), None, seed, queue=False, show_progress="hidden")
+        add_btn.click(add_row, rows_state, [rows_state, *prompt_rows], **ui_only)
+        remove_btn.click(remove_row, rows_state, [rows_state, *prompt_rows], **ui_only)
+        dice.click(lambda: random.randrange(0, 2**31 - 1), None, seed, **ui_only)
 
         def on_model(name: str, extras: list[str] | None) -> list[Any]:
             return [H.describe_model(name or "", studio.cache),
                     gr.update(value=H.suggest_extra_models(name or "", extras, studio.cache))]
 
-        model.input(on_model, [model, extra_models], [model_info, extra_models], queue=False,
-                    show_progress="hidden")
+        model.input(on_model, [model, extra_models], [model_info, extra_models], **ui_only)
 
         # ---- settings export / import -------------------------------------------------------
         def export_settings(data: dict) -> list[Any]:
@@ -319,10 +323,11 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         def run_compare(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
             yield from run(data, True, request, progress)
 
+        # progress (and a failed run's error badge) show on the gallery; the status line stays readable
         run_btn.click(run_generate, set(form_components), run_outputs, api_name="generate",
-                      concurrency_id="generate")
+                      concurrency_id="generate", show_progress_on=[gallery])
         compare_btn.click(run_compare, set(form_components), run_outputs, api_name="compare",
-                          concurrency_id="generate")
+                          concurrency_id="generate", show_progress_on=[gallery])
 
         def cancel(request: gr.Request) -> str:
             if studio.cancels.cancel(_session(request)):
@@ -345,9 +350,9 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             return [gr.update(value=it.label), H.render_trace_plot(it)]
 
         trace_pick.input(pick_trace, [trace_pick, results_state], trace_plot, show_progress="hidden",
-                         concurrency_limit=None)
+                         concurrency_limit=None, api_visibility="undocumented")
         gallery.select(select_image, results_state, [trace_pick, trace_plot], show_progress="hidden",
-                       concurrency_limit=None)
+                       concurrency_limit=None, api_visibility="undocumented")
 
     app.queue(default_concurrency_limit=max(1, int(max_concurrency)), max_size=max(1, int(max_queue)))
     app.studio = studio  # type: ignore[attr-defined]

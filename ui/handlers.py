@@ -335,8 +335,11 @@ def check_limits(comp: Composition, max_steps: int, max_images: int) -> None:
 
 # ---- settings JSON --------------------------------------------------------------------------
 def settings_json(comp: Composition) -> str:
-    """The composition as JSON (the format `superdiff generate --config` reads)."""
-    return json.dumps(comp.to_dict(), indent=2, allow_nan=True)
+    """The composition as strict JSON (the format `superdiff generate --config` reads); an
+    infinite OR temperature is written as the string "inf", which Composition accepts."""
+    d = {k: (("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v)
+         for k, v in comp.to_dict().items()}
+    return json.dumps(d, indent=2, allow_nan=False)
 
 
 _MAX_SETTINGS_BYTES = 1_000_000
