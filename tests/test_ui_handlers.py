@@ -229,6 +229,18 @@ def test_model_descriptions_and_suggestions():
     assert H.suggest_extra_models("shapes-half-a", ["x/y"], cache) == ["x/y"]
 
 
+def test_model_fit_is_checked_before_loading():
+    cache = ModelCache(allow_roots=[], allow_hub=False)
+    half = Composition(model="shapes-half-a", prompts=["a circle"], extra_models=["shapes-half-b"])
+    with pytest.raises(ValueError, match="unconditional model and takes no prompts; clear the prompt rows"):
+        H.check_model_fits(half, H.model_kind(half.model, cache))
+    with pytest.raises(ValueError, match="text-to-image model; give at least one prompt"):
+        H.check_model_fits(Composition(prompts=[]), H.model_kind("shapes-t2i", cache))
+    H.check_model_fits(half.replace(prompts=[]), "unet2d")
+    H.check_model_fits(DEFAULT_COMPOSITION, "sd")
+    H.check_model_fits(DEFAULT_COMPOSITION, None)  # hub ids: the pipeline checks after loading
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 def test_error_messages_are_readable():
     assert H.error_message(InterruptedError("cancelled")) == "Cancelled."

@@ -216,10 +216,16 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         dice.click(lambda: random.randrange(0, 2**31 - 1), None, seed, **ui_only)
 
         def on_model(name: str, extras: list[str] | None) -> list[Any]:
+            try:
+                unconditional = H.model_kind(name or "", studio.cache) == "unet2d"
+            except Exception:  # noqa: BLE001  (describe_model says what is wrong)
+                unconditional = False
+            # an unconditional model takes no prompts: clear the rows instead of failing at Generate
+            cleared = [gr.update(value="") if unconditional else gr.skip() for _ in prompts]
             return [H.describe_model(name or "", studio.cache),
-                    gr.update(value=H.suggest_extra_models(name or "", extras, studio.cache))]
+                    gr.update(value=H.suggest_extra_models(name or "", extras, studio.cache)), *cleared]
 
-        model.input(on_model, [model, extra_models], [model_info, extra_models], **ui_only)
+        model.input(on_model, [model, extra_models], [model_info, extra_models, *prompts], **ui_only)
 
         # ---- settings export / import -------------------------------------------------------
         def export_settings(data: dict) -> list[Any]:
@@ -271,10 +277,11 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             try:
                 comp, notes = H.parse_form(read_form(data))
                 H.check_limits(comp, studio.max_steps, studio.max_images)
-                jobs = H.compare_methods(comp) if compare else [(comp.operator.upper(), comp)]
-                H.model_kind(comp.model, studio.cache)  # refuses paths outside the roots before any work
+                # refuses paths outside the roots, and mismatched prompts, before any work
+                H.check_model_fits(comp, H.model_kind(comp.model, studio.cache))
                 for m in comp.extra_models:
                     studio.cache.resolve(m, "extra_models")
+                jobs = H.compare_methods(comp) if compare else [(comp.operator.upper(), comp)]
             except Exception as e:  # noqa: BLE001
                 msg = H.error_message(e)
                 yield [gr.skip(), f"**Error:** {msg}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]

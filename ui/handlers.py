@@ -30,7 +30,7 @@ log = logging.getLogger("superdiff.ui")
 __all__ = [
     "MAX_PROMPTS", "MIN_PROMPTS", "FORM_SCALARS", "OPERATOR_LABELS", "COMPARE_METHODS", "FIELD_LABELS",
     "form_from_values", "values_from_form", "parse_form", "composition_from_form", "form_from_composition",
-    "for_operator", "compare_methods", "check_limits", "settings_json", "settings_from_json", "load_settings_file",
+    "for_operator", "compare_methods", "check_limits", "check_model_fits", "settings_json", "settings_from_json", "load_settings_file",
     "default_allow_roots", "model_choices", "model_kind", "describe_model", "suggest_extra_models", "error_message",
     "CancelRegistry", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
 ]
@@ -331,6 +331,18 @@ def check_limits(comp: Composition, max_steps: int, max_images: int) -> None:
     if comp.num_images > max_images:
         raise ValueError(f"num_images: at most {max_images} per request in the studio, got {comp.num_images}; "
                          "use `superdiff batch` for more")
+
+
+def check_model_fits(comp: Composition, kind: str | None) -> None:
+    """What the pipeline would reject only after loading the model: prompts for an
+    unconditional model, no prompts for a text-to-image one."""
+    if kind == "unet2d" and comp.prompts:
+        raise ValueError(f"prompts: {comp.model} is an unconditional model and takes no prompts; clear the prompt "
+                         "rows (their weight/bias then belong to the model and its extra models, in order)")
+    if kind == "unet2d" and comp.operator == "joint":
+        raise ValueError("operator: the joint-prompt baseline needs a text-to-image model")
+    if kind in ("sd", "sdxl") and not comp.prompts:
+        raise ValueError(f"prompts: {comp.model} is a text-to-image model; give at least one prompt")
 
 
 # ---- settings JSON --------------------------------------------------------------------------
