@@ -41,6 +41,7 @@ __all__ = [
     "png_metadata",
     "image_grid",
     "DEFAULT_COMPOSITION",
+    "model_kind",
 ]
 
 OPERATOR_CHOICES = ("or", "and", "average", "single", "joint")
@@ -232,7 +233,7 @@ DEFAULT_COMPOSITION = Composition(model="shapes-t2i", prompts=["a circle", "some
 
 
 # ---- models ---------------------------------------------------------------------------------
-def _model_kind(path_or_id: str) -> str:
+def model_kind(path_or_id: str) -> str:
     """'sd', 'sdxl' or 'unet2d' from the model's model_index.json / unet config."""
     from diffusers import DiffusionPipeline
 
@@ -337,7 +338,7 @@ class ModelCache:
 
         src = self.resolve(model)
         extras = [self.resolve(m, "extra_models") for m in extra_models]
-        kind = _model_kind(src)
+        kind = model_kind(src)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         key = (src, tuple(extras) if kind == "unet2d" else (), dtype, device)
         with self._lock:

@@ -435,14 +435,14 @@ def model_choices(allow_roots: Sequence[str | os.PathLike] = (), max_depth: int 
 def model_kind(name: str, cache: ModelCache) -> str | None:
     """'sd', 'sdxl' or 'unet2d' for bundled and allow-listed local models (raises ValueError
     for refused paths); None for hub ids (not looked up: that would need the network)."""
-    from superdiff.compose import _model_kind
+    from superdiff.compose import model_kind
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError("model: choose a model")
     src = cache.resolve(name.strip())
     if not Path(src).is_dir():
         return None
-    return _model_kind(src)
+    return model_kind(src)
 
 
 def describe_model(name: str, cache: ModelCache) -> str:
