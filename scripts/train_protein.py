@@ -38,7 +38,7 @@ MODELS = {"a": ("protein-a-helix", "helical"), "b": ("protein-b-strand", "strand
 
 
 def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_every: int, work: Path,
-              config: dict) -> dict:
+              config: dict, t_power: float = 1.0) -> dict:
     from tqdm.auto import tqdm
 
     name, cls = MODELS[which]
@@ -61,7 +61,7 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     ck = work / name / "ckpt.pt"
     if ck.is_file():
         st = torch.load(ck, weights_only=False)
-        if st["steps"] != steps or st["seed"] != seed or st["config"] != cfg:
+        if st["steps"] != steps or st["seed"] != seed or st["config"] != cfg or st.get("t_power", 1.0) != t_power:
             raise SystemExit(f"{ck} was made with other settings (steps/seed/config); delete it to restart")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
@@ -76,7 +76,12 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
         idx = torch.randint(0, len(data), (batch,), generator=g)
         R = random_rotations(batch, g)
         x0 = center(torch.einsum("blac,bdc->blad", data[idx], R))
-        t = torch.randint(0, cfg["num_train_timesteps"], (batch,), generator=g)
+        T = cfg["num_train_timesteps"]
+        u = torch.rand(batch, generator=g)
+        # half the batch uniform in t, half with density ~ t^(1/p - 1) (more low-noise examples: the
+        # stiff bond directions are learned there)
+        u[batch // 2:] = u[batch // 2:] ** t_power
+        t = (u * T).long().clamp(max=T - 1)
         eps = center(torch.randn(x0.shape, generator=g))
         a, s = alphas[t][:, None, None, None], sigmas[t][:, None, None, None]
         xt = a * x0 + s * eps
@@ -101,7 +106,7 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
         if step % ckpt_every == 0 or step == steps:
             ck.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "log": log, "steps": steps, "seed": seed, "config": cfg,
+                        "log": log, "steps": steps, "seed": seed, "config": cfg, "t_power": t_power,
                         "cpu_seconds": cpu_before + time.process_time() - cpu0}, ck)
     bar.close()
     cpu = cpu_before + time.process_time() - cpu0
@@ -110,10 +115,11 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     info = {"name": name, "trained_on": cls, "class_rules": CLASS_RULES, "windows": int(len(X)),
             "windows_real": int(n_real), "windows_procedural": int(len(X) - n_real),
             "held_out": "all 'mixed' (alpha/beta) windows: the AND reference", "steps": steps, "batch": batch,
-            "lr": lr, "seed": seed, "ema": 0.999, "threads": torch.get_num_threads(),
+            "lr": lr, "seed": seed, "ema": 0.999, "t_power": t_power, "threads": torch.get_num_threads(),
             "cpu_seconds": round(cpu, 1), "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": log[-1]["loss"] if log else None, "loss_log": log,
-            "command": f"python scripts/train_protein.py --which {which} --steps {steps} --batch {batch} --seed {seed}"}
+            "command": f"python scripts/train_protein.py --which {which} --steps {steps} --batch {batch} --seed {seed} "
+                       f"--t-power {t_power}"}
     (out / "training_log.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / "README.md").write_text(model_card(info, cfg))
     print(f"[{name}] saved to {out} ({cpu:.0f} CPU s, final loss {info['final_loss'] or float('nan'):.4f})")
@@ -157,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--t-power", type=float, default=2.0,
+                    help="half of each batch draws t = T u^p (p > 1: more low-noise examples)")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "protein-train")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for w in (["a", "b"] if args.which == "both" else [args.which]):
         train_one(w, args.steps, args.batch, args.lr, args.seed, args.ckpt_every, args.work,
-                  {"dim": args.dim, "depth": args.depth})
+                  {"dim": args.dim, "depth": args.depth}, args.t_power)
     return 0
 
 
