@@ -10,8 +10,9 @@ the full g_t noise and the Ito estimator in the centre-of-mass-free space (prote
 Columns (protein/metrics.py): class fractions by pydssp (helical / strand / mixed / other), mean
 helix and strand fraction, CA-CA mean and std, broken CA-CA bonds, clashes, valid fraction, Rg,
 novelty vs the training chains (1 - max TM), diversity (1 - mean pairwise TM), TM to the nearest
-held-out mixed window, the ProteinMPNN NLL proxy, and for composed rows the tracked
-|log q_A - log q_B| at the end and the share of samples whose final kappa favours A.
+held-out mixed window, the ProteinMPNN NLL proxy, and from the trace: the tracked
+|log q_A - log q_B| at the end, the share of samples whose final kappa favours A (for OR: which
+expert each sample ended up following) and how often kappa left [0, 1] (AND extrapolating).
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def write_samples(folder: Path, X: np.ndarray, label: str, limit: int | None = N
 def _composition_stats(out, M: int) -> dict:
     logq = out.logq.numpy()
     kappa_last = out.trace.kappa[-1]  # [B, M]
-    stats = {"final_kappa_A": float(kappa_last[:, 0].mean()), "share_kappa_A_gt_half": float((kappa_last[:, 0] > 0.5).mean())}
+    kA = out.trace.kappa[:, :, 0]
+    stats = {"final_kappa_A": float(kappa_last[:, 0].mean()), "share_kappa_A_gt_half": float((kappa_last[:, 0] > 0.5).mean()),
+             # AND may extrapolate (kappa outside [0, 1], up to its clamp): how often it had to
+             "kappa_outside_01": float(((kA < -1e-9) | (kA > 1 + 1e-9)).mean())}
     if M == 2:
         stats["abs_logq_gap"] = float(np.abs(logq[:, 0] - logq[:, 1]).mean())
     return stats
@@ -139,8 +143,9 @@ def run_bench(out_dir: str | Path, num_samples: int = 48, num_steps: int = 200, 
     (out_dir / "table.json").write_text(json.dumps(_round(result), indent=2) + "\n")
     (out_dir / "table.md").write_text(markdown_table(_round(result)))
     _plots(out_dir, samples, traces, rows)
-    for name, tr in traces.items():
-        tr.save(out_dir / "traces" / f"{_slug(name)}.json")
+    for name, tr in traces.items():  # composed methods only, first 8 samples (the plots use 16)
+        if tr.meta["operator"] in ("or", "and"):
+            tr.select(list(range(min(8, tr.batch_size)))).save(out_dir / "traces" / f"{_slug(name)}.json")
     return result
 
 
@@ -162,7 +167,8 @@ COLUMNS = [("helical", "helical"), ("strand", "strand"), ("mixed", "mixed"), ("o
            ("helix_frac", "H frac"), ("strand_frac", "E frac"), ("valid", "valid"),
            ("ca_ca_mean", "CA-CA (A)"), ("ca_ca_std", "CA-CA sd"), ("clashes", "clashes"), ("rg", "Rg (A)"),
            ("novelty", "novelty"), ("diversity", "diversity"), ("tm_to_mixed_ref", "TM to mixed ref"),
-           ("mpnn_nll", "MPNN NLL (proxy)"), ("abs_logq_gap", "|logqA-logqB|"), ("share_kappa_A_gt_half", "kappa_A>1/2")]
+           ("mpnn_nll", "MPNN NLL (proxy)"), ("abs_logq_gap", "|logqA-logqB|"), ("share_kappa_A_gt_half", "kappa_A>1/2"),
+           ("kappa_outside_01", "kappa outside [0,1]")]
 
 
 def markdown_table(result: dict) -> str:
@@ -235,9 +241,9 @@ def _plots(out_dir: Path, samples: dict[str, np.ndarray], traces: dict, rows: di
         for j, n in enumerate(comp):
             tr = traces[n]
             x = np.arange(tr.kappa.shape[0])
-            axes[0, j].plot(x, tr.kappa[:, :, 0], lw=0.5, alpha=0.5)
+            axes[0, j].plot(x, tr.kappa[:, :16, 0], lw=0.6, alpha=0.6)
             axes[0, j].set_title(f"{n}\nkappa_A per sample", fontsize=7)
-            gap = tr.logq[:, :, 0] - tr.logq[:, :, 1]
+            gap = tr.logq[:, :16, 0] - tr.logq[:, :16, 1]
             axes[1, j].plot(np.arange(len(gap)), gap, lw=0.5, alpha=0.5)
             axes[1, j].set_title("log q_A - log q_B", fontsize=7)
             axes[1, j].set_xlabel("step")
