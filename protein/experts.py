@@ -293,6 +293,9 @@ def sample_frames(experts: Sequence[FrameExpert], schedule: Schedule, rot_g2: Ca
     from .models import random_rotations
 
     experts = list(experts)
+    if kw.get("integrator", "em") not in ("em", "sde") or kw.get("estimator") not in (None, "ito", "kernel"):
+        raise ValueError("sample_frames supports the Euler-Maruyama integrator with the 'ito' or 'kernel' "
+                         "estimator (one expert evaluation per step, whose rotation scores drive the SO(3) step)")
     es = backbone_expert_set(experts)
     L = experts[0].length
     rots = random_rotations(num_samples * L, rot_generator, torch.float64).reshape(num_samples, L, 3, 3)
