@@ -26,7 +26,9 @@ import numpy as np
 
 __all__ = ["DATA_PATH", "BackboneDataset", "load_dataset", "classify", "CLASS_RULES"]
 
-DATA_PATH = Path(__file__).resolve().parent.parent / "superdiff" / "bundled" / "protein-data" / "backbones.npz"
+from superdiff.registry import BUNDLED_ROOT  # noqa: E402  (superdiff/bundled, in editable and regular installs)
+
+DATA_PATH = BUNDLED_ROOT / "protein-data" / "backbones.npz"
 CLASS_RULES = "helical: H>=0.25, E<0.05; strand: E>=0.25, H<0.05; mixed: H>=0.15, E>=0.15; other: rest"
 
 

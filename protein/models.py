@@ -47,7 +47,8 @@ Tensor = torch.Tensor
 __all__ = ["BackboneDenoiser", "DEFAULT_CONFIG", "schedule_from_config", "load_backbone_model",
            "save_backbone_model", "random_rotations", "center", "BUNDLED_PROTEIN_MODELS", "bundled_protein_model_path"]
 
-BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "superdiff" / "bundled"
+from superdiff.registry import BUNDLED_ROOT  # noqa: E402  (superdiff/bundled, in editable and regular installs)
+
 #: name -> directory under superdiff/bundled
 BUNDLED_PROTEIN_MODELS = {"protein-a-helix": "protein-a-helix", "protein-b-strand": "protein-b-strand"}
 
