@@ -1,0 +1,82 @@
+"""superdiff.compose: the composition record shared by the CLI, the batch tool and the studio."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from superdiff.compose import Composition, ModelCache, model_kind, run_composition
+from superdiff.registry import bundled_model_path
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"operator": "xor"}, "operator: unknown operator 'xor'"),
+    ({"sampler": "rk4"}, "sampler: unknown sampler 'rk4'"),
+    ({"estimator": "magic"}, "estimator: unknown estimator 'magic'"),
+    ({"steps": 0}, "steps: must be between 1"),
+    ({"steps": 2.5}, "steps: must be an integer"),
+    ({"seed": -1}, "seed: must be between 0"),
+    ({"temperature": -1}, "temperature: must be >= 0"),
+    ({"guidance_scale": float("nan")}, "guidance_scale: must be a finite number"),
+    ({"weights": [0.5]}, "weights: 1 values for 2 experts"),
+    ({"weights": [0.5, 0.5], "bias": [0, 0]}, "weights: give either weights or bias"),
+    ({"kappa_clamp": [2, 1]}, "kappa_clamp: lo must be below hi"),
+    ({"kappa_clamp": True}, "kappa_clamp: true is ambiguous"),
+    ({"dtype": "float8"}, "dtype: choose one of"),
+    ({"colour": "red"}, "unknown field(s) colour"),
+    ({"model": " "}, "model: give a bundled model name"),
+])
+def test_bad_fields_are_named(bad, needle):
+    with pytest.raises(ValueError) as e:
+        Composition.from_dict({"prompts": ["a circle", "something red"], **bad})
+    assert needle in str(e.value)
+
+
+def test_round_trip_and_image_records():
+    c = Composition.from_dict({"prompts": ["a circle", "something red"], "operator": "OR", "temperature": "inf",
+                               "seed": 10, "num_images": 3})
+    assert c.operator == "or" and c.temperature == float("inf")
+    assert Composition.from_dict(c.to_dict()) == c
+    r = c.image_record(2)
+    assert (r.seed, r.num_images, r.prompts) == (12, 1, c.prompts)
+
+
+def test_model_cache_refuses_paths_outside_the_allowed_roots(tmp_path):
+    inside, outside = tmp_path / "models" / "m", tmp_path / "elsewhere"
+    inside.mkdir(parents=True)
+    outside.mkdir()
+    cache = ModelCache(allow_roots=[tmp_path / "models"], allow_hub=False)
+    assert cache.resolve(str(inside)) == str(inside.resolve())
+    for p in (outside, tmp_path / "models" / ".." / "elsewhere"):
+        with pytest.raises(ValueError, match="outside the allowed model folders"):
+            cache.resolve(str(p))
+    with pytest.raises(ValueError, match="unknown model 'org/model'"):
+        cache.resolve("org/model")
+    assert cache.resolve("shapes-t2i") == str(bundled_model_path("shapes-t2i"))
+    with pytest.raises(ValueError, match="hub id of the form"):
+        ModelCache().resolve("not a model")
+
+
+def test_a_local_copy_loads_like_a_hub_checkpoint_and_is_cached(tmp_path):
+    """A directory laid out like a hub snapshot goes through the same from_pretrained path."""
+    local = tmp_path / "my-t2i"
+    shutil.copytree(bundled_model_path("shapes-t2i"), local)
+    assert model_kind(str(local)) == "sd" and model_kind(str(bundled_model_path("shapes-half-a"))) == "unet2d"
+    cache = ModelCache()
+    comp = Composition.from_dict({"model": str(local), "prompts": ["a circle", "something red"], "steps": 3})
+    a = run_composition(comp, cache, progress=False)
+    b = run_composition(comp.replace(model="shapes-t2i"), cache, progress=False)
+    np.testing.assert_array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    run_composition(comp, cache, progress=False)
+    assert cache.loads == 2  # the local copy and the bundled directory, each loaded once
+
+
+def test_prompts_must_fit_the_model_kind():
+    cache = ModelCache()
+    with pytest.raises(ValueError, match="prompts: .* unconditional UNet2D model"):
+        run_composition(Composition.from_dict({"model": "shapes-half-a", "prompts": ["a circle"], "steps": 2}),
+                        cache, progress=False)
+    with pytest.raises(ValueError, match="prompts: .* text-to-image model"):
+        run_composition(Composition.from_dict({"model": "shapes-t2i", "steps": 2}), cache, progress=False)
