@@ -43,10 +43,10 @@ ensure_venv() {
       "${pip[@]}" install "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu
     fi
   fi
-  # Reinstall the package only when its metadata changed.
+  # Reinstall the package only when its metadata (or this script's install steps) changed.
   local stamp="$venv/.superdiff-install-stamp"
   local want
-  want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
+  want="$(cat pyproject.toml scripts/run.sh | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$py" -c "import superdiff" 2>/dev/null; then
     log "installing superdiff (editable) with its test, ui and protein extras"
     "${pip[@]}" install -e ".[test,ui,protein]"
