@@ -248,7 +248,10 @@ class _Manifest:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        cut = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         self._f = open(path, "a", encoding="utf-8")
+        if cut:  # a line cut short by a kill: end it, so the next record starts on its own line
+            self._f.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -312,6 +315,12 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     if limit is not None:
         mine = mine[:limit]
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # parts left by a killed multi-process run: fold them in before anyone writes
+        _merge_parts(out)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     listed = _manifest_keys(out)
     manifest = _Manifest(out / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl"))
     failed_combo: dict[tuple[str, str], str] = {}
@@ -387,14 +396,22 @@ def _gather(summary: BatchSummary, out: Path, rank: int, world: int) -> BatchSum
         total.seconds = max(total.seconds, c["seconds"])
     total.tasks, total.invalid_lines = summary.tasks, summary.invalid_lines
     if rank == 0:
-        with open(out / "manifest.jsonl", "a", encoding="utf-8") as f:
-            for r in range(world):
-                part = out / f"manifest.rank{r}.jsonl"
-                if part.is_file():
-                    f.write(part.read_text(encoding="utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        for r in range(world):
-            (out / f"manifest.rank{r}.jsonl").unlink(missing_ok=True)
+        _merge_parts(out)
     dist.barrier()
     return total
+
+
+def _merge_parts(out: Path) -> None:
+    """Append every per-process manifest part to manifest.jsonl, then remove the parts (a
+    line cut short by a kill is completed with a newline; resume judges tasks by their PNG)."""
+    parts = sorted(out.glob("manifest.rank*.jsonl"))
+    if not parts:
+        return
+    with open(out / "manifest.jsonl", "a", encoding="utf-8") as f:
+        for part in parts:
+            text = part.read_text(encoding="utf-8")
+            f.write(text if not text or text.endswith("\n") else text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    for part in parts:
+        part.unlink(missing_ok=True)

@@ -198,3 +198,21 @@ def test_two_process_accelerate_run_equals_one_process(tmp_path, reference):
     keys = [r["key"] for r in m]
     assert len(keys) == len(set(keys)) == len(images(ref_out))  # no file written twice
     assert not list(out.glob("manifest.rank*.jsonl"))
+
+
+def test_manifest_parts_and_cut_lines_from_a_killed_run_are_folded_in(tmp_path):
+    """A multi-process run killed before its merge leaves manifest.rank*.jsonl parts (one
+    with a half-written last line); the next run folds them into manifest.jsonl and goes on."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompts": ["a circle"], "operator": "single", "steps": 2,
+                                                 "num_images": 2}])
+    out = tmp_path / "out"
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet", "--limit", "1"]) == 0
+    first = manifest(out)[0]
+    (out / "manifest.jsonl").unlink()
+    (out / "manifest.rank1.jsonl").write_text(json.dumps(first) + "\n" + '{"key": "job0001/sin')
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet"]) == 0
+    assert not list(out.glob("manifest.rank*.jsonl"))
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    ok = [json.loads(x) for x in lines if x.startswith("{") and x.endswith("}")]
+    assert sorted(r["key"] for r in ok if r["status"] == "ok") == ["job0001/single/0000", "job0001/single/0001"]
+    assert json.loads((out / "summary.json").read_text())["generated"] == 1  # image 0 was not redone
