@@ -472,6 +472,9 @@ def run_composition(comp: Composition, cache: ModelCache | None = None, *,
     trace = Trace.concat(traces) if traces else None
     if trace is not None:
         trace.meta["composition"] = comp.to_dict()
+        names = [Path(m).name for m in (comp.model, *comp.extra_models)]
+        if kind == "unet2d" and trace.num_experts == len(names):  # name experts after their checkpoints
+            trace.expert_names = names
     return CompositionResult(comp, images, trace, time.perf_counter() - t0, records)
 
 

@@ -80,3 +80,9 @@ def test_prompts_must_fit_the_model_kind():
                         cache, progress=False)
     with pytest.raises(ValueError, match="prompts: .* text-to-image model"):
         run_composition(Composition.from_dict({"model": "shapes-t2i", "steps": 2}), cache, progress=False)
+
+
+def test_unconditional_experts_are_named_after_their_checkpoints():
+    res = run_composition(Composition.from_dict({"model": "shapes-half-a", "extra_models": ["shapes-half-b"],
+                                                 "operator": "or", "steps": 2}), ModelCache(), progress=False)
+    assert res.trace.expert_names == ["shapes-half-a", "shapes-half-b"]
