@@ -24,7 +24,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from superdiff.diffusers_experts import Branch, Network, NetworkExperts, NullEstimator, unet_forward
-from superdiff.estimators import make_estimator
+from superdiff.estimators import check_pair, make_estimator
 from superdiff.integrators import Integrator, make_integrator
 from superdiff.operators import Operator, make_operator
 from superdiff.sampling import SampleOutput, StepInfo, default_estimator, sample
@@ -592,6 +592,44 @@ class SuperDiffPipelineMixin:
             pass
         return list(tensor_inputs) if tensor_inputs is not None else ["latents"]
 
+    def _check_call(self, height: int, width: int, num_inference_steps: Any, batch: Any, output_type: str,
+                    guidance_scale: Any, max_batch_size: Any, generator: Any, sampler: str | Integrator,
+                    callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> tuple[list[str], Integrator]:
+        """The checks every pipeline makes before any compute; (callback tensor inputs, integrator)."""
+        check_height_width(height, width, self.vae_scale_factor)
+        callback_inputs = self._callback_inputs(callback_on_step_end, tensor_inputs)
+        check_common(num_inference_steps, batch, output_type, callback_inputs, self._callback_tensor_inputs,
+                     guidance_scale, max_batch_size)
+        check_generator(generator, int(batch))
+        return callback_inputs, resolve_sampler(sampler, self.scheduler.config)
+
+    def _plan_method(self, operator: str | Operator, num_experts: int, op_params: Mapping[str, Any],
+                     estimator: Any, integrator: Integrator, schedule: Any, num_inference_steps: int,
+                     time_grid: Any, grid_end: str) -> "MethodPlan":
+        """Operator, estimator, schedule and time grid of one call, each checked."""
+        op = build_operator(operator, num_experts, **op_params)
+        est = resolve_estimator(estimator, op, integrator)
+        check_pair(est, integrator)
+        sched = make_schedule(self.scheduler.config, integrator, schedule)
+        grid, sigma0 = self._grid_and_sigma(sched, num_inference_steps, time_grid, grid_end, self.scheduler.config)
+        return MethodPlan(op, est, integrator, sched, grid, sigma0)
+
+    def _run(self, method: "MethodPlan", experts: NetworkExperts, names: Sequence[str], batch: int, height: int,
+             width: int, latents: Tensor | None, generator: Any, guidance_scale: float, num_inference_steps: int,
+             time_grid: Any, grid_end: str, callback_on_step_end: Callable | None,
+             callback_inputs: Sequence[str]) -> SampleOutput:
+        """Draw the initial latents as diffusers does and sample; the trace records the
+        pipeline and the forward calls per network."""
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        x = prepare_latents(shape, generator, self._execution_device, self.unet.dtype, latents, method.sigma0)
+        out = self._superdiff_sample(experts, method.schedule, num_inference_steps, method.operator,
+                                     method.estimator, method.integrator, x, generator, guidance_scale,
+                                     method.grid if time_grid is not None else None, grid_end, self.unet.dtype,
+                                     callback_on_step_end, callback_inputs, names)
+        out.trace.meta.update(pipeline=type(self).__name__,
+                              forward_calls_per_network=experts.forward_calls_per_network())
+        return out
+
     def _superdiff_sample(
         self,
         experts: NetworkExperts,
@@ -660,6 +698,18 @@ class SuperDiffPipelineMixin:
         else:
             grid = schedule.grid(int(num_inference_steps), end=grid_end)
         return grid, init_noise_sigma(schedule, grid, scheduler_config)
+
+
+@dataclass
+class MethodPlan:
+    """What `_plan_method` settled for one call."""
+
+    operator: Operator
+    estimator: Any
+    integrator: Integrator
+    schedule: Schedule
+    grid: Tensor
+    sigma0: float
 
 
 def unique_keys(values: Sequence[Any]) -> list[Any]:
@@ -735,6 +785,24 @@ def plan_extra_networks(base: NetworkPlan, extras: Sequence[Any] | None, schedul
         entries.append(UNetExpert(e.unet, e.prompt, e.negative_prompt, e.class_label, info["prediction_type"],
                                   sched, e.vae_config, name))
     return networks, entries
+
+
+def apply_joint(operator: Any, prompts: list[str], negatives: list[str | None], template: str | None
+                ) -> tuple[Any, list[str], list[str | None]]:
+    """(operator, prompts, negatives) after the joint-prompt baseline: "joint" becomes one
+    "single" expert with the prompts joined by `template` and the distinct negatives joined."""
+    op_name = operator.lower() if isinstance(operator, str) else operator
+    if op_name != "joint":
+        return op_name, prompts, negatives
+    negs = unique_keys([n for n in negatives if n is not None])
+    return "single", [joint_prompt(prompts, template)], [", ".join(negs) if negs else None]
+
+
+def promptless_branch(plan: "ExpertPlan", device: torch.device) -> Branch:
+    """The branch of an expert without a prompt in a text pipeline (an extra UNet2DModel):
+    unguided, conditioned on its class label if it has one."""
+    cond = None if plan.class_label is None else {"class_labels": torch.tensor([plan.class_label], device=device)}
+    return Branch(plan.network, cond, name=plan.name)
 
 
 def plan_text_experts(prompts: Sequence[str], negatives: Sequence[str | None], networks: Sequence[NetworkPlan],

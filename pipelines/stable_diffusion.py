@@ -22,7 +22,6 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from superdiff.estimators import check_pair
 from superdiff.pipelines import _common as C
 
 __all__ = ["SuperDiffStableDiffusionPipeline"]
@@ -171,21 +170,13 @@ class SuperDiffStableDiffusionPipeline(
         # 1. validate everything before any compute
         prompts = C.normalize_prompts(prompt)
         negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
-        op_name = operator.lower() if isinstance(operator, str) else operator
-        if op_name == "joint":
-            prompts = [C.joint_prompt(prompts, joint_template)]
-            negs = C.unique_keys([n for n in negatives if n is not None])
-            negatives = [", ".join(negs) if negs else None]
-            op_name = "single"
+        op_name, prompts, negatives = C.apply_joint(operator, prompts, negatives, joint_template)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        C.check_height_width(height, width, self.vae_scale_factor)
-        callback_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        C.check_common(num_inference_steps, num_images_per_prompt, output_type, callback_inputs,
-                       self._callback_tensor_inputs, guidance_scale, max_batch_size)
+        callback_inputs, integrator = self._check_call(
+            height, width, num_inference_steps, num_images_per_prompt, output_type, guidance_scale, max_batch_size, generator, sampler,
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
         B = int(num_images_per_prompt)
-        C.check_generator(generator, B)
-        integrator = C.resolve_sampler(sampler, self.scheduler.config)
         text_dim = self.text_encoder.config.hidden_size if self.text_encoder is not None else \
             self.unet.config.cross_attention_dim
         base = C.NetworkPlan(self.unet, C.network_info(self.unet, self.scheduler.config, None,
@@ -193,14 +184,11 @@ class SuperDiffStableDiffusionPipeline(
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config, text_dim,
                                                  self.unet.dtype)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
-        op = C.build_operator(op_name, len(plans), weights=weights, bias=bias, temperature=temperature, lift=lift,
-                              offsets=offsets, kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback,
-                              operator_kwargs=operator_kwargs)
-        est = C.resolve_estimator(estimator, op, integrator)
-        check_pair(est, integrator)
-        sched = C.make_schedule(self.scheduler.config, integrator, schedule)
+        op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
+                         kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
+        method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
+                                   num_inference_steps, time_grid, grid_end)
         do_cfg, w = self._guidance(guidance_scale)
-        grid, sigma0 = self._grid_and_sigma(sched, num_inference_steps, time_grid, grid_end, self.scheduler.config)
 
         # 2. encode every distinct prompt and negative prompt once
         device = self._execution_device
@@ -214,30 +202,22 @@ class SuperDiffStableDiffusionPipeline(
         branches = []
         for p in plans:
             if p.prompt is None:  # unconditional / class-conditional UNet2DModel
-                cond = None if p.class_label is None else {
-                    "class_labels": torch.tensor([p.class_label], device=device)}
-                branches.append(C.Branch(p.network, cond, name=p.name))
+                branches.append(C.promptless_branch(p, device))
                 continue
             neg = p.negative or ""
             branches.append(C.Branch(p.network, enc[p.prompt], enc_neg[neg] if do_cfg else None,
                                      ("neg", neg) if do_cfg else None, p.name))
-        experts = C.NetworkExperts(C.prepare_networks(networks, sched, device, cross_attention_kwargs), branches,
-                                   guidance=do_cfg, prediction_type=base.info["prediction_type"],
+        experts = C.NetworkExperts(C.prepare_networks(networks, method.schedule, device, cross_attention_kwargs),
+                                   branches, guidance=do_cfg, prediction_type=base.info["prediction_type"],
                                    max_batch_size=max_batch_size)
 
-        # 3. latents, as diffusers draws them
-        shape = (B, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        x = C.prepare_latents(shape, generator, device, self.unet.dtype, latents, sigma0)
-
-        # 4. sample: every step is superdiff.step.superdiff_step
-        out = self._superdiff_sample(experts, sched, num_inference_steps, op, est, integrator, x, generator, w,
-                                     grid if time_grid is not None else None, grid_end, self.unet.dtype,
-                                     callback_on_step_end, callback_inputs, [p.name for p in plans])
+        # 3. sample from latents drawn as diffusers draws them; every step is superdiff.step.superdiff_step
+        out = self._run(method, experts, [p.name for p in plans], B, height, width, latents, generator, w,
+                        num_inference_steps, time_grid, grid_end, callback_on_step_end, callback_inputs)
         trace = out.trace
-        trace.meta.update(pipeline=type(self).__name__, prompts=[p.prompt for p in plans],
-                          forward_calls_per_network=experts.forward_calls_per_network())
+        trace.meta.update(prompts=[p.prompt for p in plans])
 
-        # 5. decode
+        # 4. decode
         has_nsfw = None
         if output_type == "latent":
             image = out.samples.to(self.unet.dtype)

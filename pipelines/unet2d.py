@@ -24,7 +24,6 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
-from superdiff.estimators import check_pair
 from superdiff.pipelines import _common as C
 
 __all__ = ["SuperDiffUNet2DPipeline"]
@@ -212,12 +211,9 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         sh, sw = (size, size) if isinstance(size, int) else tuple(size)
         height = height or sh * self.vae_scale_factor
         width = width or sw * self.vae_scale_factor
-        C.check_height_width(height, width, self.vae_scale_factor)
-        callback_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        C.check_common(num_inference_steps, B, output_type, callback_inputs, self._callback_tensor_inputs,
-                       guidance_scale, max_batch_size)
-        C.check_generator(generator, B)
-        integrator = C.resolve_sampler(sampler, self.scheduler.config)
+        callback_inputs, integrator = self._check_call(
+            height, width, num_inference_steps, B, output_type, guidance_scale, max_batch_size, generator, sampler,
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
         networks = self._check_registered()
         n_registered = len(networks)
         extras: list[C.UNetExpert] = []
@@ -237,13 +233,10 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
             if null_class_label is None or not any(p.class_label is not None for p in plans):
                 raise ValueError(f"guidance_scale={guidance_scale} needs class-conditional UNets and "
                                  "null_class_label (the label of the unconditional class); use guidance_scale=1")
-        op = C.build_operator(operator, len(plans), weights=weights, bias=bias, temperature=temperature, lift=lift,
-                              offsets=offsets, kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback,
-                              operator_kwargs=operator_kwargs)
-        est = C.resolve_estimator(estimator, op, integrator)
-        check_pair(est, integrator)
-        sched = C.make_schedule(self.scheduler.config, integrator, schedule)
-        grid, sigma0 = self._grid_and_sigma(sched, num_inference_steps, time_grid, grid_end, self.scheduler.config)
+        op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
+                         kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
+        method = self._plan_method(operator, len(plans), op_params, estimator, integrator, schedule,
+                                   num_inference_steps, time_grid, grid_end)
 
         device = self._execution_device
         branches = []
@@ -254,17 +247,12 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
             cond = {"class_labels": torch.tensor([p.class_label], device=device)}
             unc = {"class_labels": torch.tensor([null_class_label], device=device)} if do_cfg else None
             branches.append(C.Branch(p.network, cond, unc, ("null",) if do_cfg else None, p.name))
-        experts = C.NetworkExperts(C.prepare_networks(networks, sched, device), branches, guidance=do_cfg,
+        experts = C.NetworkExperts(C.prepare_networks(networks, method.schedule, device), branches, guidance=do_cfg,
                                    prediction_type=networks[0].info["prediction_type"],
                                    max_batch_size=max_batch_size)
-        shape = (B, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        x = C.prepare_latents(shape, generator, device, self.unet.dtype, latents, sigma0)
-        out = self._superdiff_sample(experts, sched, num_inference_steps, op, est, integrator, x, generator, w,
-                                     grid if time_grid is not None else None, grid_end, self.unet.dtype,
-                                     callback_on_step_end, callback_inputs, [p.name for p in plans])
+        out = self._run(method, experts, [p.name for p in plans], B, height, width, latents, generator, w,
+                        num_inference_steps, time_grid, grid_end, callback_on_step_end, callback_inputs)
         trace = out.trace
-        trace.meta.update(pipeline=type(self).__name__,
-                          forward_calls_per_network=experts.forward_calls_per_network())
         if output_type == "latent":
             image = out.samples.to(self.unet.dtype)
         elif self.vae is not None:
