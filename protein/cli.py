@@ -11,7 +11,6 @@ Only the standard library is imported here; torch and the models load inside the
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -98,8 +97,8 @@ def _sample(args) -> int:
 def _bench(args) -> int:
     from .bench import run_bench
 
-    res = run_bench(args.out, args.num, args.steps, args.seed, pdb_per_method=args.pdb_per_method,
-                    mpnn=not args.no_mpnn, progress=not args.quiet)
+    run_bench(args.out, args.num, args.steps, args.seed, pdb_per_method=args.pdb_per_method,
+              mpnn=not args.no_mpnn, progress=not args.quiet)
     print(Path(args.out, "table.md").read_text())
     if args.check:
         ref = json.loads(Path(args.check).read_text())

@@ -31,7 +31,6 @@ import torch
 
 from .estimators import NullEstimator  # noqa: F401  (re-exported for the pipelines)
 from .experts import ExpertOutput, ExpertSet, SharedNetworkExperts
-from .integrators import Integrator
 from .predictions import check_kind, convert
 from .schedules import Schedule
 

@@ -27,7 +27,6 @@ EulerDiscreteScheduler.set_timesteps and model_time inverts diffusers' interpola
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
