@@ -313,9 +313,8 @@ class ModelCache:
 
         if name in list_bundled_models():
             return resolve_bundled(name)
-        looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
         p = Path(name).expanduser()
-        if looks_local or p.exists():
+        if name.startswith((".", "/", "~")) or p.exists():
             rp = p.resolve()
             if self.allow_roots is not None and not any(rp == r or r in rp.parents for r in self.allow_roots):
                 raise ValueError(f"{what}: {name} is outside the allowed model folders "

@@ -104,10 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
-    def log(*a: Any, **kw: Any) -> None:
-        print(*a, **kw)
-
-    s = run_batch(args.jobs, args.out, progress=not args.quiet, limit=args.limit, log=log)
+    s = run_batch(args.jobs, args.out, progress=not args.quiet, limit=args.limit)
     if s.rank != 0:
         return 0  # process 0 reports for all
     done = s.generated + s.skipped + s.recovered
