@@ -12,7 +12,9 @@ helix and strand fraction, CA-CA mean and std, broken CA-CA bonds, clashes, vali
 novelty vs the training chains (1 - max TM), diversity (1 - mean pairwise TM), TM to the nearest
 held-out mixed window, the ProteinMPNN NLL proxy, and from the trace: the tracked
 |log q_A - log q_B| at the end, the share of samples whose final kappa favours A (for OR: which
-expert each sample ended up following) and how often kappa left [0, 1] (AND extrapolating).
+expert each sample ended up following) and how often kappa left [0, 1] (AND extrapolating);
+for OR, the helical share among the samples following A and the strand share among those
+following B (each expert's class rate, kept or not under composition).
 """
 
 from __future__ import annotations
@@ -82,6 +84,15 @@ def _composition_stats(out, M: int) -> dict:
     return stats
 
 
+def _class_by_expert(X: np.ndarray, follows_a: np.ndarray) -> dict:
+    """For OR: the share of A's class among the samples that ended up following A (final
+    kappa_A > 1/2) and of B's class among the rest; compare with each expert alone."""
+    cls = geometry_metrics(X)["cls"]
+    a, b = cls[follows_a], cls[~follows_a]
+    return {"helical_if_follows_A": float((a == "helical").mean()) if len(a) else None,
+            "strand_if_follows_B": float((b == "strand").mean()) if len(b) else None}
+
+
 def _tm_to_set(X: np.ndarray, refs: np.ndarray) -> float:
     return float(np.mean([max(tm_score(x, r) for r in refs) for x in X]))
 
@@ -116,6 +127,8 @@ def run_bench(out_dir: str | Path, num_samples: int = 48, num_steps: int = 200, 
         row = summarize(Xn, ref_chains, mpnn=mpnn, seed=seed)
         row["tm_to_mixed_ref"] = _tm_to_set(Xn, mixed_all)
         row.update(_composition_stats(out, len(ex)))
+        if op_name == "or" and len(ex) == 2:
+            row.update(_class_by_expert(Xn, out.trace.kappa[-1][:, 0] > 0.5))
         row["sampling_seconds"] = round(secs, 2)
         row["forward_calls"] = out.trace.meta["forward_calls"]
         rows[name] = row
@@ -168,7 +181,8 @@ COLUMNS = [("helical", "helical"), ("strand", "strand"), ("mixed", "mixed"), ("o
            ("ca_ca_mean", "CA-CA (A)"), ("ca_ca_std", "CA-CA sd"), ("clashes", "clashes"), ("rg", "Rg (A)"),
            ("novelty", "novelty"), ("diversity", "diversity"), ("tm_to_mixed_ref", "TM to mixed ref"),
            ("mpnn_nll", "MPNN NLL (proxy)"), ("abs_logq_gap", "|logqA-logqB|"), ("share_kappa_A_gt_half", "kappa_A>1/2"),
-           ("kappa_outside_01", "kappa outside [0,1]")]
+           ("kappa_outside_01", "kappa outside [0,1]"),
+           ("helical_if_follows_A", "helical if following A"), ("strand_if_follows_B", "strand if following B")]
 
 
 def markdown_table(result: dict) -> str:
@@ -190,6 +204,9 @@ def markdown_table(result: dict) -> str:
         "Class fractions by pydssp on each sample (helical: H>=0.25, E<0.05; strand: E>=0.25, H<0.05; mixed: "
         "H>=0.15, E>=0.15). valid = no CA-CA bond outside [3.6, 4.0] A and no backbone clash (< 2.5 A). "
         "novelty = 1 - max TM-score to the training chains; diversity = 1 - mean pairwise TM. "
+        "kappa_A>1/2 = share of samples whose final kappa favours A (for OR: the expert each sample "
+        "ended up following); for OR, 'helical if following A' and 'strand if following B' are the class shares "
+        "within those two groups, to compare with A and B alone. "
         "MPNN NLL is a PROXY (mean NLL/residue of ProteinMPNN's own design at T=0.1): no folding model "
         "(ESMFold/AlphaFold) is available offline, so designability is NOT measured.",
         "",
