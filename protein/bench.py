@@ -53,13 +53,16 @@ def make_operator(name: str, params: dict):
 
 
 def run_method(experts: list[BackboneModelExpert], operator: Any, num_samples: int, num_steps: int, seed: int,
-               progress: bool = False):
-    """(backbones [B, L, 4, 3] Angstrom, SampleOutput) for one operator; deterministic given seed."""
+               progress: bool = False, integrator: str = "em"):
+    """(backbones [B, L, 4, 3] Angstrom, SampleOutput) for one operator; deterministic given seed.
+
+    integrator: "em" (the benchmark's; Ito estimator), "ddpm" (kernel estimator), "euler" or
+    "heun" (probability-flow ODE; ODE estimator)."""
     torch.set_num_threads(1)
     sched = experts[0].schedule()
     g = torch.Generator().manual_seed(seed)
-    return compose_backbones(experts, sched, num_samples, num_steps, operator=operator, estimator="ito",
-                             integrator="em", generator=g, progress=progress)
+    return compose_backbones(experts, sched, num_samples, num_steps, operator=operator, estimator=None,
+                             integrator=integrator, generator=g, progress=progress)
 
 
 def write_samples(folder: Path, X: np.ndarray, label: str, limit: int | None = None) -> list[Path]:

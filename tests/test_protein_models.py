@@ -78,6 +78,18 @@ def test_cli_sample_writes_pdbs_and_metrics(tmp_path):
                  "--out", str(tmp_path / "bad")]) == 2  # --bias needs one value per expert: a clear error
 
 
+@pytest.mark.parametrize("integrator,estimator", [("ddpm", "kernel"), ("heun", "ode")])
+def test_cli_sample_other_integrators_use_their_estimator(tmp_path, integrator, estimator):
+    from superdiff.cli import main
+
+    assert main(["protein", "sample", "--operator", "and", "--num", "2", "--steps", "6", "--integrator", integrator,
+                 "--no-mpnn", "--quiet", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "metrics.json").read_text())
+    assert row["integrator"] == integrator and row["estimator"] == estimator and row["n"] == 2
+    tr = json.loads((tmp_path / "trace.json").read_text())
+    assert tr["meta"]["integrator"] == integrator
+
+
 def test_mpnn_proxy_on_ideal_helix():
     ok, why = mpnn_available()
     if not ok:
