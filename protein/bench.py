@@ -65,9 +65,12 @@ def run_method(experts: list[BackboneModelExpert], operator: Any, num_samples: i
                              integrator=integrator, generator=g, progress=progress)
 
 
-def write_samples(folder: Path, X: np.ndarray, label: str, limit: int | None = None) -> list[Path]:
+def write_samples(folder: Path, X: np.ndarray, label: str, limit: int | None = None,
+                  geometry: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """PDB files with each structure's pydssp string and class as remarks (geometry: geometry_metrics(X)
+    when the caller already has it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    g = geometry_metrics(X)
+    g = geometry_metrics(X) if geometry is None else geometry
     paths = []
     for i, x in enumerate(X[:limit]):
         paths.append(write_backbone_pdb(folder / f"sample_{i:03d}.pdb", x, remarks=[
@@ -87,10 +90,10 @@ def _composition_stats(out, M: int) -> dict:
     return stats
 
 
-def _class_by_expert(X: np.ndarray, follows_a: np.ndarray) -> dict:
+def _class_by_expert(cls: np.ndarray, follows_a: np.ndarray) -> dict:
     """For OR: the share of A's class among the samples that ended up following A (final
-    kappa_A > 1/2) and of B's class among the rest; compare with each expert alone."""
-    cls = geometry_metrics(X)["cls"]
+    kappa_A > 1/2) and of B's class among the rest; compare with each expert alone.
+    cls: the per-sample class of geometry_metrics."""
     a, b = cls[follows_a], cls[~follows_a]
     return {"helical_if_follows_A": float((a == "helical").mean()) if len(a) else None,
             "strand_if_follows_B": float((b == "strand").mean()) if len(b) else None}
@@ -118,7 +121,7 @@ def run_bench(out_dir: str | Path, num_samples: int = 48, num_steps: int = 200, 
 
     mixed_all = ds.windows("mixed", real=True)
     rows: dict[str, dict] = {}
-    samples: dict[str, np.ndarray] = {}
+    geoms: dict[str, dict] = {}  # method -> geometry_metrics of its samples
     traces = {}
     t_all = time.perf_counter()
     for name in (methods or list(METHODS)):
@@ -127,17 +130,18 @@ def run_bench(out_dir: str | Path, num_samples: int = 48, num_steps: int = 200, 
         X, out = run_method(ex, make_operator(op_name, params), num_samples, num_steps, seed, progress)
         secs = time.perf_counter() - t0
         Xn = X.numpy()
-        row = summarize(Xn, ref_chains, mpnn=mpnn, seed=seed)
+        geo = geometry_metrics(Xn)
+        row = summarize(Xn, ref_chains, mpnn=mpnn, seed=seed, geometry=geo)
         row["tm_to_mixed_ref"] = _tm_to_set(Xn, mixed_all)
         row.update(_composition_stats(out, len(ex)))
         if op_name == "or" and len(ex) == 2:
-            row.update(_class_by_expert(Xn, out.trace.kappa[-1][:, 0] > 0.5))
+            row.update(_class_by_expert(geo["cls"], out.trace.kappa[-1][:, 0] > 0.5))
         row["sampling_seconds"] = round(secs, 2)
         row["forward_calls"] = out.trace.meta["forward_calls"]
         rows[name] = row
-        samples[name] = Xn
+        geoms[name] = geo
         traces[name] = out.trace
-        write_samples(out_dir / "samples" / _slug(name), Xn, name, pdb_per_method)
+        write_samples(out_dir / "samples" / _slug(name), Xn, name, pdb_per_method, geometry=geo)
         if progress:
             print(f"{name}: {secs:.1f} s; helical {row['helical']:.2f} strand {row['strand']:.2f} "
                   f"mixed {row['mixed']:.2f} valid {row['valid']:.2f}")
@@ -158,7 +162,7 @@ def run_bench(out_dir: str | Path, num_samples: int = 48, num_steps: int = 200, 
     }
     (out_dir / "table.json").write_text(json.dumps(_round(result), indent=2) + "\n")
     (out_dir / "table.md").write_text(markdown_table(_round(result)))
-    _plots(out_dir, samples, traces, rows)
+    _plots(out_dir, geoms, traces, rows)
     for name, tr in traces.items():  # composed methods only, first 8 samples (the plots use 16)
         if tr.meta["operator"] in ("or", "and"):
             tr.select(list(range(min(8, tr.batch_size)))).save(out_dir / "traces" / f"{_slug(name)}.json")
@@ -223,7 +227,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(out_dir: Path, samples: dict[str, np.ndarray], traces: dict, rows: dict) -> None:
+def _plots(out_dir: Path, geoms: dict[str, dict], traces: dict, rows: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,7 +250,7 @@ def _plots(out_dir: Path, samples: dict[str, np.ndarray], traces: dict, rows: di
 
     fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), sharex=True, sharey=True)
     for ax, n in zip(np.atleast_1d(axes), names):
-        g = geometry_metrics(samples[n])
+        g = geoms[n]
         ax.scatter(g["h"], g["e"], s=8)
         ax.set_title(n, fontsize=7)
         ax.set_xlabel("helix fraction")

@@ -71,7 +71,7 @@ def _sample(args) -> int:
     from .bench import run_method, write_samples
     from .data import load_dataset
     from .experts import BackboneModelExpert
-    from .metrics import summarize
+    from .metrics import geometry_metrics, summarize
 
     torch.set_num_threads(1)
     if args.num < 1 or args.steps < 1:
@@ -83,9 +83,10 @@ def _sample(args) -> int:
     X, out = run_method(experts, _operator(args), args.num, args.steps, args.seed, progress=not args.quiet,
                         integrator=args.integrator)
     Xn = X.numpy()
-    paths = write_samples(out_dir, Xn, f"{args.operator} of {', '.join(args.experts)}")
+    geo = geometry_metrics(Xn)
+    paths = write_samples(out_dir, Xn, f"{args.operator} of {', '.join(args.experts)}", geometry=geo)
     ref = load_dataset().real_chains()
-    row = summarize(Xn, ref, mpnn=not args.no_mpnn, seed=args.seed)
+    row = summarize(Xn, ref, mpnn=not args.no_mpnn, seed=args.seed, geometry=geo)
     row.update({"operator": out.trace.meta["operator"], "operator_params": out.trace.meta["operator_params"],
                 "experts": args.experts, "steps": args.steps, "seed": args.seed,
                 "integrator": out.trace.meta["integrator"], "estimator": out.trace.meta["estimator"]})

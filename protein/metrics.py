@@ -189,9 +189,10 @@ def mpnn_proxy(X: np.ndarray, seed: int = 0, temperature: float = 0.1) -> tuple[
 # ---------------------------------------------------------------------------------- summary
 
 def summarize(X: np.ndarray, reference: Sequence[np.ndarray] | None = None, mpnn: bool = True,
-              seed: int = 0) -> dict:
-    """Set-level table row: class fractions, geometry, novelty, diversity, MPNN proxy."""
-    m = geometry_metrics(X)
+              seed: int = 0, geometry: dict[str, np.ndarray] | None = None) -> dict:
+    """Set-level table row: class fractions, geometry, novelty, diversity, MPNN proxy.
+    geometry: geometry_metrics(X) when the caller already has it (it is not computed again)."""
+    m = geometry_metrics(X) if geometry is None else geometry
     n = len(m["h"])
     row = {
         "n": n,

@@ -79,7 +79,8 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     n_real = len(ds.window_indices(cls, real=True))
     if extra:
         print(f"[{name}] {extra} extra procedural {cls} windows (cached in {work / name})")
-        X = np.concatenate([X, procedural_extra(which, extra, int(ds.window), seed, work / name / f"extra{extra}.npy")])
+        cache = work / name / f"extra{extra}-seed{seed}.npy"
+        X = np.concatenate([X, procedural_extra(which, extra, int(ds.window), seed, cache)])
     cfg = dict(DEFAULT_CONFIG, **config, length=int(ds.window))
     data = torch.tensor(X * cfg["coord_scale"], dtype=torch.float32)
     sched = schedule_from_config(cfg)
@@ -94,11 +95,14 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     log: list[dict] = []
     step, cpu_before = 0, 0.0
     ck = work / name / "ckpt.pt"
+    # what a checkpoint must share with this run to be resumed (saved in it; older checkpoints
+    # predate t_power and extra and had their defaults)
+    settings = {"steps": steps, "seed": seed, "config": cfg, "t_power": t_power, "extra": extra}
     if ck.is_file():
         st = torch.load(ck, weights_only=False)
-        if st["steps"] != steps or st["seed"] != seed or st["config"] != cfg or st.get("t_power", 1.0) != t_power \
-                or st.get("extra", 0) != extra:
-            raise SystemExit(f"{ck} was made with other settings (steps/seed/config); delete it to restart")
+        differ = [k for k, v in settings.items() if st.get(k, {"t_power": 1.0, "extra": 0}.get(k)) != v]
+        if differ:
+            raise SystemExit(f"{ck} was made with other settings ({', '.join(differ)} differ); delete it to restart")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
@@ -142,8 +146,7 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
         if step % ckpt_every == 0 or step == steps:
             ck.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "log": log, "steps": steps, "seed": seed, "config": cfg, "t_power": t_power, "extra": extra,
-                        "cpu_seconds": cpu_before + time.process_time() - cpu0}, ck)
+                        "log": log, **settings, "cpu_seconds": cpu_before + time.process_time() - cpu0}, ck)
     bar.close()
     cpu = cpu_before + time.process_time() - cpu0
     out = bundled_protein_model_path(name) if out_root is None else out_root / name
