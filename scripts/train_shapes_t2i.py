@@ -14,6 +14,15 @@ an EulerDiscreteScheduler of the same betas, no safety checker and no feature ex
     nohup nice -n 10 .venv/bin/python scripts/train_shapes_t2i.py > outputs/train_t2i.log 2>&1 &
 
 Re-running the same command resumes from <workdir>/checkpoint.pt.
+
+``--captions two-part`` trains the ``shapes-t2i-pairs`` variant: a tokenizer that also knows
+"and", "that", "is", and captions that include joint prompts of seen pairs written the way a
+user joins two prompts ("a circle and something red", "a circle that is red"; see
+``world.TWO_PART_MODES``), so the joint-prompt baseline is fair on held-out pairs:
+
+    nohup nice -n 10 .venv/bin/python scripts/train_shapes_t2i.py --captions two-part \
+        --vae superdiff/bundled/shapes-t2i/vae --workdir outputs/train/shapes-t2i-pairs \
+        --out superdiff/bundled/shapes-t2i-pairs --steps 3000 > outputs/train_t2i_pairs.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -50,13 +59,21 @@ from superdiff.shapes.training import (
 )
 
 
-def load_latent_dataset(run: Run, vae, seed: int, size: int, tokenizer):
+#: Caption-mode probabilities of each --captions choice (see world.make_dataset).
+CAPTION_PROBS: dict[str, dict[str, float]] = {
+    "single": {"full": 0.6, "shape": 0.2, "colour": 0.2},
+    "two-part": {"full": 0.4, "shape": 0.15, "colour": 0.15,
+                 "shape_and_colour": 0.1, "colour_and_shape": 0.1, "shape_that_is_colour": 0.1},
+}
+
+
+def load_latent_dataset(run: Run, vae, seed: int, size: int, tokenizer, captions: str = "single"):
     """Render, caption, tokenize and VAE-encode the training set once; cached in the workdir."""
-    cache = run.dir / f"latents-{seed}-{size}.pt"
+    cache = run.dir / (f"latents-{seed}-{size}.pt" if captions == "single" else f"latents-{seed}-{size}-{captions}.pt")
     if cache.exists():
         return torch.load(cache, weights_only=False)
     print(f"rendering and encoding {size} training images ...", flush=True)
-    data = world.make_dataset(np.random.default_rng([seed, 2]), size)
+    data = world.make_dataset(np.random.default_rng([seed, 2]), size, caption_probs=CAPTION_PROBS[captions])
     mean, std = encode_latents(vae, data.images)
     ids = tokenizer(data.captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
     blob = {"mean": mean, "std": std, "ids": ids, "captions": data.captions}
@@ -74,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--dataset-size", type=int, default=40000)
     ap.add_argument("--uncond-prob", type=float, default=0.1)
+    ap.add_argument("--captions", choices=sorted(CAPTION_PROBS), default="single",
+                    help="caption set: 'single' (shapes-t2i) or 'two-part' (adds joint prompts of seen pairs)")
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
@@ -95,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     scaling = float(vae.config.scaling_factor)
 
     run = Run(args.workdir)
-    tokenizer = build_tokenizer(run.dir / "tokenizer", model_max_length=TEXT_MAX_LENGTH)
+    tokenizer = build_tokenizer(run.dir / "tokenizer", model_max_length=TEXT_MAX_LENGTH, two_part=args.captions == "two-part")
     text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     unet = make_t2i_unet()
     ema_te, ema_unet = EMA(text_encoder, args.ema), EMA(unet, args.ema)
@@ -116,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         run.truncate_log(start)
         print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
 
-    data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer)
+    data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)
     empty_ids = tokenizer([""], padding="max_length", max_length=TEXT_MAX_LENGTH, return_tensors="pt").input_ids
     n = len(data["ids"])
 
@@ -189,10 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     for fname in ("vocab.json", "merges.txt"):
         shutil.copy(run.dir / "tokenizer" / fname, out / "tokenizer" / fname)
     vae_info = json.loads((vae_dir / "training.json").read_text()) if (vae_dir / "training.json").exists() else {}
+    if not vae_info and (vae_dir.parent / "training.json").exists():  # the VAE of a bundled model
+        vae_info = json.loads((vae_dir.parent / "training.json").read_text()).get("vae", {})
     write_json(
         out / "training.json",
         {
-            "name": "shapes-t2i",
+            "name": out.name,
             **({"note": args.note} if args.note else {}),
             "kind": "text-to-image",
             "steps_trained": final_state["step"],
@@ -206,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             "vae": vae_info,
             "data": {
                 "training_images": args.dataset_size,
-                "caption_modes": {"full": 0.6, "shape": 0.2, "colour": 0.2},
+                "caption_modes": CAPTION_PROBS[args.captions],
                 "held_out": [list(p) for p in world.HELD_OUT],
                 "loss_log": "train_log.jsonl",
             },

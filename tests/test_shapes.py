@@ -131,3 +131,27 @@ def test_tokenizer_maps_each_caption_word_to_one_token(tmp_path):
     assert tok.convert_ids_to_tokens(ids[:5]) == ["<|startoftext|>", "a</w>", "yellow</w>", "triangle</w>", "<|endoftext|>"]
     # Unknown words still tokenize (letter by letter), never to an empty sequence.
     assert len(tok("purple", add_special_tokens=False).input_ids) > 1
+
+
+def test_two_part_captions_join_the_single_prompts_of_seen_pairs(tmp_path):
+    assert world.two_part_caption("red", "circle", "shape_and_colour") == "a circle and something red"
+    assert world.two_part_caption("red", "circle", "colour_and_shape") == "something red and a circle"
+    assert world.two_part_caption("red", "circle", "shape_that_is_colour") == "a circle that is red"
+    assert world.parse_caption("a circle that is red") == ("red", "circle")
+    with pytest.raises(ValueError, match="two-part caption mode"):
+        world.two_part_caption("red", "circle", "full")
+    probs = {m: 1.0 for m in world.TWO_PART_MODES}
+    data = world.make_dataset(3, 64, caption_probs=probs)
+    for s, text in zip(data.scenes, data.captions):
+        assert (s.colour, s.shape) not in world.HELD_OUT
+        assert world.parse_caption(text) == (s.colour, s.shape)
+        assert " and " in text or " that is " in text
+    # The default caption set (the bundled shapes-t2i's) is unchanged by the option.
+    a = world.make_dataset(5, 32)
+    b = world.make_dataset(5, 32, caption_probs={"full": 0.6, "shape": 0.2, "colour": 0.2})
+    assert a.captions == b.captions and not any(" and " in c for c in a.captions)
+    assert "and" not in world.vocabulary() and {"and", "that", "is"} <= set(world.vocabulary(two_part=True))
+    tok = build_tokenizer(tmp_path, model_max_length=16, two_part=True)
+    ids = tok("a circle and something red", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["a</w>", "circle</w>", "and</w>", "something</w>", "red</w>"]
+    assert len(tok("a circle that is red", add_special_tokens=False).input_ids) == 5

@@ -65,16 +65,18 @@ def bpe_tables(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def build_tokenizer(directory: str | Path, model_max_length: int = 8):
+def build_tokenizer(directory: str | Path, model_max_length: int = 8, two_part: bool = False):
     """Write vocab.json + merges.txt + tokenizer config to ``directory``; return the tokenizer.
 
     ``model_max_length`` is the padded prompt length (BOS + words + EOS, padded with EOS).
+    ``two_part=True`` adds the joining words of the two-part captions ("and", "that", "is");
+    see ``world.vocabulary``.
     """
     from transformers import CLIPTokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = bpe_tables(vocabulary())
+    vocab, merges = bpe_tables(vocabulary(two_part))
     (directory / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = CLIPTokenizer(
@@ -82,7 +84,7 @@ def build_tokenizer(directory: str | Path, model_max_length: int = 8):
         merges=str(directory / "merges.txt"),
         model_max_length=model_max_length,
     )
-    for word in vocabulary():
+    for word in vocabulary(two_part):
         ids = tok(word, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise RuntimeError(

@@ -25,6 +25,12 @@ Captions name all or some attributes (``CAPTION_MODES``):
     full    "a red circle"
     shape   "a circle"
     colour  "something red"
+Two-part captions (``TWO_PART_MODES``, opt-in through ``caption_probs``, used only by the
+``shapes-t2i-pairs`` variant) join the two single-attribute prompts the way a user writes a
+joint prompt (``TWO_PART_TEMPLATES``), always for a seen pair:
+    shape_and_colour      "a circle and something red"
+    colour_and_shape      "something red and a circle"
+    shape_that_is_colour  "a circle that is red"
 
 Everything is deterministic given a seed or a ``numpy.random.Generator``.
 """
@@ -59,6 +65,13 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 )
 
 CAPTION_MODES: tuple[str, ...] = ("full", "shape", "colour")
+
+#: The joint-prompt templates a user writes to join two prompts (filled by position).
+TWO_PART_TEMPLATES: dict[str, str] = {"and": "{} and {}", "that is": "{} that is {}"}
+#: Caption modes that join the shape prompt and the colour prompt in one sentence.
+TWO_PART_MODES: tuple[str, ...] = ("shape_and_colour", "colour_and_shape", "shape_that_is_colour")
+#: Words the two-part captions add to the vocabulary.
+TWO_PART_WORDS: tuple[str, ...] = ("and", "that", "is")
 
 #: The two disjoint halves of the shape classes used by the half-data models.
 SHAPE_HALVES: dict[str, tuple[str, ...]] = {
@@ -241,15 +254,35 @@ def caption(colour: str | None, shape: str | None) -> str:
     return ""
 
 
+def two_part_caption(colour: str, shape: str, mode: str) -> str:
+    """A joint prompt naming both attributes in two parts (one of ``TWO_PART_MODES``).
+
+    ``two_part_caption("red", "circle", "shape_and_colour") == "a circle and something red"``,
+    ``"colour_and_shape"`` -> ``"something red and a circle"``,
+    ``"shape_that_is_colour"`` -> ``"a circle that is red"``.
+    """
+    _check_names([colour], COLOURS, "colour")
+    _check_names([shape], SHAPES, "shape")
+    if mode == "shape_and_colour":
+        return TWO_PART_TEMPLATES["and"].format(caption(None, shape), caption(colour, None))
+    if mode == "colour_and_shape":
+        return TWO_PART_TEMPLATES["and"].format(caption(colour, None), caption(None, shape))
+    if mode == "shape_that_is_colour":
+        return TWO_PART_TEMPLATES["that is"].format(caption(None, shape), colour)
+    raise ValueError(f"unknown two-part caption mode {mode!r}; choose from {list(TWO_PART_MODES)}")
+
+
 def scene_caption(scene: Scene, mode: str) -> str:
-    """Caption ``scene`` in one of ``CAPTION_MODES``."""
+    """Caption ``scene`` in one of ``CAPTION_MODES`` or ``TWO_PART_MODES``."""
     if mode == "full":
         return caption(scene.colour, scene.shape)
     if mode == "shape":
         return caption(None, scene.shape)
     if mode == "colour":
         return caption(scene.colour, None)
-    raise ValueError(f"unknown caption mode {mode!r}; choose from {list(CAPTION_MODES)}")
+    if mode in TWO_PART_MODES:
+        return two_part_caption(scene.colour, scene.shape, mode)
+    raise ValueError(f"unknown caption mode {mode!r}; choose from {list(CAPTION_MODES + TWO_PART_MODES)}")
 
 
 def parse_caption(text: str) -> tuple[str | None, str | None]:
@@ -262,9 +295,13 @@ def parse_caption(text: str) -> tuple[str | None, str | None]:
     return (colours[0] if colours else None, shapes[0] if shapes else None)
 
 
-def vocabulary() -> list[str]:
-    """Every word any caption can contain, in a fixed order (used to build the tokenizer)."""
-    return ["a", "something", *SHAPES, *COLOURS]
+def vocabulary(two_part: bool = False) -> list[str]:
+    """Every word any caption can contain, in a fixed order (used to build the tokenizer).
+
+    ``two_part=True`` adds the joining words of ``TWO_PART_MODES`` ("and", "that", "is");
+    the default is the vocabulary of the bundled ``shapes-t2i`` tokenizer.
+    """
+    return ["a", "something", *SHAPES, *COLOURS, *(TWO_PART_WORDS if two_part else ())]
 
 
 @dataclasses.dataclass
@@ -288,15 +325,16 @@ def make_dataset(
 ) -> Dataset:
     """Sample, render and caption ``n`` scenes.
 
-    ``caption_probs`` maps caption modes to probabilities (default: full 0.6, shape 0.2,
-    colour 0.2). Labels index ``SHAPES`` and ``COLOURS``.
+    ``caption_probs`` maps caption modes (``CAPTION_MODES`` or ``TWO_PART_MODES``) to
+    probabilities (default: full 0.6, shape 0.2, colour 0.2). Labels index ``SHAPES`` and
+    ``COLOURS``.
     """
     rng = as_generator(rng)
     probs = caption_probs or {"full": 0.6, "shape": 0.2, "colour": 0.2}
     modes = list(probs)
     for m in modes:
-        if m not in CAPTION_MODES:
-            raise ValueError(f"unknown caption mode {m!r}; choose from {list(CAPTION_MODES)}")
+        if m not in CAPTION_MODES + TWO_PART_MODES:
+            raise ValueError(f"unknown caption mode {m!r}; choose from {list(CAPTION_MODES + TWO_PART_MODES)}")
     p = np.asarray([probs[m] for m in modes], dtype=np.float64)
     if np.any(p < 0) or p.sum() <= 0:
         raise ValueError(f"caption_probs must be non-negative and not all zero, got {probs}")
