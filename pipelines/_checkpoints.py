@@ -1,0 +1,209 @@
+"""Expert networks given as checkpoints: loading a UNet with its scheduler and VAE configs,
+and the compatibility check that refuses, before any compute, a network that cannot share
+the pipeline's latent space and noise process (same x_t must mean the same noise level:
+equal betas, VAE scaling, channels, sample size, conditioning widths)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from superdiff.schedules import make_betas
+
+__all__ = ["VP_KINDS", "UNetExpert", "load_unet", "as_unet_expert", "network_info", "check_compatible"]
+
+VP_KINDS = ("epsilon", "sample", "v_prediction")
+
+
+@dataclass
+class UNetExpert:
+    """An extra network as an expert, next to the pipeline's own.
+
+    unet: a `UNet2DConditionModel` / `UNet2DModel`, or a local directory or hub id of a
+        checkpoint (a pipeline folder with unet/, or a bare model folder).
+    prompt: the prompt this expert is conditioned on (text-conditional UNets); None: one
+        expert per pipeline prompt. negative_prompt: its own negative prompt.
+    class_label: the class of a class-conditional UNet2DModel.
+    prediction_type, scheduler_config: what the network predicts and the noise schedule it
+        was trained with; read from the checkpoint's scheduler/ when loading from a path,
+        else the pipeline's own are assumed.
+    vae_config: the config of the VAE whose latent space it was trained in (read from the
+        checkpoint's vae/ when present); checked against the pipeline's VAE.
+    """
+
+    unet: Any
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    class_label: int | None = None
+    prediction_type: str | None = None
+    scheduler_config: Mapping[str, Any] | None = None
+    vae_config: Mapping[str, Any] | None = None
+    name: str | None = None
+
+
+def _read_json(path: str) -> dict | None:
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
+def _hub_config(repo: str, subfolder: str, filename: str) -> dict | None:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _read_json(hf_hub_download(repo, filename, subfolder=subfolder))
+    except Exception:  # noqa: BLE001 - a checkpoint without this part is fine
+        return None
+
+
+def load_unet(source: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> UNetExpert:
+    """Load a UNet checkpoint (local directory or hub id) with its scheduler and VAE configs.
+
+    Accepts a pipeline folder (unet/, scheduler/, vae/) or a bare model folder (config.json
+    + weights). The UNet class is taken from its config.
+    """
+    import diffusers
+
+    src = str(source)
+    local = os.path.isdir(src)
+    if local:
+        sub = "unet" if os.path.isfile(os.path.join(src, "unet", "config.json")) else None
+        cfg = _read_json(os.path.join(src, sub or "", "config.json"))
+        if cfg is None:
+            raise ValueError(f"{src} is neither a diffusers pipeline folder with unet/ nor a model folder "
+                             "with config.json")
+        sched = (_read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
+                 or _read_json(os.path.join(src, "scheduler_config.json")))
+        vae = _read_json(os.path.join(src, "vae", "config.json"))
+    else:  # hub id
+        sub = "unet"
+        cfg = _hub_config(src, "unet", "config.json")
+        if cfg is None:
+            sub, cfg = None, _hub_config(src, "", "config.json")
+        if cfg is None:
+            raise ValueError(f"cannot find a UNet config for {src!r} (neither unet/config.json nor config.json)")
+        sched = _hub_config(src, "scheduler", "scheduler_config.json") or _hub_config(src, "", "scheduler_config.json")
+        vae = _hub_config(src, "vae", "config.json")
+    cls_name = cfg.get("_class_name", "UNet2DConditionModel")
+    if cls_name not in ("UNet2DConditionModel", "UNet2DModel"):
+        raise ValueError(f"{src}: a {cls_name} cannot be a SuperDiff UNet expert (expected UNet2DConditionModel "
+                         "or UNet2DModel)")
+    cls = getattr(diffusers, cls_name)
+    kw = dict(kwargs)
+    if sub:
+        kw["subfolder"] = sub
+    if torch_dtype is not None:
+        kw["torch_dtype"] = torch_dtype
+    unet = cls.from_pretrained(src, **kw)
+    return UNetExpert(unet, scheduler_config=sched, vae_config=vae,
+                      prediction_type=(sched or {}).get("prediction_type"), name=os.path.basename(src.rstrip("/")))
+
+
+def as_unet_expert(entry: Any, torch_dtype: torch.dtype | None = None) -> UNetExpert:
+    """Normalise an `extra_unets` entry: a module, a path / hub id, (unet, prompt) or a UNetExpert."""
+    if isinstance(entry, UNetExpert):
+        if isinstance(entry.unet, (str, os.PathLike)):
+            loaded = load_unet(entry.unet, torch_dtype)
+            return UNetExpert(loaded.unet, entry.prompt, entry.negative_prompt, entry.class_label,
+                              entry.prediction_type or loaded.prediction_type,
+                              entry.scheduler_config or loaded.scheduler_config,
+                              entry.vae_config or loaded.vae_config, entry.name or loaded.name)
+        return entry
+    if isinstance(entry, (str, os.PathLike)):
+        return load_unet(entry, torch_dtype)
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+        return as_unet_expert(UNetExpert(entry[0], prompt=entry[1]), torch_dtype)
+    if isinstance(entry, torch.nn.Module):
+        return UNetExpert(entry)
+    raise ValueError(f"cannot use {type(entry).__name__} as an extra UNet expert; give a UNet module, a checkpoint "
+                     "path or hub id, a (unet, prompt) pair or a superdiff.pipelines.UNetExpert")
+
+
+def _betas(cfg: Mapping[str, Any]) -> np.ndarray:
+    if cfg.get("trained_betas") is not None:
+        return np.asarray(cfg["trained_betas"], dtype=np.float64)
+    return make_betas(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 1e-4),
+                      cfg.get("beta_end", 0.02), cfg.get("beta_schedule", "linear"))
+
+
+def network_info(unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | None,
+                 prediction_type: str | None = None, vae_config: Mapping[str, Any] | None = None,
+                 name: str = "unet") -> dict[str, Any]:
+    """What the compatibility check compares, for one network."""
+    cfg = getattr(unet, "config", None)
+    if cfg is None or not hasattr(cfg, "in_channels"):
+        raise ValueError(f"expert network {name!r} is a {type(unet).__name__}; expected a diffusers "
+                         "UNet2DConditionModel or UNet2DModel")
+    sched = dict(scheduler_config or {})
+    cls = str(sched.get("_class_name", ""))
+    pred = prediction_type or sched.get("prediction_type", "epsilon")
+    if "FlowMatch" in cls:
+        pred = "flow"
+    return {
+        "name": name,
+        "class": type(unet).__name__,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "sample_size": cfg.sample_size,
+        "cross_attention_dim": getattr(cfg, "cross_attention_dim", None),
+        "addition_embed_type": getattr(cfg, "addition_embed_type", None),
+        "projection_class_embeddings_input_dim": getattr(cfg, "projection_class_embeddings_input_dim", None),
+        "class_conditional": bool(getattr(cfg, "num_class_embeds", None) or getattr(cfg, "class_embed_type", None))
+        and type(unet).__name__ == "UNet2DModel",
+        "prediction_type": pred,
+        "betas": _betas(sched) if sched else None,
+        "scaling_factor": None if vae_config is None else vae_config.get("scaling_factor"),
+        "latent_channels": None if vae_config is None else vae_config.get("latent_channels"),
+        "time_cond_proj_dim": getattr(cfg, "time_cond_proj_dim", None),
+    }
+
+
+def check_compatible(base: Mapping[str, Any], other: Mapping[str, Any], text_dim: int | None = None) -> None:
+    """Refuse (ValueError) an expert network that cannot share the base network's space and
+    noise process. Called for every expert before any compute."""
+    who = f"expert network {other['name']!r}"
+    ref = f"the pipeline's {base['name']!r}"
+    if other["in_channels"] != base["in_channels"]:
+        raise ValueError(f"{who} takes {other['in_channels']} input channels, {ref} {base['in_channels']}: "
+                         "experts must work on the same latent (or pixel) space")
+    if other["out_channels"] != other["in_channels"]:
+        raise ValueError(f"{who} outputs {other['out_channels']} channels for {other['in_channels']} input "
+                         "channels (learned variance?); only plain epsilon/x0/v predictions can be composed")
+    if other["sample_size"] != base["sample_size"]:
+        raise ValueError(f"{who} was trained at sample_size {other['sample_size']}, {ref} at "
+                         f"{base['sample_size']}; experts must share the sample size")
+    if other["prediction_type"] not in VP_KINDS:
+        raise ValueError(f"{who} has prediction type {other['prediction_type']!r}, which cannot be converted to "
+                         f"the {base['prediction_type']!r} predictions of {ref} (supported: "
+                         f"{', '.join(VP_KINDS)} on a DDPM-style noise schedule)")
+    if other["betas"] is not None and base["betas"] is not None:
+        if other["betas"].shape != base["betas"].shape or not np.allclose(other["betas"], base["betas"], rtol=1e-6, atol=1e-9):
+            raise ValueError(f"{who} was trained with a different noise schedule (betas) than {ref}: the same "
+                             "x_t would mean different noise levels to the two models")
+    for key, what in (("scaling_factor", "VAE scaling factor"), ("latent_channels", "VAE latent channels")):
+        if other[key] is not None and base[key] is not None and not math.isclose(float(other[key]), float(base[key])):
+            raise ValueError(f"{who} was trained with {what} {other[key]}, {ref} with {base[key]}: they do not "
+                             "share a latent space")
+    if other["time_cond_proj_dim"] is not None:
+        raise ValueError(f"{who} is guidance-distilled (time_cond_proj_dim set); it cannot be composed here")
+    if other["class"] == "UNet2DConditionModel":
+        if text_dim is None:
+            raise ValueError(f"{who} is text-conditional, but this pipeline has no text encoder")
+        if other["cross_attention_dim"] != text_dim:
+            raise ValueError(f"{who} expects text embeddings of width {other['cross_attention_dim']}, the "
+                             f"pipeline's text encoder gives {text_dim}")
+        if other["addition_embed_type"] != base["addition_embed_type"] or (
+                other["projection_class_embeddings_input_dim"] != base["projection_class_embeddings_input_dim"]):
+            raise ValueError(f"{who} expects added conditions {other['addition_embed_type']!r} "
+                             f"({other['projection_class_embeddings_input_dim']}), {ref} "
+                             f"{base['addition_embed_type']!r} ({base['projection_class_embeddings_input_dim']}); "
+                             "an SDXL UNet and an SD 1.x/2.x UNet cannot be mixed")
+    elif other["class"] != "UNet2DModel":
+        raise ValueError(f"{who} is a {other['class']}; expected UNet2DConditionModel or UNet2DModel")

@@ -1,0 +1,182 @@
+"""The method of one call, settled and checked before any compute: the operator from its
+arguments, the sampler (integrator), the density estimator, the core schedule for a
+diffusers scheduler config, and the initial latents x_T ~ N(0, sigma_0^2 I) as diffusers
+draws them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from superdiff.diffusers_experts import NullEstimator
+from superdiff.estimators import make_estimator
+from superdiff.integrators import Integrator, make_integrator
+from superdiff.operators import Operator, make_operator
+from superdiff.sampling import default_estimator
+from superdiff.schedules import Schedule, VESigma, schedule_from_config
+
+Tensor = torch.Tensor
+
+__all__ = ["SAMPLERS", "MethodPlan", "build_operator", "resolve_sampler", "resolve_estimator", "make_schedule",
+           "init_noise_sigma", "prepare_latents"]
+
+SAMPLERS = ("sde", "em", "ode", "euler", "heun", "ddpm")
+
+
+def build_operator(operator: str | Operator, num_experts: int, *, weights: Sequence[float] | None = None,
+                   bias: Sequence[float] | None = None, temperature: float | None = None,
+                   lift: float | Sequence[float] | None = None, offsets: Sequence[float] | None = None,
+                   kappa_clamp: Any = None, ridge: float | None = None, feedback: float | None = None,
+                   operator_kwargs: Mapping[str, Any] | None = None) -> Operator:
+    """The core operator from the pipeline's arguments (validated before any compute).
+
+    or:      temperature, weights (mixture weights) or bias (log-weights)
+    and:     lift (scalar for 2 experts: offsets (lift, 0); or one per expert) / offsets,
+             kappa_clamp ((lo, hi); False disables; None keeps the default), ridge, feedback
+    average: weights (default 1/N; negative = NOT)
+    single:  operator_kwargs={"index": i}
+    """
+    if isinstance(operator, Operator):
+        given = [k for k, v in dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
+                                    kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback).items() if v is not None]
+        if given or operator_kwargs:
+            raise ValueError(f"operator parameters {given or sorted(operator_kwargs)} were given together with an "
+                             "Operator instance; set them on the instance")
+        op = operator
+    else:
+        if not isinstance(operator, str):
+            raise ValueError(f"`operator` must be a name or an Operator, got {type(operator).__name__}")
+        name = operator.lower()
+        params: dict[str, Any] = dict(operator_kwargs or {})
+        if temperature is not None:
+            params["temperature"] = temperature
+        if bias is not None:
+            params["bias"] = bias
+        if weights is not None:
+            params["weights"] = weights
+        if lift is not None and offsets is not None:
+            raise ValueError("give either `lift` or `offsets`, not both")
+        if lift is not None:
+            if np.ndim(lift) == 0:
+                if num_experts != 2:
+                    raise ValueError(f"a scalar `lift` is defined for 2 experts (offsets (lift, 0)); with "
+                                     f"{num_experts} experts give one offset per expert")
+                offsets = [float(lift), 0.0]
+            else:
+                offsets = list(lift)
+        if offsets is not None:
+            params["offsets"] = offsets
+        if kappa_clamp is not None:
+            params["clamp"] = None if kappa_clamp is False else tuple(kappa_clamp)
+        if ridge is not None:
+            params["ridge"] = ridge
+        if feedback is not None:
+            params["feedback"] = feedback
+        op = make_operator(name, **params)
+    op.validate(num_experts)
+    return op
+
+
+def resolve_sampler(sampler: str | Integrator, scheduler_config: Mapping[str, Any] | None = None) -> Integrator:
+    """The integrator; the ddpm sampler follows the scheduler's x0 clipping (clip_sample and
+    clip_sample_range, as diffusers' DDPMScheduler), so pixel models keep their behaviour."""
+    if isinstance(sampler, Integrator):
+        return sampler
+    integrator = make_integrator(sampler)
+    cfg = scheduler_config or {}
+    if integrator.name == "ddpm" and cfg.get("clip_sample"):
+        integrator = make_integrator("ddpm", clip_sample=float(cfg.get("clip_sample_range", 1.0)))
+    return integrator
+
+
+def resolve_estimator(estimator: Any, operator: Operator, integrator: Integrator):
+    """The density estimator; None: the core's default for the integrator, except that an
+    ODE integrator with an operator that ignores log q ("single", "average") tracks nothing
+    (the divergence would cost a Jacobian-vector product per step for no effect)."""
+    if estimator is None:
+        if not integrator.stochastic and operator.name in ("single", "average"):
+            return NullEstimator()
+        return make_estimator(default_estimator(integrator))
+    if isinstance(estimator, str) and estimator.lower() == "none":
+        if operator.needs_linear_model:
+            raise ValueError(f"estimator 'none' cannot drive the {operator.name!r} operator, which needs "
+                             "log-density changes; use 'kernel', 'ito' or 'ode'")
+        return NullEstimator()
+    return make_estimator(estimator)
+
+
+_UNSUPPORTED = {
+    "rescale_betas_zero_snr": "zero-terminal-SNR schedules (rescale_betas_zero_snr=True)",
+    "use_exponential_sigmas": "exponential sigmas",
+    "use_beta_sigmas": "beta sigmas",
+}
+
+
+def make_schedule(scheduler_config: Mapping[str, Any], integrator: Integrator,
+                  schedule: str | Schedule | None = None) -> Schedule:
+    """The core schedule for a diffusers scheduler config.
+
+    schedule=None: "vp" (DDPM/DDIM timesteps) for the ddpm sampler, "ve" (the sigma grid of
+    diffusers' Euler schedulers) for the others; "vp"/"ve" force one; a Schedule is used as is.
+    """
+    if isinstance(schedule, Schedule):
+        return schedule
+    cfg = dict(scheduler_config)
+    if "FlowMatch" in str(cfg.get("_class_name", "")):
+        raise ValueError(f"{cfg.get('_class_name')} is a flow-matching scheduler; these pipelines compose "
+                         "DDPM-family (epsilon / v / x0) models")
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise ValueError(f"the scheduler config uses {what}, which superdiff's schedules do not support; "
+                             "load the pipeline with a scheduler config without it")
+    if cfg.get("timestep_type", "discrete") != "discrete":
+        raise ValueError(f"timestep_type={cfg['timestep_type']!r} is not supported (only 'discrete')")
+    if schedule is None:
+        schedule = "vp" if integrator.name == "ddpm" else "ve"
+    if schedule not in ("vp", "ve"):
+        raise ValueError(f"unknown schedule {schedule!r}; expected 'vp', 've' or a superdiff Schedule")
+    return schedule_from_config(cfg, kind=schedule)
+
+
+def init_noise_sigma(schedule: Schedule, grid: Tensor, scheduler_config: Mapping[str, Any]) -> float:
+    """Std of the initial latents, as diffusers' schedulers set it.
+
+    VP: 1. VE: sqrt(1 + sigma_max^2), except that diffusers' Euler schedulers use sigma_max
+    itself for "linspace"/"trailing" spacing; that convention is followed so that a seed gives
+    the image diffusers gives.
+    """
+    if isinstance(schedule, VESigma):
+        smax = float(grid[0])
+        if schedule.timestep_spacing in ("linspace", "trailing"):
+            return smax
+        return math.sqrt(smax**2 + 1.0)
+    return float(schedule.prior_std(grid[0]))
+
+
+def prepare_latents(shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype,
+                    latents: Tensor | None, sigma: float) -> Tensor:
+    """Initial latents as diffusers draws them (randn_tensor, per-sample generators), times sigma."""
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {tuple(shape)}")
+        latents = latents.to(device=device)
+    return latents * sigma
+
+
+@dataclass
+class MethodPlan:
+    """What `_plan_method` settled for one call."""
+
+    operator: Operator
+    estimator: Any
+    integrator: Integrator
+    schedule: Schedule
+    grid: Tensor
+    sigma0: float

@@ -1,0 +1,153 @@
+"""The shared `__call__` machinery of every SuperDiff pipeline: the pre-compute checks, the
+method plan, and the sampling loop -- one call to `superdiff.sampling.sample`, whose every
+step is `superdiff.step.superdiff_step` (nothing here re-implements the step)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from superdiff.diffusers_experts import NetworkExperts
+from superdiff.estimators import check_pair
+from superdiff.integrators import Integrator
+from superdiff.operators import Operator
+from superdiff.sampling import SampleOutput, StepInfo, sample
+from superdiff.schedules import Schedule
+
+from ._inputs import check_common, check_generator, check_height_width
+from ._method import (MethodPlan, build_operator, init_noise_sigma, make_schedule, prepare_latents, resolve_estimator,
+                      resolve_sampler)
+
+Tensor = torch.Tensor
+
+__all__ = ["CALLBACK_TENSOR_INPUTS", "SuperDiffPipelineMixin"]
+
+#: what `callback_on_step_end_tensor_inputs` may ask for
+CALLBACK_TENSOR_INPUTS = ["latents", "kappa", "logq", "noise_pred"]
+
+
+class SuperDiffPipelineMixin:
+    """Shared `__call__` machinery; mixed into each DiffusionPipeline subclass."""
+
+    _callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
+
+    #: experts and trace of the last call (for inspection: forward-call counters, names)
+    last_experts: NetworkExperts | None = None
+
+    def _callback_inputs(self, callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> list[str]:
+        try:
+            from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+                return list(callback_on_step_end.tensor_inputs)
+        except ImportError:  # pragma: no cover - older diffusers
+            pass
+        return list(tensor_inputs) if tensor_inputs is not None else ["latents"]
+
+    def _check_call(self, height: int, width: int, num_inference_steps: Any, batch: Any, output_type: str,
+                    guidance_scale: Any, max_batch_size: Any, generator: Any, sampler: str | Integrator,
+                    callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> tuple[list[str], Integrator]:
+        """The checks every pipeline makes before any compute; (callback tensor inputs, integrator)."""
+        check_height_width(height, width, self.vae_scale_factor)
+        callback_inputs = self._callback_inputs(callback_on_step_end, tensor_inputs)
+        check_common(num_inference_steps, batch, output_type, callback_inputs, self._callback_tensor_inputs,
+                     guidance_scale, max_batch_size)
+        check_generator(generator, int(batch))
+        return callback_inputs, resolve_sampler(sampler, self.scheduler.config)
+
+    def _plan_method(self, operator: str | Operator, num_experts: int, op_params: Mapping[str, Any],
+                     estimator: Any, integrator: Integrator, schedule: Any, num_inference_steps: int,
+                     time_grid: Any, grid_end: str) -> MethodPlan:
+        """Operator, estimator, schedule and time grid of one call, each checked."""
+        op = build_operator(operator, num_experts, **op_params)
+        est = resolve_estimator(estimator, op, integrator)
+        check_pair(est, integrator)
+        sched = make_schedule(self.scheduler.config, integrator, schedule)
+        grid, sigma0 = self._grid_and_sigma(sched, num_inference_steps, time_grid, grid_end, self.scheduler.config)
+        return MethodPlan(op, est, integrator, sched, grid, sigma0)
+
+    def _run(self, method: MethodPlan, experts: NetworkExperts, names: Sequence[str], batch: int, height: int,
+             width: int, latents: Tensor | None, generator: Any, guidance_scale: float, num_inference_steps: int,
+             time_grid: Any, grid_end: str, callback_on_step_end: Callable | None,
+             callback_inputs: Sequence[str]) -> SampleOutput:
+        """Draw the initial latents as diffusers does and sample; the trace records the
+        pipeline and the forward calls per network."""
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        x = prepare_latents(shape, generator, self._execution_device, self.unet.dtype, latents, method.sigma0)
+        out = self._superdiff_sample(experts, method.schedule, num_inference_steps, method.operator,
+                                     method.estimator, method.integrator, x, generator, guidance_scale,
+                                     method.grid if time_grid is not None else None, grid_end, self.unet.dtype,
+                                     callback_on_step_end, callback_inputs, names)
+        out.trace.meta.update(pipeline=type(self).__name__,
+                              forward_calls_per_network=experts.forward_calls_per_network())
+        return out
+
+    def _superdiff_sample(
+        self,
+        experts: NetworkExperts,
+        schedule: Schedule,
+        num_inference_steps: int,
+        operator: Operator,
+        estimator: Any,
+        integrator: Integrator,
+        latents: Tensor,
+        generator: Any,
+        guidance_scale: float,
+        timesteps: Any,
+        grid_end: str,
+        model_dtype: torch.dtype,
+        callback_on_step_end: Callable | None,
+        callback_inputs: Sequence[str],
+        expert_names: Sequence[str],
+    ) -> SampleOutput:
+        self.last_experts = experts
+        n_steps = num_inference_steps if timesteps is None else len(timesteps) - 1
+        bar = self.progress_bar(total=n_steps)
+
+        def on_step(info: StepInfo):
+            bar.update()
+            if callback_on_step_end is None:
+                return None
+            lat = info.x.to(torch.float32)
+            orig = lat.clone() if "latents" in callback_inputs else None
+            available = {"latents": lat, "kappa": info.kappa, "logq": info.logq, "noise_pred": info.output.pred}
+            kwargs = {k: available[k] for k in callback_inputs}
+            t_model = schedule.model_time(torch.tensor(info.t, dtype=torch.float64))
+            out = callback_on_step_end(self, info.step, t_model, kwargs)
+            if not out or "latents" not in out:
+                return None
+            new = out["latents"]
+            if new is lat and orig is not None and torch.equal(lat, orig):
+                return None  # handed back unchanged: keep the float64 latents
+            return new
+
+        try:
+            return sample(experts, schedule, num_inference_steps, operator=operator, estimator=estimator,
+                          integrator=integrator, latents=latents, generator=generator,
+                          guidance_scale=guidance_scale, timesteps=timesteps, grid_end=grid_end,
+                          dtype=torch.float32, model_dtype=model_dtype, expert_names=list(expert_names),
+                          progress=False, callback=on_step)
+        finally:
+            bar.close()
+
+    def _postprocess(self, image: Tensor, output_type: str, do_denormalize: list[bool] | None = None):
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+    @staticmethod
+    def _guidance(guidance_scale: float) -> tuple[bool, float]:
+        """(do_cfg, scale for the core): as diffusers, guidance applies when the scale is > 1."""
+        g = float(guidance_scale)
+        return (g > 1.0, g if g > 1.0 else 1.0)
+
+    @staticmethod
+    def _grid_and_sigma(schedule: Schedule, num_inference_steps: int, timesteps: Any, grid_end: str,
+                        scheduler_config: Mapping[str, Any]) -> tuple[Tensor, float]:
+        if timesteps is not None:
+            grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+            if len(grid) < 2 or not bool(torch.all(grid[1:] < grid[:-1])) or not bool(torch.isfinite(grid).all()):
+                raise ValueError("`time_grid` must be a strictly decreasing list of at least 2 finite schedule "
+                                 "times (sigmas for the 've' schedule, DDPM timesteps for 'vp')")
+        else:
+            grid = schedule.grid(int(num_inference_steps), end=grid_end)
+        return grid, init_noise_sigma(schedule, grid, scheduler_config)
