@@ -48,37 +48,16 @@ from superdiff.shapes.models import (
 )
 from superdiff.shapes.tokenizer import build_tokenizer
 from superdiff.shapes.training import (
+    CAPTION_PROBS,
     EMA,
     Run,
-    encode_latents,
+    load_latent_dataset,
     lr_at,
     min_snr_weights,
     parameter_count,
     step_rng,
     write_json,
 )
-
-
-#: Caption-mode probabilities of each --captions choice (see world.make_dataset).
-CAPTION_PROBS: dict[str, dict[str, float]] = {
-    "single": {"full": 0.6, "shape": 0.2, "colour": 0.2},
-    "two-part": {"full": 0.4, "shape": 0.15, "colour": 0.15,
-                 "shape_and_colour": 0.1, "colour_and_shape": 0.1, "shape_that_is_colour": 0.1},
-}
-
-
-def load_latent_dataset(run: Run, vae, seed: int, size: int, tokenizer, captions: str = "single"):
-    """Render, caption, tokenize and VAE-encode the training set once; cached in the workdir."""
-    cache = run.dir / (f"latents-{seed}-{size}.pt" if captions == "single" else f"latents-{seed}-{size}-{captions}.pt")
-    if cache.exists():
-        return torch.load(cache, weights_only=False)
-    print(f"rendering and encoding {size} training images ...", flush=True)
-    data = world.make_dataset(np.random.default_rng([seed, 2]), size, caption_probs=CAPTION_PROBS[captions])
-    mean, std = encode_latents(vae, data.images)
-    ids = tokenizer(data.captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    blob = {"mean": mean, "std": std, "ids": ids, "captions": data.captions}
-    torch.save(blob, cache)
-    return blob
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,13 @@
                    0.00085 -> 0.012, 1000 steps, epsilon prediction); the text-to-image
                    directory ships EulerDiscreteScheduler with the same betas for sampling
 
+The rectified-flow model ``shapes-flow`` (Stable Diffusion 3 layout) shares the VAE:
+    transformer    SD3Transformer2DModel (MMDiT) on the 8x8x4 latents, patch size 1
+    text_encoder,  two CLIPTextModelWithProjection (the CLIP-L and CLIP-G slots), from
+    text_encoder_2 scratch like the one above; no T5 (text_encoder_3 = None), so diffusers
+                   appends ``FLOW_T5_TOKENS`` zero tokens of width ``joint_attention_dim``
+    scheduler      FlowMatchEulerDiscreteScheduler, 1000 steps, shift ``FLOW_SHIFT``
+
 Every constructor is deterministic given ``torch.manual_seed`` and returns a model in
 train mode; the configs are what ``save_pretrained`` writes to the bundled directories.
 """
@@ -20,6 +27,12 @@ LATENT_CHANNELS: int = 4
 LATENT_SIZE: int = 8
 TEXT_MAX_LENGTH: int = 16
 TEXT_HIDDEN: int = 64
+
+#: Timestep shift of the flow model's scheduler (SD3's value), used in training and sampling.
+FLOW_SHIFT: float = 3.0
+#: Zero "T5" tokens diffusers' SD3 pipeline appends without text_encoder_3: its default
+#: ``max_sequence_length``, the layout ``shapes-flow`` is trained for.
+FLOW_T5_TOKENS: int = 256
 
 SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -47,8 +60,10 @@ def make_vae():
     )
 
 
-def make_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def make_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+                      with_projection: bool = False):
+    """CLIPTextModel, or CLIPTextModelWithProjection (SD3's encoders) with ``with_projection``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -62,7 +77,7 @@ def make_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pad
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def make_t2i_unet():
@@ -80,6 +95,32 @@ def make_t2i_unet():
         attention_head_dim=8,
         norm_num_groups=16,
     )
+
+
+def make_flow_transformer():
+    """SD3Transformer2DModel for ``shapes-flow``: sequence features of both CLIP encoders side
+    by side (``joint_attention_dim`` = 2 x TEXT_HIDDEN), their pooled projections likewise."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=6,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=2 * TEXT_HIDDEN,
+        caption_projection_dim=64,
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        pos_embed_max_size=LATENT_SIZE,
+    )
+
+
+def make_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
 
 
 def make_uncond_unet():

@@ -8,6 +8,8 @@ sees exactly the batches an uninterrupted run would have seen, without saving RN
 Learning rate: linear warm-up for ``warmup`` steps, then cosine decay to 10% of the base.
 EMA: ``ema = d * ema + (1 - d) * param`` with ``d = min(decay, (1 + step) / (10 + step))``.
 Diffusion loss: epsilon MSE with min-SNR-gamma weights ``min(SNR, gamma) / SNR``.
+Data: ``load_latent_dataset`` renders and captions the training images once (caption
+sets ``CAPTION_PROBS``), VAE-encodes them to posterior mean/std and caches them in the run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from . import world
+from .models import TEXT_MAX_LENGTH
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:
@@ -138,3 +143,25 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def parameter_count(modules: Iterable[torch.nn.Module]) -> int:
     return int(sum(p.numel() for m in modules for p in m.parameters()))
+
+
+#: Caption-mode probabilities of each --captions choice (see world.make_dataset).
+CAPTION_PROBS: dict[str, dict[str, float]] = {
+    "single": {"full": 0.6, "shape": 0.2, "colour": 0.2},
+    "two-part": {"full": 0.4, "shape": 0.15, "colour": 0.15,
+                 "shape_and_colour": 0.1, "colour_and_shape": 0.1, "shape_that_is_colour": 0.1},
+}
+
+
+def load_latent_dataset(run: Run, vae, seed: int, size: int, tokenizer, captions: str = "single"):
+    """Render, caption, tokenize and VAE-encode the training set once; cached in the workdir."""
+    cache = run.dir / (f"latents-{seed}-{size}.pt" if captions == "single" else f"latents-{seed}-{size}-{captions}.pt")
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    print(f"rendering and encoding {size} training images ...", flush=True)
+    data = world.make_dataset(np.random.default_rng([seed, 2]), size, caption_probs=CAPTION_PROBS[captions])
+    mean, std = encode_latents(vae, data.images)
+    ids = tokenizer(data.captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    blob = {"mean": mean, "std": std, "ids": ids, "captions": data.captions}
+    torch.save(blob, cache)
+    return blob
