@@ -23,7 +23,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="superdiff", description="Compose diffusion models at sampling time (SuperDiff).")
+    p.add_argument("--version", action="version", version=f"superdiff {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("gmm-demo", help="the 2-D Gaussian-mixture OR/AND demo (paper Figure 2): scatter + trace plots")
     d.add_argument("--out", default="outputs/gmm-demo", help="output folder (default: outputs/gmm-demo)")

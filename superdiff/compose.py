@@ -232,6 +232,31 @@ def _float(v: Any, name: str, lo: float | None = None, allow_inf: bool = False) 
 DEFAULT_COMPOSITION = Composition(model="shapes-t2i", prompts=["a circle", "something red"], operator="and")
 
 
+def draw_seed(seed: int | None) -> tuple[int, bool]:
+    """(seed, drawn): -1 means "random", as in A1111 and ComfyUI: a seed is drawn and
+    returned so that it can be recorded; any other value is returned as it is."""
+    if not isinstance(seed, bool) and isinstance(seed, (int, float, str)) and str(seed).strip() in ("-1", "-1.0"):
+        import secrets
+
+        return secrets.randbelow(2**32), True
+    return seed, False  # type: ignore[return-value]
+
+
+def check_experts(comp: Composition) -> list[str]:
+    """Refuse compositions whose operator has nothing to compose (AND / OR / average with
+    one expert would silently run that expert alone); return notes on what is not used
+    (the other experts under "single")."""
+    n = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
+    if comp.operator in ("and", "or", "average") and n < 2:
+        raise _fail("prompts", f"{comp.operator.upper()} composes two or more experts, got {n}; add a prompt "
+                               "(or an extra model), or use operator single for one expert alone")
+    if comp.operator == "single" and n > 1:
+        names = comp.prompts + comp.extra_models if comp.prompts else [comp.model, *comp.extra_models]
+        return [f"operator single samples expert {comp.single_index + 1} ({names[min(comp.single_index, n - 1)]!r}) "
+                f"alone; the other {n - 1} expert(s) are not used (single_index picks another)"]
+    return []
+
+
 # ---- models ---------------------------------------------------------------------------------
 def model_kind(path_or_id: str) -> str:
     """'sd', 'sdxl' or 'unet2d' from the model's model_index.json / unet config."""
@@ -262,6 +287,21 @@ def model_kind(path_or_id: str) -> str:
         return "unet2d"
     raise ValueError(f"model: {path_or_id} is a {cls or 'unknown'} pipeline; SuperDiff composes Stable Diffusion "
                      "(1.x/2.x, XL) and UNet2D models")
+
+
+def check_safetensors(path: str) -> None:
+    """Refuse, in one line, a local model folder whose weights are only pickled `.bin`
+    files: only safetensors are loaded (pickles can run code)."""
+    d = Path(path)
+    if not d.is_dir():
+        return  # a hub id: from_pretrained(use_safetensors=True) checks it
+    if any(d.rglob("*.safetensors")):
+        return
+    bins = sorted(p.relative_to(d).as_posix() for p in d.rglob("*.bin"))
+    if bins:
+        raise ValueError(f"model: {d.name} has only .bin weights ({', '.join(bins[:3])}); only safetensors are "
+                         "loaded. Convert them once, e.g. DiffusionPipeline.from_pretrained(dir, "
+                         "use_safetensors=False).save_pretrained(dir, safe_serialization=True)")
 
 
 class _quiet_loading:
@@ -338,6 +378,8 @@ class ModelCache:
         src = self.resolve(model)
         extras = [self.resolve(m, "extra_models") for m in extra_models]
         kind = model_kind(src)
+        for d in (src, *extras):
+            check_safetensors(d)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         key = (src, tuple(extras) if kind == "unet2d" else (), dtype, device)
         with self._lock:
@@ -478,31 +520,52 @@ def run_composition(comp: Composition, cache: ModelCache | None = None, *,
 
 
 # ---- PNG files with their parameters --------------------------------------------------------
-def png_metadata(record: Composition) -> dict[str, str]:
-    """Text chunks: the composition as JSON under 'superdiff' (with the package version),
-    and a human-readable 'parameters' line. Nothing time-dependent: files are byte-identical
-    across runs."""
+GRID_KEY = "superdiff_grid"
+
+
+def png_metadata(record: Composition, size: tuple[int, int] | None = None) -> dict[str, str]:
+    """Text chunks: the composition as JSON under 'superdiff' (with the package version; the
+    source of truth) and under 'parameters' the same in Automatic1111's infotext layout
+    (`superdiff.a1111.infotext`: prompt, 'Negative prompt:', 'Steps: ..., Sampler: ...'),
+    which A1111's PNG Info and image browsers read. Nothing time-dependent: files are
+    byte-identical across runs."""
     from . import __version__
+    from .a1111 import infotext
 
     d = record.to_dict()
     d["superdiff_version"] = __version__
     return {PNG_KEY: json.dumps(d, sort_keys=True),
-            "parameters": f"{record.describe()}; steps {record.steps}, guidance {record.guidance_scale}, "
-                          f"sampler {record.sampler}; superdiff {__version__}",
+            "parameters": infotext(record, size=size, version=__version__),
             "Software": f"superdiff {__version__}"}
 
 
-def save_png(image: Any, path: str | os.PathLike, record: Composition) -> Path:
-    """Write atomically (temp file + rename): a crash never leaves a truncated PNG."""
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def save_png(image: Any, path: str | os.PathLike, record: Composition,
+             extra_text: dict[str, str] | None = None) -> Path:
+    """Write atomically (temp file + rename): a crash never leaves a truncated PNG. The file
+    gets the user's umask like any other new file (0644 under the usual 022), not the 0600 of
+    a private temp file. `extra_text`: further text chunks (a grid's tile records)."""
     from PIL import PngImagePlugin
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
-    for k, v in png_metadata(record).items():
+    for k, v in {**png_metadata(record, size=image.size), **(extra_text or {})}.items():
         info.add_text(k, v)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
             f.flush()
@@ -515,7 +578,8 @@ def save_png(image: Any, path: str | os.PathLike, record: Composition) -> Path:
 
 
 def read_png_composition(path: str | os.PathLike) -> Composition:
-    """The composition stored in a PNG written by superdiff (one image: seed already offset)."""
+    """The composition stored in a PNG written by superdiff (one image: seed already offset;
+    a grid.png: the whole run)."""
     from PIL import Image
 
     try:
@@ -525,16 +589,48 @@ def read_png_composition(path: str | os.PathLike) -> Composition:
         raise ValueError(f"{path}: no such file") from None
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: not a readable PNG ({e})") from None
+    name = Path(path).name
     if PNG_KEY not in text:
-        raise ValueError(f"{path} carries no superdiff parameters (was it written by superdiff generate?)")
-    d = json.loads(text[PNG_KEY])
-    d.pop("superdiff_version", None)
+        if "parameters" in text or "prompt" in text:
+            src = "Automatic1111-style parameters" if "parameters" in text else "a ComfyUI workflow"
+            raise ValueError(f"{name} carries {src} but no superdiff composition; only PNGs written by "
+                             "superdiff (generate, batch or the studio) can be imported")
+        raise ValueError(f"{name} carries no superdiff parameters; only PNGs written by superdiff "
+                         "(generate, batch or the studio) can be imported")
+    try:
+        d = json.loads(text[PNG_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the superdiff chunk of {name} is not valid JSON ({e.msg})") from None
+    if isinstance(d, dict):
+        d.pop("superdiff_version", None)
     return Composition.from_dict(d)
 
 
-def image_grid(images: Sequence[Any], cols: int | None = None, pad: int = 2, scale: int = 1) -> Any:
-    """A PIL grid of equally sized images (nearest-neighbour upscaled by `scale`)."""
-    from PIL import Image
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "\u2026", font=font) > width:
+        text = text[:-1]
+    return text + "\u2026"
+
+
+def image_grid(images: Sequence[Any], cols: int | None = None, pad: int = 2, scale: int = 1,
+               labels: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None) -> Any:
+    """A PIL grid of equally sized images (nearest-neighbour upscaled by `scale`).
+
+    labels: one caption under each tile; row_labels / col_labels: headers left of each row
+    and above each column (an X/Y plot: e.g. methods x seeds)."""
+    from PIL import Image, ImageDraw
 
     if not images:
         raise ValueError("no images to put in a grid")
@@ -543,11 +639,29 @@ def image_grid(images: Sequence[Any], cols: int | None = None, pad: int = 2, sca
     n = len(images)
     cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
-    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), (255, 255, 255))
+    fs = max(10, min(16, w // 8))
+    font = _font(fs)
+    cap = fs + 6 if labels else 0
+    top = fs + 8 if col_labels else 0
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 0
+    if row_labels:
+        left = min(int(max(probe.textlength(str(t), font=font) for t in row_labels)) + 10, max(3 * w, 160))
+    cw, ch = w + pad, h + cap + pad
+    grid = Image.new("RGB", (left + cols * cw + pad, top + rows * ch + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
     for k, im in enumerate(images):
         im = im.convert("RGB")
         if scale != 1:
             im = im.resize((w, h), Image.NEAREST)
         r, c = divmod(k, cols)
-        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+        x, y = left + pad + c * cw, top + pad + r * ch
+        grid.paste(im, (x, y))
+        if labels and k < len(labels):
+            draw.text((x + 1, y + h + 2), _fit(draw, str(labels[k]), font, w - 2), fill=(0, 0, 0), font=font)
+    for c, t in enumerate(col_labels or []):
+        draw.text((left + pad + c * cw + 1, 3), _fit(draw, str(t), font, w - 2), fill=(0, 0, 0), font=font)
+    for r, t in enumerate(row_labels or []):
+        draw.text((3, top + pad + r * ch + h // 2 - fs // 2), _fit(draw, str(t), font, left - 6), fill=(0, 0, 0),
+                  font=font)
     return grid

@@ -31,8 +31,69 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+class quiet_libraries:
+    """With `on`: the loaders' progress bars, warnings and log lines (diffusers,
+    transformers, huggingface_hub, Python warnings) are switched off for the block, so
+    `--quiet` prints only our own lines and errors."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> "quiet_libraries":
+        if not self.on:
+            return self
+        import logging
+        import os
+        import warnings
+
+        self._env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+        self._levels = {}
+        for name in ("huggingface_hub", "accelerate", "torch"):
+            lg = logging.getLogger(name)
+            self._levels[name] = lg.level
+            lg.setLevel(logging.ERROR)
+        self._verbosity, self._bars = [], []
+        for mod in ("diffusers.utils.logging", "transformers.utils.logging", "huggingface_hub.utils"):
+            try:
+                m = __import__(mod, fromlist=["disable_progress_bar"])
+            except ImportError:
+                continue
+            if hasattr(m, "set_verbosity_error"):  # configures the library's root logger first
+                self._verbosity.append((m, m.get_verbosity()))
+                m.set_verbosity_error()
+            fn = getattr(m, "disable_progress_bars", None) or getattr(m, "disable_progress_bar", None)
+            if fn is not None:
+                fn()
+                self._bars.append(m)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.on:
+            return
+        import logging
+        import os
+
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        for m, level in self._verbosity:
+            m.set_verbosity(level)
+        for m in self._bars:
+            fn = getattr(m, "enable_progress_bars", None) or getattr(m, "enable_progress_bar", None)
+            if fn is not None:
+                fn()
+        if self._env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = self._env
+        self._w.__exit__(*exc)
+
+
 def _composition_from_args(args: argparse.Namespace):
-    from .compose import Composition, read_png_composition
+    from .compose import Composition, draw_seed, read_png_composition
 
     if args.from_png:
         base = read_png_composition(args.from_png).to_dict()
@@ -52,13 +113,36 @@ def _composition_from_args(args: argparse.Namespace):
              "joint_template": args.joint_template, "single_index": args.single_index}
     if args.kappa_clamp is not None:
         flags["kappa_clamp"] = False if args.kappa_clamp.lower() in ("none", "off", "false") else _floats(args.kappa_clamp)
+    for i, p in enumerate(args.prompt or []):
+        if not p.strip():
+            raise ValueError(f"prompts: --prompt number {i + 1} is empty; give a prompt (an unconditional model "
+                             "takes no --prompt at all)")
     d = dict(base)
     d.update({k: v for k, v in flags.items() if v is not None and v != []})
     d.update(dict(args.set or []))
+    if args.prompt:  # A1111's "a AND b:0.7" syntax: one expert per part, the method named explicitly
+        from .a1111 import expand_prompt_syntax
+
+        named = d.get("operator") if (args.operator or "operator" in dict(args.set or []) or "operator" in base) \
+            else None
+        d["prompts"], w = expand_prompt_syntax(d["prompts"], d.get("weights"), named)
+        if w is not None:
+            d["weights"] = w
     if not args.from_png and not args.config and "prompts" not in d and d.get("model", "shapes-t2i") == "shapes-t2i":
         from .compose import DEFAULT_COMPOSITION
 
         d = {**DEFAULT_COMPOSITION.to_dict(), **d}
+    named_operator = args.operator or "operator" in dict(args.set or []) or "operator" in base
+    n_experts = len(d.get("prompts") or []) + len(d.get("extra_models") or []) if d.get("prompts") else \
+        1 + len(d.get("extra_models") or [])
+    if not named_operator and n_experts == 1 and d.get("operator", "and") != "single":
+        print("superdiff generate: note: one expert and no --operator: sampling it alone (operator single)",
+              file=sys.stderr)
+        d["operator"] = "single"
+    seed, drawn = draw_seed(d.get("seed"))
+    if drawn:
+        print(f"superdiff generate: seed -1: drew seed {seed} (recorded in the PNGs)", file=sys.stderr)
+        d["seed"] = seed
     return Composition.from_dict(d)
 
 
@@ -66,18 +150,22 @@ def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .compose import ModelCache, image_grid, run_composition, save_png
+    from .compose import ModelCache, check_experts, image_grid, run_composition, save_png
 
     comp = _composition_from_args(args)
+    for note in check_experts(comp):
+        print(f"superdiff generate: note: {note}", file=sys.stderr)
     out = Path(args.out)
     print(f"superdiff generate: {comp.describe()} on {comp.model}, {comp.num_images} image(s), "
           f"{comp.steps} steps -> {out}", file=sys.stderr)
-    res = run_composition(comp, ModelCache(), progress=not args.quiet)
+    with quiet_libraries(args.quiet):
+        res = run_composition(comp, ModelCache(), progress=not args.quiet)
     paths = []
     for i, (im, rec) in enumerate(zip(res.images, res.records)):
         paths.append(save_png(im, out / f"image_{i:03d}.png", rec))
     scale = max(1, 256 // max(res.images[0].size))
-    image_grid(res.images, scale=scale).save(out / "grid.png")
+    grid = image_grid(res.images, scale=scale, labels=[f"seed {r.seed}" for r in res.records])
+    save_png(grid, out / "grid.png", comp)  # the whole run: --from-png grid.png regenerates every image
     res.trace.save(out / "trace.json")
     res.trace.plot(out / "trace.png", samples=min(4, len(res.images)),
                    title=f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
@@ -92,7 +180,7 @@ def _generate(args: argparse.Namespace) -> int:
         print("oracle: " + ", ".join(f"{lab} {n}/{len(labels)}" for lab, n in counts.items()))
     print(f"wrote {len(paths)} image(s), grid.png, trace.json, trace.png and composition.json in {out} "
           f"({res.seconds:.1f} s)")
-    if args.from_png:
+    if args.from_png and comp.num_images == 1:
         same = np.array_equal(np.asarray(Image.open(args.from_png).convert("RGB")),
                               np.asarray(res.images[0].convert("RGB")))
         print(f"reproduced {args.from_png}: {'identical pixels' if same else 'PIXELS DIFFER'}")
@@ -104,7 +192,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
-    s = run_batch(args.jobs, args.out, progress=not args.quiet, limit=args.limit)
+    with quiet_libraries(args.quiet):
+        s = run_batch(args.jobs, args.out, progress=not args.quiet, limit=args.limit)
     if s.rank != 0:
         return 0  # process 0 reports for all
     done = s.generated + s.skipped + s.recovered
@@ -121,37 +210,54 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .a1111 import SAMPLER_LABELS
+
     g = sub.add_parser(
         "generate", help="one composition: PNGs with their parameters, a grid and the trace",
-        description="Generate one composition. Defaults: the bundled shapes-t2i model, "
-                    "'a circle' AND 'something red'.")
-    g.add_argument("--model", help="bundled model name, local diffusers directory or hub id (default shapes-t2i)")
-    g.add_argument("--prompt", action="append", help="a prompt (one expert); repeat for each expert")
-    g.add_argument("--extra-model", action="append", help="another UNet checkpoint as an expert; repeatable")
-    g.add_argument("--operator", choices=["or", "and", "average", "single", "joint"])
-    g.add_argument("--weights", type=_floats, help="OR mixture weights / average weights, e.g. 0.3,0.7")
-    g.add_argument("--bias", type=_floats, help="OR log-weight bias per expert")
-    g.add_argument("--temperature", type=float, help="OR temperature T (inf allowed)")
-    g.add_argument("--lift", type=float, help="AND: log q_1 - log q_2 target offset")
-    g.add_argument("--kappa-clamp", help="AND kappa clamp 'lo,hi' or 'none'")
-    g.add_argument("--single-index", type=int, help="expert index for operator single")
-    g.add_argument("--joint-template", help="joint prompt template, e.g. '{0} that looks like {1}'")
-    g.add_argument("--estimator", choices=["kernel", "ito", "ode", "none"])
-    g.add_argument("--sampler", choices=["sde", "ddpm", "ode", "euler", "heun"])
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float)
-    g.add_argument("--negative-prompt")
-    g.add_argument("--seed", type=int, help="image i uses seed + i")
-    g.add_argument("--num-images", "-n", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+        description="Generate one composition. Without --prompt / --model / --config: the bundled shapes-t2i "
+                    "model, 'a circle' AND 'something red'. Every default below is the composition's own; a "
+                    "--config or --from-png file supplies the values its flags leave out.",
+        epilog="A1111 prompt syntax: --prompt 'a circle AND something red' makes one expert per part "
+               "(':0.7' suffixes are weights) and needs --operator: and is SuperDiff AND, average is A1111's "
+               "averaging.")
+    g.add_argument("--model", help="bundled model name, local diffusers directory or hub id (default: shapes-t2i)")
+    g.add_argument("--prompt", action="append",
+                   help="a prompt (one expert); repeat for each expert (default: 'a circle', 'something red' on "
+                        "shapes-t2i)")
+    g.add_argument("--extra-model", action="append",
+                   help="another UNet checkpoint as an expert; repeatable (default: none)")
+    g.add_argument("--operator", choices=["or", "and", "average", "single", "joint"], help="default: and")
+    g.add_argument("--weights", type=_floats,
+                   help="OR mixture weights / average weights, e.g. 0.3,0.7 (default: equal)")
+    g.add_argument("--bias", type=_floats, help="OR log-weight bias per expert (default: 0 each)")
+    g.add_argument("--temperature", type=float, help="OR temperature T, inf allowed (default: 1)")
+    g.add_argument("--lift", type=float, help="AND: log q_1 - log q_2 target offset (default: 0)")
+    g.add_argument("--kappa-clamp", help="AND kappa clamp 'lo,hi' or 'none' (default: -1,2)")
+    g.add_argument("--single-index", type=int, help="expert index for operator single, from 0 (default: 0)")
+    g.add_argument("--joint-template",
+                   help="joint prompt template, e.g. '{0} that looks like {1}' (default: the prompts joined by "
+                        "'and')")
+    g.add_argument("--estimator", choices=["kernel", "ito", "ode", "none"],
+                   help="log-density estimator (default: the sampler's own: kernel for sde/ddpm, ode for ode/euler/heun)")
+    g.add_argument("--sampler", choices=list(SAMPLER_LABELS),
+                   help="sde (Euler-Maruyama, the paper's), ddpm (ancestral), ode/euler, heun (default: sde)")
+    g.add_argument("--steps", type=int, help="sampler steps (default: 25)")
+    g.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
+                   help="classifier-free guidance scale (default: 4.0)")
+    g.add_argument("--negative-prompt", help="(default: none)")
+    g.add_argument("--seed", type=int, help="image i uses seed + i; -1 draws a random seed and records it "
+                                             "(default: 0)")
+    g.add_argument("--num-images", "-n", type=int, help="(default: 1)")
+    g.add_argument("--height", type=int, help="(default: the model's)")
+    g.add_argument("--width", type=int, help="(default: the model's)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="(default: float32)")
     g.add_argument("--set", type=_kv, action="append", metavar="FIELD=VALUE",
-                   help="any composition field (JSON value), e.g. --set 'kappa_clamp=[-1,2]'")
-    g.add_argument("--config", help="a composition JSON (e.g. exported from the studio)")
-    g.add_argument("--from-png", help="reproduce an image from the parameters in its PNG text chunks")
-    g.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+                   help="any composition field (JSON value), e.g. --set 'kappa_clamp=[-1,2]' (default: none)")
+    g.add_argument("--config", help="a composition JSON, e.g. exported from the studio (default: none)")
+    g.add_argument("--from-png", help="reproduce an image from the parameters in its PNG text chunks (default: none)")
+    g.add_argument("--out", default="outputs/generate", help="output folder (default: outputs/generate)")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bars, no library warnings: only the result lines and errors (default: off)")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser(

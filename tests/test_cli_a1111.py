@@ -1,0 +1,188 @@
+"""Files and command line as A1111 / ComfyUI / diffusers users expect them (issue 14).
+
+Specification: every PNG's "parameters" chunk reads back through a parser written to
+A1111's documented infotext format (tests/_a1111_infotext.py) into the same prompt,
+negative prompt, steps, sampler, CFG scale, seed, size and model, while the `superdiff`
+JSON chunk still reproduces the composition; grid.png carries the run and labels its
+tiles; PNGs follow the umask; A1111's `AND` prompt syntax becomes experts with the method
+named; bad or silently-ignored inputs are refused or reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _a1111_infotext import parse_parameters
+from superdiff.a1111 import SAMPLER_LABELS, expand_prompt_syntax, split_and_prompt
+from superdiff.cli import main
+from superdiff.compose import Composition, read_png_composition, save_png
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("PYTHONWARNINGS", None)
+
+
+# ---- the PNG "parameters" chunk in A1111's layout ----------------------------------------------------
+@pytest.mark.parametrize("comp", [
+    Composition(prompts=["a circle", "something red"], operator="and", steps=12, guidance_scale=4.5, seed=7,
+                negative_prompt="blurry, dark", kappa_clamp=[-1.0, 2.0], lift=0.5, sampler="ddpm"),
+    Composition(prompts=["a square", "something blue"], operator="or", weights=[0.3, 0.7], temperature=math.inf,
+                estimator="kernel", seed=2**40),
+    Composition(prompts=["a, b: c", "d"], operator="average", weights=[1.0, 2.0], seed=1),
+    Composition(model="shapes-half-a", extra_models=["shapes-half-b"], operator="or", bias=[0.0, 2.0], seed=3),
+    Composition(prompts=["a", "b", "c"], operator="single", single_index=2, height=48, width=64, sampler="heun"),
+])
+def test_png_parameters_read_back_with_an_a1111_parser(tmp_path, comp):
+    comp = comp.validated()
+    size = (comp.width or 32, comp.height or 32)
+    path = save_png(Image.new("RGB", size, (200, 10, 10)), tmp_path / "x.png", comp)
+    with Image.open(path) as im:
+        text = dict(im.text)
+    p = parse_parameters(text["parameters"])
+    assert p["Negative prompt"] == (comp.negative_prompt or "")
+    prompts, weights = split_and_prompt(p["Prompt"]) if p["Prompt"] else ([], [])
+    assert prompts == comp.prompts
+    if comp.operator in ("or", "average") and comp.weights and comp.prompts:
+        assert weights == comp.weights
+    assert int(p["Steps"]) == comp.steps and int(p["Seed"]) == comp.seed
+    assert float(p["CFG scale"]) == comp.guidance_scale
+    assert p["Sampler"] == SAMPLER_LABELS[comp.sampler]
+    assert (int(p["Size-1"]), int(p["Size-2"])) == size
+    assert p["Model"] == comp.model and p["SuperDiff operator"] == comp.operator
+    if comp.extra_models:
+        assert p["Extra models"].split(" | ") == comp.extra_models
+    if comp.lift is not None:
+        assert float(p["Lift"]) == comp.lift
+    if comp.kappa_clamp:
+        assert json.loads(p["Kappa clamp"]) == comp.kappa_clamp
+    if comp.temperature is not None:
+        assert float(p["Temperature"]) == comp.temperature
+    if comp.operator == "single":
+        assert int(p["Single expert"]) == comp.single_index + 1
+    # the JSON chunk stays the source of truth
+    assert read_png_composition(path) == comp
+
+
+def test_pngs_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        p = save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png", Composition(prompts=["a"], operator="single"))
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o640
+    p = save_png(Image.new("RGB", (4, 4)), tmp_path / "b.png", Composition(prompts=["a"], operator="single"))
+    assert p.stat().st_mode & 0o777 == 0o666 & ~old
+
+
+def test_foreign_pngs_are_refused_with_the_reason(tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a1111.png", pnginfo=info)
+    with pytest.raises(ValueError, match="Automatic1111-style parameters but no superdiff composition"):
+        read_png_composition(tmp_path / "a1111.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="carries no superdiff parameters"):
+        read_png_composition(tmp_path / "plain.png")
+
+
+# ---- A1111 prompt syntax -----------------------------------------------------------------------------
+def test_and_prompt_syntax_maps_to_experts_with_the_method_named():
+    assert split_and_prompt("a circle AND something red:0.7") == (["a circle", "something red"], [None, 0.7])
+    assert split_and_prompt("sand and ANDROID") == (["sand and ANDROID"], [None])  # only the word AND splits
+    assert expand_prompt_syntax(["a circle AND something red"], None, "and") == (["a circle", "something red"], None)
+    assert expand_prompt_syntax(["a:2 AND b"], None, "average") == (["a", "b"], [2.0, 1.0])
+    assert expand_prompt_syntax(["plain"], None, None) == (["plain"], None)
+    with pytest.raises(ValueError, match="name the method explicitly"):
+        expand_prompt_syntax(["a AND b"], None, None)
+    with pytest.raises(ValueError, match="operator 'and' takes none"):
+        expand_prompt_syntax(["a:2 AND b"], None, "and")
+    with pytest.raises(ValueError, match="empty part"):
+        expand_prompt_syntax(["a AND "], None, "and")
+
+
+# ---- superdiff generate ------------------------------------------------------------------------------
+def test_generate_a1111_prompt_grid_metadata_and_random_seed(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompt", "a circle AND something red:3", "--operator", "or", "--steps", "2",
+                 "-n", "2", "--seed", "-1", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    drawn = int(err.split("drew seed ")[1].split()[0])
+    rec = read_png_composition(out / "image_001.png")
+    assert rec.prompts == ["a circle", "something red"] and rec.weights == [1.0, 3.0] and rec.seed == drawn + 1
+    grid = read_png_composition(out / "grid.png")  # the whole run: both images
+    assert grid.seed == drawn and grid.num_images == 2 and grid.prompts == rec.prompts
+    with Image.open(out / "grid.png") as g, Image.open(out / "image_000.png") as im:
+        g, im = np.asarray(g.convert("RGB")), np.asarray(im.convert("RGB"))
+    # each tile has a caption band under it ("seed N"): dark text pixels below the first tile
+    scale = 256 // im.shape[0]
+    band = g[2 + im.shape[0] * scale: 2 + im.shape[0] * scale + 14, 2: 2 + im.shape[1] * scale]
+    assert band.size and (band.min(axis=-1) < 100).any(), "the grid's tiles are not labelled"
+    assert json.loads((out / "composition.json").read_text())["seed"] == drawn
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--prompt", ""], "--prompt number 1 is empty"),
+    (["--prompt", "a circle", "--prompt", " "], "--prompt number 2 is empty"),
+    (["--prompt", "a circle", "--operator", "and"], "AND composes two or more experts, got 1"),
+    (["--prompt", "a circle AND something red"], "name the method explicitly"),
+])
+def test_generate_refuses_what_it_would_silently_change(tmp_path, capsys, argv, expected):
+    assert main(["generate", *argv, "--steps", "1", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_single_with_two_prompts_says_which_is_used(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a circle", "--prompt", "something red", "--operator", "single",
+                 "--steps", "1", "--out", str(tmp_path / "x"), "--quiet"]) == 0
+    assert "operator single samples expert 1 ('a circle') alone; the other 1 expert(s) are not used" in \
+        capsys.readouterr().err
+    # one prompt and no --operator (the diffusers habit): that expert alone, and it says so
+    assert main(["generate", "--prompt", "a circle", "--steps", "1", "--out", str(tmp_path / "y"), "--quiet"]) == 0
+    assert "one expert and no --operator: sampling it alone (operator single)" in capsys.readouterr().err
+    assert read_png_composition(tmp_path / "y" / "image_000.png").operator == "single"
+
+
+def test_bin_only_weights_are_a_one_line_error(tmp_path, capsys):
+    d = tmp_path / "pickled"
+    (d / "unet").mkdir(parents=True)
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                    "unet": ["diffusers", "UNet2DConditionModel"],
+                                                    "text_encoder": ["transformers", "CLIPTextModel"]}))
+    (d / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    assert main(["generate", "--model", str(d), "--prompt", "a", "--operator", "single", "--out",
+                 str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("superdiff: error:")]
+    assert "Traceback" not in err and len(errors) == 1 and "only .bin weights (unet/diffusion_pytorch_model.bin); " \
+        "only safetensors are loaded" in errors[0], err
+
+
+def test_version_help_defaults_and_quiet(tmp_path):
+    import superdiff
+    from superdiff.cli import build_parser
+
+    r = subprocess.run([sys.executable, "-m", "superdiff", "--version"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0 and r.stdout.strip() == f"superdiff {superdiff.__version__}"
+    gen = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "generate")[1]
+    for action in gen._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in (action.help or ""), f"{action.option_strings[0]} does not state its default"
+    r = subprocess.run([sys.executable, "-m", "superdiff", "generate", "--steps", "2", "--out", str(tmp_path / "q"),
+                        "--quiet"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("superdiff generate:"), r.stderr
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "q").glob("*.png")}
+    assert {"image_000.png", "grid.png"} <= set(modes) and set(modes.values()) == {0o666 & ~umask}, modes
