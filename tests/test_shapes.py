@@ -155,3 +155,32 @@ def test_two_part_captions_join_the_single_prompts_of_seen_pairs(tmp_path):
     ids = tok("a circle and something red", add_special_tokens=False).input_ids
     assert tok.convert_ids_to_tokens(ids) == ["a</w>", "circle</w>", "and</w>", "something</w>", "red</w>"]
     assert len(tok("a circle that is red", add_special_tokens=False).input_ids) == 5
+
+
+def test_oracle_flags_in_between_shapes_as_unclean():
+    from superdiff.shapes import morph
+
+    rng = np.random.default_rng(11)
+    clean = oracle.classify(world.render(world.sample_scenes(rng, 64, exclude=())))
+    assert clean.clean.all() and (clean.clean_fit > 0.97).all()
+    # A circle morphed halfway into a plus sign, a squircle, a square pinched towards a cross:
+    # the lenient argmax still names one of the four shapes, the clean flag refuses them.
+    r, cx, cy = np.full(8, 9.0), np.full(8, 16.0), np.full(8, 16.0)
+    for a, b in [("circle", "cross"), ("circle", "square"), ("square", "triangle")]:
+        img = morph.morph_masks(a, b, np.full(8, 0.5), r, cx, cy)[:, None] * np.ones((1, 3, 1, 1), np.float32)
+        res = oracle.classify(img)
+        assert not res.clean.any(), (a, b, res.clean_fit)
+        assert not res.matches(shape=res.shape[0], clean=True).any() and res.matches(shape=res.shape[0]).all()
+    # Morphs at w = 0 and 1 are the renders themselves.
+    m0 = morph.morph_masks("circle", "cross", np.zeros(3), np.full(3, 8.0), np.full(3, 15.0), np.full(3, 14.0))
+    ref = world.shape_masks(["circle"] * 3, np.full(3, 8.0), np.full(3, 15.0), np.full(3, 14.0))
+    np.testing.assert_array_equal(m0, ref)
+
+
+@pytest.mark.slow
+def test_clean_threshold_is_the_one_calibrated_on_morphs():
+    from superdiff.shapes import morph
+
+    rec = morph.calibrate_clean_threshold()
+    assert abs(rec["threshold"] - oracle.CLEAN_FIT) < 2e-3
+    assert rec["clean_kept"] > 0.95 and rec["in_between_rejected"] > 0.9
