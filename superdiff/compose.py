@@ -272,8 +272,18 @@ def model_kind(path_or_id: str) -> str:
             raise ValueError(f"model: {path_or_id} is neither a diffusers pipeline directory (model_index.json) "
                              "nor a UNet2D checkpoint (unet/ or config.json)")
     else:
+        try:  # the local Hugging Face cache first: no network, no retries
+            cfg = DiffusionPipeline.load_config(path_or_id, local_files_only=True)
+        except Exception:  # noqa: BLE001
+            cfg = None
+        if cfg is None:
+            unreachable = hub_unreachable()
+            if unreachable:
+                raise ValueError(f"model: {path_or_id!r} is not a bundled model, a local directory or in the local "
+                                 f"Hugging Face cache, and {unreachable}; use a bundled model or a local folder "
+                                 "(or download it once where the hub is reachable)")
         try:
-            cfg = DiffusionPipeline.load_config(path_or_id)
+            cfg = cfg or DiffusionPipeline.load_config(path_or_id)
         except Exception as e:  # noqa: BLE001  (network, missing repo, ...)
             raise ValueError(f"model: {path_or_id!r} is not a bundled model or a local directory, and loading it "
                              f"as a hub id failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -302,6 +312,26 @@ def check_safetensors(path: str) -> None:
         raise ValueError(f"model: {d.name} has only .bin weights ({', '.join(bins[:3])}); only safetensors are "
                          "loaded. Convert them once, e.g. DiffusionPipeline.from_pretrained(dir, "
                          "use_safetensors=False).save_pretrained(dir, safe_serialization=True)")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, or no connection within
+    `timeout` seconds), or None when it answers. Saves the ~20 s of retries that end in
+    "does not appear to have a file named model_index.json" when offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "hub access is switched off (HF_HUB_OFFLINE=1)"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"the Hugging Face hub ({host}) is not reachable ({e.strerror or type(e).__name__})"
+    return None
 
 
 class _quiet_loading:
@@ -364,7 +394,8 @@ class ModelCache:
             return str(rp)
         if not self.allow_hub:
             raise ValueError(f"{what}: unknown model {name!r}; give a bundled model "
-                             f"({', '.join(list_bundled_models())}) or a folder under the allowed roots")
+                             f"({', '.join(list_bundled_models())}) or a folder under the allowed roots "
+                             "(hub ids are switched off: --no-hub)")
         if name.count("/") != 1 or any(ch in name for ch in " \\:"):
             raise ValueError(f"{what}: {name!r} is not a bundled model ({', '.join(list_bundled_models())}), "
                              "an existing directory, or a hub id of the form 'org/name'")

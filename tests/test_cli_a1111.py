@@ -186,3 +186,27 @@ def test_version_help_defaults_and_quiet(tmp_path):
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "q").glob("*.png")}
     assert {"image_000.png", "grid.png"} <= set(modes) and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_hub_ids_offline_say_the_hub_is_unreachable(monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from superdiff.compose import ModelCache, model_kind
+
+    with pytest.raises(ValueError, match=r"hub access is switched off \(HF_HUB_OFFLINE=1\)"):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        model_kind("someorg/some-model")
+    with socket.socket() as s:  # a port nobody listens on: "no connection" within the timeout
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"the Hugging Face hub \(127.0.0.1\) is not reachable"):
+        model_kind("someorg/some-model")
+    assert time.perf_counter() - t0 < 10  # not ~20 s of retries
+    with pytest.raises(ValueError, match=r"hub ids are switched off: --no-hub"):
+        ModelCache(allow_hub=False).resolve("someorg/some-model")
