@@ -330,7 +330,7 @@ def fill_holes(fg: np.ndarray) -> np.ndarray:
 
 
 def hollowness(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(hollowness [B], filled mask [B, H, W]) of soft foreground masks.
+    """(hollowness [B], the mask with its holes set to 1 [B, H, W]) of soft foreground masks.
 
     F = fill_holes(m > 1/2) is the shape with its holes filled;
         hollowness = sum_F (1 - m) / |F|,
@@ -340,7 +340,8 @@ def hollowness(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     filled = fill_holes(mask > 0.5)
     size = filled.sum(axis=(1, 2))
     hollow = ((1.0 - mask) * filled).sum(axis=(1, 2)) / np.maximum(size, 1)
-    return hollow.astype(np.float32), np.maximum(mask, filled.astype(np.float32))
+    holes = filled & (mask <= 0.5)
+    return hollow.astype(np.float32), np.where(holes, np.float32(1.0), mask).astype(np.float32)
 
 
 @dataclasses.dataclass

@@ -178,16 +178,21 @@ def shape_masks(
     cy: np.ndarray,
     resolution: int = RESOLUTION,
     supersample: int = SUPERSAMPLE,
+    inset: float | np.ndarray = 0.0,
 ) -> np.ndarray:
     """Antialiased coverage masks, float32 [N, resolution, resolution] in [0, 1].
 
     Pixel (i, j) covers [j, j+1] x [i, i+1]; coverage is the fraction of the
     ``supersample``^2 sub-pixel centres inside the shape (see module docstring).
+    ``inset`` (pixels, scalar or [N]) moves every edge inwards by that distance (each
+    half-plane of the square and triangle, each arm of the cross, the circle's radius);
+    the inset shape lies inside the shape, which ``outline_masks`` relies on. 0 is the shape.
     """
     size = np.asarray(size, dtype=np.float64).reshape(-1, 1, 1)
     cx = np.asarray(cx, dtype=np.float64).reshape(-1, 1, 1)
     cy = np.asarray(cy, dtype=np.float64).reshape(-1, 1, 1)
     n = size.shape[0]
+    inset_all = np.broadcast_to(np.asarray(inset, dtype=np.float64).reshape(-1, 1, 1), (n, 1, 1))
     if not (len(shapes) == n == cx.shape[0] == cy.shape[0]):
         raise ValueError("shapes, size, cx and cy must all have the same length")
     fine = resolution * supersample
@@ -199,24 +204,29 @@ def shape_masks(
     for name in set(shapes):
         idx = np.nonzero(shapes_arr == name)[0]
         r, X, Y = size[idx], x - cx[idx], y - cy[idx]
+        w = inset_all[idx]  # every comparison below is unchanged (bit for bit) when w == 0
         if name == "circle":
-            inside = X**2 + Y**2 <= r**2
+            inside = X**2 + Y**2 <= (r - w) ** 2
         elif name == "square":
-            inside = (np.abs(X) <= 0.85 * r) & (np.abs(Y) <= 0.85 * r)
+            inside = (np.abs(X) <= 0.85 * r - w) & (np.abs(Y) <= 0.85 * r - w)
         elif name == "triangle":
             # Base y <= 0.8 r; two sides through the apex (0, -r) and (+-r, 0.8 r):
-            # the side x = +-(Y + r) * r / (1.8 r)  ->  |X| <= (Y + r) / 1.8.
-            inside = (Y <= 0.8 * r) & (np.abs(X) <= (Y + r) / 1.8)
+            # the side x = +-(Y + r) * r / (1.8 r)  ->  |X| <= (Y + r) / 1.8; a side
+            # moved inwards by w along its unit normal: |X| <= (Y + r - w sqrt(1 + 1.8^2)) / 1.8.
+            inside = (Y <= 0.8 * r - w) & (np.abs(X) <= (Y + r - w * _TRIANGLE_SIDE_NORM) / 1.8)
         elif name == "cross":
             arm = r / 3.0
-            inside = ((np.abs(X) <= r) & (np.abs(Y) <= arm)) | (
-                (np.abs(X) <= arm) & (np.abs(Y) <= r)
+            inside = ((np.abs(X) <= r - w) & (np.abs(Y) <= arm - w)) | (
+                (np.abs(X) <= arm - w) & (np.abs(Y) <= r - w)
             )
         else:
             raise ValueError(f"unknown shape {name!r}; choose from {list(SHAPES)}")
         out[idx] = inside
     cover = out.reshape(n, resolution, supersample, resolution, supersample).mean(axis=(2, 4))
     return cover.astype(np.float32)
+
+
+_TRIANGLE_SIDE_NORM: float = float(np.sqrt(1.0 + 1.8**2))
 
 
 def render(scenes: Sequence[Scene], resolution: int = RESOLUTION) -> np.ndarray:
@@ -347,3 +357,76 @@ def make_dataset(
         captions=[scene_caption(s, modes[k]) for s, k in zip(scenes, mode_ids)],
         scenes=scenes,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Concepts no bundled base model has seen: the bundled LoRAs teach them (issue 12).
+# They extend the world without changing any render, caption or label above.
+# --------------------------------------------------------------------------------------
+
+#: Colours outside ``COLOURS``: no base model's training data contains them.
+EXTRA_COLOUR_RGB: dict[str, tuple[float, float, float]] = {"cyan": (0.10, 0.85, 0.90)}
+#: Every colour the world can render: the base palette, then the extra colours.
+ALL_COLOURS: tuple[str, ...] = (*COLOURS, *EXTRA_COLOUR_RGB)
+#: Rendering styles. "filled" is every base model's data; "outline" (a hollow shape: the
+#: shape minus the shape inset by ``OUTLINE_WIDTH * r``) is new.
+STYLES: tuple[str, ...] = ("filled", "outline")
+#: Stroke width of the outline style, as a fraction of the half-extent r.
+OUTLINE_WIDTH: float = 0.3
+#: Shapes the outline style is defined for: a cross's arms (half-width r/3) are too thin at
+#: 32x32 to keep a visible hole inside a stroke.
+OUTLINE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+
+def colour_rgb(colour: str) -> tuple[float, float, float]:
+    """Base RGB of any colour in ``ALL_COLOURS``."""
+    _check_names([colour], ALL_COLOURS, "colour")
+    return COLOUR_RGB[colour] if colour in COLOUR_RGB else EXTRA_COLOUR_RGB[colour]
+
+
+def sample_concept_scenes(
+    rng: np.random.Generator | int,
+    n: int,
+    colours: Sequence[str] = ALL_COLOURS,
+    shapes: Sequence[str] = SHAPES,
+) -> list[Scene]:
+    """``n`` scenes uniform over ``colours`` x ``shapes`` (any of ``ALL_COLOURS``, nothing
+    held out), with the size, position and colour jitter of ``sample_scenes``."""
+    colours = _check_names(colours, ALL_COLOURS, "colour")
+    shapes = _check_names(shapes, SHAPES, "shape")
+    rng = as_generator(rng)
+    # Draw with the base palette's machinery, then recolour: same geometry law.
+    base = sample_scenes(rng, n, combos=[("red", s) for s in shapes])
+    which = rng.integers(0, len(colours), size=n)
+    jitter = rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=(n, 3))
+    out = []
+    for i, sc in enumerate(base):
+        colour = colours[which[i]]
+        rgb = np.clip(np.asarray(colour_rgb(colour)) + jitter[i], 0.0, 1.0)
+        out.append(dataclasses.replace(sc, colour=colour, rgb=tuple(float(v) for v in rgb)))
+    return out
+
+
+def outline_masks(shapes: Sequence[str], size: np.ndarray, cx: np.ndarray, cy: np.ndarray,
+                  resolution: int = RESOLUTION) -> np.ndarray:
+    """Coverage [N, H, W] of the outline style: shape(r) minus shape(r) inset by
+    ``OUTLINE_WIDTH * r``. The inset shape lies inside the shape, so per sub-pixel the
+    difference of the two coverages is exactly the coverage of the stroke."""
+    size = np.asarray(size, dtype=np.float64)
+    full = shape_masks(shapes, size, cx, cy, resolution=resolution)
+    hole = shape_masks(shapes, size, cx, cy, resolution=resolution, inset=OUTLINE_WIDTH * size)
+    return full - hole
+
+
+def render_styled(scenes: Sequence[Scene], style: str = "filled", resolution: int = RESOLUTION) -> np.ndarray:
+    """``render`` in one of ``STYLES``; scenes may use any colour of ``ALL_COLOURS``."""
+    _check_names([style], STYLES, "style")
+    if style == "filled" or len(scenes) == 0:
+        return render(scenes, resolution)
+    _check_names([s.shape for s in scenes], OUTLINE_SHAPES, "shape for the outline style")
+    masks = outline_masks([s.shape for s in scenes], np.array([s.size for s in scenes]),
+                          np.array([s.cx for s in scenes]), np.array([s.cy for s in scenes]),
+                          resolution=resolution)[:, None]
+    rgb = np.array([s.rgb for s in scenes], dtype=np.float32)[:, :, None, None]
+    bg = np.asarray(BACKGROUND, dtype=np.float32)[None, :, None, None]
+    return (masks * rgb + (1.0 - masks) * bg).astype(np.float32)
