@@ -9,6 +9,7 @@ Measurements (all oracle-judged, seeds fixed, >= 256 samples each):
   shapes-t2i    diffusers StableDiffusionPipeline, full-caption prompts of the 12 training
                 pairs (right shape AND colour), the 4 held-out pairs (joint success), the
                 8 single-attribute prompts, and a small guidance-scale sweep
+  shapes-flow   the same with diffusers StableDiffusion3Pipeline (its model_index's class)
   shapes-half-* fraction of unconditional samples whose shape is in the model's own half
 Each model's figures go to superdiff/bundled/<name>/quality.json (its README.md is
 re-rendered from it); the oracle's to superdiff/bundled/oracle_quality.json; sample grids
@@ -104,9 +105,10 @@ def score_prompts(images: np.ndarray, labels: list[str]) -> dict:
 
 
 def eval_t2i(path: Path, args, reference_fit: float, command: str) -> dict:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    # the stock diffusers class named in model_index.json (an SD3 model: without its T5)
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, **registry.absent_components(path))
     pipe.set_progress_bar_config(disable=True)
     train_pairs = world.allowed_combinations()
     full_prompts = [world.caption(c, s) for c, s in train_pairs]
@@ -115,10 +117,10 @@ def eval_t2i(path: Path, args, reference_fit: float, command: str) -> dict:
     g, steps = args.guidance, args.steps
     per_full = -(-args.samples // len(full_prompts))
     imgs, labels = run_pipe(pipe, full_prompts, per_full, steps, g, args.seed)
-    save_grid(imgs[:: max(1, per_full // 8)][:96], args.grids / "shapes-t2i-full.png", ncol=8)
+    save_grid(imgs[:: max(1, per_full // 8)][:96], args.grids / f"{path.name}-full.png", ncol=8)
     full = score_prompts(imgs, labels)
     imgs, labels = run_pipe(pipe, held_prompts, -(-args.samples // len(held_prompts)), steps, g, args.seed + 1)
-    save_grid(imgs[::8][:64], args.grids / "shapes-t2i-held-out.png", ncol=8)
+    save_grid(imgs[::8][:64], args.grids / f"{path.name}-held-out.png", ncol=8)
     held = score_prompts(imgs, labels)
     imgs, labels = run_pipe(pipe, single, -(-args.samples // len(single)), steps, g, args.seed + 2)
     sres = score_prompts(imgs, labels)
@@ -128,7 +130,7 @@ def eval_t2i(path: Path, args, reference_fit: float, command: str) -> dict:
         sweep[str(gs)] = score_prompts(imgs, labels)["joint"]
     return {
         "command": command,
-        "settings": {"pipeline": "diffusers.StableDiffusionPipeline", "guidance_scale": g, "num_inference_steps": steps, "scheduler": type(pipe.scheduler).__name__, "seed": args.seed},
+        "settings": {"pipeline": f"diffusers.{type(pipe).__name__}", "guidance_scale": g, "num_inference_steps": steps, "scheduler": type(pipe.scheduler).__name__, "seed": args.seed},
         "full_caption": full,
         "held_out": held,
         "single_attribute": {"samples": sres["samples"], "accuracy": sres["joint"], "per_prompt": sres["per_prompt"]},

@@ -9,7 +9,10 @@ ordinary diffusers ``from_pretrained(path)`` code path, exactly as for a hub che
 
 A bundled model is a directory with ``training.json`` (written by its training script)
 and diffusers weights: ``model_index.json`` for a pipeline, or ``unet/`` for a bare
-unconditional model (``unet/``, ``vae/``, ``scheduler/``).
+unconditional model (``unet/``, ``vae/``, ``scheduler/``). ``shapes-flow`` is a Stable
+Diffusion 3 pipeline without T5; diffusers wants the absent encoder named at load time:
+
+    StableDiffusion3Pipeline.from_pretrained(bundled_model_path("shapes-flow"), **absent_components(path))
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Any
 BUNDLED_ROOT: Path = Path(__file__).resolve().parent / "bundled"
 
 _TRAIN_HINT = (
-    "bundled weights are produced by scripts/train_shapes_vae.py, scripts/train_shapes_t2i.py "
-    "and scripts/train_shapes_halves.py (see superdiff/bundled/<name>/README.md)"
+    "bundled weights are produced by scripts/train_shapes_vae.py, scripts/train_shapes_t2i.py, "
+    "scripts/train_shapes_flow.py and scripts/train_shapes_halves.py (see superdiff/bundled/<name>/README.md)"
 )
 
 
@@ -81,3 +84,18 @@ def resolve(name_or_path: str | Path) -> str:
     if isinstance(name_or_path, str) and name_or_path in list_bundled_models():
         return str(bundled_model_path(name_or_path))
     return str(name_or_path)
+
+
+def absent_components(path: str | Path) -> dict[str, None]:
+    """``{name: None}`` for each component a local pipeline's ``model_index.json`` lists as
+    null (e.g. ``text_encoder_3`` / ``tokenizer_3`` of an SD3 model without T5). diffusers
+    refuses to load such a directory unless these are passed explicitly, so
+    ``Pipeline.from_pretrained(path, **absent_components(path))`` loads it; ``{}`` when there
+    is no local ``model_index.json`` (a hub id, a bare UNet)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    cfg = json.loads(index.read_text())
+    return {k: None for k, v in cfg.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None
+            and k not in ("safety_checker", "feature_extractor", "image_encoder")}

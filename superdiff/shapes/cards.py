@@ -27,6 +27,41 @@ def _hyper(h: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in sorted(h.items()))
 
 
+def _sd3_intro(name: str, tr: dict[str, Any], world_line: str, size: int) -> list[str]:
+    """Card introduction of a rectified-flow model in SD3 layout (``scripts/train_shapes_flow.py``)."""
+    modes = tr["data"]["caption_modes"]
+    two_part = any(m not in ("full", "shape", "colour") for m in modes)
+    return [
+        "A mini rectified-flow text-to-image model in Stable Diffusion 3 layout, trained from scratch on CPU "
+        "by this repository's scripts. Load it like any SD3 checkpoint without its T5 encoder:",
+        "",
+        "```python",
+        "from diffusers import StableDiffusion3Pipeline",
+        "from superdiff.registry import bundled_model_path",
+        f'pipe = StableDiffusion3Pipeline.from_pretrained(bundled_model_path("{name}"), text_encoder_3=None, tokenizer_3=None)',
+        'image = pipe("a blue circle", num_inference_steps=25, guidance_scale=4.0).images[0]  # 32x32',
+        "```",
+        "",
+        world_line,
+        "Captions name all or some attributes (\"a red circle\", \"a circle\", \"something red\")"
+        + ("; two-part captions join the two single-attribute prompts of seen pairs "
+           "(\"a circle and something red\", \"a circle that is red\"), so the joint-prompt baseline is fair"
+           if two_part else "")
+        + f". {tr['data']['training_images']} training images, caption modes {modes}, caption dropped to \"\" "
+        f"with probability {tr['hyperparameters']['uncond_prob']} for classifier-free guidance.",
+        "",
+        "Components: AutoencoderKL (the shapes VAE of `shapes-t2i`, same weights and latent space; config "
+        "`shift_factor` 0 as SD3 decoding needs a value), two CLIPTextModelWithProjection encoders in the "
+        "CLIP-L / CLIP-G slots trained from scratch with one CLIP BPE tokenizer built from the caption words "
+        "(`tokenizer/`, `tokenizer_2/`), no T5 (`text_encoder_3 = None`: diffusers then appends "
+        f"`max_sequence_length` = {tr['max_sequence_length']} zero tokens, the layout it was trained for), "
+        "SD3Transformer2DModel (MMDiT, patch size 1 on the 8x8x4 latents), FlowMatchEulerDiscreteScheduler.",
+        f"Objective: {tr['objective']}. Training computes the {tr['max_sequence_length']} identical zero tokens as "
+        "one token with log-multiplicity attention (exact; `superdiff.shapes.flow`).",
+        f"Parameters: {tr['parameters']}. Weights: {size / 1e6:.1f} MB (float32 safetensors).",
+    ]
+
+
 def render_card(directory: str | Path) -> str:
     """The README.md text for a bundled model directory."""
     d = Path(directory)
@@ -43,7 +78,9 @@ def render_card(directory: str | Path) -> str:
         f"({', '.join(SHAPES)}) in one colour ({', '.join(COLOURS)}) on black, random size and "
         f"position. Held out of all training data: {held}."
     )
-    if kind == "text-to-image":
+    if kind == "text-to-image" and tr.get("layout") == "sd3":
+        lines += _sd3_intro(name, tr, world_line, size)
+    elif kind == "text-to-image":
         lines += [
             "A mini text-to-image model in Stable Diffusion layout, trained from scratch on CPU by "
             "this repository's scripts. Load it like any hub checkpoint:",
@@ -88,7 +125,7 @@ def render_card(directory: str | Path) -> str:
             f"{tr['data']['training_images']} training images of {shapes} only.",
             f"Parameters: {tr['parameters']}. Weights: {size / 1e6:.1f} MB (float32 safetensors, VAE copy included).",
         ]
-    unet_cpu = cpu.get("unet_and_text_encoder", cpu.get("unet"))
+    unet_cpu = cpu.get("unet_and_text_encoder", cpu.get("transformer_and_text_encoders", cpu.get("unet")))
     lines += [
         "",
         "## Training",
