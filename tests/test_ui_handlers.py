@@ -74,7 +74,7 @@ def test_parameters_of_other_operators_are_dropped_with_a_note():
     ({"steps": 0}, "Steps: must be between 1 and"),
     ({"steps": "many"}, "Steps: must be a number"),
     ({"num_images": 2.5}, "Images: must be a whole number"),
-    ({"seed": -1}, "Seed: must be between 0"),
+    ({"seed": -2}, "Seed: must be between 0"),  # -1 is "random"
     ({"model": " "}, "Model: give a bundled model name"),
     ({"operator": "xor"}, "Operator: unknown operator 'xor'"),
     ({"operator": "or", "weights": ["0.5", ""]}, "Weights: set a value in every expert's row"),

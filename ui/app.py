@@ -29,8 +29,21 @@ __all__ = ["build_app", "launch", "CSS", "Studio"]
 CSS = """
 #results-gallery img, #trace-plot img { image-rendering: pixelated; }
 #results-gallery img { image-rendering: pixelated; }
+#results-gallery .caption-label { white-space: normal; overflow: visible; text-overflow: clip; }
 .prompt-row { align-items: end; }
 footer { display: none !important; }
+"""
+
+#: Ctrl+Enter (Cmd+Enter) starts Generate from anywhere on the page, as in A1111
+JS = """
+() => {
+  document.addEventListener('keydown', (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === 'Enter') {
+      const b = document.querySelector('#generate');
+      if (b) { e.preventDefault(); b.click(); }
+    }
+  });
+}
 """
 
 MAX_STEPS = 200
@@ -52,6 +65,7 @@ class Studio:
         self.allow_roots = list(self.cache.allow_roots)
         self.allow_hub = self.cache.allow_hub
         self.cancels = H.CancelRegistry()
+        self.queue = H.JobQueue(1)
         self.outputs = H.OutputDirs(out_root)
         self.max_steps = max_steps
         self.max_images = max_images
@@ -70,6 +84,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
     Studio when none is given. The queue runs at most `max_concurrency` jobs at once and
     holds at most `max_queue` waiting ones."""
     studio = studio or Studio(**studio_kwargs)
+    studio.queue.slots = max(1, int(max_concurrency))
     form0 = H.form_from_composition(default)
     models = studio.model_choices()
     if default.model not in models:
@@ -80,7 +95,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         gr.Markdown("## SuperDiff studio\nCompose prompts or models at sampling time. **AND** finds images all "
                     "experts find likely; **OR** follows whichever fits best. The plots show each expert's weight "
                     "(kappa) and log-density (log q) over the steps.")
-        rows_state = gr.State(form0["rows"])
+        # the number of prompt rows shown: a hidden field (not gr.State) so API calls can set it
+        rows_state = gr.Number(form0["rows"], visible=False, precision=0, elem_id="prompt-rows")
         results_state = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=360):
@@ -131,14 +147,16 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                                                 max_lines=1)
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
-                        steps = gr.Slider(1, studio.max_steps, value=default.steps, step=1, label="Steps",
+                        # plain numbers, not sliders: an out-of-range value is refused with a message
+                        # instead of being clamped in the browser without a word
+                        steps = gr.Number(default.steps, label=f"Steps (1-{studio.max_steps})", precision=0,
                                           elem_id="steps")
                         guidance = gr.Slider(0, 20, value=default.guidance_scale, step=0.5, label="Guidance scale")
                     with gr.Row():
-                        seed = gr.Number(default.seed, label="Seed", precision=0, minimum=0, elem_id="seed")
+                        seed = gr.Number(default.seed, label="Seed (-1: random)", precision=0, elem_id="seed")
                         dice = gr.Button("random seed", size="sm", scale=0, min_width=60)
-                        num_images = gr.Slider(1, studio.max_images, value=default.num_images, step=1,
-                                               label="Images", elem_id="num-images")
+                        num_images = gr.Number(default.num_images, label=f"Images (1-{studio.max_images})",
+                                               precision=0, elem_id="num-images")
                     with gr.Row():
                         sampler = gr.Dropdown(list(H.SAMPLER_UI_CHOICES), value=default.sampler, label="Sampler",
                                               elem_id="sampler", info="ddpm works well with few steps")
@@ -152,11 +170,6 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                         width = gr.Textbox(form0["width"], label="Width", placeholder="the model's", max_lines=1)
                         dtype = gr.Dropdown(list(H.DTYPE_UI_CHOICES), value=default.dtype, label="Precision",
                                             info="float16/bfloat16 need a GPU")
-                with gr.Row():
-                    run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    compare_btn = gr.Button("Compare methods", elem_id="compare")
-                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                status = gr.Markdown("Ready.", elem_id="status")
                 with gr.Accordion("Settings JSON (export / import)", open=False):
                     settings_code = gr.Code(H.settings_json(default), language="json", label="Composition",
                                             interactive=True, elem_id="settings-json")
@@ -165,8 +178,15 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                         apply_btn = gr.Button("Apply JSON above", size="sm")
                         import_btn = gr.UploadButton("Import .json or .png", file_types=[".json", ".png"],
                                                      size="sm")
+                    settings_msg = gr.Markdown("", elem_id="settings-msg")
                     settings_file = gr.File(label="settings file", visible=False, interactive=False)
             with gr.Column(scale=6, min_width=360):
+                # at the top of the page (visible without scrolling at 1920x1080); Ctrl+Enter = Generate
+                with gr.Row():
+                    run_btn = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
+                    compare_btn = gr.Button("Compare methods", elem_id="compare")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status = gr.Markdown("Ready.", elem_id="status", label="status")
                 gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain",
                                      format="png", elem_id="results-gallery", interactive=False)
                 trace_pick = gr.Dropdown([], label="Trace of image (or click an image)", elem_id="trace-pick",
@@ -188,10 +208,15 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         }
         assert tuple(scalar_components) == H.FORM_SCALARS
         form_components = [*scalar_components.values(), *prompts, *weights, *biases]
+        # the scripted API (gradio_client): every input under its own name (H.API_NAMES)
+        api_inputs = dict(zip(H.API_NAMES, form_components))
         op_groups = [or_group, and_group, single_group, joint_group]
 
         def read_form(data: dict) -> dict[str, Any]:
             return H.form_from_values([data[c] for c in form_components])
+
+        def read_named(named: dict[str, Any]) -> dict[str, Any]:
+            return H.form_from_values([named[n] for n in H.API_NAMES])
 
         def op_visibility(op: str) -> list[Any]:
             return [gr.update(visible=op == name) for name in ("or", "and", "single", "joint")]
@@ -204,11 +229,11 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         operator.change(op_visibility, operator, op_groups, **ui_only)
 
         def add_row(n: int) -> list[Any]:
-            n = min(H.MAX_PROMPTS, int(n) + 1)
+            n = min(H.MAX_PROMPTS, int(n or 2) + 1)
             return [n, *row_visibility(n)]
 
         def remove_row(n: int) -> list[Any]:
-            n = max(H.MIN_PROMPTS, int(n) - 1)
+            n = max(H.MIN_PROMPTS, int(n or 2) - 1)
             return [n, *row_visibility(n)]
 
         add_btn.click(add_row, rows_state, [rows_state, *prompt_rows], **ui_only)
@@ -228,65 +253,87 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         model.input(on_model, [model, extra_models], [model_info, extra_models, *prompts], **ui_only)
 
         # ---- settings export / import -------------------------------------------------------
+        # errors are shown in the status line and under the buttons (where the user looks), and
+        # as a notification; nothing else on the page changes
         def export_settings(data: dict) -> list[Any]:
             try:
-                comp = H.composition_from_form(read_form(data))
+                comp, notes = H.parse_form(read_form(data))
             except Exception as e:  # noqa: BLE001
-                raise gr.Error(H.error_message(e), print_exception=False) from None
+                msg = f"**Error:** {H.error_message(e)}"
+                gr.Warning(H.error_message(e))
+                return [gr.skip(), gr.skip(), msg, msg]
             path = studio.outputs.new() / "superdiff-settings.json"
             path.write_text(H.settings_json(comp))
-            return [H.settings_json(comp), gr.update(value=str(path), visible=True),
-                    "Settings exported: download the file, or copy the JSON."]
+            msg = "Settings exported: download the file, or copy the JSON." + (
+                " Note: " + "; ".join(notes) + "." if notes else "")
+            return [H.settings_json(comp), gr.update(value=str(path), visible=True), msg, msg]
 
-        export_btn.click(export_settings, set(form_components), [settings_code, settings_file, status],
-                         queue=False, show_progress="hidden")
+        export_btn.click(export_settings, set(form_components), [settings_code, settings_file, status, settings_msg],
+                         queue=False, show_progress="hidden", api_visibility="undocumented")
 
-        apply_outputs = [*form_components, *prompt_rows, *op_groups, settings_code, model_info, status]
+        apply_outputs = [*form_components, *prompt_rows, *op_groups, settings_code, model_info, status, settings_msg]
 
         def apply_composition(comp: Composition, source: str) -> list[Any]:
             form = H.form_from_composition(comp)
+            msg = f"Settings loaded from {source}."
             return [*H.values_from_form(form), *row_visibility(form["rows"]), *op_visibility(comp.operator),
-                    H.settings_json(comp), H.describe_model(comp.model, studio.cache),
-                    f"Settings loaded from {source}."]
+                    H.settings_json(comp), H.describe_model(comp.model, studio.cache), msg, msg]
+
+        def apply_failed(e: BaseException) -> list[Any]:
+            text = H.error_message(e)
+            gr.Warning(text)
+            msg = f"**Error:** {text}"
+            return [gr.skip()] * (len(apply_outputs) - 2) + [msg, msg]
 
         def apply_json(text: str) -> list[Any]:
             try:
                 return apply_composition(H.settings_from_json(text), "the JSON box")
             except Exception as e:  # noqa: BLE001
-                raise gr.Error(H.error_message(e), print_exception=False) from None
+                return apply_failed(e)
 
         def import_file(path: str | None) -> list[Any]:
             if not path:
-                raise gr.Error("No file received; choose a .json settings file or a superdiff .png.",
-                               print_exception=False)
+                return apply_failed(ValueError("settings: no file received; choose a .json settings file or a "
+                                               "superdiff .png"))
             try:
                 return apply_composition(H.load_settings_file(path), Path(path).name)
             except Exception as e:  # noqa: BLE001
-                raise gr.Error(H.error_message(e), print_exception=False) from None
+                return apply_failed(e)
 
-        apply_btn.click(apply_json, settings_code, apply_outputs, queue=False, show_progress="hidden")
-        import_btn.upload(import_file, import_btn, apply_outputs, queue=False, show_progress="hidden")
+        apply_btn.click(apply_json, settings_code, apply_outputs, queue=False, show_progress="hidden",
+                        api_visibility="undocumented")
+        import_btn.upload(import_file, import_btn, apply_outputs, queue=False, show_progress="hidden",
+                          api_visibility="undocumented")
 
         # ---- running ------------------------------------------------------------------------
         run_outputs = [gallery, status, trace_pick, trace_plot, files, results_state, settings_code]
 
-        def gallery_value(items: list[H.ResultItem]) -> list[tuple[str, str]]:
-            return [(it.path, it.label) for it in items]
+        def gallery_value(items: list[H.ResultItem], grid: str | None = None) -> list[tuple[str, str]]:
+            return [(it.path, it.label) for it in items] + ([(grid, "grid: methods x seeds")] if grid else [])
 
-        def run(data: dict, compare: bool, request: gr.Request, progress: gr.Progress) -> Any:
+        def run(form: dict, compare: bool, request: gr.Request, progress: gr.Progress) -> Any:
+            key = _session(request)
             try:
-                comp, notes = H.parse_form(read_form(data))
+                comp, notes = H.parse_form(form)
                 H.check_limits(comp, studio.max_steps, studio.max_images)
                 # refuses paths outside the roots, and mismatched prompts, before any work
                 H.check_model_fits(comp, H.model_kind(comp.model, studio.cache))
                 for m in comp.extra_models:
                     studio.cache.resolve(m, "extra_models")
-                jobs = H.compare_methods(comp) if compare else [(comp.operator.upper(), comp)]
+                if compare:
+                    jobs = H.compare_methods(comp)
+                else:
+                    notes += H.check_experts(comp)
+                    jobs = [(comp.operator.upper(), comp)]
             except Exception as e:  # noqa: BLE001
+                studio.queue.withdraw(key)
                 msg = H.error_message(e)
                 yield [gr.skip(), f"**Error:** {msg}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
                 raise gr.Error(msg, print_exception=False) from None
-            key = _session(request)
+            if not studio.queue.begin(key):
+                yield [gr.skip(), "Withdrawn from the queue: it did not run.", gr.skip(), gr.skip(), gr.skip(),
+                       gr.skip(), gr.skip()]
+                return
             flag = studio.cancels.start(key)
             out_dir = studio.outputs.new()
             items: list[H.ResultItem] = []
@@ -298,13 +345,17 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             def on_progress(frac: float, text: str) -> None:
                 progress(frac, desc=text)
 
+            shown: H.ResultItem | None = None
             try:
                 for items in H.run_jobs(jobs, studio.cache, out_dir, on_progress=on_progress,
                                         should_stop=flag.is_set):
-                    first = len(items) == 1
+                    best = H.pick_trace_item(items)
+                    switch = best is not shown and (shown is None or shown.record.operator not in ("or", "and"))
+                    if switch:
+                        shown = best
                     yield [gallery_value(items), f"{len(items)} image(s) done \u2026",
-                           gr.update(choices=[it.label for it in items], value=items[0].label),
-                           H.render_trace_plot(items[0]) if first else gr.skip(), gr.skip(), items, gr.skip()]
+                           gr.update(choices=[it.label for it in items], value=shown.label if switch else gr.skip()),
+                           H.render_trace_plot(shown) if switch else gr.skip(), gr.skip(), items, gr.skip()]
             except InterruptedError:
                 zipped = [H.zip_results(items, out_dir / "superdiff-results.zip")] if items else []
                 gr.Warning("Cancelled.")
@@ -318,30 +369,48 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                 raise gr.Error(msg, print_exception=False) from None
             finally:
                 studio.cancels.finish(key, flag)
+                studio.queue.end(key)
             zipped = H.zip_results(items, out_dir / "superdiff-results.zip")
+            grid = H.compare_grid(items, out_dir / "superdiff-compare-grid.png", comp) if compare else None
             secs = sum(it.extra.get("seconds", 0.0) for it in items)
-            yield [gallery_value(items), f"Done: {len(items)} image(s) ({what}, {comp.steps} steps, seed "
+            yield [gallery_value(items, grid), f"Done: {len(items)} image(s) ({what}, {comp.steps} steps, seed "
                    f"{comp.seed}) in {secs:.1f} s. The PNGs carry their parameters (import one to reproduce it)."
-                   f"{note}", gr.skip(), gr.skip(), [it.path for it in items] + [zipped], items, gr.skip()]
+                   f"{note}", gr.skip(), gr.skip(), [it.path for it in items] + ([grid] if grid else []) + [zipped],
+                   items, gr.skip()]
 
-        def run_generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-            yield from run(data, False, request, progress)
+        def run_generate(request: gr.Request, progress=gr.Progress(), **form: Any):  # noqa: B008
+            """Generate the composition of the form (every image a PNG with its parameters)."""
+            yield from run(read_named(form), False, request, progress)
 
-        def run_compare(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-            yield from run(data, True, request, progress)
+        def run_compare(request: gr.Request, progress=gr.Progress(), **form: Any):  # noqa: B008
+            """Joint prompt, averaging, OR and AND on the same seeds, plus a labelled grid."""
+            yield from run(read_named(form), True, request, progress)
+
+        def queued_notice(request: gr.Request) -> Any:
+            """Runs at once on click: says where the request waits when every slot is busy."""
+            place = studio.queue.request(_session(request))
+            if place is None:
+                return gr.skip()
+            return (f"Queued: {place} request(s) ahead of this one incl. the running job"
+                    if place > 1 else "Queued: waiting for the running job to finish") + \
+                "; Cancel withdraws it."
 
         # progress (and a failed run's error badge) show on the gallery; the status line stays readable
-        run_btn.click(run_generate, set(form_components), run_outputs, api_name="generate",
+        for btn, fn, name in ((run_btn, run_generate, "generate"), (compare_btn, run_compare, "compare")):
+            btn.click(queued_notice, None, status, queue=False, show_progress="hidden",
+                      api_visibility="undocumented")
+            btn.click(fn, inputs_kwargs=api_inputs, outputs=run_outputs, api_name=name,
                       concurrency_id="generate", show_progress_on=[gallery])
-        compare_btn.click(run_compare, set(form_components), run_outputs, api_name="compare",
-                          concurrency_id="generate", show_progress_on=[gallery])
 
         def cancel(request: gr.Request) -> str:
-            if studio.cancels.cancel(_session(request)):
+            key = _session(request)
+            if studio.cancels.cancel(key):
                 return "Cancelling after the current step \u2026"
+            if studio.queue.withdraw(key):
+                return "Withdrawn from the queue: it will not run."
             return "Nothing is running."
 
-        cancel_btn.click(cancel, None, status, queue=False, show_progress="hidden")
+        cancel_btn.click(cancel, None, status, queue=False, show_progress="hidden", api_visibility="undocumented")
 
         # ---- trace selection ----------------------------------------------------------------
         def pick_trace(label: str | None, items: list[H.ResultItem]) -> Any:
@@ -373,5 +442,5 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, sha
     studio = getattr(app, "studio", None)
     allowed = [str(studio.outputs.root)] if studio is not None else None
     return app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                      quiet=quiet, show_error=False, ssr_mode=False, allowed_paths=allowed, css=CSS,
+                      quiet=quiet, show_error=False, ssr_mode=False, allowed_paths=allowed, css=CSS, js=JS,
                       footer_links=[], mcp_server=False, pwa=False, enable_monitoring=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def _ui(args: argparse.Namespace) -> int:
         roots = [d.resolve()] if d.is_dir() else []
     studio = Studio(allow_roots=roots, allow_hub=not args.no_hub, max_models=args.max_models,
                     max_steps=args.max_steps, max_images=args.max_images)
+    # Gradio's own file cache lives inside the studio's temporary folder, so that stopping the
+    # server (Ctrl+C or SIGTERM) leaves nothing behind
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(studio.outputs.root / "gradio-cache"))
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     app = build_app(studio, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
     where = ", ".join(map(str, roots)) or "none (bundled models only)"
     print(f"superdiff ui: http://{args.host}:{args.port}  (local model folders: {where}; hub ids: "
@@ -43,8 +52,12 @@ def _ui(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         launch(app, host=args.host, port=args.port, share=args.share, block=True)
+    except KeyboardInterrupt:
+        pass
     finally:
+        app.close()
         studio.outputs.cleanup()
+        print("superdiff ui: stopped; temporary files removed", file=sys.stderr)
     return 0
 
 

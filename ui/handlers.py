@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from superdiff.compose import (DEFAULT_COMPOSITION, DTYPES, ESTIMATOR_CHOICES, OPERATOR_CHOICES, SAMPLER_CHOICES,
-                               Composition, ModelCache, read_png_composition, run_composition, save_png)
+                               Composition, ModelCache, check_experts, check_safetensors, draw_seed, image_grid,
+                               read_png_composition, run_composition, save_png)
 
 log = logging.getLogger("superdiff.ui")
 
@@ -32,7 +33,8 @@ __all__ = [
     "form_from_values", "values_from_form", "parse_form", "composition_from_form", "form_from_composition",
     "for_operator", "compare_methods", "check_limits", "check_model_fits", "settings_json", "settings_from_json", "load_settings_file",
     "default_allow_roots", "model_choices", "model_kind", "describe_model", "suggest_extra_models", "error_message",
-    "CancelRegistry", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
+    "CancelRegistry", "JobQueue", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
+    "compare_grid", "pick_trace_item", "API_NAMES",
 ]
 
 #: prompt rows the page holds (rows beyond the visible count are ignored)
@@ -45,6 +47,12 @@ FORM_SCALARS: tuple[str, ...] = (
     "single_expert", "joint_template", "estimator", "sampler", "steps", "guidance_scale", "negative_prompt",
     "seed", "num_images", "height", "width", "dtype",
 )
+
+#: the studio's scripted-API (gradio_client) input names, in form_from_values order
+API_NAMES: tuple[str, ...] = (
+    *("prompt_rows" if k == "rows" else k for k in FORM_SCALARS),
+    *(f"prompt_{i + 1}" for i in range(MAX_PROMPTS)), *(f"weight_{i + 1}" for i in range(MAX_PROMPTS)),
+    *(f"bias_{i + 1}" for i in range(MAX_PROMPTS)))
 
 OPERATOR_LABELS: dict[str, str] = {
     "and": "AND (all prompts at once)",
@@ -180,6 +188,18 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     n_experts = len(prompts) + len(extras) if prompts else 1 + len(extras)
     weights = _row_values(list(form.get("weights") or []), expert_rows, n_experts, "weights")
     bias = _row_values(list(form.get("biases") or []), expert_rows, n_experts, "bias")
+    operator = str(form.get("operator") or "and")
+    if any(_A1111_AND.search(p) for p in prompts):  # A1111's "a AND b:0.7": one expert per part
+        from superdiff.a1111 import expand_prompt_syntax
+
+        if bias is not None or len(prompts) > 1:
+            raise ValueError("prompts: write A1111's 'a AND b' in a single prompt row, without per-row "
+                             "weights or biases (':weight' suffixes set the weights)")
+        prompts, weights = expand_prompt_syntax(prompts, weights, operator.lower().strip())
+    notes: list[str] = []
+    seed, drawn = draw_seed(form.get("seed"))
+    if drawn:
+        notes.append(f"seed -1 drew seed {seed}")
 
     clamp_mode = str(form.get("clamp_mode") or "default").lower()
     if clamp_mode == "default":
@@ -200,10 +220,9 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
         raise ValueError(f"single_index: experts are numbered from 1, got {single}")
     estimator = form.get("estimator")
     estimator = None if _blank(estimator) or str(estimator).lower() == "auto" else str(estimator)
-    operator = str(form.get("operator") or "and")
     joint_template = form.get("joint_template")
     steps = _int_or_none(form.get("steps"), "steps")
-    seed = _int_or_none(form.get("seed"), "seed")
+    seed = _int_or_none(seed, "seed")
     num_images = _int_or_none(form.get("num_images"), "num_images")
     guidance = _number(form.get("guidance_scale"), "guidance_scale")
     d: dict[str, Any] = {
@@ -231,8 +250,8 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     }
     full = Composition.from_dict(d)
     comp = for_operator(full, full.operator)
-    notes = [f"{FIELD_LABELS[k].lower()} is not used by {comp.operator.upper()} and was ignored"
-             for k in _OP_PARAMS if getattr(full, k) != getattr(comp, k) and k != "single_index"]
+    notes += [f"{FIELD_LABELS[k].lower()} is not used by {comp.operator.upper()} and was ignored"
+              for k in _OP_PARAMS if getattr(full, k) != getattr(comp, k) and k != "single_index"]
     return comp, notes
 
 
@@ -406,6 +425,19 @@ def _looks_like_model(d: Path) -> bool:
         ((d / "config.json").is_file() and any(d.glob("*.safetensors")))
 
 
+def _loadable(d: Path, root: Path) -> bool:
+    """A model folder the studio will load: inside its root once resolved (no symlink
+    leaving it) and with safetensors weights (`.bin` pickles are refused)."""
+    rd = d.resolve()
+    if not (rd == root or root in rd.parents):
+        return False
+    try:
+        check_safetensors(str(rd))
+    except ValueError:
+        return False
+    return True
+
+
 def model_choices(allow_roots: Sequence[str | os.PathLike] = (), max_depth: int = 2, limit: int = 200) -> list[str]:
     """Bundled model names, then diffusers model folders found under the allow-listed roots
     (absolute paths, searched `max_depth` levels deep, hidden folders skipped)."""
@@ -420,7 +452,8 @@ def model_choices(allow_roots: Sequence[str | os.PathLike] = (), max_depth: int 
         while frontier and len(out) < limit:
             d, depth = frontier.pop(0)
             if _looks_like_model(d):
-                out.append(str(d))
+                if _loadable(d, root):
+                    out.append(str(d))
                 continue
             if depth >= max_depth:
                 continue
@@ -442,6 +475,7 @@ def model_kind(name: str, cache: ModelCache) -> str | None:
     src = cache.resolve(name.strip())
     if not Path(src).is_dir():
         return None
+    check_safetensors(src)
     return model_kind(src)
 
 
@@ -492,6 +526,7 @@ def suggest_extra_models(model: str, current: Sequence[str] | None, cache: Model
 
 # ---- errors ---------------------------------------------------------------------------------
 _FIELD_RE = re.compile(r"^([a-z_]+): (.*)$", re.S)
+_A1111_AND = re.compile(r"\bAND\b")
 
 
 def _first_line(text: str, limit: int = 400) -> str:
@@ -561,6 +596,61 @@ class CancelRegistry:
             return key in self._events
 
 
+class JobQueue:
+    """Who waits for a generation slot, per browser session, so that a queued tab can show
+    its place and Cancel can withdraw it before it starts (Gradio's own queue holds the
+    request; when a withdrawn one reaches a slot it returns at once without work)."""
+
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = max(1, int(slots))
+        self._lock = threading.Lock()
+        self._running: list[str] = []
+        self._waiting: list[str] = []
+        self._withdrawn: set[str] = set()
+
+    def request(self, key: str) -> int | None:
+        """Called when a tab asks for a run: its place in line (1 = next to start) when all
+        slots are busy, None when it starts at once (or is already running)."""
+        with self._lock:
+            if key in self._running:
+                return None
+            self._withdrawn.discard(key)
+            if key not in self._waiting:
+                if len(self._running) < self.slots and not self._waiting:
+                    return None
+                self._waiting.append(key)
+            return self._waiting.index(key) + 1
+
+    def begin(self, key: str) -> bool:
+        """The run of `key` got a slot: False when it was withdrawn meanwhile (skip it)."""
+        with self._lock:
+            if key in self._waiting:
+                self._waiting.remove(key)
+            if key in self._withdrawn:
+                self._withdrawn.discard(key)
+                return False
+            self._running.append(key)
+            return True
+
+    def end(self, key: str) -> None:
+        with self._lock:
+            if key in self._running:
+                self._running.remove(key)
+
+    def withdraw(self, key: str) -> bool:
+        """Take `key`'s waiting run out of line; False when it is not waiting."""
+        with self._lock:
+            if key not in self._waiting:
+                return False
+            self._waiting.remove(key)
+            self._withdrawn.add(key)
+            return True
+
+    def position(self, key: str) -> int | None:
+        with self._lock:
+            return self._waiting.index(key) + 1 if key in self._waiting else None
+
+
 # ---- running --------------------------------------------------------------------------------
 @dataclass
 class ResultItem:
@@ -606,19 +696,86 @@ def run_jobs(jobs: Sequence[tuple[str, Composition]], cache: ModelCache, out_dir
             done += comp.steps
             rec = res.records[0]
             path = save_png(res.images[0], out / f"{len(items):02d}_{_slug(label)}_seed{rec.seed}.png", rec)
-            items.append(ResultItem(label=f"{label} \u00b7 image {i + 1} \u00b7 seed {rec.seed}", method=label,
+            items.append(ResultItem(label=f"{label} \u00b7 seed {rec.seed}", method=label,
                                     path=str(path), record=rec, trace=res.trace,
                                     extra={"seconds": round(res.seconds, 3)}))
             yield list(items)
 
 
+def _short(text: str, n: int = 28) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
 def render_trace_plot(item: ResultItem) -> str | None:
-    """A PNG of kappa and log q per expert over the steps for one image (cached beside it)."""
+    """A PNG of kappa and log q per expert over the steps for one image (cached beside it),
+    titled with the image's method and seed; the legend (prompt names shortened) sits below
+    the panels so long prompts never cover the curves."""
     if item.trace is None:
         return None
     path = Path(item.path).with_name(Path(item.path).stem + "_trace.png")
-    if not path.is_file():
-        item.trace.plot(path, samples=[0], title=item.label)
+    if path.is_file():
+        return str(path)
+    import matplotlib.pyplot as plt
+
+    fig = trace_figure(item)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def trace_figure(item: ResultItem) -> Any:
+    """The matplotlib figure of render_trace_plot."""
+    fig = item.trace.plot(None, samples=[0], title=item.label)
+    axes = fig.axes
+    axes[0].set_title("kappa (weight of each expert)", fontsize=9)
+    if len(axes) > 1:
+        axes[1].set_title("log q - mean over experts", fontsize=9)
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, [_short(n) for n in names], loc="lower center", ncol=min(3, len(handles)),
+                   fontsize=8, frameon=False)
+        rows = math.ceil(len(handles) / 3)
+        fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
+    return fig
+
+
+def pick_trace_item(items: Sequence[ResultItem]) -> ResultItem | None:
+    """The image whose trace to show first: the first one sampled with a SuperDiff operator
+    (OR / AND: kappa moves), else the first one (after "Compare methods" the joint prompt and
+    averaging come first, and their traces are flat)."""
+    for it in items:
+        if it.record.operator in ("or", "and"):
+            return it
+    return items[0] if items else None
+
+
+def compare_grid(items: Sequence[ResultItem], path: str | os.PathLike, base: Composition) -> str:
+    """The compare-methods results as one labelled PNG, an A1111-style X/Y plot: one row per
+    method, one column per seed. Its text chunks carry `base` (superdiff) and every tile's
+    composition (superdiff_grid)."""
+    from superdiff.compose import GRID_KEY
+
+    methods = list(dict.fromkeys(it.method for it in items))
+    seeds = sorted({it.record.seed for it in items})
+    by = {(it.method, it.record.seed): it for it in items}
+    from PIL import Image
+
+    first = Image.open(items[0].path)
+    blank = Image.new("RGB", first.size, (255, 255, 255))
+    tiles = []
+    for m in methods:
+        for sd in seeds:
+            it = by.get((m, sd))
+            tiles.append(Image.open(it.path).convert("RGB") if it else blank)
+    scale = max(1, 128 // max(first.size))
+    grid = image_grid(tiles, cols=len(seeds), scale=scale, row_labels=methods,
+                      col_labels=[f"seed {sd}" for sd in seeds])
+    records = [{"method": it.method, "seed": it.record.seed, "composition": it.record.to_dict()} for it in items]
+    save_png(grid, path, base, extra_text={GRID_KEY: json.dumps(records, sort_keys=True)})
     return str(path)
 
 
