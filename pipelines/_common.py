@@ -18,15 +18,18 @@ subclasses `DiffusionPipeline` (a custom-pipeline file must define exactly one).
 
 from __future__ import annotations
 
-from superdiff.diffusers_experts import Branch, Network, NetworkExperts, NullEstimator, unet_forward
+from superdiff.diffusers_experts import (Branch, Network, NetworkExperts, NullEstimator, transformer_forward,
+                                        unet_forward)
 
-from ._checkpoints import VP_KINDS, UNetExpert, as_unet_expert, check_compatible, load_unet, network_info
-from ._experts import (ExpertPlan, NetworkPlan, plan_extra_networks, plan_text_experts, prepare_networks,
-                       promptless_branch)
+from ._checkpoints import (FLOW_TRANSFORMERS, VP_KINDS, TransformerExpert, UNetExpert, as_transformer_expert,
+                           as_unet_expert, check_compatible, check_flow_layout, check_transformer_compatible, load_transformer, load_unet,
+                           mixed_families_message, network_info, transformer_info)
+from ._experts import (ExpertPlan, NetworkPlan, plan_extra_networks, plan_extra_transformers, plan_text_experts,
+                       prepare_networks, promptless_branch)
 from ._inputs import (apply_joint, check_common, check_generator, check_height_width, joint_prompt,
                       normalize_negative_prompts, normalize_prompts, unique_keys)
-from ._method import (SAMPLERS, MethodPlan, build_operator, init_noise_sigma, make_schedule, prepare_latents,
-                      resolve_estimator, resolve_sampler)
+from ._method import (SAMPLERS, MethodPlan, build_operator, flow_time_grid, init_noise_sigma, make_flow_schedule,
+                      make_schedule, prepare_latents, resolve_estimator, resolve_sampler)
 from ._mixin import CALLBACK_TENSOR_INPUTS, SuperDiffPipelineMixin
 from ._outputs import OUTPUT_TYPES, SuperDiffPipelineOutput, decode_latents, render_trace
 
@@ -35,17 +38,20 @@ __all__ = [
     "SuperDiffPipelineOutput", "render_trace", "decode_latents", "OUTPUT_TYPES",
     # checkpoints
     "UNetExpert", "load_unet", "as_unet_expert", "network_info", "check_compatible", "VP_KINDS",
+    "TransformerExpert", "load_transformer", "as_transformer_expert", "transformer_info",
+    "check_transformer_compatible", "mixed_families_message", "FLOW_TRANSFORMERS", "check_flow_layout",
     # inputs
     "joint_prompt", "normalize_prompts", "normalize_negative_prompts", "apply_joint", "unique_keys",
     "check_height_width", "check_common", "check_generator",
     # method
     "MethodPlan", "build_operator", "resolve_sampler", "resolve_estimator", "make_schedule", "init_noise_sigma",
-    "prepare_latents", "SAMPLERS",
+    "prepare_latents", "SAMPLERS", "make_flow_schedule", "flow_time_grid",
     # experts
-    "ExpertPlan", "NetworkPlan", "plan_extra_networks", "plan_text_experts", "promptless_branch",
+    "ExpertPlan", "NetworkPlan", "plan_extra_networks", "plan_extra_transformers", "plan_text_experts",
+    "promptless_branch",
     "prepare_networks",
     # the mixin
     "SuperDiffPipelineMixin", "CALLBACK_TENSOR_INPUTS",
     # the core's network experts, re-exported for the pipeline files
-    "Branch", "Network", "NetworkExperts", "NullEstimator", "unet_forward",
+    "Branch", "Network", "NetworkExperts", "NullEstimator", "unet_forward", "transformer_forward",
 ]

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from superdiff.diffusers_experts import Branch, Network, unet_forward
 from superdiff.schedules import Schedule
 
-from ._checkpoints import UNetExpert, as_unet_expert, check_compatible, network_info
+from ._checkpoints import (TransformerExpert, UNetExpert, as_transformer_expert, as_unet_expert, check_compatible,
+                           check_transformer_compatible, network_info, transformer_info)
 
-__all__ = ["ExpertPlan", "NetworkPlan", "plan_extra_networks", "plan_text_experts", "promptless_branch",
-           "prepare_networks"]
+__all__ = ["ExpertPlan", "NetworkPlan", "plan_extra_networks", "plan_extra_transformers", "plan_text_experts",
+           "promptless_branch", "prepare_networks"]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ExpertPlan:
     negative: str | None = None
     class_label: int | None = None
     name: str = "expert"
+    adapter: str | None = None  # the adapter (LoRA) this expert runs with (pipelines/adapters.py)
 
 
 @dataclass
@@ -76,6 +78,31 @@ def plan_extra_networks(base: NetworkPlan, extras: Sequence[Any] | None, schedul
     return networks, entries
 
 
+def plan_extra_transformers(base: NetworkPlan, extras: Sequence[Any] | None, scheduler_config: Mapping[str, Any],
+                            torch_dtype: torch.dtype | None = None,
+                            first_index: int = 2) -> tuple[list[NetworkPlan], list[TransformerExpert]]:
+    """`plan_extra_networks` for the flow pipelines' `extra_transformers`: each one checked
+    against the pipeline's transformer (check_transformer_compatible) before any compute."""
+    networks = [base]
+    entries: list[TransformerExpert] = []
+    if extras is None:
+        return networks, entries
+    if isinstance(extras, (torch.nn.Module, str, os.PathLike, TransformerExpert, UNetExpert)):
+        extras = [extras]
+    for k, raw in enumerate(extras):
+        e = as_transformer_expert(raw, torch_dtype)
+        if not isinstance(e.transformer, torch.nn.Module):
+            raise ValueError(f"extra transformer {k} is a {type(e.transformer).__name__}, not a transformer module")
+        name = e.name or f"transformer_{first_index + k}"
+        sched = e.scheduler_config if e.scheduler_config is not None else scheduler_config
+        info = transformer_info(e.transformer, sched, e.vae_config, name)
+        check_transformer_compatible(base.info, info)
+        if not any(n.module is e.transformer for n in networks):
+            networks.append(NetworkPlan(e.transformer, info, name))
+        entries.append(TransformerExpert(e.transformer, e.prompt, e.negative_prompt, sched, e.vae_config, name))
+    return networks, entries
+
+
 def promptless_branch(plan: ExpertPlan, device: torch.device) -> Branch:
     """The branch of an expert without a prompt in a text pipeline (an extra UNet2DModel):
     unguided, conditioned on its class label if it has one."""
@@ -113,11 +140,14 @@ def plan_text_experts(prompts: Sequence[str], negatives: Sequence[str | None], n
 
 
 def prepare_networks(networks: Sequence[NetworkPlan], schedule: Schedule, device: torch.device,
-                     cross_attention_kwargs: dict | None = None) -> list[Network]:
-    """Core Network objects; extra UNets are moved to the execution device."""
+                     cross_attention_kwargs: dict | None = None,
+                     forward: Callable[[torch.nn.Module], Callable] | None = None) -> list[Network]:
+    """Core Network objects; extra networks are moved to the execution device. forward(module)
+    gives a network's fn(x, t, cond) (default: unet_forward)."""
     out = []
     for k, n in enumerate(networks):
         if k > 0 and _module_device(n.module) != device:
             n.module.to(device)
-        out.append(Network(unet_forward(n.module, schedule, cross_attention_kwargs), n.info["prediction_type"], n.name))
+        fn = forward(n.module) if forward is not None else unet_forward(n.module, schedule, cross_attention_kwargs)
+        out.append(Network(fn, n.info["prediction_type"], n.name))
     return out

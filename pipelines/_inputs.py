@@ -63,12 +63,12 @@ def normalize_negative_prompts(negative_prompt: str | Sequence[str] | None, n: i
     return list(negative_prompt)
 
 
-def check_height_width(height: int, width: int, factor: int) -> None:
+def check_height_width(height: int, width: int, factor: int, what: str = "the VAE factor") -> None:
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"`{name}` must be a positive int, got {v!r}")
     if height % factor or width % factor:
-        raise ValueError(f"`height` and `width` must be divisible by the VAE factor {factor}, got {height}x{width}")
+        raise ValueError(f"`height` and `width` must be divisible by {what} {factor}, got {height}x{width}")
 
 
 def check_common(num_inference_steps: Any, num_images_per_prompt: Any, output_type: str,

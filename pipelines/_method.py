@@ -23,7 +23,7 @@ from superdiff.schedules import Schedule, VESigma, schedule_from_config
 Tensor = torch.Tensor
 
 __all__ = ["SAMPLERS", "MethodPlan", "build_operator", "resolve_sampler", "resolve_estimator", "make_schedule",
-           "init_noise_sigma", "prepare_latents"]
+           "make_flow_schedule", "flow_time_grid", "init_noise_sigma", "prepare_latents"]
 
 SAMPLERS = ("sde", "em", "ode", "euler", "heun", "ddpm")
 
@@ -141,6 +141,49 @@ def make_schedule(scheduler_config: Mapping[str, Any], integrator: Integrator,
     if schedule not in ("vp", "ve"):
         raise ValueError(f"unknown schedule {schedule!r}; expected 'vp', 've' or a superdiff Schedule")
     return schedule_from_config(cfg, kind=schedule)
+
+
+#: FlowMatchEulerDiscreteScheduler options that change the step itself, not only the grid
+_FLOW_UNSUPPORTED = {
+    "stochastic_sampling": "stochastic sampling (stochastic_sampling=True; use sampler='sde' or 'ddpm' instead)",
+    "invert_sigmas": "inverted sigmas (invert_sigmas=True)",
+}
+
+
+def make_flow_schedule(scheduler_config: Mapping[str, Any], schedule: str | Schedule | None = None) -> Schedule:
+    """The rectified-flow schedule x_t = (1 - t) x0 + t eps for a FlowMatch scheduler config;
+    the network is fed t * num_train_timesteps. The time grid itself is the scheduler's own
+    (`flow_time_grid`), so its shift, dynamic shifting and sigma spacing all carry over."""
+    cfg = dict(scheduler_config)
+    if "FlowMatch" not in str(cfg.get("_class_name", "FlowMatch")):
+        raise ValueError(f"a rectified-flow transformer needs a FlowMatchEulerDiscreteScheduler, got "
+                         f"{cfg.get('_class_name')}; load the checkpoint's own scheduler")
+    for key, what in _FLOW_UNSUPPORTED.items():
+        if cfg.get(key):
+            raise ValueError(f"the scheduler config uses {what}, which the SuperDiff step does not support")
+    if isinstance(schedule, Schedule):
+        if schedule.name != "flow":
+            raise ValueError(f"a flow-matching model predicts velocities of x_t = (1 - t) x0 + t eps; the "
+                             f"{type(schedule).__name__} schedule is a different process (give a RectifiedFlow "
+                             "or leave `schedule` unset)")
+        return schedule
+    if schedule not in (None, "flow"):
+        raise ValueError(f"schedule {schedule!r} is not a flow-matching schedule; flow models use 'flow' "
+                         "(the default) or a superdiff RectifiedFlow")
+    return schedule_from_config(cfg, kind="flow")
+
+
+def flow_time_grid(scheduler: Any, num_inference_steps: int, mu: float | None = None,
+                   sigmas: Sequence[float] | None = None) -> Tensor:
+    """The FlowMatch scheduler's own grid of sigmas = schedule times t (shift, dynamic shift
+    exp(mu), terminal value, ending at 0), from `scheduler.set_timesteps` as diffusers'
+    pipelines call it, in float64."""
+    kw: dict[str, Any] = {} if mu is None else {"mu": mu}
+    if sigmas is not None:
+        scheduler.set_timesteps(sigmas=list(sigmas), device="cpu", **kw)
+    else:
+        scheduler.set_timesteps(int(num_inference_steps), device="cpu", **kw)
+    return scheduler.sigmas.detach().to("cpu", torch.float64).clone()
 
 
 def init_noise_sigma(schedule: Schedule, grid: Tensor, scheduler_config: Mapping[str, Any]) -> float:

@@ -16,8 +16,8 @@ from superdiff.sampling import SampleOutput, StepInfo, sample
 from superdiff.schedules import Schedule
 
 from ._inputs import check_common, check_generator, check_height_width
-from ._method import (MethodPlan, build_operator, init_noise_sigma, make_schedule, prepare_latents, resolve_estimator,
-                      resolve_sampler)
+from ._method import (MethodPlan, build_operator, init_noise_sigma, make_flow_schedule, make_schedule, prepare_latents,
+                      resolve_estimator, resolve_sampler)
 
 Tensor = torch.Tensor
 
@@ -34,6 +34,25 @@ class SuperDiffPipelineMixin:
 
     #: experts and trace of the last call (for inspection: forward-call counters, names)
     last_experts: NetworkExperts | None = None
+    #: the denoiser component ("unet"; "transformer" for the flow pipelines)
+    _denoiser_name = "unet"
+    #: rectified-flow pipelines (SD3, Flux): FlowMatch schedulers, velocity predictions
+    _flow_matching = False
+
+    @property
+    def _denoiser(self) -> torch.nn.Module:
+        return getattr(self, self._denoiser_name)
+
+    def _size_check(self, height: int, width: int) -> None:
+        """Image sizes the latent space can take (the VAE factor; Flux also packs 2x2)."""
+        check_height_width(height, width, self.vae_scale_factor)
+
+    def _initial_latents(self, batch: int, height: int, width: int, latents: Tensor | None, generator: Any,
+                         sigma0: float) -> Tensor:
+        """x_T [B, C, H/f, W/f] drawn as diffusers draws it (or the given latents), times sigma0."""
+        shape = (batch, self._denoiser.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        return prepare_latents(shape, generator, self._execution_device, self._denoiser.dtype, latents, sigma0)
 
     def _callback_inputs(self, callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> list[str]:
         try:
@@ -49,7 +68,7 @@ class SuperDiffPipelineMixin:
                     guidance_scale: Any, max_batch_size: Any, generator: Any, sampler: str | Integrator,
                     callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> tuple[list[str], Integrator]:
         """The checks every pipeline makes before any compute; (callback tensor inputs, integrator)."""
-        check_height_width(height, width, self.vae_scale_factor)
+        self._size_check(height, width)
         callback_inputs = self._callback_inputs(callback_on_step_end, tensor_inputs)
         check_common(num_inference_steps, batch, output_type, callback_inputs, self._callback_tensor_inputs,
                      guidance_scale, max_batch_size)
@@ -63,7 +82,10 @@ class SuperDiffPipelineMixin:
         op = build_operator(operator, num_experts, **op_params)
         est = resolve_estimator(estimator, op, integrator)
         check_pair(est, integrator)
-        sched = make_schedule(self.scheduler.config, integrator, schedule)
+        if self._flow_matching:
+            sched = make_flow_schedule(self.scheduler.config, schedule)
+        else:
+            sched = make_schedule(self.scheduler.config, integrator, schedule)
         grid, sigma0 = self._grid_and_sigma(sched, num_inference_steps, time_grid, grid_end, self.scheduler.config)
         return MethodPlan(op, est, integrator, sched, grid, sigma0)
 
@@ -73,11 +95,10 @@ class SuperDiffPipelineMixin:
              callback_inputs: Sequence[str]) -> SampleOutput:
         """Draw the initial latents as diffusers does and sample; the trace records the
         pipeline and the forward calls per network."""
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        x = prepare_latents(shape, generator, self._execution_device, self.unet.dtype, latents, method.sigma0)
+        x = self._initial_latents(batch, height, width, latents, generator, method.sigma0)
         out = self._superdiff_sample(experts, method.schedule, num_inference_steps, method.operator,
                                      method.estimator, method.integrator, x, generator, guidance_scale,
-                                     method.grid if time_grid is not None else None, grid_end, self.unet.dtype,
+                                     method.grid if time_grid is not None else None, grid_end, self._denoiser.dtype,
                                      callback_on_step_end, callback_inputs, names)
         out.trace.meta.update(pipeline=type(self).__name__,
                               forward_calls_per_network=experts.forward_calls_per_network())

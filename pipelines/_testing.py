@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_sd_components", "tiny_sdxl_components", "tiny_unet2d", "tiny_vae",
+__all__ = ["tiny_tokenizer", "tiny_t5_tokenizer", "tiny_sd_components", "tiny_sdxl_components", "tiny_unet2d",
+           "tiny_vae", "tiny_sd3_transformer", "tiny_sd3_components", "tiny_flux_transformer", "tiny_flux_components",
            "SD_SCHEDULE"]
 
 SD_SCHEDULE: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -139,3 +140,102 @@ def tiny_unet2d(seed: int = 0, channels: int = 3, sample_size: int = 8, num_clas
                              down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                              up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
                              num_class_embeds=num_class_embeds))
+
+
+def tiny_t5_tokenizer(directory: str | None = None):
+    """A T5 tokenizer (Unigram over lowercase letters and digits, SentencePiece-style word
+    boundaries "\u2581"), built from a vocabulary list and saved as tokenizer.json."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for c in string.ascii_lowercase + string.digits:
+        vocab += [(c, -3.0), ("\u2581" + c, -3.0)]
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    d = directory or tempfile.mkdtemp(prefix="superdiff-t5tok-")
+    tok.save_pretrained(d)
+    return T5TokenizerFast.from_pretrained(d)
+
+
+def _t5_encoder(seed: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return _eval(T5EncoderModel(T5Config(vocab_size=100, d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                         decoder_start_token_id=0)))
+
+
+def _flow_vae(seed: int, latent_channels: int = 4):
+    """A tiny AutoencoderKL with SD3/Flux-style latent normalisation (scaling and shift)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return _eval(AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                               down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                               latent_channels=latent_channels, norm_num_groups=2, sample_size=16,
+                               scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                               use_post_quant_conv=False))
+
+
+def tiny_sd3_transformer(seed: int = 0, sample_size: int = 8, in_channels: int = 4):
+    """A one-layer SD3Transformer2DModel (joint attention width 32, pooled projections 32)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return _eval(SD3Transformer2DModel(sample_size=sample_size, patch_size=1, in_channels=in_channels,
+                                       out_channels=in_channels, num_layers=1, attention_head_dim=8,
+                                       num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                                       pooled_projection_dim=32, pos_embed_max_size=16))
+
+
+def tiny_sd3_components(seed: int = 0, t5: bool = True, shift: float = 3.0,
+                        tokenizer_dir: str | None = None) -> dict[str, Any]:
+    """The SD3 layout: CLIP-L and CLIP-G (with projection; pooled 16 + 16 = 32), T5
+    (d_model 32; None with t5=False), SD3 transformer, FlowMatchEulerDiscreteScheduler
+    with `shift`, VAE with scaling and shift factors (16x16 px, 8x8x4 latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    transformer = tiny_sd3_transformer(seed)
+    vae = _flow_vae(seed)
+    torch.manual_seed(seed)
+    te1 = _eval(CLIPTextModelWithProjection(_text_config(16)))
+    torch.manual_seed(seed + 1)
+    te2 = _eval(CLIPTextModelWithProjection(_text_config(16)))
+    d = tokenizer_dir
+    return dict(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+                text_encoder=te1, tokenizer=tiny_tokenizer(d and os.path.join(d, "1"), 16),
+                text_encoder_2=te2, tokenizer_2=tiny_tokenizer(d and os.path.join(d, "2"), 16),
+                text_encoder_3=_t5_encoder(seed + 2) if t5 else None,
+                tokenizer_3=tiny_t5_tokenizer(d and os.path.join(d, "3")) if t5 else None)
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True, in_channels: int = 16):
+    """A FluxTransformer2DModel with one double and one single block (packed 2x2 latents of a
+    4-channel VAE: 16 channels per token)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return _eval(FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                        axes_dims_rope=(4, 4, 8)))
+
+
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True,
+                         tokenizer_dir: str | None = None) -> dict[str, Any]:
+    """The Flux layout: CLIP (pooled 32), T5 (d_model 32), Flux transformer, a dynamically
+    shifting FlowMatchEulerDiscreteScheduler, VAE with scaling and shift (16x16 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModel
+
+    transformer = tiny_flux_transformer(seed, guidance_embeds)
+    vae = _flow_vae(seed)
+    torch.manual_seed(seed)
+    te = _eval(CLIPTextModel(_text_config(32)))
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=4, max_image_seq_len=64)
+    d = tokenizer_dir
+    return dict(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te,
+                tokenizer=tiny_tokenizer(d and os.path.join(d, "1"), 16), text_encoder_2=_t5_encoder(seed + 1),
+                tokenizer_2=tiny_t5_tokenizer(d and os.path.join(d, "2")))

@@ -18,6 +18,12 @@ expects, closing over the schedule: the VE ("sigma") form of diffusers' Euler sc
 feeds the network x~ / sqrt(sigma^2 + 1) at the timestep whose sigma is t
 (`VESigma.input_scale`, `VESigma.model_time`); the VP form feeds x at t itself.
 
+`transformer_forward` does the same for the rectified-flow transformers (SD3's
+SD3Transformer2DModel, Flux's FluxTransformer2DModel): they predict the velocity
+u = eps - x0 of x_t = (1 - t) x0 + t eps and are fed x_t itself at the timestep
+t * num_train_timesteps (SD3) or t (Flux), with each row's conditions (text embeddings,
+pooled projections, Flux's embedded guidance) as keyword arguments.
+
 `NullEstimator` skips log-density tracking for operators whose kappa does not depend on
 it ("single", "average"), so an ODE sampler does not pay for a divergence it never uses.
 """
@@ -36,7 +42,7 @@ from .schedules import Schedule
 
 Tensor = torch.Tensor
 
-__all__ = ["Branch", "Network", "NetworkExperts", "unet_forward", "NullEstimator"]
+__all__ = ["Branch", "Network", "NetworkExperts", "unet_forward", "transformer_forward", "NullEstimator"]
 
 
 def _differentiated(x: Tensor) -> bool:
@@ -85,6 +91,37 @@ def unet_forward(unet: torch.nn.Module, schedule: Schedule,
                 out = unet(xin.to(dtype), ts, return_dict=False, **kw)[0]
         else:
             out = unet(xin.to(dtype), ts, return_dict=False, **kw)[0]
+        return out.to(x.dtype)
+
+    return fn
+
+
+def transformer_forward(transformer: torch.nn.Module, schedule: Schedule, timestep_divisor: float = 1.0,
+                        **fixed: Any) -> Callable[[Tensor, Tensor, Any], Tensor]:
+    """fn(x [N, *S], t (0-d schedule time), cond) -> velocity [N, *S] for a flow transformer.
+
+    The transformer gets hidden_states=x, timestep = model_time(t) / timestep_divisor for
+    every row (float32, the scheduler's dtype; Flux divides by 1000), the row conditions in `cond` (a dict such as
+    {"encoder_hidden_states" [N, L, D], "pooled_projections" [N, P]}, Flux adds "guidance"
+    [N]) and the `fixed` keyword arguments shared by all rows (Flux's img_ids / txt_ids,
+    joint_attention_kwargs).
+    """
+    def fn(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        ts = torch.tensor(float(schedule.model_time(t)), dtype=torch.float32, device=x.device)
+        if timestep_divisor != 1.0:
+            ts = ts / timestep_divisor
+        dtype = getattr(transformer, "dtype", x.dtype)
+        kw: dict[str, Any] = dict(fixed)
+        for k, v in (cond or {}).items():
+            kw[k] = v if k == "guidance" else v.to(dtype)
+        args = dict(hidden_states=x.to(dtype), timestep=ts.expand(x.shape[0]), return_dict=False, **kw)
+        if _differentiated(x):  # see unet_forward
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = transformer(**args)[0]
+        else:
+            out = transformer(**args)[0]
         return out.to(x.dtype)
 
     return fn

@@ -262,7 +262,7 @@ def _flow_expert():
     (lambda: tiny_sd_unet(1, in_channels=3), "input channels"),
     (lambda: tiny_sd_unet(1, sample_size=16), "sample_size"),
     (lambda: tiny_sd_unet(1, cross_attention_dim=16), "text embeddings of width 16"),
-    (_flow_expert, "cannot be converted"),
+    (_flow_expert, "rectified-flow model"),
     (lambda: UNetExpert(tiny_sd_unet(1), scheduler_config=dict(SD_SCHEDULE, beta_schedule="linear")),
      "different noise schedule"),
     (lambda: UNetExpert(tiny_sd_unet(1), vae_config={"scaling_factor": 0.13025, "latent_channels": 4}),

@@ -161,7 +161,7 @@ def test_incompatible_checkpoints_refused(tmp_path, unets):
     rows, hooks = count_rows(unets[:2])
     try:
         flow = UNetExpert(unets[2], scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler"})
-        with pytest.raises(ValueError, match="cannot be converted"):
+        with pytest.raises(ValueError, match="rectified-flow model"):
             pipe(extra_unets=[flow], num_inference_steps=2)
         with pytest.raises(ValueError, match="unknown operator"):
             pipe(operator="nand", num_inference_steps=2)
