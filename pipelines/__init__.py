@@ -4,6 +4,7 @@
     SuperDiffStableDiffusionXLPipeline   SDXL layout (superdiff.pipelines.stable_diffusion_xl)
     SuperDiffUNet2DPipeline              two or more UNet2DModel checkpoints (superdiff.pipelines.unet2d)
     SuperDiffStableDiffusion3Pipeline    SD3 / SD3.5 layout, rectified flow (superdiff.pipelines.stable_diffusion_3)
+    SuperDiffFluxPipeline                Flux layout, rectified flow, packed latents (superdiff.pipelines.flux)
 
 Each file also loads as a diffusers custom pipeline:
     DiffusionPipeline.from_pretrained(path, custom_pipeline="<repo>/pipelines/stable_diffusion.py")
@@ -11,6 +12,7 @@ Each file also loads as a diffusers custom pipeline:
 
 from ._common import (SuperDiffPipelineOutput, TransformerExpert, UNetExpert, joint_prompt, load_transformer, load_unet,
                       render_trace)
+from .flux import SuperDiffFluxPipeline
 from .stable_diffusion_3 import SuperDiffStableDiffusion3Pipeline
 from .stable_diffusion import SuperDiffStableDiffusionPipeline
 from .stable_diffusion_xl import SuperDiffStableDiffusionXLPipeline
@@ -21,6 +23,7 @@ __all__ = [
     "SuperDiffStableDiffusionXLPipeline",
     "SuperDiffUNet2DPipeline",
     "SuperDiffStableDiffusion3Pipeline",
+    "SuperDiffFluxPipeline",
     "TransformerExpert",
     "load_transformer",
     "SuperDiffPipelineOutput",
