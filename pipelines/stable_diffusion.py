@@ -23,6 +23,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from superdiff.pipelines import _common as C
+from superdiff.pipelines import adapters as A
 
 __all__ = ["SuperDiffStableDiffusionPipeline"]
 
@@ -112,6 +113,8 @@ class SuperDiffStableDiffusionPipeline(
         time_grid: Sequence[float] | None = None,
         grid_end: str = "zero",
         extra_unets: Sequence[Any] | None = None,
+        adapters: Sequence[Any] | None = None,
+        switch_every: int = 1,
         max_batch_size: int | None = None,
         joint_template: str | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -155,6 +158,12 @@ class SuperDiffStableDiffusionPipeline(
                 superdiff.pipelines.UNetExpert. A text-conditional UNet adds one expert per
                 prompt unless given its own; a UNet2DModel on the same latents adds one
                 unconditional expert. Incompatible ones are refused with ValueError.
+            adapters: LoRA adapters as experts on this pipeline's UNet (pipelines/adapters.py):
+                paths, (path, scale) pairs, dicts or superdiff.pipelines.adapters.AdapterExpert;
+                None in the list is the base UNet without adapter. Each adapter is one expert per
+                prompt (or for its own prompt), all in ONE batched forward per step. Besides the
+                core operators, `operator` may then be "composite" (LoRA Composite), "merge"
+                (weight merge) or "switch" (LoRA Switch, adapter changing every `switch_every` steps).
             max_batch_size: at most this many rows per network forward (all branches sharing a
                 network otherwise go through ONE batched forward per step).
             cross_attention_kwargs, clip_skip: as in diffusers.
@@ -184,11 +193,17 @@ class SuperDiffStableDiffusionPipeline(
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config, text_dim,
                                                  self.unet.dtype)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
+        routing, specs = None, None
+        if adapters is not None:
+            specs = A.resolve_adapters(adapters)
+            op_name, plans, routing = A.plan_adapter_experts(specs, plans, prompts, negatives, op_name, switch_every)
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
                                    num_inference_steps, time_grid, grid_end)
         do_cfg, w = self._guidance(guidance_scale)
+        if routing is not None:
+            A.load_adapters(self, specs)  # every adapter checked against this UNet first
 
         # 2. encode every distinct prompt and negative prompt once
         device = self._execution_device
@@ -207,7 +222,12 @@ class SuperDiffStableDiffusionPipeline(
             neg = p.negative or ""
             branches.append(C.Branch(p.network, enc[p.prompt], enc_neg[neg] if do_cfg else None,
                                      ("neg", neg) if do_cfg else None, p.name))
-        experts = C.NetworkExperts(C.prepare_networks(networks, method.schedule, device, cross_attention_kwargs),
+        forward = None
+        if routing is not None:
+            branches = A.route_branches(branches, plans, routing)
+            forward = A.routed_unet_forward(self.unet, routing, method, cross_attention_kwargs)
+        experts = C.NetworkExperts(C.prepare_networks(networks, method.schedule, device, cross_attention_kwargs,
+                                                      forward=forward),
                                    branches, guidance=do_cfg, prediction_type=base.info["prediction_type"],
                                    max_batch_size=max_batch_size)
 
@@ -216,6 +236,8 @@ class SuperDiffStableDiffusionPipeline(
                         num_inference_steps, time_grid, grid_end, callback_on_step_end, callback_inputs)
         trace = out.trace
         trace.meta.update(prompts=[p.prompt for p in plans])
+        if routing is not None:
+            trace.meta.update(adapters=routing.describe(), adapter_mode=routing.mode)
 
         # 4. decode
         has_nsfw = None

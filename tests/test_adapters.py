@@ -1,0 +1,205 @@
+"""Adapters (LoRAs) as experts: per-row exactness of the mixed-adapter batch, one forward
+per step, parity with diffusers' own LoRA loading (one adapter, weight merge), the
+baselines behind operator=, and refusals before any compute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from superdiff.registry import bundled_model_path, list_bundled_models  # noqa: E402
+from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.skipif("shapes-t2i" not in list_bundled_models(), reason="shapes-t2i not built")
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "proj_in"]
+
+
+def random_lora(unet_dir, out_dir, seed, rank=4, targets=TARGETS, text_encoder=False):
+    """A LoRA with random A and B (so that it changes the output), saved as diffusers saves one."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    te = None
+    if text_encoder:
+        from transformers import CLIPTextModel
+
+        enc = CLIPTextModel.from_pretrained(unet_dir, subfolder="text_encoder")
+        enc.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
+        te = get_peft_model_state_dict(enc)
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              text_encoder_lora_layers=te, weight_name="pytorch_lora_weights.safetensors")
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    base = bundled_model_path("shapes-t2i")
+    return {k: random_lora(base, root / f"lora-{k}", seed) for k, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from superdiff.pipelines import SuperDiffStableDiffusionPipeline
+
+    p = SuperDiffStableDiffusionPipeline.from_pretrained(bundled_model_path("shapes-t2i"))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_each_row_equals_a_forward_with_only_its_adapter(pipe, loras):
+    from superdiff.diffusers_experts import unet_forward
+    from superdiff.pipelines import adapters as A
+    from superdiff.schedules import schedule_from_config
+
+    specs = A.resolve_adapters([(loras["a"], 0.7), loras["b"]])
+    A.load_adapters(pipe, specs)
+    routing = A.AdapterRouting()
+    for s in specs:
+        routing.names.append(s.name)
+        routing.scales[s.name] = s.scale
+    sched = schedule_from_config(pipe.scheduler.config, "ve")
+    fn = unet_forward(pipe.unet, sched)
+    routed = A.adapter_forward(fn, pipe.unet, routing)
+    g = gen(0)
+    rows = [0, 1, 2, 1, 0, 2]  # base, a, b, a, base, b
+    x = torch.randn(len(rows), 4, 8, 8, generator=g)
+    emb = torch.randn(len(rows), 8, 64, generator=g)
+    t = torch.tensor(3.0, dtype=torch.float64)
+    with torch.no_grad():
+        mixed = routed(x, t, {"encoder_hidden_states": emb, "adapter": torch.tensor(rows)})
+        for i, k in enumerate(rows):  # reference: diffusers' own adapter switching, one row at a time
+            if k == 0:
+                pipe.unet.disable_adapters()
+            else:
+                pipe.unet.enable_adapters()
+                pipe.set_adapters([routing.names[k]], [routing.scales[routing.names[k]]])
+            ref = fn(x[i : i + 1], t, {"encoder_hidden_states": emb[i : i + 1]})
+            torch.testing.assert_close(mixed[i : i + 1], ref, rtol=1e-4, atol=1e-5)
+        pipe.unet.disable_adapters()
+        base = fn(x, t, {"encoder_hidden_states": emb})
+    # the adapters really change the rows they route (and only those)
+    for i, k in enumerate(rows):
+        diff = (mixed[i] - base[i]).abs().max().item()
+        assert (diff > 1e-3) if k else (diff < 1e-5), (i, k, diff)
+
+
+def test_adapter_experts_run_in_one_forward_per_step(pipe, loras):
+    out = pipe("a circle", adapters=[loras["a"], (loras["b"], 0.5)], operator="and", num_inference_steps=4,
+               guidance_scale=4.0, generator=gen(0), output_type="np")
+    experts = pipe.last_experts
+    assert experts.forward_calls_per_network() == {"unet": 4}
+    assert experts.names == ["lora-a: a circle", "lora-b@0.5: a circle"]
+    assert [a["name"] for a in out.trace.meta["adapters"]] == ["lora-a", "lora-b"]
+    assert out.trace.meta["adapters"][1]["scale"] == 0.5 and len(out.trace.meta["adapters"][0]["sha256"]) == 64
+    assert np.isfinite(out.images).all()
+    # an ordinary call afterwards runs the base model: the loaded adapters stay inactive
+    plain = pipe("a circle", operator="single", num_inference_steps=3, generator=gen(1), output_type="np").images
+    again = pipe("a circle", operator="single", num_inference_steps=3, generator=gen(1), output_type="np").images
+    np.testing.assert_array_equal(plain, again)
+    from superdiff.pipelines import SuperDiffStableDiffusionPipeline
+
+    fresh = SuperDiffStableDiffusionPipeline.from_pretrained(bundled_model_path("shapes-t2i"))
+    fresh.set_progress_bar_config(disable=True)
+    ref = fresh("a circle", operator="single", num_inference_steps=3, generator=gen(1), output_type="np").images
+    np.testing.assert_allclose(plain, ref, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(loras):
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(bundled_model_path("shapes-t2i"), safety_checker=None,
+                                                requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    for k, d in loras.items():
+        p.load_lora_weights(d, adapter_name=f"lora-{k}")
+    return p
+
+
+@pytest.mark.parametrize("method", ["single", "merge"])
+def test_one_adapter_and_the_weight_merge_match_diffusers(pipe, loras, diffusers_pipe, method):
+    if method == "single":
+        adapters, names, weights = [(loras["a"], 0.6)], ["lora-a"], [0.6]
+    else:
+        adapters, names, weights = [(loras["a"], 0.6), (loras["b"], 0.8)], ["lora-a", "lora-b"], [0.6, 0.8]
+    diffusers_pipe.set_adapters(names, weights)
+    ref = diffusers_pipe("a square", num_inference_steps=5, guidance_scale=4.0, generator=gen(3),
+                         output_type="np").images
+    ours = pipe("a square", adapters=adapters, operator=method, sampler="euler", num_inference_steps=5,
+                guidance_scale=4.0, generator=gen(3), output_type="np").images
+    np.testing.assert_allclose(ours, ref, atol=2e-4)
+
+
+def test_composite_is_the_average_of_each_adapters_guided_prediction(pipe, loras):
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np", sampler="euler")
+    comp = pipe("a circle", adapters=[loras["a"], loras["b"]], operator="composite", generator=gen(5), **kw)
+    avg = pipe("a circle", adapters=[loras["a"], loras["b"]], operator="average", weights=[0.5, 0.5],
+               generator=gen(5), **kw)
+    np.testing.assert_array_equal(comp.images, avg.images)
+    assert pipe.last_experts.forward_calls_per_network() == {"unet": 3}
+
+
+def test_switch_alternates_adapters_every_k_steps(pipe, loras):
+    from superdiff.pipelines import adapters as A
+
+    out = pipe("a circle", adapters=[loras["a"], loras["b"]], operator="switch", switch_every=2,
+               num_inference_steps=5, generator=gen(0), output_type="np")
+    assert out.trace.meta["adapter_mode"] == "switch" and pipe.last_experts.num_experts == 1
+    routing = A.AdapterRouting(names=[A.BASE, "x", "y"], switch_every=2, grid=torch.linspace(5, 0, 6))
+    assert [routing.switch_adapter(t) for t in torch.linspace(5, 0, 6)[:-1]] == ["x", "x", "y", "y", "x"]
+
+
+def test_bad_adapters_are_refused_before_any_compute(pipe, loras, tmp_path, request):
+    from diffusers import UNet2DConditionModel
+
+    from superdiff.pipelines import adapters as A
+
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    request.addfinalizer(handle.remove)
+
+    def refused(match, **kw):
+        with pytest.raises(ValueError, match=match):
+            pipe("a circle", num_inference_steps=2, output_type="np", **kw)
+
+    refused("not found", adapters=[str(tmp_path / "nope.safetensors")])
+    # the same adapter name for two different files
+    other = tmp_path / "x" / "lora-a"
+    random_lora(bundled_model_path("shapes-t2i"), other, seed=9)
+    refused("two experts name the adapter 'lora-a'", adapters=[loras["a"], other])
+    # pickled weights where only safetensors are allowed (the studio's setting)
+    pt = tmp_path / "lora.bin"
+    pt.write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="not a .safetensors"):
+        A.resolve_adapters([pt], safetensors_only=True)
+    # an adapter for another base architecture (wider UNet blocks)
+    cfg = dict(UNet2DConditionModel.load_config(bundled_model_path("shapes-t2i"), subfolder="unet"))
+    cfg["block_out_channels"] = [48, 96]
+    wide = tmp_path / "wide"
+    UNet2DConditionModel.from_config(cfg).save_pretrained(wide / "unet")
+    random_lora(wide, tmp_path / "lora-wide", seed=3)
+    refused("another base architecture", adapters=[tmp_path / "lora-wide"], operator="single")
+    # a file diffusers would load only in part (attention keys in the old format, the rest in PEFT's)
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    sd = load_file(loras["a"] / "pytorch_lora_weights.safetensors")
+    mixed = convert_state_dict_to_diffusers({k[len("unet."):]: v for k, v in sd.items()})
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora-mixed", unet_lora_layers=mixed)
+    refused("diffusers loaded", adapters=[tmp_path / "lora-mixed"], operator="single")
+    # merge/switch make one expert: a base entry among them is refused
+    refused("combines adapters", adapters=[None, loras["a"]], operator="merge")
+    assert not calls
