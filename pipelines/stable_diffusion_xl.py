@@ -25,6 +25,7 @@ from diffusers.utils import is_invisible_watermark_available
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from superdiff.pipelines import _common as C
+from superdiff.pipelines import adapters as A
 
 __all__ = ["SuperDiffStableDiffusionXLPipeline"]
 
@@ -118,6 +119,8 @@ class SuperDiffStableDiffusionXLPipeline(
         time_grid: Sequence[float] | None = None,
         grid_end: str = "zero",
         extra_unets: Sequence[Any] | None = None,
+        adapters: Sequence[Any] | None = None,
+        switch_every: int = 1,
         max_batch_size: int | None = None,
         joint_template: str | None = None,
         original_size: tuple[int, int] | None = None,
@@ -131,7 +134,8 @@ class SuperDiffStableDiffusionXLPipeline(
         r"""Generate images from a superposition of N prompts with SDXL.
 
         The arguments are those of `SuperDiffStableDiffusionPipeline.__call__` plus SDXL's
-        micro-conditioning (original_size, crops_coords_top_left, target_size). With
+        micro-conditioning (original_size, crops_coords_top_left, target_size), adapters (LoRA
+        experts, see pipelines/adapters.py) included. With
         force_zeros_for_empty_prompt (the SDXL default) and no negative prompt, the
         unconditional branch uses zero embeddings, as in diffusers.
 
@@ -153,11 +157,17 @@ class SuperDiffStableDiffusionXLPipeline(
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config,
                                                  self.unet.config.cross_attention_dim, self.unet.dtype)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
+        routing, specs = None, None
+        if adapters is not None:
+            specs = A.resolve_adapters(adapters)
+            op_name, plans, routing = A.plan_adapter_experts(specs, plans, prompts, negatives, op_name, switch_every)
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
                                    num_inference_steps, time_grid, grid_end)
         do_cfg, w = self._guidance(guidance_scale)
+        if routing is not None:
+            A.load_adapters(self, specs)  # every adapter checked against this UNet first
 
         # encode prompts (two text encoders, pooled embeddings) and the micro-conditioning
         device = self._execution_device
@@ -193,13 +203,20 @@ class SuperDiffStableDiffusionXLPipeline(
             else:
                 neg = p.negative or ""
                 branches.append(C.Branch(p.network, c, enc[("neg", neg)], ("neg", neg), p.name))
-        experts = C.NetworkExperts(C.prepare_networks(networks, method.schedule, device, cross_attention_kwargs),
+        forward = None
+        if routing is not None:
+            branches = A.route_branches(branches, plans, routing)
+            forward = A.routed_unet_forward(self.unet, routing, method, cross_attention_kwargs)
+        experts = C.NetworkExperts(C.prepare_networks(networks, method.schedule, device, cross_attention_kwargs,
+                                                      forward=forward),
                                    branches, guidance=do_cfg, prediction_type=base.info["prediction_type"],
                                    max_batch_size=max_batch_size)
         out = self._run(method, experts, [p.name for p in plans], B, height, width, latents, generator, w,
                         num_inference_steps, time_grid, grid_end, callback_on_step_end, callback_inputs)
         trace = out.trace
         trace.meta.update(prompts=[p.prompt for p in plans])
+        if routing is not None:
+            trace.meta.update(adapters=routing.describe(), adapter_mode=routing.mode)
 
         if output_type == "latent":
             image = out.samples.to(self.unet.dtype)

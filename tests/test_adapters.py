@@ -203,3 +203,50 @@ def test_bad_adapters_are_refused_before_any_compute(pipe, loras, tmp_path, requ
     # merge/switch make one expert: a base entry among them is refused
     refused("combines adapters", adapters=[None, loras["a"]], operator="merge")
     assert not calls
+
+
+def lora_for(unet, out_dir, seed, pipeline_cls, rank=2, targets=("to_q", "to_v", "conv1")):
+    """A random LoRA for an in-memory UNet (its copy is adapted, the UNet itself is untouched)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    u = copy.deepcopy(unet)
+    u.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in u.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(u))
+    return out_dir
+
+
+def test_sdxl_adapter_experts(tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from superdiff.pipelines import SuperDiffStableDiffusionXLPipeline
+    from superdiff.pipelines._testing import tiny_sd_unet, tiny_sdxl_components
+
+    comps = tiny_sdxl_components(0)
+    a = lora_for(comps["unet"], tmp_path / "xl-a", 1, StableDiffusionXLPipeline)
+    b = lora_for(comps["unet"], tmp_path / "xl-b", 2, StableDiffusionXLPipeline)
+    ours = SuperDiffStableDiffusionXLPipeline(**comps, add_watermarker=False)
+    ours.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
+    # one adapter, single expert: diffusers' own SDXL pipeline with the LoRA loaded
+    ref = StableDiffusionXLPipeline(**tiny_sdxl_components(0), add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(a, adapter_name="xl-a")
+    ref.set_adapters(["xl-a"], [0.8])
+    want = ref("a red cat", generator=gen(0), **kw).images
+    got = ours("a red cat", adapters=[(a, 0.8)], operator="single", sampler="euler", generator=gen(0), **kw).images
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # two adapters + a base expert: one forward per step
+    out = ours("a red cat", adapters=[None, a, b], operator="or", generator=gen(0), **kw)
+    assert ours.last_experts.forward_calls_per_network() == {"unet": 3} and out.trace.num_experts == 3
+    # an SD 1.x LoRA on the SDXL UNet: another base architecture
+    sd = lora_for(tiny_sd_unet(0), tmp_path / "sd-lora", 3, StableDiffusionPipeline)
+    with pytest.raises(ValueError, match="another base architecture"):
+        ours("a red cat", adapters=[sd], **kw)
