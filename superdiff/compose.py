@@ -42,6 +42,10 @@ __all__ = [
     "image_grid",
     "DEFAULT_COMPOSITION",
     "model_kind",
+    "MODEL_KINDS",
+    "TEXT_KINDS",
+    "FLOW_KINDS",
+    "FAMILY_DEFAULTS",
 ]
 
 OPERATOR_CHOICES = ("or", "and", "average", "single", "joint")
@@ -49,6 +53,20 @@ SAMPLER_CHOICES = ("sde", "ddpm", "ode", "euler", "heun")
 ESTIMATOR_CHOICES = (None, "kernel", "ito", "ode", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 PNG_KEY = "superdiff"
+#: what `model_kind` tells apart: Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5, Flux, UNet2D
+MODEL_KINDS = ("sd", "sdxl", "sd3", "flux", "unet2d")
+TEXT_KINDS = ("sd", "sdxl", "sd3", "flux")
+#: the rectified-flow (flow-matching transformer) kinds; they compose only with each other
+FLOW_KINDS = ("sd3", "flux")
+#: per family: the defaults diffusers' own pipelines use, and whether a negative prompt
+#: applies (Flux: only for transformers without guidance embedding, through true CFG)
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd": {"steps": 50, "guidance_scale": 7.5, "negative_prompt": True, "text_encoders": 1},
+    "sdxl": {"steps": 50, "guidance_scale": 5.0, "negative_prompt": True, "text_encoders": 2},
+    "sd3": {"steps": 28, "guidance_scale": 7.0, "negative_prompt": True, "text_encoders": 3},
+    "flux": {"steps": 28, "guidance_scale": 3.5, "negative_prompt": False, "text_encoders": 2},
+    "unet2d": {"steps": 50, "guidance_scale": 1.0, "negative_prompt": False, "text_encoders": 0},
+}
 
 
 def _fail(field_name: str, msg: str) -> ValueError:
@@ -68,6 +86,11 @@ class Composition:
     operator: "or", "and", "average" (kappa fixed by `weights`, 0.5/0.5 by default: the
         averaging baseline), "single" (expert `single_index` alone), "joint" (the joint-prompt
         baseline: one prompt made from all of them with `joint_template`).
+    guidance_scale: classifier-free guidance; for a guidance-distilled Flux model the embedded
+        guidance instead (such a model has no negative prompt).
+    model_kind: recorded by `run_composition` (one of MODEL_KINDS: "sd", "sdxl", "sd3",
+        "flux", "unet2d"), so that PNG metadata says which family made an image; a value
+        read back is informational (the model itself decides).
     """
 
     model: str = "shapes-t2i"
@@ -91,6 +114,7 @@ class Composition:
     height: int | None = None
     width: int | None = None
     dtype: str = "float32"
+    model_kind: str | None = None
 
     # ---- validation and (de)serialisation -------------------------------------------------
     @classmethod
@@ -164,6 +188,8 @@ class Composition:
             v = getattr(c, name)
             if v is not None:
                 setattr(c, name, _int(v, name, 8, 8192))
+        if c.model_kind is not None and c.model_kind not in MODEL_KINDS:
+            raise _fail("model_kind", f"one of {', '.join(MODEL_KINDS)} or empty, got {c.model_kind!r}")
         if c.dtype not in DTYPES:
             raise _fail("dtype", f"choose one of {', '.join(DTYPES)}, got {c.dtype!r}")
         if c.negative_prompt is not None and not isinstance(c.negative_prompt, str):
@@ -259,7 +285,7 @@ def check_experts(comp: Composition) -> list[str]:
 
 # ---- models ---------------------------------------------------------------------------------
 def model_kind(path_or_id: str) -> str:
-    """'sd', 'sdxl' or 'unet2d' from the model's model_index.json / unet config."""
+    """'sd', 'sdxl', 'sd3', 'flux' or 'unet2d' from the model's model_index.json / unet config."""
     from diffusers import DiffusionPipeline
 
     local = Path(path_or_id)
@@ -289,6 +315,12 @@ def model_kind(path_or_id: str) -> str:
                              f"as a hub id failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                              "Check the name, or the network / HF cache") from None
     cls = str(cfg.get("_class_name", ""))
+    transformer = cfg.get("transformer")
+    transformer = str(transformer[1]) if isinstance(transformer, (list, tuple)) and len(transformer) == 2 else ""
+    if transformer == "SD3Transformer2DModel" or "StableDiffusion3" in cls:
+        return "sd3"
+    if transformer == "FluxTransformer2DModel" or cls in ("FluxPipeline", "SuperDiffFluxPipeline"):
+        return "flux"
     if "XL" in cls:
         return "sdxl"
     if "text_encoder" in cfg and "unet" in cfg:
@@ -296,7 +328,7 @@ def model_kind(path_or_id: str) -> str:
     if "unet" in cfg:
         return "unet2d"
     raise ValueError(f"model: {path_or_id} is a {cls or 'unknown'} pipeline; SuperDiff composes Stable Diffusion "
-                     "(1.x/2.x, XL) and UNet2D models")
+                     "(1.x/2.x, XL, 3), Flux and UNet2D models")
 
 
 def check_safetensors(path: str) -> None:
@@ -409,6 +441,12 @@ class ModelCache:
         src = self.resolve(model)
         extras = [self.resolve(m, "extra_models") for m in extra_models]
         kind = model_kind(src)
+        for m, d in zip(extra_models, extras):  # flow and epsilon models never mix: refuse before loading
+            if Path(d).is_dir() and (model_kind(d) in FLOW_KINDS) != (kind in FLOW_KINDS):
+                from .pipelines._checkpoints import mixed_families_message
+
+                raise _fail("extra_models", mixed_families_message(
+                    f"{m} (a {model_kind(d)} model)", f"{model.strip()} (a {kind} model)"))
         for d in (src, *extras):
             check_safetensors(d)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -420,12 +458,18 @@ class ModelCache:
         torch_dtype = getattr(torch, dtype)
         if torch_dtype != torch.float32 and device == "cpu":
             raise ValueError(f"dtype: {dtype} needs a GPU; use float32 on the CPU")
-        from .pipelines import (SuperDiffStableDiffusionPipeline, SuperDiffStableDiffusionXLPipeline,
+        from .pipelines import (SuperDiffFluxPipeline, SuperDiffStableDiffusion3Pipeline,
+                                SuperDiffStableDiffusionPipeline, SuperDiffStableDiffusionXLPipeline,
                                 SuperDiffUNet2DPipeline)
+        from .registry import absent_components
 
         with _quiet_loading():
             if kind == "unet2d":
                 pipe = SuperDiffUNet2DPipeline.from_checkpoints([src, *extras], torch_dtype=torch_dtype)
+            elif kind in FLOW_KINDS:
+                cls = SuperDiffStableDiffusion3Pipeline if kind == "sd3" else SuperDiffFluxPipeline
+                pipe = cls.from_pretrained(src, torch_dtype=torch_dtype, use_safetensors=True,
+                                           **absent_components(src))
             else:
                 cls = SuperDiffStableDiffusionXLPipeline if kind == "sdxl" else SuperDiffStableDiffusionPipeline
                 kw: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
@@ -455,7 +499,12 @@ class CompositionResult:
     records: list[Composition] = field(default_factory=list)  # per image: reproduces it alone
 
 
-def _call_kwargs(c: Composition, kind: str, extras: list[str]) -> dict[str, Any]:
+def _call_kwargs(c: Composition, kind: str, extras: list[str],
+                 guidance_distilled: bool = False) -> dict[str, Any]:
+    """The pipeline call for a composition. Per family: SD / SDXL / SD3 take guidance_scale
+    as classifier-free guidance (extra models as extra_unets / extra_transformers); a
+    guidance-distilled Flux model takes it as its embedded guidance and has no negative
+    prompt; a Flux model without guidance embedding takes it as true CFG (true_cfg_scale)."""
     kw: dict[str, Any] = dict(num_inference_steps=c.steps, sampler=c.sampler, estimator=c.estimator)
     op = c.operator
     if op == "single":
@@ -487,12 +536,18 @@ def _call_kwargs(c: Composition, kind: str, extras: list[str]) -> dict[str, Any]
             raise _fail("prompts", f"{c.model} is a text-to-image model: give at least one prompt")
         kw.update(prompt=list(c.prompts), operator=op, guidance_scale=c.guidance_scale,
                   num_images_per_prompt=1)
+        if kind == "flux" and guidance_distilled and c.negative_prompt:
+            raise _fail("negative_prompt", f"{c.model} is a guidance-distilled Flux model: it has no unconditional "
+                                           "branch, so a negative prompt cannot apply; clear it (guidance_scale "
+                                           "is its embedded guidance)")
+        if kind == "flux" and not guidance_distilled:  # no guidance embedding: guidance_scale is true CFG
+            kw["true_cfg_scale"] = max(1.0, kw.pop("guidance_scale"))
         if c.negative_prompt:
             kw["negative_prompt"] = c.negative_prompt
         if c.joint_template is not None:
             kw["joint_template"] = c.joint_template
         if extras:
-            kw["extra_unets"] = extras
+            kw["extra_transformers" if kind in FLOW_KINDS else "extra_unets"] = extras
     return kw
 
 
@@ -514,7 +569,8 @@ def run_composition(comp: Composition, cache: ModelCache | None = None, *,
     comp = comp.validated()
     cache = cache or ModelCache()
     pipe, kind, extras = cache.pipeline(comp.model, comp.extra_models, comp.dtype)
-    kw = _call_kwargs(comp, kind, extras)
+    kw = _call_kwargs(comp, kind, extras, bool(getattr(pipe, "guidance_distilled", False)))
+    comp = dataclasses.replace(comp, model_kind=kind)
     pipe.set_progress_bar_config(disable=True)
     device = pipe.device
     idx = list(range(comp.num_images)) if indices is None else [int(i) for i in indices]

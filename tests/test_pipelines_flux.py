@@ -206,3 +206,27 @@ def test_bf16_and_model_cpu_offload(dev):
     kw = dict(num_inference_steps=2, sampler="ddpm", output_type="np", **SIZE)
     np.testing.assert_allclose(p(["a", "b"], generator=gen(0), **kw).images,
                                dev(["a", "b"], generator=gen(0), **kw).images, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_generate_cli_runs_a_flux_folder_and_refuses_a_negative_prompt(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from superdiff.cli import main
+
+    FluxPipeline(**tiny_flux_components(0)).save_pretrained(tmp_path / "flux")
+    args = ["generate", "--model", str(tmp_path / "flux"), "--prompt", "a circle", "--prompt", "red", "--steps", "2",
+            "--sampler", "ddpm", "--height", "16", "--width", "16", "--guidance-scale", "2.5", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "image_000.png") as im:
+        meta = json.loads(im.text["superdiff"])
+    assert meta["model_kind"] == "flux"
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())["meta"]
+    assert trace["embedded_guidance"] == 2.5 and trace["guidance_scale"] == 1.0  # no CFG in the core step
+    capsys.readouterr()
+    assert main(args + ["--negative-prompt", "blurry", "--out", str(tmp_path / "x")]) == 2
+    assert "no unconditional branch" in capsys.readouterr().err

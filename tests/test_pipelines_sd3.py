@@ -243,3 +243,37 @@ def test_model_cpu_offload(pipe):
     out = p(["a", "b"], generator=gen(0), **kw)
     ref = pipe(["a", "b"], generator=gen(0), **kw)
     assert np.abs(out.images - ref.images).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_generate_cli_runs_an_sd3_folder_and_records_its_kind(tmp_path, capsys):
+    """`superdiff generate` on a diffusers SD3 folder without T5 (text_encoder_3: null):
+    images, trace and PNG metadata naming the model kind; a UNet model as an extra expert
+    is refused before anything is loaded."""
+    import json
+
+    from PIL import Image
+
+    from superdiff.cli import main
+
+    StableDiffusion3Pipeline(**tiny_sd3_components(0, t5=False)).save_pretrained(tmp_path / "sd3")
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tmp_path / "sd3"), "--prompt", "a circle", "--prompt", "red",
+                 "--operator", "and", "--sampler", "ddpm", "--steps", "2", "--height", "16", "--width", "16",
+                 "--out", str(out), "--quiet"]) == 0
+    with Image.open(out / "image_000.png") as im:
+        meta = json.loads(im.text["superdiff"])
+    assert meta["model_kind"] == "sd3" and meta["prompts"] == ["a circle", "red"]
+    assert json.loads((out / "trace.json").read_text())["meta"]["model_family"] == "sd3"
+    sd = tmp_path / "sd"
+    comps = tiny_sd_components(0)
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(sd)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "sd3"), "--extra-model", str(sd), "--prompt", "a",
+                 "--prompt", "b", "--steps", "2", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "rectified-flow model" in capsys.readouterr().err

@@ -360,7 +360,7 @@ def check_model_fits(comp: Composition, kind: str | None) -> None:
                          "rows (their weight/bias then belong to the model and its extra models, in order)")
     if kind == "unet2d" and comp.operator == "joint":
         raise ValueError("operator: the joint-prompt baseline needs a text-to-image model")
-    if kind in ("sd", "sdxl") and not comp.prompts:
+    if kind in ("sd", "sdxl", "sd3", "flux") and not comp.prompts:
         raise ValueError(f"prompts: {comp.model} is a text-to-image model; give at least one prompt")
 
 
@@ -466,7 +466,7 @@ def model_choices(allow_roots: Sequence[str | os.PathLike] = (), max_depth: int 
 
 
 def model_kind(name: str, cache: ModelCache) -> str | None:
-    """'sd', 'sdxl' or 'unet2d' for bundled and allow-listed local models (raises ValueError
+    """'sd', 'sdxl', 'sd3', 'flux' or 'unet2d' for bundled and allow-listed local models (raises ValueError
     for refused paths); None for hub ids (not looked up: that would need the network)."""
     from superdiff.compose import model_kind
 
@@ -492,6 +492,9 @@ def describe_model(name: str, cache: ModelCache) -> str:
         return (f"Hub model `{name}`: loaded on the first run (needs the network or a local Hugging Face cache; "
                 "safetensors weights only, no remote code).")
     what = {"sd": "text-to-image (Stable Diffusion family)", "sdxl": "text-to-image (SDXL)",
+            "sd3": "text-to-image rectified-flow (SD3 layout: CLIP-L, CLIP-G, T5)",
+            "flux": "text-to-image rectified-flow (Flux layout; guidance scale = embedded guidance, no negative "
+                    "prompt, for guidance-distilled models)",
             "unet2d": "unconditional UNet2D"}[kind]
     extra = ""
     if name in list_bundled_models():
