@@ -46,9 +46,14 @@ __all__ = [
     "TEXT_KINDS",
     "FLOW_KINDS",
     "FAMILY_DEFAULTS",
+    "ADAPTER_OPERATORS",
+    "parse_lora",
+    "resolve_adapters",
 ]
 
-OPERATOR_CHOICES = ("or", "and", "average", "single", "joint")
+OPERATOR_CHOICES = ("or", "and", "average", "single", "joint", "composite", "merge", "switch")
+#: the multi-LoRA baselines: they need `adapters` (superdiff/pipelines/adapters.py)
+ADAPTER_OPERATORS = ("composite", "merge", "switch")
 SAMPLER_CHOICES = ("sde", "ddpm", "ode", "euler", "heun")
 ESTIMATOR_CHOICES = (None, "kernel", "ito", "ode", "none")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -88,6 +93,12 @@ class Composition:
         baseline: one prompt made from all of them with `joint_template`).
     guidance_scale: classifier-free guidance; for a guidance-distilled Flux model the embedded
         guidance instead (such a model has no negative prompt).
+    adapters: LoRA adapters as experts on the model's own network, each {"path", "scale",
+        optional "prompt", "name", "sha256"} (or "PATH[:SCALE]"): one expert per adapter and
+        prompt, all in one batched forward. With adapters, operator may also be "composite"
+        (LoRA Composite), "merge" (weight merge) or "switch" (LoRA Switch, every
+        `switch_every` steps). `run_composition` records each file's sha256; a record read
+        back refuses a file whose hash differs.
     model_kind: recorded by `run_composition` (one of MODEL_KINDS: "sd", "sdxl", "sd3",
         "flux", "unet2d"), so that PNG metadata says which family made an image; a value
         read back is informational (the model itself decides).
@@ -115,6 +126,8 @@ class Composition:
     width: int | None = None
     dtype: str = "float32"
     model_kind: str | None = None
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    switch_every: int = 1
 
     # ---- validation and (de)serialisation -------------------------------------------------
     @classmethod
@@ -196,7 +209,17 @@ class Composition:
             raise _fail("negative_prompt", "must be a string")
         if c.joint_template is not None and not isinstance(c.joint_template, str):
             raise _fail("joint_template", "must be a string such as '{0} that looks like {1}'")
+        c.adapters = _adapter_list(c.adapters)
+        c.switch_every = _int(c.switch_every, "switch_every", 1, 10_000)
+        if c.operator in ADAPTER_OPERATORS and len(c.adapters) < 2:
+            raise _fail("adapters", f"operator {c.operator} composes LoRA adapters: give two or more (got "
+                                    f"{len(c.adapters)}), e.g. --lora lora-cyan --lora lora-outline")
+        if c.adapters and c.operator == "joint":
+            raise _fail("operator", "the joint-prompt baseline does not take adapters; use composite, merge, "
+                                    "switch, or, and, average or single")
         n_experts = len(c.prompts) + len(c.extra_models)
+        if c.adapters:  # one expert per adapter and prompt (or per adapter for its own prompt)
+            n_experts = sum(1 if a.get("prompt") else len(c.prompts) for a in c.adapters) + len(c.extra_models)
         if c.operator == "joint" and len(c.prompts) < 1:
             raise _fail("prompts", "the joint-prompt baseline needs prompts to join")
         # text-to-image: one expert per prompt and extra model (unconditional models: the
@@ -205,7 +228,8 @@ class Composition:
             v = getattr(c, name)
             if v is not None and c.prompts and c.operator != "joint" and len(v) != n_experts:
                 raise _fail(name, f"{len(v)} values for {n_experts} experts "
-                                  f"({len(c.prompts)} prompts + {len(c.extra_models)} extra models)")
+                                  f"({len(c.prompts)} prompts + {len(c.extra_models)} extra models"
+                                  + (f", {len(c.adapters)} adapters" if c.adapters else "") + ")")
         return c
 
     def image_record(self, index: int) -> "Composition":
@@ -215,6 +239,50 @@ class Composition:
     def describe(self) -> str:
         what = " | ".join(self.prompts + self.extra_models) or self.model
         return f"{self.operator.upper()}[{what}] seed {self.seed}"
+
+
+def parse_lora(text: str) -> dict[str, Any]:
+    """"PATH[:SCALE]" -> {"path", "scale"} (the CLI's --lora; a Windows drive letter or a
+    path with a colon stays whole unless what follows the last colon is a number)."""
+    path, sep, tail = str(text).rpartition(":")
+    if sep:
+        try:
+            return {"path": path, "scale": float(tail)}
+        except ValueError:
+            pass
+    return {"path": str(text), "scale": 1.0}
+
+
+_ADAPTER_KEYS = ("path", "scale", "prompt", "name", "sha256")
+
+
+def _adapter_list(v: Any) -> list[dict[str, Any]]:
+    """Normalise `adapters`: strings "PATH[:SCALE]" or dicts with _ADAPTER_KEYS."""
+    if v is None:
+        return []
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if not isinstance(v, Sequence):
+        raise _fail("adapters", f"give a list of adapters (\"PATH[:SCALE]\" or {{\"path\", \"scale\"}}), got {v!r}")
+    out = []
+    for k, a in enumerate(v):
+        if isinstance(a, str):
+            a = parse_lora(a)
+        if not isinstance(a, dict) or "path" not in a:
+            raise _fail("adapters", f"adapter {k}: give \"PATH[:SCALE]\" or a dict with 'path', got {a!r}")
+        unknown = sorted(set(a) - set(_ADAPTER_KEYS))
+        if unknown:
+            raise _fail("adapters", f"adapter {k}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_ADAPTER_KEYS)}")
+        if not isinstance(a["path"], str) or not a["path"].strip():
+            raise _fail("adapters", f"adapter {k}: path must be a non-empty string")
+        d = {"path": a["path"].strip(), "scale": _float(a.get("scale", 1.0), f"adapters[{k}].scale")}
+        for key in ("prompt", "name", "sha256"):
+            if a.get(key) is not None:
+                if not isinstance(a[key], str):
+                    raise _fail("adapters", f"adapter {k}: {key} must be a string")
+                d[key] = a[key]
+        out.append(d)
+    return out
 
 
 def _str_list(v: Any, name: str) -> list[str]:
@@ -273,11 +341,17 @@ def check_experts(comp: Composition) -> list[str]:
     one expert would silently run that expert alone); return notes on what is not used
     (the other experts under "single")."""
     n = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
+    if comp.adapters:  # one expert per adapter and prompt
+        n = sum(1 if a.get("prompt") else max(1, len(comp.prompts)) for a in comp.adapters) + len(comp.extra_models)
     if comp.operator in ("and", "or", "average") and n < 2:
         raise _fail("prompts", f"{comp.operator.upper()} composes two or more experts, got {n}; add a prompt "
                                "(or an extra model), or use operator single for one expert alone")
     if comp.operator == "single" and n > 1:
         names = comp.prompts + comp.extra_models if comp.prompts else [comp.model, *comp.extra_models]
+        if comp.adapters:
+            names = [f"{a['path']}: {p}" for a in comp.adapters for p in ([a["prompt"]] if a.get("prompt")
+                                                                            else comp.prompts or [""])]
+            names += comp.extra_models
         return [f"operator single samples expert {comp.single_index + 1} ({names[min(comp.single_index, n - 1)]!r}) "
                 f"alone; the other {n - 1} expert(s) are not used (single_index picks another)"]
     return []
@@ -548,7 +622,44 @@ def _call_kwargs(c: Composition, kind: str, extras: list[str],
             kw["joint_template"] = c.joint_template
         if extras:
             kw["extra_transformers" if kind in FLOW_KINDS else "extra_unets"] = extras
+        if c.adapters:
+            if kind not in ("sd", "sdxl"):
+                raise _fail("adapters", f"adapter (LoRA) experts run on Stable Diffusion 1.x/2.x and SDXL models; "
+                                        f"{c.model} is a {kind} model")
+            kw["adapters"] = [{k: a[k] for k in ("path", "scale", "prompt", "name") if k in a} for a in c.adapters]
+            kw["switch_every"] = c.switch_every
     return kw
+
+
+def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition, list[dict[str, Any]]]:
+    """Check the composition's adapter files before anything runs: bundled adapter names or
+    local files (under the cache's allowed roots), safetensors only, one name per file, and
+    the recorded sha256 (a record read back from a PNG) equal to the file's. Returns the
+    composition with each adapter's name and sha256 filled in, and the pipeline entries."""
+    from .pipelines.adapters import resolve_adapters as check_files
+
+    entries = []
+    for k, a in enumerate(comp.adapters):
+        p = Path(a["path"]).expanduser()
+        if p.exists() and cache.allow_roots is not None:
+            rp = p.resolve()
+            if not any(rp == r or r in rp.parents for r in cache.allow_roots):
+                raise _fail("adapters", f"adapter {k}: {a['path']} is outside the allowed folders "
+                                        f"({', '.join(map(str, cache.allow_roots)) or 'none configured'})")
+        entries.append({k2: a[k2] for k2 in ("path", "scale", "prompt", "name") if k2 in a})
+    try:
+        specs = check_files(entries, safetensors_only=True)
+    except ValueError as e:
+        raise _fail("adapters", str(e)) from None
+    adapters = []
+    for a, spec in zip(comp.adapters, specs):
+        if a.get("sha256") and a["sha256"] != spec.sha256:
+            raise _fail("adapters", f"{a['path']} is not the file this composition was made with (sha256 "
+                                    f"{spec.sha256[:12]}..., recorded {a['sha256'][:12]}...)")
+        adapters.append({**a, "name": spec.name, "sha256": spec.sha256})
+    for e, spec in zip(entries, specs):
+        e.update(path=str(spec.file), name=spec.name)
+    return dataclasses.replace(comp, adapters=adapters), entries
 
 
 def run_composition(comp: Composition, cache: ModelCache | None = None, *,
@@ -570,6 +681,8 @@ def run_composition(comp: Composition, cache: ModelCache | None = None, *,
     cache = cache or ModelCache()
     pipe, kind, extras = cache.pipeline(comp.model, comp.extra_models, comp.dtype)
     kw = _call_kwargs(comp, kind, extras, bool(getattr(pipe, "guidance_distilled", False)))
+    if comp.adapters:
+        comp, kw["adapters"] = resolve_adapters(comp, cache)
     comp = dataclasses.replace(comp, model_kind=kind)
     pipe.set_progress_bar_config(disable=True)
     device = pipe.device

@@ -250,3 +250,33 @@ def test_sdxl_adapter_experts(tmp_path):
     sd = lora_for(tiny_sd_unet(0), tmp_path / "sd-lora", 3, StableDiffusionPipeline)
     with pytest.raises(ValueError, match="another base architecture"):
         ours("a red cat", adapters=[sd], **kw)
+
+
+def test_composition_with_adapters_round_trips_through_png(loras, tmp_path):
+    from superdiff.compose import Composition, ModelCache, read_png_composition, run_composition, save_png
+
+    cache = ModelCache()
+    comp = Composition.from_dict({"prompts": ["a circle"], "operator": "and", "steps": 3, "num_images": 2,
+                                  "adapters": [f"{loras['a']}:0.7", {"path": str(loras["b"])}]})
+    res = run_composition(comp, cache, progress=False)
+    rec = res.records[1]
+    assert [a["name"] for a in rec.adapters] == ["lora-a", "lora-b"] and rec.adapters[0]["scale"] == 0.7
+    assert all(len(a["sha256"]) == 64 for a in rec.adapters)
+    png = save_png(res.images[1], tmp_path / "img.png", rec)
+    back = read_png_composition(png)
+    assert back == rec
+    again = run_composition(back, cache, progress=False)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(res.images[1]))
+    # the recorded hash pins the file: another file under the same path is refused
+    other = back.replace(adapters=[{**back.adapters[0], "sha256": "0" * 64}, back.adapters[1]])
+    with pytest.raises(ValueError, match="not the file this composition was made with"):
+        run_composition(other, cache, progress=False)
+    # the command line's --lora PATH[:SCALE] and the studio's restrictions
+    with pytest.raises(ValueError, match="composes LoRA adapters"):
+        Composition.from_dict({"prompts": ["a circle"], "operator": "merge", "adapters": [str(loras["a"])]})
+    pt = tmp_path / "lora.bin"
+    pt.write_bytes(b"\0" * 8)
+    with pytest.raises(ValueError, match="not a .safetensors"):
+        run_composition(comp.replace(adapters=[str(pt), str(loras["a"])]), cache, progress=False)
+    with pytest.raises(ValueError, match="outside the allowed folders"):
+        run_composition(comp, ModelCache(allow_roots=[tmp_path / "models"]), progress=False)
