@@ -131,6 +131,13 @@ def test_and_composition_is_finite(dev, sampler):
     assert out.images.shape == (1, 16, 16, 3) and out.trace.meta["model_family"] == "flux"
 
 
+def test_default_sampler_is_the_sde_with_the_ito_estimator(dev):
+    out = dev(["a circle", "a square"], num_inference_steps=STEPS, generator=gen(2), operator="or",
+              output_type="latent", **SIZE)
+    assert (out.trace.meta["integrator"], out.trace.meta["estimator"]) == ("em", "ito")
+    assert np.isfinite(out.trace.kappa).all() and np.isfinite(out.trace.logq).all()
+
+
 # ----------------------------------------------------------------------------- refusals
 
 

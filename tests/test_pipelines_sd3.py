@@ -157,6 +157,20 @@ def test_and_composition_is_finite_from_t_equal_one(pipe, sampler):
     assert out.trace.meta["model_family"] == "sd3"
 
 
+def test_default_sampler_is_the_sde_with_the_ito_estimator_and_finite_from_t_equal_one(pipe):
+    out = pipe(["a circle", "a square"], num_inference_steps=STEPS, guidance_scale=4.0, generator=gen(2),
+               operator="and", output_type="latent", **SIZE)
+    assert (out.trace.meta["integrator"], out.trace.meta["estimator"]) == ("em", "ito")
+    assert np.isfinite(out.trace.kappa).all() and np.isfinite(out.trace.logq).all()
+
+
+def test_extra_transformer_from_a_checkpoint_folder(comps, pipe, tmp_path):
+    StableDiffusion3Pipeline(**{**comps, "transformer": tiny_sd3_transformer(seed=1)}).save_pretrained(tmp_path / "ft")
+    out = pipe("a circle", extra_transformers=[str(tmp_path / "ft")], operator="or", num_inference_steps=2,
+               generator=gen(0), sampler="ddpm", output_type="latent", **SIZE)
+    assert out.trace.expert_names == ["a circle", "ft: a circle"]
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
