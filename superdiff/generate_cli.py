@@ -110,7 +110,8 @@ def _composition_from_args(args: argparse.Namespace):
              "estimator": args.estimator, "sampler": args.sampler, "steps": args.steps,
              "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt, "seed": args.seed,
              "num_images": args.num_images, "height": args.height, "width": args.width, "dtype": args.dtype,
-             "joint_template": args.joint_template, "single_index": args.single_index}
+             "joint_template": args.joint_template, "single_index": args.single_index,
+             "adapters": args.lora, "switch_every": args.switch_every}
     if args.kappa_clamp is not None:
         flags["kappa_clamp"] = False if args.kappa_clamp.lower() in ("none", "off", "false") else _floats(args.kappa_clamp)
     for i, p in enumerate(args.prompt or []):
@@ -135,6 +136,8 @@ def _composition_from_args(args: argparse.Namespace):
     named_operator = args.operator or "operator" in dict(args.set or []) or "operator" in base
     n_experts = len(d.get("prompts") or []) + len(d.get("extra_models") or []) if d.get("prompts") else \
         1 + len(d.get("extra_models") or [])
+    if d.get("adapters"):  # LoRA experts: one per adapter and prompt
+        n_experts = len(d["adapters"]) * max(1, len(d.get("prompts") or [])) + len(d.get("extra_models") or [])
     if not named_operator and n_experts == 1 and d.get("operator", "and") != "single":
         print("superdiff generate: note: one expert and no --operator: sampling it alone (operator single)",
               file=sys.stderr)
@@ -226,7 +229,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "shapes-t2i)")
     g.add_argument("--extra-model", action="append",
                    help="another UNet checkpoint as an expert; repeatable (default: none)")
-    g.add_argument("--operator", choices=["or", "and", "average", "single", "joint"], help="default: and")
+    g.add_argument("--operator", choices=["or", "and", "average", "single", "joint", "composite", "merge", "switch"],
+                   help="default: and; composite / merge / switch are the multi-LoRA baselines (need --lora)")
+    g.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA adapter as an expert on the model's own network (a .safetensors file, its folder "
+                        "or a bundled adapter: lora-cyan, lora-outline), at SCALE (default 1); repeat per expert. "
+                        "Each adapter is one expert per prompt, all in one batched forward per step")
+    g.add_argument("--switch-every", type=int, help="operator switch: steps between adapter changes (default: 1)")
     g.add_argument("--weights", type=_floats,
                    help="OR mixture weights / average weights, e.g. 0.3,0.7 (default: equal)")
     g.add_argument("--bias", type=_floats, help="OR log-weight bias per expert (default: 0 each)")

@@ -280,3 +280,31 @@ def test_composition_with_adapters_round_trips_through_png(loras, tmp_path):
         run_composition(comp.replace(adapters=[str(pt), str(loras["a"])]), cache, progress=False)
     with pytest.raises(ValueError, match="outside the allowed folders"):
         run_composition(comp, ModelCache(allow_roots=[tmp_path / "models"]), progress=False)
+
+
+def test_cli_lora_flags_png_metadata_and_from_png(loras, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from superdiff.cli import main
+
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompt", "a circle", "--lora", f"{loras['a']}:0.7", "--lora", str(loras["b"]),
+                 "--operator", "and", "--steps", "3", "-n", "2", "--out", str(out), "--quiet"]) == 0
+    with Image.open(out / "image_001.png") as im:
+        meta = json.loads(im.text["superdiff"])
+    assert [(a["name"], a["scale"]) for a in meta["adapters"]] == [("lora-a", 0.7), ("lora-b", 1.0)]
+    from superdiff.pipelines.adapters import file_sha256
+
+    assert meta["adapters"][1]["sha256"] == file_sha256(loras["b"] / "pytorch_lora_weights.safetensors")
+    again = tmp_path / "again"
+    assert main(["generate", "--from-png", str(out / "image_001.png"), "--out", str(again), "--quiet"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "image_001.png")),
+                                  np.asarray(Image.open(again / "image_000.png")))
+    # errors: nothing written
+    bad = tmp_path / "bad"
+    assert main(["generate", "--prompt", "a circle", "--lora", str(tmp_path / "missing.safetensors"),
+                 "--lora", str(loras["a"]), "--out", str(bad), "--quiet"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not bad.exists() or not any(bad.iterdir())
