@@ -29,7 +29,7 @@ __all__ = ["build_app", "launch", "CSS", "Studio"]
 CSS = """
 #results-gallery img, #trace-plot img { image-rendering: pixelated; }
 #results-gallery img { image-rendering: pixelated; }
-#results-gallery .caption-label { white-space: normal; overflow: visible; text-overflow: clip; }
+#results-gallery .caption-label { white-space: normal; overflow: visible; text-overflow: clip; max-width: 100%; }
 .prompt-row { align-items: end; }
 footer { display: none !important; }
 """
@@ -354,7 +354,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                     if switch:
                         shown = best
                     yield [gallery_value(items), f"{len(items)} image(s) done \u2026",
-                           gr.update(choices=[it.label for it in items], value=shown.label if switch else gr.skip()),
+                           gr.update(choices=[it.label for it in items], **({"value": shown.label} if switch else {})),
                            H.render_trace_plot(shown) if switch else gr.skip(), gr.skip(), items, gr.skip()]
             except InterruptedError:
                 zipped = [H.zip_results(items, out_dir / "superdiff-results.zip")] if items else []
