@@ -60,6 +60,9 @@ OPERATOR_LABELS: dict[str, str] = {
     "average": "Average (fixed weights)",
     "joint": "Joint prompt (one prompt)",
     "single": "Single expert",
+    "composite": "LoRA Composite (adapters)",
+    "merge": "LoRA weight merge (adapters)",
+    "switch": "LoRA Switch (adapters)",
 }
 
 #: the compare-methods mode: baselines first, then SuperDiff
@@ -83,6 +86,9 @@ _APPLIES: dict[str, frozenset[str]] = {
     "average": frozenset({"weights"}),
     "single": frozenset({"single_index"}),
     "joint": frozenset({"joint_template"}),
+    "composite": frozenset(),
+    "merge": frozenset(),
+    "switch": frozenset(),
 }
 _OP_PARAMS = ("temperature", "weights", "bias", "lift", "kappa_clamp", "single_index", "joint_template")
 _OP_DEFAULTS: dict[str, Any] = {"single_index": 0}
