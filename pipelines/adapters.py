@@ -59,9 +59,10 @@ class AdapterExpert:
     """One adapter expert: the LoRA at `path` (a file, or a folder holding
     pytorch_lora_weights.safetensors; a bundled name such as "lora-cyan" also works) at
     `scale`, under `prompt` (None: one expert per pipeline prompt). `name` is the adapter's
-    name in the network (default: the folder or file name without suffix)."""
+    name in the network (default: the folder or file name without suffix). path None: the
+    base network without adapter (for an expert with its own prompt next to adapter experts)."""
 
-    path: str | os.PathLike
+    path: str | os.PathLike | None
     scale: float = 1.0
     prompt: str | None = None
     negative_prompt: str | None = None
@@ -73,7 +74,7 @@ class AdapterSpec:
     """A checked adapter: resolved weight file, its sha256, the network adapter name."""
 
     name: str
-    file: Path
+    file: Path | None
     sha256: str
     scale: float
     prompt: str | None = None
@@ -150,6 +151,9 @@ def resolve_adapters(entries: Sequence[Any] | Any, safetensors_only: bool = Fals
         e = _as_expert(raw)
         if e is None:
             specs.append(None)
+            continue
+        if e.path is None:  # the base network under its own prompt
+            specs.append(AdapterSpec(BASE, None, "", 1.0, e.prompt, e.negative_prompt, BASE))
             continue
         try:
             scale = float(e.scale)
@@ -232,7 +236,7 @@ def load_adapters(pipe: Any, specs: Sequence[AdapterSpec | None]) -> None:
     todo, layers = [], {}
     loaded: dict[str, str] = getattr(pipe, "_superdiff_adapters", {})
     for spec in specs:
-        if spec is None or any(s.name == spec.name for s in todo):
+        if spec is None or spec.name == BASE or any(s.name == spec.name for s in todo):
             continue
         state = _lora_keys(pipe, spec)
         check_architecture(pipe, spec, state)
@@ -388,7 +392,7 @@ def plan_adapter_experts(specs: Sequence[AdapterSpec | None], plans: Sequence[An
     routing = AdapterRouting()
     # one network adapter name per (file, scale): the same file at two scales loads twice
     for s in specs:
-        if s is None:
+        if s is None or s.name == BASE:
             continue
         if s.name in routing.scales and routing.scales[s.name] != s.scale:
             s.name = f"{s.name}_x{s.scale:g}".replace(".", "p").replace("-", "m")
@@ -401,11 +405,12 @@ def plan_adapter_experts(specs: Sequence[AdapterSpec | None], plans: Sequence[An
     out: list[Any] = []
 
     def add(spec: AdapterSpec | None, prompt: str, neg: str | None) -> None:
-        label = "base" if spec is None else (spec.name if spec.scale == 1 else f"{spec.name}@{spec.scale:g}")
-        out.append(ExpertPlan(0, prompt, neg, name=f"{label}: {prompt}", adapter=None if spec is None else spec.name))
+        base = spec is None or spec.name == BASE
+        label = "base" if base else (spec.name if spec.scale == 1 else f"{spec.name}@{spec.scale:g}")
+        out.append(ExpertPlan(0, prompt, neg, name=f"{label}: {prompt}", adapter=None if base else spec.name))
 
     if isinstance(method, str) and method in ("merge", "switch"):
-        adapters = [s for s in specs if s is not None]
+        adapters = [s for s in specs if s is not None and s.name != BASE]
         if not adapters or len(adapters) != len(specs):
             raise ValueError(f"operator {method!r} combines adapters into one expert: give only adapters "
                              "(no None / base entries)")

@@ -54,6 +54,8 @@ __all__ = [
 OPERATOR_CHOICES = ("or", "and", "average", "single", "joint", "composite", "merge", "switch")
 #: the multi-LoRA baselines: they need `adapters` (superdiff/pipelines/adapters.py)
 ADAPTER_OPERATORS = ("composite", "merge", "switch")
+#: the `adapters` path of an expert on the base network without adapter (next to adapter experts)
+BASE_ADAPTER = "base"
 SAMPLER_CHOICES = ("sde", "ddpm", "ode", "euler", "heun")
 ESTIMATOR_CHOICES = (None, "kernel", "ito", "ode", "none")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -95,7 +97,7 @@ class Composition:
         guidance instead (such a model has no negative prompt).
     adapters: LoRA adapters as experts on the model's own network, each {"path", "scale",
         optional "prompt", "name", "sha256"} (or "PATH[:SCALE]"): one expert per adapter and
-        prompt, all in one batched forward. With adapters, operator may also be "composite"
+        prompt, all in one batched forward; path "base" is the network without adapter. With adapters, operator may also be "composite"
         (LoRA Composite), "merge" (weight merge) or "switch" (LoRA Switch, every
         `switch_every` steps). `run_composition` records each file's sha256; a record read
         back refuses a file whose hash differs.
@@ -211,7 +213,7 @@ class Composition:
             raise _fail("joint_template", "must be a string such as '{0} that looks like {1}'")
         c.adapters = _adapter_list(c.adapters)
         c.switch_every = _int(c.switch_every, "switch_every", 1, 10_000)
-        if c.operator in ADAPTER_OPERATORS and len(c.adapters) < 2:
+        if c.operator in ADAPTER_OPERATORS and len([a for a in c.adapters if a["path"] != BASE_ADAPTER]) < 2:
             raise _fail("adapters", f"operator {c.operator} composes LoRA adapters: give two or more (got "
                                     f"{len(c.adapters)}), e.g. --lora lora-cyan --lora lora-outline")
         if c.adapters and c.operator == "joint":
@@ -640,6 +642,9 @@ def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition,
 
     entries = []
     for k, a in enumerate(comp.adapters):
+        if a["path"] == BASE_ADAPTER:
+            entries.append({"path": None, "prompt": a["prompt"]} if a.get("prompt") else None)
+            continue
         p = Path(a["path"]).expanduser()
         if p.exists() and cache.allow_roots is not None:
             rp = p.resolve()
@@ -653,12 +658,16 @@ def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition,
         raise _fail("adapters", str(e)) from None
     adapters = []
     for a, spec in zip(comp.adapters, specs):
+        if spec is None or spec.file is None:
+            adapters.append(a)
+            continue
         if a.get("sha256") and a["sha256"] != spec.sha256:
             raise _fail("adapters", f"{a['path']} is not the file this composition was made with (sha256 "
                                     f"{spec.sha256[:12]}..., recorded {a['sha256'][:12]}...)")
         adapters.append({**a, "name": spec.name, "sha256": spec.sha256})
     for e, spec in zip(entries, specs):
-        e.update(path=str(spec.file), name=spec.name)
+        if spec is not None and spec.file is not None:
+            e.update(path=str(spec.file), name=spec.name)
     return dataclasses.replace(comp, adapters=adapters), entries
 
 

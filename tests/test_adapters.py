@@ -308,3 +308,28 @@ def test_cli_lora_flags_png_metadata_and_from_png(loras, tmp_path, capsys):
                  "--lora", str(loras["a"]), "--out", str(bad), "--quiet"]) == 2
     assert "not found" in capsys.readouterr().err
     assert not bad.exists() or not any(bad.iterdir())
+
+
+def test_studio_rows_pick_adapters_with_lora_tags(loras, tmp_path):
+    from ui import handlers as H
+
+    from superdiff.compose import ModelCache, run_composition
+
+    a, b = loras["a"], loras["b"]
+    form = {"model": "shapes-t2i", "rows": 3, "operator": "and", "steps": 2,
+            "prompts": [f"a circle <lora:{a}:0.8>", f"a circle <lora:{b}>", "a square"]}
+    comp, _ = H.parse_form(form)
+    assert comp.prompts == ["a circle", "a square"]
+    assert comp.adapters == [{"path": str(a), "scale": 0.8, "prompt": "a circle"},
+                             {"path": str(b), "scale": 1.0, "prompt": "a circle"},
+                             {"path": "base", "prompt": "a square", "scale": 1.0}]
+    assert H.parse_form(H.form_from_composition(comp))[0] == comp  # settings export / import
+    res = run_composition(comp, ModelCache(allow_roots=[a.parent]), progress=False)
+    assert res.trace.expert_names == ["lora-a@0.8: a circle", "lora-b: a circle", "base: a square"]
+    with pytest.raises(ValueError, match="one adapter per expert row"):
+        H.parse_form({**form, "prompts": [f"a circle <lora:{a}> <lora:{b}>", "a square"]})
+    pt = tmp_path / "x.bin"
+    pt.write_bytes(b"\0")
+    bad, _ = H.parse_form({**form, "prompts": [f"a circle <lora:{pt}>", f"a circle <lora:{b}>"]})
+    with pytest.raises(ValueError, match="not a .safetensors"):
+        run_composition(bad, ModelCache(allow_roots=[a.parent, tmp_path]), progress=False)

@@ -195,6 +195,7 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     weights = _row_values(list(form.get("weights") or []), expert_rows, n_experts, "weights")
     bias = _row_values(list(form.get("biases") or []), expert_rows, n_experts, "bias")
     operator = str(form.get("operator") or "and")
+    prompts, adapters = _row_adapters(prompts)
     if any(_A1111_AND.search(p) for p in prompts):  # A1111's "a AND b:0.7": one expert per part
         from superdiff.a1111 import expand_prompt_syntax
 
@@ -254,6 +255,8 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
         "width": _int_or_none(form.get("width"), "width"),
         "dtype": str(form.get("dtype") or "float32"),
     }
+    if adapters:
+        d["adapters"] = adapters
     full = Composition.from_dict(d)
     comp = for_operator(full, full.operator)
     notes += [f"{FIELD_LABELS[k].lower()} is not used by {comp.operator.upper()} and was ignored"
@@ -276,6 +279,8 @@ def for_operator(comp: Composition, operator: str) -> Composition:
     changes: dict[str, Any] = {k: _OP_DEFAULTS.get(k) for k in _OP_PARAMS if k not in _APPLIES[op]}
     c = comp.replace(operator=op, **changes)
     n = len(c.prompts) + len(c.extra_models) if c.prompts else 1 + len(c.extra_models)
+    if c.adapters:  # adapter rows: one expert per adapter (and prompt)
+        n = sum(1 if a.get("prompt") else max(1, len(c.prompts)) for a in c.adapters) + len(c.extra_models)
     if op == "and" and c.lift is not None and n != 2:
         raise ValueError(f"lift: the lift offsets log q_1 - log q_2 and needs exactly two experts, got {n}; "
                          "clear it or use two prompts")
@@ -293,6 +298,12 @@ def for_operator(comp: Composition, operator: str) -> Composition:
 def form_from_composition(comp: Composition) -> dict[str, Any]:
     """The form that parse_form turns back into `comp` (used by settings import)."""
     comp = comp.validated()
+    if comp.adapters:  # one row per adapter expert, the adapter as a <lora:...> tag
+        from superdiff.compose import BASE_ADAPTER
+
+        rows_text = [p if a["path"] == BASE_ADAPTER else f"{p} <lora:{a['path']}:{a['scale']:g}>"
+                     for a in comp.adapters for p in ([a["prompt"]] if a.get("prompt") else comp.prompts)]
+        comp = Composition(**{**comp.to_dict(), "prompts": rows_text, "adapters": []})
     n_rows_needed = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
     has_row_values = comp.weights is not None or comp.bias is not None
     rows = max(2, len(comp.prompts), n_rows_needed if has_row_values else 0)
@@ -536,6 +547,31 @@ def suggest_extra_models(model: str, current: Sequence[str] | None, cache: Model
 # ---- errors ---------------------------------------------------------------------------------
 _FIELD_RE = re.compile(r"^([a-z_]+): (.*)$", re.S)
 _A1111_AND = re.compile(r"\bAND\b")
+#: an adapter picked in a prompt row, A1111's syntax: "a circle <lora:lora-cyan:0.8>"
+_LORA_TAG = re.compile(r"<lora:([^<>]+)>")
+
+
+def _row_adapters(prompts: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts without tags, adapters): a row "text <lora:NAME_OR_PATH[:SCALE]>" is the expert
+    "the model with that adapter, under text"; once any row names an adapter, a row without
+    one is the base model under its text. No tags: no adapters."""
+    from superdiff.compose import BASE_ADAPTER, parse_lora
+
+    tags = [_LORA_TAG.findall(p) for p in prompts]
+    if not any(tags):
+        return prompts, []
+    clean, adapters = [], []
+    for i, (p, t) in enumerate(zip(prompts, tags)):
+        if len(t) > 1:
+            raise ValueError(f"prompts: row {i + 1} names {len(t)} adapters; pick one adapter per expert row "
+                             "(another row for the other adapter)")
+        text = " ".join(_LORA_TAG.sub(" ", p).split())
+        if not text:
+            raise ValueError(f"prompts: row {i + 1} has an adapter but no prompt; write e.g. "
+                             "'a circle <lora:lora-cyan:0.8>'")
+        clean.append(text)
+        adapters.append({**parse_lora(t[0].strip()), "prompt": text} if t else {"path": BASE_ADAPTER, "prompt": text})
+    return list(dict.fromkeys(clean)), adapters
 
 
 def _first_line(text: str, limit: int = 400) -> str:
