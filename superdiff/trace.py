@@ -25,6 +25,10 @@ class Trace:
     logq: np.ndarray  # [n + 1, B, M] tracked log q_i(x_k) (index 0: the prior)
     expert_names: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: particle corrector (superdiff.correctors), else None: ESS / K of each image's particles
+    #: after step k's reweighting [n, B], and whether they were resampled at step k [n, B]
+    ess: np.ndarray | None = None
+    resampled: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -41,7 +45,9 @@ class Trace:
     def select(self, index: int | Sequence[int] | slice) -> "Trace":
         """The trace of a subset of the samples."""
         idx = [index] if isinstance(index, int) else index
-        return Trace(self.t, self.sigma, self.kappa[:, idx], self.logq[:, idx], list(self.expert_names), dict(self.meta))
+        return Trace(self.t, self.sigma, self.kappa[:, idx], self.logq[:, idx], list(self.expert_names), dict(self.meta),
+                     None if self.ess is None else self.ess[:, idx],
+                     None if self.resampled is None else self.resampled[:, idx])
 
     @classmethod
     def concat(cls, traces: Sequence["Trace"]) -> "Trace":
@@ -52,11 +58,16 @@ class Trace:
         for tr in traces[1:]:
             if tr.t.shape != first.t.shape or not np.allclose(tr.t, first.t) or tr.num_experts != first.num_experts:
                 raise ValueError("traces on different time grids or with different experts cannot be joined")
+        particles = [tr.ess is not None for tr in traces]
+        if any(particles) and not all(particles):
+            raise ValueError("traces with and without a particle corrector cannot be joined")
         return cls(first.t, first.sigma, np.concatenate([tr.kappa for tr in traces], axis=1),
-                   np.concatenate([tr.logq for tr in traces], axis=1), list(first.expert_names), dict(first.meta))
+                   np.concatenate([tr.logq for tr in traces], axis=1), list(first.expert_names), dict(first.meta),
+                   np.concatenate([tr.ess for tr in traces], axis=1) if all(particles) else None,
+                   np.concatenate([tr.resampled for tr in traces], axis=1) if all(particles) else None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "t": self.t.tolist(),
             "sigma": self.sigma.tolist(),
             "kappa": self.kappa.tolist(),
@@ -64,13 +75,19 @@ class Trace:
             "expert_names": list(self.expert_names),
             "meta": self.meta,
         }
+        if self.ess is not None:
+            d["ess"] = np.asarray(self.ess, dtype=np.float64).tolist()
+            d["resampled"] = np.asarray(self.resampled, dtype=bool).tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trace":
         try:
             return cls(np.asarray(d["t"], dtype=np.float64), np.asarray(d["sigma"], dtype=np.float64),
                        np.asarray(d["kappa"], dtype=np.float64), np.asarray(d["logq"], dtype=np.float64),
-                       list(d.get("expert_names", [])), dict(d.get("meta", {})))
+                       list(d.get("expert_names", [])), dict(d.get("meta", {})),
+                       None if d.get("ess") is None else np.asarray(d["ess"], dtype=np.float64),
+                       None if d.get("resampled") is None else np.asarray(d["resampled"], dtype=bool))
         except KeyError as e:
             raise ValueError(f"not a superdiff trace: missing field {e}") from None
 
@@ -99,7 +116,7 @@ def _names(trace: Trace) -> list[str]:
 def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequence[int] = 4,
                title: str | None = None):
     """Two panels per shown sample: kappa_i and log q_i (relative to the mean over experts)
-    against the step. Writes a PNG when path is given; returns the matplotlib Figure."""
+    against the step (a third with the ESS and the resampling events under a particle corrector). Writes a PNG when path is given; returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -110,7 +127,8 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
         raise ValueError("no samples selected to plot")
     names = _names(trace)
     n = len(idx)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n + 0.8, 5.2), squeeze=False, sharex=True)
+    rows = 3 if trace.ess is not None else 2
+    fig, axes = plt.subplots(rows, n, figsize=(3.2 * n + 0.8, 2.6 * rows), squeeze=False, sharex=True)
     steps_k = np.arange(trace.num_steps)
     steps_q = np.arange(trace.num_steps + 1)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -128,6 +146,17 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
         if c == 0:
             ak.set_ylabel("kappa")
             aq.set_ylabel("log q - mean (nats)")
+        if trace.ess is not None:
+            ae = axes[2, c]
+            ae.plot(steps_k, trace.ess[:, b], color="0.25", lw=1.4, label="ESS / K")
+            ev = np.nonzero(np.asarray(trace.resampled[:, b], dtype=bool))[0]
+            if len(ev):
+                ae.plot(ev, trace.ess[ev, b], "v", color="crimson", ms=4, label="resampled")
+            ae.set_ylim(0, 1.05)
+            ae.set_xlabel("step")
+            if c == 0:
+                ae.set_ylabel("ESS / K")
+                ae.legend(fontsize=8, loc="lower left")
     axes[0, 0].legend(fontsize=8, loc="best")
     op = trace.meta.get("operator")
     fig.suptitle(title or (f"SuperDiff trace ({op})" if op else "SuperDiff trace"), fontsize=11)
