@@ -231,8 +231,6 @@ def load_adapters(pipe: Any, specs: Sequence[AdapterSpec | None]) -> None:
     """Check every adapter against the pipeline, then load the ones not loaded yet with
     diffusers' `load_lora_weights` (nothing is loaded if any check fails). Loaded adapters
     are left inactive for ordinary calls: only the routed forward uses them."""
-    from peft.tuners.lora import LoraLayer
-
     todo, layers = [], {}
     loaded: dict[str, str] = getattr(pipe, "_superdiff_adapters", {})
     for spec in specs:
@@ -247,6 +245,19 @@ def load_adapters(pipe: Any, specs: Sequence[AdapterSpec | None]) -> None:
         return
     unet = pipe.unet
     peft_names = set(getattr(unet, "peft_config", {}) or {})
+    try:
+        _load(pipe, todo, layers, loaded, peft_names)
+    finally:  # also after a refused file: loaded adapters stay off for ordinary calls
+        pipe._superdiff_adapters = loaded
+        if getattr(unet, "peft_config", None):
+            unet.disable_adapters()
+
+
+def _load(pipe: Any, todo: Sequence[AdapterSpec], layers: Mapping[str, set], loaded: dict[str, str],
+          peft_names: set) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    unet = pipe.unet
     for spec in todo:
         if spec.name in peft_names:
             pipe.delete_adapters(spec.name)
@@ -260,8 +271,6 @@ def load_adapters(pipe: Any, specs: Sequence[AdapterSpec | None]) -> None:
                              f"{len(layers[spec.name])} layers (not loaded: {missing[:3]}); the file mixes key "
                              "formats or names layers this UNet lacks")
         loaded[spec.name] = spec.sha256
-    pipe._superdiff_adapters = loaded
-    unet.disable_adapters()
 
 
 @contextlib.contextmanager
@@ -317,13 +326,13 @@ def merged_adapters(unet: torch.nn.Module, scales: Mapping[str, float]) -> Itera
     layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     before = [list(m.active_adapters) for m in layers]
     for m in layers:
-        m.set_adapter([n for n in scales if n in m.lora_A])
+        m.set_adapter([n for n in scales if n in m.lora_A], inference_mode=True)
     try:
         with _enabled(unet, scales):
             yield
     finally:
         for m, a in zip(layers, before):
-            m.set_adapter(a)
+            m.set_adapter(a, inference_mode=True)
 
 
 @dataclass

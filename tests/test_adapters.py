@@ -200,6 +200,9 @@ def test_bad_adapters_are_refused_before_any_compute(pipe, loras, tmp_path, requ
     mixed = convert_state_dict_to_diffusers({k[len("unet."):]: v for k, v in sd.items()})
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora-mixed", unet_lora_layers=mixed)
     refused("diffusers loaded", adapters=[tmp_path / "lora-mixed"], operator="single")
+    from peft.tuners.lora import LoraLayer
+
+    assert all(m.disable_adapters for m in pipe.unet.modules() if isinstance(m, LoraLayer))  # base for plain calls
     # merge/switch make one expert: a base entry among them is refused
     refused("combines adapters", adapters=[None, loras["a"]], operator="merge")
     assert not calls

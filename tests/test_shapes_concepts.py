@@ -50,7 +50,7 @@ def test_outline_is_the_shape_minus_its_inset(shape):
 
 
 def test_concept_oracle_labels_renders_exactly():
-    scenes = world.sample_concept_scenes(11, 600, shapes=world.OUTLINE_SHAPES)
+    scenes = world.sample_concept_scenes(11, 300, shapes=world.OUTLINE_SHAPES)
     for style in world.STYLES:
         res = oracle.concepts(world.render_styled(scenes, style))
         assert res.colour == [s.colour for s in scenes]
@@ -58,7 +58,7 @@ def test_concept_oracle_labels_renders_exactly():
         assert res.shape == [s.shape for s in scenes]
         assert res.has(style=style).all()
     # Filled crosses and every base-palette render: filled, never an extra colour.
-    data = world.make_dataset(12, 400, exclude=())
+    data = world.make_dataset(12, 200, exclude=())
     res = oracle.concepts(data.images)
     assert set(res.style) == {"filled"}
     assert res.colour == [world.COLOURS[i] for i in data.colour_ids]
