@@ -20,7 +20,7 @@ Job lines: the fields of `superdiff.compose.Composition`, plus
              operator name ("joint", "average", "or", "and", "single"), "single:<i>", or an
              object of overrides with an optional "name", e.g. {"name": "and_lift", "lift": 1}.
 CSV: a header row of those field names; list fields (prompts, extra_models, methods,
-weights, bias, kappa_clamp) separated by "|".
+weights, bias, kappa_clamp, adapters as "PATH[:SCALE]") separated by "|".
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .compose import Composition, ModelCache, OPERATOR_CHOICES, run_composition,
 
 __all__ = ["Task", "JobError", "parse_jobs", "expand_tasks", "run_batch", "BatchSummary"]
 
-_LIST_FIELDS = {"prompts", "extra_models", "methods", "weights", "bias", "kappa_clamp"}
+_LIST_FIELDS = {"prompts", "extra_models", "methods", "weights", "bias", "kappa_clamp", "adapters"}
 _NUM_LIST_FIELDS = {"weights", "bias", "kappa_clamp"}
 _EXTRA_FIELDS = {"id", "methods"}
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]+")

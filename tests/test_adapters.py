@@ -336,3 +336,25 @@ def test_studio_rows_pick_adapters_with_lora_tags(loras, tmp_path):
     bad, _ = H.parse_form({**form, "prompts": [f"a circle <lora:{pt}>", f"a circle <lora:{b}>"]})
     with pytest.raises(ValueError, match="not a .safetensors"):
         run_composition(bad, ModelCache(allow_roots=[a.parent, tmp_path]), progress=False)
+
+
+def test_batch_jobs_take_the_adapters_field(loras, tmp_path):
+    import json
+
+    from superdiff.cli import main
+    from superdiff.compose import read_png_composition
+
+    a, b = loras["a"], loras["b"]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "two-loras", "prompts": ["a circle"], "adapters": [f"{a}:0.5", str(b)],
+                                "methods": ["merge", "and"], "steps": 2}) + "\n")
+    csv = tmp_path / "jobs.csv"
+    csv.write_text(f"id,prompts,adapters,operator,steps\nc,a square,{a}|{b}:0.3,composite,2\n")
+    for f in (jobs, csv):
+        out = tmp_path / f"out-{f.suffix[1:]}"
+        assert main(["batch", str(f), "--out", str(out), "--quiet"]) == 0
+        lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        assert lines and all(x["status"] == "ok" for x in lines), lines
+        pngs = sorted(out.glob("images/**/*.png"))
+        rec = read_png_composition(pngs[0])
+        assert [x["name"] for x in rec.adapters] == ["lora-a", "lora-b"] and rec.operator in ("merge", "and", "composite")
