@@ -20,6 +20,7 @@ see combine.py). Operators only choose kappa:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -119,31 +120,42 @@ class OrOperator(Operator):
     def kappa(self, state: StepState) -> Tensor:
         logq = state.logq.to(_F64)
         B, M = logq.shape
-        bias = torch.zeros(M, dtype=_F64) if self.bias is None else self.bias
-        bias = bias.to(logq.device)
+        bias = None if self.bias is None else self.bias.to(logq.device)
         if math.isinf(self.temperature):
             # argmax of log q, ties (e.g. the first step) broken by the bias, then by index
-            score = logq + 1e-9 * bias
+            score = logq if bias is None else logq + 1e-9 * bias
             return torch.nn.functional.one_hot(score.argmax(-1), M).to(_F64)
-        logits = (self.temperature * logq if self.temperature > 0 else torch.zeros_like(logq)) + bias
-        return torch.softmax(logits, dim=-1)
+        logits = self.temperature * logq if self.temperature > 0 else torch.zeros_like(logq)
+        return torch.softmax(logits if bias is None else logits + bias, dim=-1)
 
 
-def project_capped_simplex(k: Tensor, lo: float, hi: float, iters: int = 64) -> Tensor:
-    """Euclidean projection of each row of k [B, M] onto {sum = 1, lo <= k_i <= hi}."""
+def project_capped_simplex(k: Tensor, lo: float, hi: float) -> Tensor:
+    """Euclidean projection of each row of k [B, M] onto {sum = 1, lo <= k_i <= hi}.
+
+    The projection is clip(k + tau, lo, hi) with tau the root of S(tau) = sum_i clip(k_i +
+    tau, lo, hi) = 1. S is piecewise linear and non-decreasing with breakpoints lo - k_i and
+    hi - k_i: evaluate it at the sorted breakpoints and interpolate on the segment that
+    crosses 1 (exact, no iteration, no host read). Rows already feasible come back unchanged.
+    """
     M = k.shape[-1]
     if not (M * lo <= 1.0 <= M * hi):
         raise ValueError(f"kappa clamp [{lo}, {hi}] admits no weights summing to one for {M} experts")
-    if bool(((k >= lo) & (k <= hi)).all()) and torch.allclose(k.sum(-1), torch.ones_like(k[..., 0])):
-        return k  # already feasible (the common case)
-    a = (lo - k).min(-1, keepdim=True).values - 1.0
-    b = (hi - k).max(-1, keepdim=True).values + 1.0
-    for _ in range(iters):  # bisection on the shift tau: sum clip(k + tau) is monotone in tau
-        mid = 0.5 * (a + b)
-        s = torch.clamp(k + mid, lo, hi).sum(-1, keepdim=True)
-        a = torch.where(s < 1.0, mid, a)
-        b = torch.where(s < 1.0, b, mid)
-    return torch.clamp(k + 0.5 * (a + b), lo, hi)
+    bp = torch.sort(torch.cat([lo - k, hi - k], -1), -1).values  # [B, 2M]
+    S = torch.clamp(k[..., None, :] + bp[..., :, None], lo, hi).sum(-1)  # [B, 2M]
+    j = torch.clamp((S < 1.0).sum(-1, keepdim=True), 1, 2 * M - 1)  # S[j - 1] < 1 <= S[j]
+    b0, b1 = bp.gather(-1, j - 1), bp.gather(-1, j)
+    s0, s1 = S.gather(-1, j - 1), S.gather(-1, j)
+    den = s1 - s0
+    tau = b0 + torch.where(den > 0, (1.0 - s0) / torch.where(den > 0, den, 1.0), 0.0) * (b1 - b0)
+    feasible = ((k >= lo) & (k <= hi)).all(-1, keepdim=True) & ((k.sum(-1, keepdim=True) - 1.0).abs() <= 1e-12)
+    return torch.where(feasible, k, torch.clamp(k + tau, lo, hi))
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_zero_basis(m: int, device: str) -> Tensor:
+    """Orthonormal basis [m, m - 1] of {sum = 0} (QR of the centring matrix), once per size."""
+    P = torch.eye(m, dtype=_F64) - 1.0 / m
+    return torch.linalg.qr(P[:, : m - 1])[0].to(device)
 
 
 def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float = 1e-3,
@@ -167,9 +179,7 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     if M == 1:
         return eq
     c = b if offsets is None else b - offsets.to(b)
-    # Q: orthonormal basis of the sum-zero subspace (Helmert-like via QR of the centring matrix)
-    P = torch.eye(M, dtype=_F64, device=b.device) - 1.0 / M
-    Q = torch.linalg.qr(P[:, : M - 1])[0]  # [M, M-1]
+    Q = _sum_zero_basis(M, str(b.device))  # [M, M-1]
     AQ = A @ Q  # [B, M, M-1]
     PAQ = AQ - AQ.mean(-2, keepdim=True)
     r0 = A.sum(-1) / M + c  # residual at equal weights, [B, M]
@@ -177,7 +187,7 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     rho = ridge * (AQ**2).mean((-1, -2)) + floor * (A**2).mean((-1, -2)) + torch.finfo(_F64).tiny  # [B]
     H = PAQ.transpose(-1, -2) @ PAQ + rho[:, None, None] * torch.eye(M - 1, dtype=_F64, device=b.device)
     g = -(PAQ.transpose(-1, -2) @ Pr0[..., None])
-    z = torch.linalg.solve(H, g)[..., 0]  # [B, M-1]
+    z = torch.linalg.solve_ex(H, g)[0][..., 0]  # [B, M-1]; _ex: no host check (bad rows: below)
     k = eq + z @ Q.T
     bad = ~torch.isfinite(k).all(-1, keepdim=True)
     return torch.where(bad, eq, k)
