@@ -8,6 +8,8 @@
     _mixin        SuperDiffPipelineMixin: the checks, the plan and the sampling loop (one
                   call to `superdiff.sampling.sample`, whose every step is
                   `superdiff.step.superdiff_step`)
+    _conventions  diffusers' calling habits around __call__: batches of compositions, scheduler
+                  swaps, prompt_embeds, sigmas, interrupt; the other diffusers arguments refused
 
 This module gathers their public names, so that a pipeline file needs one import,
 `from superdiff.pipelines import _common as C`. The pipeline files import it by its absolute
@@ -30,6 +32,7 @@ from ._inputs import (apply_joint, check_common, check_generator, check_height_w
                       normalize_negative_prompts, normalize_prompts, unique_keys)
 from ._method import (SAMPLERS, MethodPlan, build_operator, flow_time_grid, init_noise_sigma, make_flow_schedule,
                       make_schedule, prepare_latents, resolve_estimator, resolve_sampler)
+from ._conventions import SCHEDULER_SAMPLERS, diffusers_conventions
 from ._mixin import CALLBACK_TENSOR_INPUTS, SuperDiffPipelineMixin
 from ._outputs import OUTPUT_TYPES, SuperDiffPipelineOutput, decode_latents, render_trace
 
@@ -50,8 +53,8 @@ __all__ = [
     "ExpertPlan", "NetworkPlan", "plan_extra_networks", "plan_extra_transformers", "plan_text_experts",
     "promptless_branch",
     "prepare_networks",
-    # the mixin
-    "SuperDiffPipelineMixin", "CALLBACK_TENSOR_INPUTS",
+    # the mixin, and diffusers' calling habits (prompt batches, scheduler swaps, embeds, interrupt)
+    "SuperDiffPipelineMixin", "CALLBACK_TENSOR_INPUTS", "diffusers_conventions", "SCHEDULER_SAMPLERS",
     # the core's network experts, re-exported for the pipeline files
     "Branch", "Network", "NetworkExperts", "NullEstimator", "unet_forward", "transformer_forward",
 ]

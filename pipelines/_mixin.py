@@ -14,6 +14,7 @@ from superdiff.integrators import Integrator
 from superdiff.operators import Operator
 from superdiff.sampling import SampleOutput, StepInfo, sample
 from superdiff.schedules import Schedule
+from superdiff.trace import Trace, stack_steps
 
 from ._inputs import check_common, check_generator, check_height_width
 from ._method import (MethodPlan, build_operator, init_noise_sigma, make_flow_schedule, make_schedule, prepare_latents,
@@ -27,6 +28,14 @@ __all__ = ["CALLBACK_TENSOR_INPUTS", "SuperDiffPipelineMixin"]
 CALLBACK_TENSOR_INPUTS = ["latents", "kappa", "logq", "noise_pred"]
 
 
+class _Interrupted(Exception):
+    """Raised from the step callback when `pipe._interrupt` is set (diffusers' interrupt)."""
+
+    def __init__(self, latents: Tensor) -> None:
+        super().__init__("interrupted")
+        self.latents = latents
+
+
 class SuperDiffPipelineMixin:
     """Shared `__call__` machinery; mixed into each DiffusionPipeline subclass."""
 
@@ -38,6 +47,20 @@ class SuperDiffPipelineMixin:
     _denoiser_name = "unet"
     #: rectified-flow pipelines (SD3, Flux): FlowMatch schedulers, velocity predictions
     _flow_matching = False
+    #: the prompt_embeds layout the pipeline takes ("sd", "sdxl"), None: prompts only (_conventions.py)
+    _embeds_kind: str | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `pipe.scheduler = X.from_config(...)` after loading: remembered, so that the call maps X to a
+        # sampler or refuses it (pipelines/_conventions.py) instead of silently ignoring it
+        if name == "scheduler" and "scheduler" in self.__dict__ and value is not self.__dict__["scheduler"]:
+            object.__setattr__(self, "_swapped_scheduler", type(value).__name__)
+        super().__setattr__(name, value)
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' flag: set `pipe._interrupt = True` in a callback to stop after that step."""
+        return bool(self.__dict__.get("_interrupt", False))
 
     @property
     def _denoiser(self) -> torch.nn.Module:
@@ -126,7 +149,16 @@ class SuperDiffPipelineMixin:
         n_steps = num_inference_steps if timesteps is None else len(timesteps) - 1
         bar = self.progress_bar(total=n_steps)
 
+        record: list[tuple[Tensor, Tensor, Tensor]] = []  # kappa, log q, delta log q per step
+
         def on_step(info: StepInfo):
+            record.append((info.kappa, info.logq.clone(), info.output.delta_logq))
+            new = user_step(info)
+            if self.__dict__.get("_interrupt"):
+                raise _Interrupted(new if new is not None else info.x)
+            return new
+
+        def user_step(info: StepInfo):
             bar.update()
             if callback_on_step_end is None:
                 return None
@@ -149,6 +181,19 @@ class SuperDiffPipelineMixin:
                           guidance_scale=guidance_scale, timesteps=timesteps, grid_end=grid_end,
                           dtype=torch.float32, model_dtype=model_dtype, expert_names=list(expert_names),
                           progress=False, callback=on_step)
+        except _Interrupted as stop:  # pipe._interrupt: the latents reached, the trace of the steps taken
+            grid = torch.as_tensor(timesteps, dtype=torch.float64) if timesteps is not None else \
+                schedule.grid(int(num_inference_steps), end=grid_end)
+            grid = grid[: len(record) + 1]
+            trace = Trace(t=grid.numpy().copy(), sigma=schedule.sigma(grid).numpy().copy(),
+                          kappa=stack_steps([r[0] for r in record]),
+                          logq=stack_steps([record[0][1] - record[0][2]] + [r[1] for r in record]),
+                          expert_names=list(expert_names),
+                          meta={"operator": operator.name, "operator_params": operator.params(),
+                                "estimator": estimator.name, "integrator": integrator.name,
+                                "schedule": repr(schedule), "guidance_scale": float(guidance_scale),
+                                "num_steps": len(record), "interrupted_after_step": len(record)})
+            return SampleOutput(stop.latents.to(torch.float32), trace, record[-1][1])
         finally:
             bar.close()
 

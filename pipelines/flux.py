@@ -150,6 +150,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         do_cfg = true_cfg_scale > 1.0
         return None, do_cfg, float(true_cfg_scale) if do_cfg else 1.0
 
+    @C.diffusers_conventions
     @torch.no_grad()
     def __call__(
         self,
@@ -165,7 +166,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        operator: str | Any = "or",
+        operator: str | Any = "and",
         weights: Sequence[float] | None = None,
         bias: Sequence[float] | None = None,
         temperature: float | None = None,
@@ -188,7 +189,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        r"""Generate images from a superposition of N prompts (one expert each).
+        r"""Generate images from a superposition of N prompts (a list of prompts is ONE composition (its experts), a list of lists a batch of compositions; operator "and" by default).
 
         Args:
             prompt: one prompt or a list of N >= 1 prompts; each is an expert (CLIP and T5 alike).

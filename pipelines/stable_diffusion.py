@@ -46,6 +46,7 @@ class SuperDiffStableDiffusionPipeline(
     _optional_components = ["safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = C.CALLBACK_TENSOR_INPUTS
+    _embeds_kind = "sd"  # prompt_embeds= accepted (pipelines/_conventions.py)
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class SuperDiffStableDiffusionPipeline(
         emb, _ = self.encode_prompt(texts, device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip)
         return {t: {"encoder_hidden_states": emb[i : i + 1]} for i, t in enumerate(texts)}
 
+    @C.diffusers_conventions
     @torch.no_grad()
     def __call__(
         self,
@@ -97,7 +99,7 @@ class SuperDiffStableDiffusionPipeline(
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        operator: str | Any = "or",
+        operator: str | Any = "and",
         weights: Sequence[float] | None = None,
         bias: Sequence[float] | None = None,
         temperature: float | None = None,
@@ -122,10 +124,12 @@ class SuperDiffStableDiffusionPipeline(
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        r"""Generate images from a superposition of N prompts (one expert each).
+        r"""Generate images from a superposition of N prompts (a list of prompts is ONE composition (its experts), a list of lists a batch of compositions; operator "and" by default).
 
         Args:
-            prompt: one prompt or a list of N >= 1 prompts; each is an expert.
+            prompt: one prompt or a list of N >= 1 prompts; each is an expert. A list of such
+                lists is a batch of compositions (diffusers' batch habit), run one after the
+                other and returned together.
             height, width: image size (default: unet.config.sample_size * vae_scale_factor);
                 must be divisible by the VAE factor.
             num_inference_steps: number of sampler steps.
@@ -136,7 +140,8 @@ class SuperDiffStableDiffusionPipeline(
             generator: a torch.Generator or one per image (a batch equals separate calls).
             latents: initial noise [B, C, H/f, W/f] (scaled like diffusers: times init sigma).
             output_type: "pil", "np", "pt" or "latent".
-            operator: "or", "and", "average", "single", "joint" (the joint-prompt baseline: one
+            operator: "and" (the default, as in the CLI and the studio), "or", "average",
+                "single", "joint" (the joint-prompt baseline: one
                 expert with the prompts combined by `joint_template`), or a superdiff Operator.
             weights / bias / temperature: OR mixture weights, log-weights and temperature T;
                 `weights` are the fixed kappa for "average" (0.5/0.5 is the paper's averaging

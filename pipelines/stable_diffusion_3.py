@@ -102,6 +102,7 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         return calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
 
+    @C.diffusers_conventions
     @torch.no_grad()
     def __call__(
         self,
@@ -116,7 +117,7 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        operator: str | Any = "or",
+        operator: str | Any = "and",
         weights: Sequence[float] | None = None,
         bias: Sequence[float] | None = None,
         temperature: float | None = None,
@@ -141,7 +142,7 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        r"""Generate images from a superposition of N prompts (one expert each).
+        r"""Generate images from a superposition of N prompts (a list of prompts is ONE composition (its experts), a list of lists a batch of compositions; operator "and" by default).
 
         Args:
             prompt: one prompt or a list of N >= 1 prompts; each is an expert (encoded by all

@@ -43,6 +43,7 @@ class SuperDiffStableDiffusionXLPipeline(
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["tokenizer", "text_encoder", "image_encoder", "feature_extractor"]
     _callback_tensor_inputs = C.CALLBACK_TENSOR_INPUTS
+    _embeds_kind = "sdxl"  # prompt_embeds= accepted (pipelines/_conventions.py)
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class SuperDiffStableDiffusionXLPipeline(
         return {t: {"encoder_hidden_states": emb[i : i + 1], "text_embeds": pooled[i : i + 1],
                     "time_ids": time_ids} for i, t in enumerate(texts)}
 
+    @C.diffusers_conventions
     @torch.no_grad()
     def __call__(
         self,
@@ -103,7 +105,7 @@ class SuperDiffStableDiffusionXLPipeline(
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        operator: str | Any = "or",
+        operator: str | Any = "and",
         weights: Sequence[float] | None = None,
         bias: Sequence[float] | None = None,
         temperature: float | None = None,
@@ -131,7 +133,7 @@ class SuperDiffStableDiffusionXLPipeline(
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        r"""Generate images from a superposition of N prompts with SDXL.
+        r"""Generate images from a superposition of N prompts with SDXL (a list of prompts is ONE composition (its experts), a list of lists a batch of compositions; operator "and" by default).
 
         The arguments are those of `SuperDiffStableDiffusionPipeline.__call__` plus SDXL's
         micro-conditioning (original_size, crops_coords_top_left, target_size), adapters (LoRA

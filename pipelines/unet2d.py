@@ -151,6 +151,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         return nets
 
     # ------------------------------------------------------------------ sampling
+    @C.diffusers_conventions
     @torch.no_grad()
     def __call__(
         self,
@@ -165,7 +166,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         null_class_label: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        operator: str | Any = "or",
+        operator: str | Any = "and",
         weights: Sequence[float] | None = None,
         bias: Sequence[float] | None = None,
         temperature: float | None = None,
@@ -186,7 +187,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        r"""Sample a superposition of the UNet experts.
+        r"""Sample a superposition of the UNet experts (operator "and" by default).
 
         Experts: each registered UNet (unet, unet_2, ...) then each of `extra_unets`; an
         unconditional UNet is one expert, a class-conditional one is one expert per label in
