@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
             emas[k].module.load_state_dict(state["ema_" + k])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        run.truncate_log(start)
-        print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        if not args.export_only:  # an export beside a live run must not touch its log
+            run.truncate_log(start)
+            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
 
     data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)
     empty_ids = tokenizer([""], padding="max_length", max_length=TEXT_MAX_LENGTH, return_tensors="pt").input_ids
