@@ -150,3 +150,21 @@ def test_guidance_rescale_zero_is_accepted(pipe):
     a = pipe("a red cat", generator=gen(0), guidance_rescale=0.0, operator="single", **KW)
     b = pipe("a red cat", generator=gen(0), operator="single", **KW)
     np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_sdxl_prompt_embeds_with_pooled():
+    from superdiff.pipelines._testing import tiny_sdxl_components
+
+    pipe = SuperDiffStableDiffusionXLPipeline(**tiny_sdxl_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "a dog"]
+    emb, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, device=torch.device("cpu"),
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                                      negative_prompt=["", ""])
+    kw = dict(guidance_scale=5.0, operator="or", num_inference_steps=2, output_type="np")
+    a = pipe(prompts, negative_prompt="", generator=gen(0), **kw)  # "" encoded, as in encode_prompt above
+    b = pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+             negative_pooled_prompt_embeds=neg_pooled, generator=gen(0), **kw)
+    np.testing.assert_allclose(b.images, a.images, atol=1e-5)
+    with pytest.raises(ValueError, match="SDXL needs pooled_prompt_embeds"):
+        pipe(prompt_embeds=emb, **kw)
