@@ -18,7 +18,7 @@ from superdiff.schedules import make_betas
 
 __all__ = ["VP_KINDS", "FLOW_TRANSFORMERS", "UNetExpert", "load_unet", "as_unet_expert", "network_info",
            "check_compatible", "TransformerExpert", "load_transformer", "as_transformer_expert", "transformer_info",
-           "check_transformer_compatible", "mixed_families_message", "check_flow_layout"]
+           "check_transformer_compatible", "mixed_families_message", "check_flow_layout", "check_flow_checkpoint"]
 
 VP_KINDS = ("epsilon", "sample", "v_prediction")
 #: rectified-flow transformer classes and the pipeline that composes each
@@ -399,3 +399,22 @@ def check_flow_layout(transformer: Any, scheduler: Any, expected: str, pipeline:
     if scheduler is not None and "FlowMatch" not in type(scheduler).__name__:
         raise ValueError(f"{pipeline} needs the checkpoint's FlowMatchEulerDiscreteScheduler (its shift defines "
                          f"the time grid), got a {type(scheduler).__name__}")
+
+
+def check_flow_checkpoint(source: Any, expected: str, pipeline: str) -> None:
+    """Before any weights load: refuse a local pipeline folder whose model_index.json names a
+    UNet (an epsilon-family checkpoint) or another flow transformer than `expected`. Hub ids
+    and folders without model_index.json are checked when the components are built."""
+    index = _read_json(os.path.join(str(source), "model_index.json")) if os.path.isdir(str(source)) else None
+    if index is None:
+        return
+    entry = index.get("transformer")
+    cls = str(entry[1]) if isinstance(entry, (list, tuple)) and len(entry) == 2 else ""
+    if not cls and isinstance(index.get("unet"), (list, tuple)):
+        raise ValueError(mixed_families_message(f"{source} (a {index.get('_class_name', 'UNet')} checkpoint)",
+                                                pipeline) + "; load it with SuperDiffStableDiffusionPipeline / "
+                         "SuperDiffStableDiffusionXLPipeline / SuperDiffUNet2DPipeline")
+    if cls in FLOW_TRANSFORMERS and cls != expected:
+        raise ValueError(f"{source} is a {index.get('_class_name', cls)} checkpoint (transformer: {cls}), the layout "
+                         f"of {FLOW_TRANSFORMERS[cls]}; {pipeline} takes a {expected}. Load it with "
+                         f"superdiff.pipelines.{FLOW_TRANSFORMERS[cls]}.from_pretrained(...)")

@@ -24,8 +24,9 @@ from superdiff.diffusers_experts import (Branch, Network, NetworkExperts, NullEs
                                         unet_forward)
 
 from ._checkpoints import (FLOW_TRANSFORMERS, VP_KINDS, TransformerExpert, UNetExpert, as_transformer_expert,
-                           as_unet_expert, check_compatible, check_flow_layout, check_transformer_compatible, load_transformer, load_unet,
-                           mixed_families_message, network_info, transformer_info)
+                           as_unet_expert, check_compatible, check_flow_checkpoint, check_flow_layout,
+                           check_transformer_compatible, load_transformer, load_unet, mixed_families_message,
+                           network_info, transformer_info)
 from ._experts import (ExpertPlan, NetworkPlan, plan_extra_networks, plan_extra_transformers, plan_text_experts,
                        prepare_networks, promptless_branch)
 from ._inputs import (apply_joint, check_common, check_generator, check_height_width, joint_prompt,
@@ -43,6 +44,7 @@ __all__ = [
     "UNetExpert", "load_unet", "as_unet_expert", "network_info", "check_compatible", "VP_KINDS",
     "TransformerExpert", "load_transformer", "as_transformer_expert", "transformer_info",
     "check_transformer_compatible", "mixed_families_message", "FLOW_TRANSFORMERS", "check_flow_layout",
+    "check_flow_checkpoint",
     # inputs
     "joint_prompt", "normalize_prompts", "normalize_negative_prompts", "apply_joint", "unique_keys",
     "check_height_width", "check_common", "check_generator",

@@ -76,6 +76,13 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
                                      if getattr(self, "tokenizer", None) is not None else 77)
         self.default_sample_size = 128
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):
+        """diffusers' from_pretrained, after refusing a local checkpoint of another layout
+        (a UNet model, the other flow family) before any weights load."""
+        C.check_flow_checkpoint(pretrained_model_name_or_path, cls._transformer_class, cls.__name__)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     # diffusers' own implementations
     encode_prompt = FluxPipeline.encode_prompt
     _get_t5_prompt_embeds = FluxPipeline._get_t5_prompt_embeds

@@ -73,6 +73,13 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         self.patch_size = (self.transformer.config.patch_size
                            if getattr(self, "transformer", None) is not None else 2)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):
+        """diffusers' from_pretrained, after refusing a local checkpoint of another layout
+        (a UNet model, the other flow family) before any weights load."""
+        C.check_flow_checkpoint(pretrained_model_name_or_path, cls._transformer_class, cls.__name__)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     # diffusers' own implementations (LoRA scale and clip_skip included)
     encode_prompt = StableDiffusion3Pipeline.encode_prompt
     _get_t5_prompt_embeds = StableDiffusion3Pipeline._get_t5_prompt_embeds

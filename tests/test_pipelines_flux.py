@@ -193,6 +193,10 @@ def test_save_load_round_trip_custom_pipeline_and_plain_flux_directory(dev, tmp_
     custom.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(custom(generator=gen(7), **kw).images, after)
     FluxPipeline(**tiny_flux_components(0)).save_pretrained(tmp_path / "plain")
+    from superdiff.pipelines import SuperDiffStableDiffusion3Pipeline
+
+    with pytest.raises(ValueError, match="layout of SuperDiffFluxPipeline"):  # before any weights load
+        SuperDiffStableDiffusion3Pipeline.from_pretrained(tmp_path / "plain")
     plain = SuperDiffFluxPipeline.from_pretrained(tmp_path / "plain", torch_dtype=torch.float32)
     plain.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(plain(generator=gen(7), **kw).images, after)

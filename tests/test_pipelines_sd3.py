@@ -230,6 +230,10 @@ def test_save_load_round_trip_custom_pipeline_and_plain_sd3_directory(comps, pip
     np.testing.assert_array_equal(custom(generator=gen(7), **kw).images, after)
     # a checkpoint saved by diffusers' own StableDiffusion3Pipeline (the hub layout)
     StableDiffusion3Pipeline(**comps).save_pretrained(tmp_path / "plain")
+    from superdiff.pipelines import SuperDiffFluxPipeline
+
+    with pytest.raises(ValueError, match="layout of SuperDiffStableDiffusion3Pipeline"):  # before any weights load
+        SuperDiffFluxPipeline.from_pretrained(tmp_path / "plain")
     plain = SuperDiffStableDiffusion3Pipeline.from_pretrained(tmp_path / "plain", torch_dtype=torch.float32)
     plain.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(plain(generator=gen(7), **kw).images, after)
