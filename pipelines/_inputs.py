@@ -121,3 +121,17 @@ def apply_joint(operator: Any, prompts: list[str], negatives: list[str | None], 
         return op_name, prompts, negatives
     negs = unique_keys([n for n in negatives if n is not None])
     return "single", [joint_prompt(prompts, template)], [", ".join(negs) if negs else None]
+
+
+def apply_compose(prompt: Any, operator: Any, compose: str | None, and_mode: str = "superdiff") -> tuple[Any, Any]:
+    """(prompt, operator) for a composition formula (superdiff.formula, docs/correctors.md):
+    its prompts become the experts and its FormulaOperator the operator. Without a formula,
+    both come back unchanged."""
+    if compose is None:
+        return prompt, operator
+    from superdiff.formula import FormulaOperator
+
+    if prompt is not None:
+        raise ValueError("give either `prompt` or `compose` (a formula names its own prompts), not both")
+    op = FormulaOperator(compose, and_mode=and_mode)
+    return list(op.formula.names), op

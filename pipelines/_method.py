@@ -223,3 +223,15 @@ class MethodPlan:
     schedule: Schedule
     grid: Tensor
     sigma0: float
+
+
+def attach_corrector(op: Operator, corrector: Any, integrator: Any, num_experts: int) -> Operator:
+    """The operator with a particle / MCMC corrector on it (superdiff.correctors.Corrected),
+    checked against the operator and sampler before any compute; `op` itself when none."""
+    from superdiff.correctors import Corrected, split_corrected
+
+    op, corr = split_corrected(op, corrector)
+    if corr is None:
+        return op
+    corr.check(op, integrator, num_experts)
+    return Corrected(op, corr)

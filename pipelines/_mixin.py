@@ -16,8 +16,8 @@ from superdiff.sampling import SampleOutput, StepInfo, sample
 from superdiff.schedules import Schedule
 from superdiff.trace import Trace, stack_steps
 
-from ._inputs import check_common, check_generator, check_height_width
-from ._method import (MethodPlan, build_operator, init_noise_sigma, make_flow_schedule, make_schedule, prepare_latents,
+from ._inputs import apply_compose, check_common, check_generator, check_height_width
+from ._method import (MethodPlan, attach_corrector, build_operator, init_noise_sigma, make_flow_schedule, make_schedule, prepare_latents,
                       resolve_estimator, resolve_sampler)
 
 Tensor = torch.Tensor
@@ -98,11 +98,17 @@ class SuperDiffPipelineMixin:
         check_generator(generator, int(batch))
         return callback_inputs, resolve_sampler(sampler, self.scheduler.config)
 
+    @staticmethod
+    def _apply_compose(prompt: Any, operator: Any, compose: str | None, and_mode: str = "superdiff"):
+        """(prompt, operator) of a `compose=` formula (see _inputs.apply_compose)."""
+        return apply_compose(prompt, operator, compose, and_mode)
+
     def _plan_method(self, operator: str | Operator, num_experts: int, op_params: Mapping[str, Any],
                      estimator: Any, integrator: Integrator, schedule: Any, num_inference_steps: int,
-                     time_grid: Any, grid_end: str) -> MethodPlan:
-        """Operator, estimator, schedule and time grid of one call, each checked."""
-        op = build_operator(operator, num_experts, **op_params)
+                     time_grid: Any, grid_end: str, corrector: Any = None) -> MethodPlan:
+        """Operator, estimator, schedule and time grid of one call, each checked; a corrector
+        (superdiff.correctors) rides on the operator into superdiff.sampling.sample."""
+        op = attach_corrector(build_operator(operator, num_experts, **op_params), corrector, integrator, num_experts)
         est = resolve_estimator(estimator, op, integrator)
         check_pair(est, integrator)
         if self._flow_matching:

@@ -118,6 +118,9 @@ class SuperDiffStableDiffusionPipeline(
         adapters: Sequence[Any] | None = None,
         switch_every: int = 1,
         max_batch_size: int | None = None,
+        compose: str | None = None,
+        and_mode: str = "superdiff",
+        corrector: Any = None,
         joint_template: str | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
@@ -169,6 +172,13 @@ class SuperDiffStableDiffusionPipeline(
                 prompt (or for its own prompt), all in ONE batched forward per step. Besides the
                 core operators, `operator` may then be "composite" (LoRA Composite), "merge"
                 (weight merge) or "switch" (LoRA Switch, adapter changing every `switch_every` steps).
+            compose: a composition formula instead of `prompt` / `operator`, e.g.
+                '("a circle" & "something red") | "a square":0.5' (& AND, | OR, ~ NOT relative
+                to the unconditional prompt, :weight; docs/correctors.md); and_mode "superdiff"
+                (equal density, default) or "product" (the product of the experts).
+            corrector: particle (SMC / Feynman-Kac) and MCMC correctors after each step:
+                "smc:8", "ula", "hmc", "smc:4+ula", a dict of superdiff.correctors.Corrector
+                fields, or a Corrector; K particles per image share the step's batched forward.
             max_batch_size: at most this many rows per network forward (all branches sharing a
                 network otherwise go through ONE batched forward per step).
             cross_attention_kwargs, clip_skip: as in diffusers.
@@ -182,6 +192,7 @@ class SuperDiffStableDiffusionPipeline(
             (images, trace) when return_dict is False.
         """
         # 1. validate everything before any compute
+        prompt, operator = self._apply_compose(prompt, operator, compose, and_mode)
         prompts = C.normalize_prompts(prompt)
         negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
         op_name, prompts, negatives = C.apply_joint(operator, prompts, negatives, joint_template)
@@ -205,7 +216,7 @@ class SuperDiffStableDiffusionPipeline(
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
-                                   num_inference_steps, time_grid, grid_end)
+                                   num_inference_steps, time_grid, grid_end, corrector=corrector)
         do_cfg, w = self._guidance(guidance_scale)
         if routing is not None:
             A.load_adapters(self, specs)  # every adapter checked against this UNet first

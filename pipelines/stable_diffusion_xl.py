@@ -124,6 +124,9 @@ class SuperDiffStableDiffusionXLPipeline(
         adapters: Sequence[Any] | None = None,
         switch_every: int = 1,
         max_batch_size: int | None = None,
+        compose: str | None = None,
+        and_mode: str = "superdiff",
+        corrector: Any = None,
         joint_template: str | None = None,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
@@ -145,6 +148,7 @@ class SuperDiffStableDiffusionXLPipeline(
             SuperDiffPipelineOutput (images, trace), or a tuple (images, trace) when
             return_dict is False.
         """
+        prompt, operator = self._apply_compose(prompt, operator, compose, and_mode)
         prompts = C.normalize_prompts(prompt)
         negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
         op_name, prompts, negatives = C.apply_joint(operator, prompts, negatives, joint_template)
@@ -166,7 +170,7 @@ class SuperDiffStableDiffusionXLPipeline(
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
-                                   num_inference_steps, time_grid, grid_end)
+                                   num_inference_steps, time_grid, grid_end, corrector=corrector)
         do_cfg, w = self._guidance(guidance_scale)
         if routing is not None:
             A.load_adapters(self, specs)  # every adapter checked against this UNet first

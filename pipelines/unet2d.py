@@ -183,6 +183,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         grid_end: str = "zero",
         extra_unets: Sequence[Any] | None = None,
         max_batch_size: int | None = None,
+        corrector: Any = None,
         num_images_per_prompt: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
@@ -199,7 +200,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
             guidance_scale, null_class_label: classifier-free guidance for class-conditional
                 UNets trained with a null class (> 1 needs null_class_label).
             height, width: sample size (default: unet.config.sample_size times the VAE factor).
-            operator ... grid_end, max_batch_size, callback_on_step_end: as in
+            operator ... grid_end, max_batch_size, corrector, callback_on_step_end: as in
                 SuperDiffStableDiffusionPipeline.__call__.
             extra_unets: more UNet2DModel experts (modules, checkpoint paths / hub ids or
                 superdiff.pipelines.UNetExpert), checked for compatibility before any compute.
@@ -237,7 +238,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         method = self._plan_method(operator, len(plans), op_params, estimator, integrator, schedule,
-                                   num_inference_steps, time_grid, grid_end)
+                                   num_inference_steps, time_grid, grid_end, corrector=corrector)
 
         device = self._execution_device
         branches = []

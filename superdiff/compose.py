@@ -101,6 +101,13 @@ class Composition:
         (LoRA Composite), "merge" (weight merge) or "switch" (LoRA Switch, every
         `switch_every` steps). `run_composition` records each file's sha256; a record read
         back refuses a file whose hash differs.
+    compose: a formula over prompts, e.g. '("a circle" & "something red") | "a square":0.5'
+        (superdiff.formula; `&` AND, `|` OR, `~` NOT relative to the unconditional prompt,
+        `:w` weights); its prompts become `prompts` and it replaces `operator`.
+    and_mode: "superdiff" (equal-density AND, the default) or "product" (the product of the
+        experts; sampled exactly with an SMC corrector).
+    corrector: particles and MCMC moves after each step (superdiff.correctors.make_corrector:
+        "smc:8", "ula", "smc:4+hmc", or a dict such as {"particles": 8, "window": [0, 0.8]}).
     model_kind: recorded by `run_composition` (one of MODEL_KINDS: "sd", "sdxl", "sd3",
         "flux", "unet2d"), so that PNG metadata says which family made an image; a value
         read back is informational (the model itself decides).
@@ -130,6 +137,9 @@ class Composition:
     model_kind: str | None = None
     adapters: list[dict[str, Any]] = field(default_factory=list)
     switch_every: int = 1
+    compose: str | None = None
+    and_mode: str = "superdiff"
+    corrector: Any = None
 
     # ---- validation and (de)serialisation -------------------------------------------------
     @classmethod
@@ -213,6 +223,7 @@ class Composition:
             raise _fail("joint_template", "must be a string such as '{0} that looks like {1}'")
         c.adapters = _adapter_list(c.adapters)
         c.switch_every = _int(c.switch_every, "switch_every", 1, 10_000)
+        _check_formula_fields(c)
         if c.operator in ADAPTER_OPERATORS and len([a for a in c.adapters if a["path"] != BASE_ADAPTER]) < 2:
             raise _fail("adapters", f"operator {c.operator} composes LoRA adapters: give two or more (got "
                                     f"{len(c.adapters)}), e.g. --lora lora-cyan --lora lora-outline")
@@ -285,6 +296,42 @@ def _adapter_list(v: Any) -> list[dict[str, Any]]:
                 d[key] = a[key]
         out.append(d)
     return out
+
+
+def _check_formula_fields(c: "Composition") -> None:
+    """compose (a formula over prompts, superdiff.formula), and_mode and corrector
+    (superdiff.correctors.make_corrector); with a formula the prompts are its experts."""
+    from .correctors import make_corrector
+    from .formula import AND_MODES, compile_formula
+
+    if c.and_mode not in AND_MODES:
+        raise _fail("and_mode", f"choose one of {', '.join(AND_MODES)}, got {c.and_mode!r}")
+    if c.corrector is not None:
+        if isinstance(c.corrector, str) and not c.corrector.strip():
+            c.corrector = None
+        else:
+            if isinstance(c.corrector, str) and c.corrector.strip().startswith("{"):
+                try:
+                    c.corrector = json.loads(c.corrector)
+                except json.JSONDecodeError as e:
+                    raise _fail("corrector", f"not a JSON object: {e}") from None
+            try:
+                make_corrector(c.corrector)
+            except ValueError as e:
+                raise _fail("corrector", str(e)) from None
+    if c.compose is None or not str(c.compose).strip():
+        c.compose = None
+        return
+    if not isinstance(c.compose, str):
+        raise _fail("compose", f"a formula is a string such as '(\"a circle\" & \"something red\") | "
+                               f"\"a square\"', got {type(c.compose).__name__}")
+    try:
+        f = compile_formula(c.compose, and_mode=c.and_mode)
+    except ValueError as e:
+        raise _fail("compose", str(e)) from None
+    if c.prompts and c.prompts != f.names:
+        raise _fail("prompts", f"give either prompts or a compose formula; the formula's experts are {f.names}")
+    c.prompts = list(f.names)
 
 
 def _str_list(v: Any, name: str) -> list[str]:
@@ -630,7 +677,39 @@ def _call_kwargs(c: Composition, kind: str, extras: list[str],
                                         f"{c.model} is a {kind} model")
             kw["adapters"] = [{k: a[k] for k in ("path", "scale", "prompt", "name") if k in a} for a in c.adapters]
             kw["switch_every"] = c.switch_every
+    if c.compose is not None or c.corrector is not None:
+        _formula_kwargs(c, kind, kw, len(extras))
     return kw
+
+
+def _formula_kwargs(c: Composition, kind: str, kw: dict[str, Any], n_extras: int) -> None:
+    """A compose formula becomes the pipeline's operator (superdiff.formula.FormulaOperator over
+    the formula's prompts); a corrector rides on the operator (superdiff.correctors.Corrected),
+    so every pipeline runs it through superdiff.sampling.sample."""
+    from .correctors import Corrected
+    from .formula import FormulaOperator
+    from .pipelines._method import build_operator
+
+    params = ("weights", "bias", "temperature", "lift", "kappa_clamp", "operator_kwargs")
+    if c.compose is not None:
+        if kind == "unet2d":
+            raise _fail("compose", "a formula composes the prompts of a text-to-image model; for unconditional "
+                                   "checkpoints use operator with extra_models")
+        given = [k for k in params if k in kw and k != "operator_kwargs"]
+        if given:
+            raise _fail("compose", f"the formula carries its own weights; remove {', '.join(given)}")
+        if c.adapters or n_extras:
+            raise _fail("compose", "a formula composes prompts of one model; it takes no adapters or extra models")
+        op: Any = FormulaOperator(c.compose, and_mode=c.and_mode)
+    else:
+        if c.operator == "joint" or c.operator in ADAPTER_OPERATORS:
+            raise _fail("corrector", f"operator {c.operator} takes no corrector; use or, and, average, single "
+                                     "or a compose formula")
+        n = len(kw.get("prompt", [])) + n_extras if kind != "unet2d" else 1 + n_extras
+        op = build_operator(c.operator, n, **{k: kw.pop(k) for k in params if k in kw})
+    for k in params:
+        kw.pop(k, None)
+    kw["operator"] = Corrected(op, c.corrector) if c.corrector is not None else op
 
 
 def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition, list[dict[str, Any]]]:

@@ -111,7 +111,8 @@ def _composition_from_args(args: argparse.Namespace):
              "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt, "seed": args.seed,
              "num_images": args.num_images, "height": args.height, "width": args.width, "dtype": args.dtype,
              "joint_template": args.joint_template, "single_index": args.single_index,
-             "adapters": args.lora, "switch_every": args.switch_every}
+             "adapters": args.lora, "switch_every": args.switch_every,
+             "compose": args.compose, "and_mode": args.and_mode, "corrector": args.corrector}
     if args.kappa_clamp is not None:
         flags["kappa_clamp"] = False if args.kappa_clamp.lower() in ("none", "off", "false") else _floats(args.kappa_clamp)
     for i, p in enumerate(args.prompt or []):
@@ -129,7 +130,8 @@ def _composition_from_args(args: argparse.Namespace):
         d["prompts"], w = expand_prompt_syntax(d["prompts"], d.get("weights"), named)
         if w is not None:
             d["weights"] = w
-    if not args.from_png and not args.config and "prompts" not in d and d.get("model", "shapes-t2i") == "shapes-t2i":
+    if not args.from_png and not args.config and "prompts" not in d and "compose" not in d \
+            and d.get("model", "shapes-t2i") == "shapes-t2i":
         from .compose import DEFAULT_COMPOSITION
 
         d = {**DEFAULT_COMPOSITION.to_dict(), **d}
@@ -138,7 +140,7 @@ def _composition_from_args(args: argparse.Namespace):
         1 + len(d.get("extra_models") or [])
     if d.get("adapters"):  # LoRA experts: one per adapter and prompt
         n_experts = len(d["adapters"]) * max(1, len(d.get("prompts") or [])) + len(d.get("extra_models") or [])
-    if not named_operator and n_experts == 1 and d.get("operator", "and") != "single":
+    if not named_operator and n_experts == 1 and d.get("operator", "and") != "single" and not d.get("compose"):
         print("superdiff generate: note: one expert and no --operator: sampling it alone (operator single)",
               file=sys.stderr)
         d["operator"] = "single"
@@ -260,6 +262,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--height", type=int, help="(default: the model's)")
     g.add_argument("--width", type=int, help="(default: the model's)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="(default: float32)")
+    g.add_argument("--compose", metavar="FORMULA",
+                   help="a formula over prompts instead of --prompt/--operator, e.g. "
+                        "'(\"a circle\" & \"something red\") | \"a square\":0.5' (& AND, | OR, ~ NOT, :weight; "
+                        "docs/correctors.md)")
+    g.add_argument("--and-mode", choices=["superdiff", "product"],
+                   help="what & means in --compose: SuperDiff's equal density (default) or the product of the experts")
+    g.add_argument("--corrector", metavar="SPEC",
+                   help="particle / MCMC corrector after each step: smc (4 particles), smc:K, ula, hmc, joined by + "
+                        "(e.g. smc:8+ula), or a JSON object of its fields (default: none)")
     g.add_argument("--set", type=_kv, action="append", metavar="FIELD=VALUE",
                    help="any composition field (JSON value), e.g. --set 'kappa_clamp=[-1,2]' (default: none)")
     g.add_argument("--config", help="a composition JSON, e.g. exported from the studio (default: none)")
