@@ -316,8 +316,9 @@ class Node:
         what = {"or": "weight", "prod": "exponent", "sand": "offset"}[self.op]
         lines = [f"{pad}{head}"]
         for c, a in zip(self.children, self.coeffs):
-            sub = c.show(names, indent + 1)
-            lines.append(f"{sub}   [{what} {a:g}]")
+            sub = c.show(names, indent + 1).split("\n")
+            sub[0] += f"   [{what} {a:g}]"
+            lines.extend(sub)
         return "\n".join(lines)
 
 
@@ -342,15 +343,20 @@ class Formula:
         return self.root.show(self.names)
 
 
-def _positive(node: Any) -> bool:
-    """Whether a syntax node keeps at least one expert un-negated in every branch."""
+def _negated(node: Any) -> Any:
+    """The first branch of a syntax node without an un-negated expert, or None when every
+    branch keeps one (a leaf is positive, NOT never, AND when a child is, OR when all are)."""
     if isinstance(node, Leaf):
-        return True
+        return None
     if isinstance(node, Not):
-        return False
+        return node
     if isinstance(node, And):
-        return any(_positive(c) for c in node.children)
-    return all(_positive(c) for c in node.children)
+        return None if any(_negated(c) is None for c in node.children) else node
+    for c in node.children:
+        bad = _negated(c)
+        if bad is not None:
+            return bad
+    return None
 
 
 def compile_formula(text: str | Any, names: Sequence[str] | None = None, *, and_mode: str = "superdiff",
@@ -366,8 +372,9 @@ def compile_formula(text: str | Any, names: Sequence[str] | None = None, *, and_
         raise ValueError(f"unknown and_mode {and_mode!r}; expected one of {', '.join(AND_MODES)}")
     src = text if isinstance(text, str) else unparse(text)
     syn = parse(text) if isinstance(text, str) else text
-    if not _positive(syn):
-        raise FormulaError(src, getattr(syn, "pos", 0),
+    bad = _negated(syn)
+    if bad is not None:
+        raise FormulaError(src, bad.pos,
                            "this formula negates everything: some branch has no positive expert, so it has "
                            'nothing to sample. Add a positive term, e.g. "a cat" & ~"a dog"')
     leaves: list[Leaf] = []

@@ -123,6 +123,20 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                 with gr.Row():
                     add_btn = gr.Button("+ Add prompt", size="sm", elem_id="add-prompt")
                     remove_btn = gr.Button("\u2212 Remove prompt", size="sm", elem_id="remove-prompt")
+                with gr.Accordion("Formula and correctors", open=False):
+                    compose = gr.Textbox(form0["compose"], label="Formula (replaces the prompts and the operator)",
+                                         placeholder='("a circle" & "something red") | "a square":0.5',
+                                         max_lines=2, elem_id="compose",
+                                         info="& AND, | OR, ~ NOT (relative to the unconditional prompt), "
+                                              ":weight; docs/correctors.md")
+                    with gr.Row():
+                        and_mode = gr.Radio(["superdiff", "product"], value=form0["and_mode"], label="& means",
+                                            info="superdiff: equal density; product: the product (exact with smc)")
+                        corrector = gr.Textbox(form0["corrector"], label="Corrector", max_lines=1,
+                                               placeholder="none, smc:4, ula, smc:8+hmc", elem_id="corrector",
+                                               info="particles per image and/or MCMC moves per step")
+                    formula_view = gr.Markdown(H.formula_tree(form0["compose"], form0["and_mode"]),
+                                               elem_id="formula-tree")
                 operator = gr.Radio([(v, k) for k, v in H.OPERATOR_LABELS.items()], value=default.operator,
                                     label="Operator", elem_id="operator")
                 with gr.Group(visible=default.operator == "or") as or_group:
@@ -204,7 +218,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             "clamp_hi": clamp_hi, "single_expert": single_expert, "joint_template": joint_template,
             "estimator": estimator, "sampler": sampler, "steps": steps, "guidance_scale": guidance,
             "negative_prompt": negative_prompt, "seed": seed, "num_images": num_images, "height": height,
-            "width": width, "dtype": dtype,
+            "width": width, "dtype": dtype, "compose": compose, "and_mode": and_mode, "corrector": corrector,
         }
         assert tuple(scalar_components) == H.FORM_SCALARS
         form_components = [*scalar_components.values(), *prompts, *weights, *biases]
@@ -227,6 +241,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         # ---- form behaviour ----------------------------------------------------------------
         ui_only: dict[str, Any] = {"queue": False, "show_progress": "hidden", "api_visibility": "undocumented"}
         operator.change(op_visibility, operator, op_groups, **ui_only)
+        for box in (compose, and_mode):  # the parsed tree of the formula, or where it fails to parse
+            box.change(H.formula_tree, [compose, and_mode], formula_view, **ui_only)
 
         def add_row(n: int) -> list[Any]:
             n = min(H.MAX_PROMPTS, int(n or 2) + 1)

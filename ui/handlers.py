@@ -34,7 +34,7 @@ __all__ = [
     "for_operator", "compare_methods", "check_limits", "check_model_fits", "settings_json", "settings_from_json", "load_settings_file",
     "default_allow_roots", "model_choices", "model_kind", "describe_model", "suggest_extra_models", "error_message",
     "CancelRegistry", "JobQueue", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
-    "compare_grid", "pick_trace_item", "API_NAMES",
+    "compare_grid", "pick_trace_item", "API_NAMES", "formula_tree",
 ]
 
 #: prompt rows the page holds (rows beyond the visible count are ignored)
@@ -45,7 +45,7 @@ MIN_PROMPTS = 1
 FORM_SCALARS: tuple[str, ...] = (
     "model", "extra_models", "rows", "operator", "temperature", "lift", "clamp_mode", "clamp_lo", "clamp_hi",
     "single_expert", "joint_template", "estimator", "sampler", "steps", "guidance_scale", "negative_prompt",
-    "seed", "num_images", "height", "width", "dtype",
+    "seed", "num_images", "height", "width", "dtype", "compose", "and_mode", "corrector",
 )
 
 #: the studio's scripted-API (gradio_client) input names, in form_from_values order
@@ -257,11 +257,39 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     }
     if adapters:
         d["adapters"] = adapters
+    _formula_fields(form, d, notes)
     full = Composition.from_dict(d)
     comp = for_operator(full, full.operator)
     notes += [f"{FIELD_LABELS[k].lower()} is not used by {comp.operator.upper()} and was ignored"
               for k in _OP_PARAMS if getattr(full, k) != getattr(comp, k) and k != "single_index"]
     return comp, notes
+
+
+def _formula_fields(form: Mapping[str, Any], d: dict[str, Any], notes: list[str]) -> None:
+    """The formula box (superdiff.formula: its prompts replace the prompt rows and it replaces
+    the operator), the AND mode and the corrector (docs/correctors.md)."""
+    d["and_mode"] = str(form.get("and_mode") or "superdiff")
+    corr = form.get("corrector")
+    d["corrector"] = None if _blank(corr) else str(corr).strip()
+    if _blank(form.get("compose")):
+        return
+    d["compose"] = str(form.get("compose")).strip()
+    if d["prompts"]:
+        notes.append("the prompt rows are ignored: the formula names its own prompts")
+    d.update(prompts=[], weights=None, bias=None, extra_models=[])
+
+
+def formula_tree(text: Any, and_mode: Any = "superdiff") -> str:
+    """The parsed tree of the formula box as Markdown (or where and why it does not parse)."""
+    if _blank(text):
+        return ""
+    from superdiff.formula import compile_formula
+
+    try:
+        f = compile_formula(str(text), and_mode=str(and_mode or "superdiff"))
+    except ValueError as e:
+        return "```\n" + str(e) + "\n```"
+    return "```\n" + f.show() + "\n```"
 
 
 def composition_from_form(form: Mapping[str, Any]) -> Composition:
@@ -330,6 +358,9 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
         "negative_prompt": comp.negative_prompt or "", "seed": comp.seed, "num_images": comp.num_images,
         "height": _fmt(comp.height), "width": _fmt(comp.width), "dtype": comp.dtype,
         "prompts": prompts, "weights": [_fmt(w) for w in weights], "biases": [_fmt(b) for b in biases],
+        "compose": comp.compose or "", "and_mode": comp.and_mode,
+        "corrector": "" if comp.corrector is None else (comp.corrector if isinstance(comp.corrector, str)
+                                                          else json.dumps(comp.corrector)),
     }
 
 
