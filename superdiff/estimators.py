@@ -10,6 +10,9 @@ that AND uses to choose kappa before the step (x' is affine in kappa).
     ito     (3a, Theorem 1) for any drift, when the injected noise is exactly g_t:
             Delta log q_i = <x' - x, s_i> + (d f + <f x - g2/2 s_i, s_i>) h
             W_i = s_i
+            On the steps Euler-Maruyama takes with the DDPM posterior kernel (rectified flow
+            near t = 1, including the step from alpha_t = 0 where d f h is infinite) it is the
+            kernel ratio below, which is finite there.
     kernel  (3b) detailed balance of one step with the exact forward kernel k(x | x') and
             expert i's own reverse kernel r_i = N(mean_i, var) (the integrator's):
             Delta log q_i = log r_i(x' | x) - log k(x | x')
@@ -109,6 +112,11 @@ class Estimator:
         raise NotImplementedError
 
 
+def _posterior_step(ctx: StepContext) -> bool:
+    """A step Euler-Maruyama takes with the DDPM posterior kernel (integrators.EulerMaruyama)."""
+    return isinstance(ctx.integrator, EulerMaruyama) and ctx.integrator.posterior_step(ctx.schedule, ctx.t, ctx.t_next)
+
+
 class ItoEstimator(Estimator):
     name = "ito"
     integrators = (EulerMaruyama,)
@@ -121,9 +129,20 @@ class ItoEstimator(Estimator):
         return ((ctx.dim * f + ctx.dot(drift, s)) * ctx.h).T  # [B, M]
 
     def linear(self, ctx):
+        if _posterior_step(ctx):
+            return KernelEstimator().linear(ctx)
+        return self.formula_linear(ctx)
+
+    def formula_linear(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """The linear model of 3a itself; where f_t is infinite (alpha_t = 0) only its finite
+        expert-dependent part <x' - x, s_i> (the rest is common or O(h))."""
+        if not bool(torch.isfinite(ctx.schedule.f(ctx.t)) and torch.isfinite(ctx.schedule.g2(ctx.t))):
+            return ctx.scores, -ctx.dot(ctx.x, ctx.scores).T
         return ctx.scores, self._c(ctx) - ctx.dot(ctx.x, ctx.scores).T
 
     def delta(self, ctx, x_next, **kw):
+        if _posterior_step(ctx):
+            return KernelEstimator().delta(ctx, x_next)
         if not float(ctx.variance) > 0:  # the noise-free final denoise: log q at sigma = 0 is not tracked
             return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=_F64, device=ctx.x.device)
         return ctx.dot(x_next.to(_F64) - ctx.x, ctx.scores).T + self._c(ctx)
@@ -136,7 +155,7 @@ class KernelEstimator(Estimator):
     def linear(self, ctx):
         var = ctx.variance
         if not float(var) > 0:  # deterministic final step: no kernel; use the score direction
-            return ItoEstimator().linear(ctx)
+            return ItoEstimator().formula_linear(ctx)
         m = ctx.kernel_means
         return m / var, (-0.5 * ctx.dot(m, m) / var).T
 

@@ -9,7 +9,8 @@ them stacked in one common prediction kind:
 
 `SharedNetworkExperts` puts all branches that share a network into ONE batched forward
 call (chunked by max_batch_size). `GaussianMixtureExpert` is the analytic oracle: exact
-score, posterior mean and log q_t(x) of a Gaussian mixture under any schedule,
+score, posterior mean and log q_t(x) of a Gaussian mixture under any schedule, finite at both
+ends of a rectified flow (alpha_t = 0 at t = 1: q_1 = N(0, sigma_1^2 I); sigma_t = 0 at t = 0),
 
     q_t(x) = sum_k pi_k N(x; alpha_t mu_k, alpha_t^2 diag(v_k) + sigma_t^2 I).
 """
@@ -22,7 +23,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .predictions import check_kind, convert
+from .predictions import check_kind, convert, from_eps_x0
 from .schedules import Schedule
 
 Tensor = torch.Tensor
@@ -283,14 +284,17 @@ class GaussianMixtureExpert:
         return (r * per).sum(-1) - (s**2).sum(-1)
 
     def predict(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """The exact prediction of the expert's kind, from eps_hat = -sigma_t s and x0_hat =
+        E[x0 | x_t]: both are finite wherever q_t is (alpha_t = 0 at the start of a rectified
+        flow, sigma_t = 0 at its end), so every kind is too (the flow velocity is x - E[x0] at
+        t = 1 and -x at t = 0), where converting one of them through x would divide by zero."""
         alpha, sigma = self._as(t, schedule)
         x64 = x.to(torch.float64)
-        if self.prediction_type in ("sample", "flow", "v_prediction"):
-            x0 = self.posterior_mean(x64, t, schedule)
-            out = convert(x0, "sample", self.prediction_type, x64, alpha, sigma)
-        else:
-            out = -sigma * self.score(x64, t, schedule)
-        return out.to(x.dtype)
+        eps = -sigma * self.score(x64, t, schedule)
+        if self.prediction_type == "epsilon":
+            return eps.to(x.dtype)
+        x0 = self.posterior_mean(x64, t, schedule)
+        return from_eps_x0(eps, x0, self.prediction_type, x64, alpha, sigma).to(x.dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None, t: Any = None,
                schedule: Schedule | None = None) -> tuple[Tensor, Tensor]:

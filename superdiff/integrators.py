@@ -9,7 +9,12 @@ the step and lets the kernel-ratio estimator evaluate each expert's own kernel.
            mean = x + (-f x + g2 s) h,   var = g2 h,   h = t - t'
            (VE form: x + 2 ds eps, var 2 sigma |ds|, the reference update); a final step
            to sigma = 0 is the noise-free denoise x' = x0_hat (the reference leaves noise of
-           std sqrt(2) sigma_min in the image)
+           std sqrt(2) sigma_min in the image). On rectified flow (f_t = -1/(1 - t),
+           unbounded at the noise end) the steps with alpha_t < log(alpha_t'/alpha_t) --
+           always the one from t = 1 (alpha = 0, f and g infinite), where diffusers'
+           FlowMatch schedulers start -- are the DDPM posterior kernel below instead, finite
+           there; the estimators track those steps with the kernel ratio (3b). Automatic on
+           any grid, shifted or not; see EulerMaruyama.
     ddpm   exact Gaussian posterior q(x' | x, x0_hat) of the forward process (DDPM ancestral;
            finite at alpha_t = 0, i.e. flow matching at t = 1):
            mean = (a s'^2 / s^2) x + (alpha' s2 / s^2) x0,  var = s2 s'^2 / s^2,
@@ -20,6 +25,8 @@ the step and lets the kernel-ratio estimator evaluate each expert's own kernel.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -58,18 +65,47 @@ class Integrator:
 
 
 class EulerMaruyama(Integrator):
+    """Euler-Maruyama, with DDPM posterior steps where its coefficients blow up (see below).
+
+    On a schedule whose drift f_t = d log alpha_t / dt is unbounded as alpha_t -> 0
+    (`Schedule.singular_noise_end`: rectified flow, f = -1/(1 - t)), a step t -> t' is the
+    DDPM posterior kernel when alpha_t < r = log(alpha_t' / alpha_t), and Euler-Maruyama
+    otherwise. This includes the step from alpha_t = 0 (r = inf), where f and g are infinite
+    and the posterior is finite: x' ~ N(alpha' x0_hat, sigma'^2 I). Why: EM's local error grows
+    with r, the step's change in log alpha, which on any grid uniform in t stays O(1) for the
+    first steps however many steps there are (r = log((k + 1)/k) on step k), so EM alone does
+    not converge there; the posterior kernel's error comes from ignoring Cov[x0 | x_t], which
+    enters with weight alpha_t'^2 and vanishes at the noise end. The rule takes the kernel
+    whose error scale (alpha_t vs r) is smaller; the posterior steps are those with alpha_t
+    below about sqrt(h), a vanishing part of the path as h -> 0. Measured on exact mixtures in
+    docs/flow.md. On VP/VE schedules (f bounded) every step is plain Euler-Maruyama.
+    """
+
     name = "em"
 
+    @staticmethod
+    def posterior_step(schedule: Schedule, t: Tensor, t_next: Tensor) -> bool:
+        """True when the step t -> t_next is taken with the DDPM posterior kernel (see class doc)."""
+        if not bool(torch.isfinite(schedule.f(t)) and torch.isfinite(schedule.g2(t))):
+            return True
+        if not getattr(schedule, "singular_noise_end", False):
+            return False
+        a, a_next = float(schedule.alpha(t)), float(schedule.alpha(t_next))
+        return a < math.log(a_next / a)
+
     def check(self, schedule: Schedule, t: Tensor, t_next: Tensor) -> None:
-        f, g2 = schedule.f(t), schedule.g2(t)
-        if not (torch.isfinite(f) and torch.isfinite(g2)):
+        finite = bool(torch.isfinite(schedule.f(t)) and torch.isfinite(schedule.g2(t)))
+        if not finite and (float(schedule.alpha(t)) != 0.0 or not float(schedule.sigma(t)) > 0):
             raise ValueError(
-                f"the SDE coefficients are infinite at t={float(t):g} ({type(schedule).__name__}); "
-                "Euler-Maruyama cannot start there. Use integrator='ddpm' (exact posterior step) "
-                "or an ODE integrator, or start the grid below t=1 (e.g. RectifiedFlow(t_max=0.999))"
-            )
+                f"the SDE coefficients are infinite at t={float(t):g} ({type(schedule).__name__}) "
+                "and this is not a pure-noise point (alpha_t = 0, sigma_t > 0) where the posterior "
+                "step could start; use integrator 'ddpm', 'euler' or 'heun', or a grid that avoids it")
+        if self.posterior_step(schedule, t, t_next):
+            _POSTERIOR.check(schedule, t, t_next)
 
     def mean(self, schedule, x, t, t_next, pred, kind):
+        if self.posterior_step(schedule, t, t_next):
+            return _POSTERIOR.mean(schedule, x, t, t_next, pred, kind)
         if float(schedule.sigma(t_next)) == 0.0:
             return to_eps_x0(pred, kind, x, schedule.alpha(t), schedule.sigma(t))[1]
         h = (t - t_next).to(x)
@@ -78,6 +114,8 @@ class EulerMaruyama(Integrator):
         return x + (-f * x + g2 * s) * h
 
     def variance(self, schedule, t, t_next):
+        if self.posterior_step(schedule, t, t_next):
+            return _POSTERIOR.variance(schedule, t, t_next)
         if float(schedule.sigma(t_next)) == 0.0:
             return torch.zeros((), dtype=torch.float64)
         return torch.clamp(schedule.g2(t) * (t - t_next), min=0.0)
@@ -105,6 +143,11 @@ class DDPMAncestral(Integrator):
 
     def mean(self, schedule, x, t, t_next, pred, kind):
         cx, c0, _ = self._coefs(schedule, t, t_next)
+        if kind == "epsilon" and float(schedule.alpha(t)) == 0.0:
+            raise ValueError(
+                f"an epsilon prediction determines no x0_hat at alpha_t = 0 (t={float(t):g}), which "
+                "the posterior step from pure noise needs; use a flow, sample or v_prediction model "
+                "there, or start the grid below this point")
         _, x0 = to_eps_x0(pred, kind, x, schedule.alpha(t), schedule.sigma(t))
         if self.clip_sample is not None:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
@@ -114,6 +157,10 @@ class DDPMAncestral(Integrator):
 
     def variance(self, schedule, t, t_next):
         return torch.clamp(self._coefs(schedule, t, t_next)[2], min=0.0)
+
+
+#: the kernel Euler-Maruyama takes on a step from alpha_t = 0
+_POSTERIOR = DDPMAncestral()
 
 
 class EulerODE(Integrator):

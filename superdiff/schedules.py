@@ -106,6 +106,9 @@ class Schedule:
     name: str = "schedule"
     t_min: float
     t_max: float
+    #: True when f_t = d log alpha_t / dt is unbounded as alpha_t -> 0 at the noise end
+    #: (Euler-Maruyama then takes posterior steps there; see integrators.EulerMaruyama)
+    singular_noise_end: bool = False
 
     # --- marginal coefficients -------------------------------------------------------
     def alpha(self, t: Any) -> Tensor:
@@ -369,12 +372,14 @@ class VESigma(Schedule):
 class RectifiedFlow(Schedule):
     """Rectified flow / flow matching (SD3, Flux): alpha = 1 - t, sigma = t.
 
-    f = -1 / (1 - t) and g2 = 2 t / (1 - t) are infinite at t = 1: an Euler-Maruyama step
-    cannot start there, while the DDPM posterior step and the probability-flow ODE can.
-    Network time is t * num_train_timesteps (SD3 convention).
+    f = -1 / (1 - t) and g2 = 2 t / (1 - t) are infinite at t = 1 (q_1 = N(0, I) exactly):
+    the DDPM posterior step and the probability-flow ODE start there; Euler-Maruyama starts
+    with posterior steps (integrators.EulerMaruyama). Network time is t * num_train_timesteps
+    (SD3 convention; Flux feeds t).
     """
 
     name = "flow"
+    singular_noise_end = True
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, t_min: float = 1e-3,
                  t_max: float = 1.0) -> None:
