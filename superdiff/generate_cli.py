@@ -265,7 +265,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--compose", metavar="FORMULA",
                    help="a formula over prompts instead of --prompt/--operator, e.g. "
                         "'(\"a circle\" & \"something red\") | \"a square\":0.5' (& AND, | OR, ~ NOT, :weight; "
-                        "docs/correctors.md)")
+                        "docs/correctors.md; default: none)")
     g.add_argument("--and-mode", choices=["superdiff", "product"],
                    help="what & means in --compose: SuperDiff's equal density (default) or the product of the experts")
     g.add_argument("--corrector", metavar="SPEC",
