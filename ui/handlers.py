@@ -578,7 +578,7 @@ def suggest_extra_models(model: str, current: Sequence[str] | None, cache: Model
 # ---- errors ---------------------------------------------------------------------------------
 _FIELD_RE = re.compile(r"^([a-z_]+): (.*)$", re.S)
 _A1111_AND = re.compile(r"\bAND\b")
-#: an adapter picked in a prompt row, A1111's syntax: "a circle <lora:lora-cyan:0.8>"
+#: an adapter picked in a prompt row, A1111's syntax: "a circle <lora:lora-orange:0.8>"
 _LORA_TAG = re.compile(r"<lora:([^<>]+)>")
 
 
@@ -599,7 +599,7 @@ def _row_adapters(prompts: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
         text = " ".join(_LORA_TAG.sub(" ", p).split())
         if not text:
             raise ValueError(f"prompts: row {i + 1} has an adapter but no prompt; write e.g. "
-                             "'a circle <lora:lora-cyan:0.8>'")
+                             "'a circle <lora:lora-orange:0.8>'")
         clean.append(text)
         adapters.append({**parse_lora(t[0].strip()), "prompt": text} if t else {"path": BASE_ADAPTER, "prompt": text})
     return list(dict.fromkeys(clean)), adapters
@@ -887,7 +887,7 @@ class OutputDirs:
             d = self.root / f"run-{int(time.time() * 1000)}-{self._n:05d}"
             d.mkdir(parents=True)
             runs = sorted((p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("run-")),
-                          key=lambda p: p.stat().st_mtime)
+                          key=lambda p: p.name)  # run-<ms>-<counter>: creation order (mtimes tie)
             for old in runs[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return d
