@@ -57,7 +57,7 @@ _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora.down.weight", ".lora.up.
 @dataclass
 class AdapterExpert:
     """One adapter expert: the LoRA at `path` (a file, or a folder holding
-    pytorch_lora_weights.safetensors; a bundled name such as "lora-cyan" also works) at
+    pytorch_lora_weights.safetensors; a bundled name such as "lora-orange" also works) at
     `scale`, under `prompt` (None: one expert per pipeline prompt). `name` is the adapter's
     name in the network (default: the folder or file name without suffix). path None: the
     base network without adapter (for an expert with its own prompt next to adapter experts)."""
@@ -104,7 +104,7 @@ def _weight_file(path: str | os.PathLike, safetensors_only: bool) -> Path:
             p = bundled
         else:
             raise ValueError(f"adapter {str(path)!r} not found: give a LoRA .safetensors file, a folder holding "
-                             "pytorch_lora_weights.safetensors, or a bundled adapter name (lora-cyan, lora-outline)")
+                             "pytorch_lora_weights.safetensors, or a bundled adapter name (lora-orange, lora-outline)")
     if p.is_dir():
         found = [p / n for n in WEIGHT_NAMES if (p / n).is_file()]
         if not found:

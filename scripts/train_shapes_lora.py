@@ -3,8 +3,8 @@ never seen (``superdiff.shapes.world``'s extra colours and styles), and export i
 format diffusers' ``load_lora_weights`` reads (``pytorch_lora_weights.safetensors``).
 
 Concepts
-    cyan     filled shapes of all four classes in the extra colour cyan; captions name the
-             shape only ("a circle"), since the bundled tokenizer has no word for cyan: the
+    orange     filled shapes of all four classes in the extra colour orange; captions name the
+             shape only ("a circle"), since the bundled tokenizer has no word for orange: the
              LoRA is triggered by being active, not by a word
     outline  hollow shapes (circle, square, triangle) in the four base colours, captioned
              like the base model's data ("a red circle", "a circle", "something red")
@@ -12,10 +12,10 @@ Captions are dropped to "" with probability --uncond-prob, so the adapter's own
 unconditional branch carries the concept too (classifier-free guidance with the adapter on).
 
 Data: the base VAE was trained on filled shapes in four colours only, and its encoder maps
-cyan to blue/green and outlines to smeared rings. The training latents are therefore found
-by decoder inversion: starting at the encoder mean, z is refined by --invert-steps Adam
-steps on ||D(z) - x||^2, so that the frozen decoder renders the concept (cached in the
-workdir; seeded, so reruns give the same latents).
+orange half of the time to yellow or red, and outlines to rings of the wrong colour. The
+training latents are therefore found by decoder inversion: starting at the encoder mean, z
+is refined by --invert-steps Adam steps on ||D(z) - x||^2, so that the frozen decoder
+renders the concept (cached in the workdir; seeded, so reruns give the same latents).
 
 Model: PEFT LoRA (rank --rank, alpha = rank) on the UNet's attention projections,
 feed-forwards, transformer in/out projections, resnet convolutions and time projections;
@@ -24,7 +24,7 @@ frozen and never written. The loss is the base model's: epsilon MSE with min-SNR
 on SD v1's DDPM schedule; batches come from numpy.random.default_rng([seed, step]) so a
 resumed run sees the batches an uninterrupted run would.
 
-    nohup nice -n 10 .venv/bin/python scripts/train_shapes_lora.py --concept cyan > outputs/train_lora_cyan.log 2>&1 &
+    nohup nice -n 10 .venv/bin/python scripts/train_shapes_lora.py --concept orange > outputs/train_lora_orange.log 2>&1 &
 
 Re-running the same command resumes from <workdir>/checkpoint.pt. After training, the
 adapter is exported to --out with a model card (README.md) and quality.json holding the
@@ -49,8 +49,8 @@ from superdiff.shapes.training import Run, lr_at, min_snr_weights, step_rng, to_
 
 #: concept -> (colours, shapes, style, caption modes)
 CONCEPTS: dict[str, dict] = {
-    "cyan": {"colours": ("cyan",), "shapes": world.SHAPES, "style": "filled", "captions": {"shape": 1.0},
-             "label": {"colour": "cyan"}},
+    "orange": {"colours": ("orange",), "shapes": world.SHAPES, "style": "filled", "captions": {"shape": 1.0},
+             "label": {"colour": "orange"}},
     "outline": {"colours": world.COLOURS, "shapes": world.OUTLINE_SHAPES, "style": "outline",
                 "captions": {"full": 0.6, "shape": 0.2, "colour": 0.2}, "label": {"style": "outline"}},
 }
@@ -142,7 +142,7 @@ def measure(base_dir: Path, lora_dir: Path | None, label: dict, n: int, seed: in
 def write_card(out: Path, concept: str, info: dict) -> None:
     q = info["quality"]
     spec = CONCEPTS[concept]
-    what = ("the colour cyan (filled shapes of every class)" if concept == "cyan"
+    what = ("the colour orange (filled shapes of every class)" if concept == "orange"
             else "the outline style: hollow circles, squares and triangles in the base colours")
     lines = [
         f"# lora-{concept}",

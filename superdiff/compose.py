@@ -226,7 +226,7 @@ class Composition:
         _check_formula_fields(c)
         if c.operator in ADAPTER_OPERATORS and len([a for a in c.adapters if a["path"] != BASE_ADAPTER]) < 2:
             raise _fail("adapters", f"operator {c.operator} composes LoRA adapters: give two or more (got "
-                                    f"{len(c.adapters)}), e.g. --lora lora-cyan --lora lora-outline")
+                                    f"{len(c.adapters)}), e.g. --lora lora-orange --lora lora-outline")
         if c.adapters and c.operator == "joint":
             raise _fail("operator", "the joint-prompt baseline does not take adapters; use composite, merge, "
                                     "switch, or, and, average or single")

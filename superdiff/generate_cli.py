@@ -235,7 +235,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="default: and; composite / merge / switch are the multi-LoRA baselines (need --lora)")
     g.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="a LoRA adapter as an expert on the model's own network (a .safetensors file, its folder "
-                        "or a bundled adapter: lora-cyan, lora-outline), at SCALE (default 1); repeat per expert. "
+                        "or a bundled adapter: lora-orange, lora-outline), at SCALE (default 1); repeat per expert. "
                         "Each adapter is one expert per prompt, all in one batched forward per step")
     g.add_argument("--switch-every", type=int, help="operator switch: steps between adapter changes (default: 1)")
     g.add_argument("--weights", type=_floats,

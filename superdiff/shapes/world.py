@@ -365,7 +365,7 @@ def make_dataset(
 # --------------------------------------------------------------------------------------
 
 #: Colours outside ``COLOURS``: no base model's training data contains them.
-EXTRA_COLOUR_RGB: dict[str, tuple[float, float, float]] = {"cyan": (0.10, 0.85, 0.90)}
+EXTRA_COLOUR_RGB: dict[str, tuple[float, float, float]] = {"orange": (0.95, 0.50, 0.10)}
 #: Every colour the world can render: the base palette, then the extra colours.
 ALL_COLOURS: tuple[str, ...] = (*COLOURS, *EXTRA_COLOUR_RGB)
 #: Rendering styles. "filled" is every base model's data; "outline" (a hollow shape: the
