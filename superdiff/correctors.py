@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .experts import ExpertOutput, ExpertSet
+from .operators import Operator
 from .predictions import null_prediction, to_score
 from .schedules import Schedule
 
@@ -51,6 +52,8 @@ _F64 = torch.float64
 
 __all__ = [
     "Corrector",
+    "Corrected",
+    "split_corrected",
     "CorrectorRun",
     "make_corrector",
     "effective_sample_size",
@@ -383,6 +386,59 @@ def make_corrector(spec: Any) -> Corrector | None:
     raise ValueError(f"cannot make a corrector from {type(spec).__name__}; give a string, a dict or a Corrector")
 
 
+class Corrected(Operator):
+    """An operator together with the corrector that follows each of its steps. Every pipeline
+    takes an Operator instance, so `operator=Corrected(op, "smc:8")` reaches
+    `superdiff.sampling.sample`, which runs both; kappa, validation and the name are the
+    wrapped operator's."""
+
+    def __init__(self, operator: Any, corrector: Any) -> None:
+        from .operators import make_operator
+
+        self.operator = make_operator(operator)
+        self.corrector = make_corrector(corrector)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.operator.name
+
+    @property
+    def needs_linear_model(self) -> bool:  # type: ignore[override]
+        return self.operator.needs_linear_model
+
+    @property
+    def affine(self) -> bool:  # type: ignore[override]
+        return self.operator.affine
+
+    def kappa(self, state: Any) -> Tensor:
+        return self.operator.kappa(state)
+
+    def validate(self, num_experts: int) -> None:
+        self.operator.validate(num_experts)
+
+    def params(self) -> dict[str, Any]:
+        p = dict(self.operator.params())
+        if self.corrector is not None:
+            p["corrector"] = self.corrector.params()
+        return p
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped operator's own fields (weights, temperature, ...)
+        if name in ("operator", "corrector"):
+            raise AttributeError(name)
+        return getattr(self.operator, name)
+
+    def __repr__(self) -> str:
+        return f"Corrected({self.operator!r}, {self.corrector!r})"
+
+
+def split_corrected(operator: Any, corrector: Any = None) -> tuple[Any, "Corrector | None"]:
+    """(the plain operator, the corrector to run): a Corrected operator brings its own; an
+    explicit `corrector` argument wins."""
+    if isinstance(operator, Corrected):
+        return operator.operator, make_corrector(corrector) if corrector is not None else operator.corrector
+    return operator, make_corrector(corrector)
+
+
 def _groups(generator: Any, B: int) -> list[Any] | None:
     if isinstance(generator, (list, tuple)):
         if len(generator) != B:
@@ -590,7 +646,7 @@ class CorrectorRun:
         extra: dict[str, Any] = {}
         if K == 1:
             if self.cfg.mcmc is not None:
-                extra["meta"] = {"corrector_extra_evals": self.extra_evals}
+                extra["meta"] = {"corrector_evaluations": self.extra_evals}
             return x, logq, kappas, logqs, extra
         u = self._uniforms()  # one draw per image from its categorical(w) by inversion
         c = torch.cumsum(torch.softmax(self.logw, -1), -1).cpu()
@@ -611,6 +667,6 @@ class CorrectorRun:
         q_sel[0] = logqs[0][pos]
         extra["ess"] = torch.stack(self.ess).cpu().numpy()  # [n, B] ESS / K
         extra["resampled"] = torch.stack(self.resampled).cpu().numpy()  # [n, B]
-        extra["meta"] = {"corrector_extra_evals": self.extra_evals,
+        extra["meta"] = {"corrector_evaluations": self.extra_evals,
                          "final_ess": (effective_sample_size(self.logw) / K).tolist()}
         return x_out, logq_out, k_sel, q_sel, extra

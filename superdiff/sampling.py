@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .correctors import split_corrected
 from .estimators import Estimator, check_pair, make_estimator
 from .experts import Expert, ExpertSet, as_expert_set
 from .integrators import Integrator, make_integrator
@@ -107,6 +108,7 @@ def sample(
     expert_names: Sequence[str] | None = None,
     progress: bool = True,
     callback: Callable[[StepInfo], None] | None = None,
+    corrector: Any = None,
 ) -> SampleOutput:
     """Sample a superposition of experts.
 
@@ -127,14 +129,19 @@ def sample(
         experts are fed (default dtype). Kappa and log q arithmetic is always float64.
     callback: called with a StepInfo after every step; it may return a tensor that replaces
         x (the latents) for the next step, or None.
+    corrector: particle (SMC / Feynman-Kac) and MCMC correctors after each step
+        (superdiff.correctors.make_corrector: "smc:8", "ula", "smc:8+hmc", a dict or a Corrector);
+        K particles per sample go through the same batched forward, one is returned per sample.
     """
     es = as_expert_set(experts)
     M = es.num_experts
-    op = make_operator(operator)
+    op, corr = split_corrected(make_operator(operator), corrector)  # an operator may carry its corrector
     op.validate(M)
     integ = make_integrator(integrator if integrator is not None else default_integrator(schedule))
     est = make_estimator(estimator if estimator is not None else default_estimator(integ))
     check_pair(est, integ)
+    if corr is not None:
+        corr.check(op, integ, M)
     if est.name == "none" and (op.needs_linear_model or (op.name == "or" and getattr(op, "temperature", 0) > 0)):
         raise ValueError(f"operator {op.name!r} needs log-density tracking; estimator 'none' tracks nothing. "
                          "Use 'ito', 'kernel' or 'ode'")
@@ -179,6 +186,10 @@ def sample(
         if logq.shape != (B, M):
             raise ValueError(f"logq_init must have shape [B, M] = [{B}, {M}], got {tuple(logq.shape)}")
 
+    run = None
+    if corr is not None:  # K particles per sample: rows b * K + k
+        run = corr.start(es, x, logq, schedule, grid, op, generator, guidance_scale, model_dtype, dtype)
+        es, x, logq, generator = run.experts, run.x, run.logq, run.row_generator
     kappas, logqs = [], [logq.clone()]
     calls0 = es.num_forward_calls
     t0 = time.perf_counter()
@@ -190,6 +201,8 @@ def sample(
         logq = logq + so.delta_logq
         kappas.append(so.kappa)
         logqs.append(logq.clone())
+        if run is not None:  # reweight / resample / MCMC moves (superdiff.correctors)
+            x, logq = run.after_step(k, n, t, t_next, x, logq, so)
         if callback is not None:
             new_x = callback(StepInfo(k, float(t), float(t_next), x, so.kappa, logq, so))
             if new_x is not None:  # a callback may replace the latents (diffusers' callback_on_step_end)
@@ -199,6 +212,9 @@ def sample(
                                      f"of shape {tuple(x.shape)}")
                 x = new_x.to(device=x.device, dtype=_F64)
 
+    extra: dict[str, Any] = {}
+    if run is not None:  # one particle per sample, with the trace of its ancestry
+        x, logq, kappas, logqs, extra = run.finish(x, logq, kappas, logqs)
     trace = Trace(
         t=grid.numpy().copy(),
         sigma=schedule.sigma(grid).numpy().copy(),
@@ -215,6 +231,9 @@ def sample(
             "num_steps": n,
             "forward_calls": es.num_forward_calls - calls0,
             "seconds": time.perf_counter() - t0,
+            **({"corrector": corr.params(), **extra.get("meta", {})} if corr is not None else {}),
         },
+        ess=extra.get("ess"),
+        resampled=extra.get("resampled"),
     )
     return SampleOutput(x.to(dtype), trace, logq)
