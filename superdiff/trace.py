@@ -1,4 +1,5 @@
-"""The composition trace: per step and sample, time, sigma, kappa and log q per expert.
+"""The composition trace: per step and sample, time, sigma, kappa and log q per expert
+(and, under a particle corrector, the ESS and the resampling events; superdiff.correctors).
 
 Small (float64 arrays of [steps, batch, experts]), serialisable to JSON, and plotted by
 `plot_trace` for the UI, the CLI and the benchmarks.
@@ -153,6 +154,7 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
             if len(ev):
                 ae.plot(ev, trace.ess[ev, b], "v", color="crimson", ms=4, label="resampled")
             ae.set_ylim(0, 1.05)
+            ae.set_title("ESS / K (triangles: resampled)", fontsize=9)
             ae.set_xlabel("step")
             if c == 0:
                 ae.set_ylabel("ESS / K")
