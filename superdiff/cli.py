@@ -1,4 +1,4 @@
-"""Command line: `superdiff generate|batch|ui|protein|gmm-demo|bench` (also `python -m superdiff ...`).
+"""Command line: `superdiff generate|batch|ui|protein|gmm-demo` (also `python -m superdiff ...`).
 
 Subcommands that live in other modules register themselves through an
 ``add_parser(subparsers)`` function; those modules import nothing heavy at import time, so
@@ -22,27 +22,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_script(name: str):
-    """Import benchmarks/<name>.py of the source checkout this package runs from."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        raise ValueError(f"benchmarks/{name}.py not found next to the package ({path}); "
-                         "benchmarks run from a source checkout: git clone the repository and pip install -e .")
-    spec = importlib.util.spec_from_file_location(f"superdiff_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _bench_report(args: argparse.Namespace) -> int:
-    argv = ["--full" if args.full else "--quick"] + (["--check"] if args.check else [])
-    argv += (["--out", args.out] if args.out else []) + (["--skip-existing"] if args.skip_existing else [])
-    return _bench_script("report").main(argv)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -57,17 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--estimator", choices=["kernel", "ito"], default=None, help="default: the package default")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="benchmarks (run from a source checkout)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)  # one group for every `bench` subcommand
-    r = bench_sub.add_parser("report", help="the paper's three comparisons on the bundled models, one Markdown report "
-                                            "(= python benchmarks/report.py)")
-    mode = r.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="quick mode (default; < 10 min on 2 cores)")
-    mode.add_argument("--full", action="store_true", help="full mode (what the README cites)")
-    r.add_argument("--check", action="store_true", help="rerun quick mode and compare with the committed quick figures")
-    r.add_argument("--out", default=None, help="output folder (default: benchmarks/results/report[/quick])")
-    r.add_argument("--skip-existing", action="store_true", help="--full: do not rerun the other benchmarks")
-    r.set_defaults(func=_bench_report)
     import importlib
 
     for module in _SUBCOMMAND_MODULES:
@@ -82,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules providing further subcommands via add_parser(subparsers)
-_SUBCOMMAND_MODULES = ("superdiff.generate_cli", "superdiff.ui.cli", "superdiff.protein.cli")
+_SUBCOMMAND_MODULES = ("superdiff.generate_cli", "superdiff.ui.cli", "superdiff.protein.cli", "superdiff.report_cli")
 
 
 def main(argv: list[str] | None = None) -> int:
