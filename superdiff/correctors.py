@@ -472,6 +472,7 @@ class CorrectorRun:
         self.generator = generator
         # particle generators: image b's K particles draw with image b's generator
         self.row_generator = [g for g in gens for _ in range(K)] if gens is not None else generator
+        self.dtype = x.dtype  # the loop's dtype for x, kept; the corrector's arithmetic is float64
         x = x.to(_F64)
         if K > 1:
             shape = x.shape[1:]
@@ -494,7 +495,7 @@ class CorrectorRun:
         self.ess: list[Tensor] = []
         self.resampled: list[Tensor] = []
         self.momentum: Tensor | None = None
-        self.x, self.logq = x, logq.to(_F64)
+        self.x, self.logq = x.to(self.dtype), logq.to(_F64)
         self.extra_evals = 0
         if cfg.smc:
             from .formula import operator_tree
@@ -558,6 +559,7 @@ class CorrectorRun:
         self.ancestry.append(idx)
         if cfg.mcmc is not None and float(self.schedule.sigma(t_next)) > 0:
             x, logq = self._mcmc(k, n, t_next, x, logq, step_out.kappa)
+            x = x.to(self.dtype)
         return x, logq
 
     def _uniforms(self) -> Tensor:
@@ -633,7 +635,7 @@ class CorrectorRun:
                     x, own = x_new, own_new
                 self.momentum = p
         # the next step evaluates the experts at exactly this (x, t): hand it the evaluation
-        self.experts.prime(x.to(self.model_dtype), t, out)
+        self.experts.prime(x.to(self.dtype).to(self.model_dtype), t, out)
         return x, logq
 
     # -- the end ------------------------------------------------------------------------------
