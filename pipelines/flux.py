@@ -190,6 +190,9 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         time_grid: Sequence[float] | None = None,
         extra_transformers: Sequence[Any] | None = None,
         max_batch_size: int | None = None,
+        compose: str | None = None,
+        and_mode: str = "superdiff",
+        corrector: Any = None,
         joint_template: str | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         max_sequence_length: int = 512,
@@ -211,7 +214,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
             num_images_per_prompt, generator: batch size B and one generator or one per image.
             latents: initial packed noise [B, h/2 * w/2, 4 C] (x at t = 1).
             output_type: "pil", "np", "pt" or "latent" (the packed latents).
-            operator ... operator_kwargs, sampler, estimator, schedule, time_grid, max_batch_size,
+            operator ... operator_kwargs, sampler, estimator, schedule, time_grid, max_batch_size, compose, and_mode, corrector,
                 joint_template, callbacks: as SuperDiffStableDiffusion3Pipeline; with operator
                 "single" and sampler "euler" this is diffusers' FluxPipeline.
             sigmas: custom sigmas (default linspace(1, 1/N, N), as FluxPipeline), shifted by
@@ -226,6 +229,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         """
         # 1. validate everything before any compute
         embedded, do_cfg, w = self._check_guidance(guidance_scale, true_cfg_scale, negative_prompt)
+        prompt, operator = self._apply_compose(prompt, operator, compose, and_mode)
         prompts = C.normalize_prompts(prompt)
         negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
         op_name, prompts, negatives = C.apply_joint(operator, prompts, negatives, joint_template)
@@ -254,7 +258,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
                                  cfg.get("max_shift", 1.15))
             grid = C.flow_time_grid(self.scheduler, num_inference_steps, mu, sigmas)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
-                                   num_inference_steps, grid, "zero")
+                                   num_inference_steps, grid, "zero", corrector=corrector)
 
         # 2. encode every distinct prompt (and, with true CFG, negative prompt) once
         device = self._execution_device

@@ -142,6 +142,9 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         time_grid: Sequence[float] | None = None,
         extra_transformers: Sequence[Any] | None = None,
         max_batch_size: int | None = None,
+        compose: str | None = None,
+        and_mode: str = "superdiff",
+        corrector: Any = None,
         joint_template: str | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
@@ -180,6 +183,8 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
                 superdiff.pipelines.TransformerExpert; one expert per prompt unless given its own.
                 Incompatible ones (a UNet, a Flux transformer, other widths) are refused.
             max_batch_size: at most this many rows per transformer call.
+            compose, and_mode, corrector: a composition formula and particle / MCMC correctors, as in
+                SuperDiffStableDiffusionPipeline.__call__ (docs/correctors.md).
             joint_attention_kwargs, clip_skip, max_sequence_length: as in diffusers.
             callback_on_step_end, callback_on_step_end_tensor_inputs: as
                 SuperDiffStableDiffusionPipeline ("latents", "kappa", "logq", "noise_pred").
@@ -188,6 +193,7 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
             SuperDiffPipelineOutput (images, trace), or (images, trace) when return_dict is False.
         """
         # 1. validate everything before any compute
+        prompt, operator = self._apply_compose(prompt, operator, compose, and_mode)
         prompts = C.normalize_prompts(prompt)
         negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
         op_name, prompts, negatives = C.apply_joint(operator, prompts, negatives, joint_template)
@@ -207,7 +213,7 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         grid = time_grid if time_grid is not None else C.flow_time_grid(
             self.scheduler, num_inference_steps, mu if mu is not None else self._mu(height, width), sigmas)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
-                                   num_inference_steps, grid, "zero")
+                                   num_inference_steps, grid, "zero", corrector=corrector)
         do_cfg, w = self._guidance(guidance_scale)
 
         # 2. encode every distinct prompt and negative prompt once
