@@ -214,7 +214,8 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
             num_images_per_prompt, generator: batch size B and one generator or one per image.
             latents: initial packed noise [B, h/2 * w/2, 4 C] (x at t = 1).
             output_type: "pil", "np", "pt" or "latent" (the packed latents).
-            operator ... operator_kwargs, sampler, estimator, schedule, time_grid, max_batch_size, compose, and_mode, corrector,
+            operator ... operator_kwargs, sampler, estimator, schedule, time_grid, max_batch_size,
+                compose, and_mode, corrector,
                 joint_template, callbacks: as SuperDiffStableDiffusion3Pipeline; with operator
                 "single" and sampler "euler" this is diffusers' FluxPipeline.
             sigmas: custom sigmas (default linspace(1, 1/N, N), as FluxPipeline), shifted by

@@ -527,7 +527,8 @@ class CorrectorRun:
             G = G + logp - self._prior_logp
         return G
 
-    def after_step(self, k: int, n: int, t: Tensor, t_next: Tensor, x: Tensor, logq: Tensor, step_out: Any) -> tuple[Tensor, Tensor]:
+    def after_step(self, k: int, n: int, t: Tensor, t_next: Tensor, x: Tensor, logq: Tensor,
+                   step_out: Any) -> tuple[Tensor, Tensor]:
         """Reweight, resample (inside the window) and move the particles after step k (t -> t_next).
         x, logq: the state after the step. Returns the corrected (x, logq)."""
         cfg, B, K = self.cfg, self.B, self.K
@@ -564,7 +565,8 @@ class CorrectorRun:
 
     def _uniforms(self) -> Tensor:
         if self.group_generators is not None:
-            return torch.cat([torch.rand(1, generator=g, dtype=_F64, device=g.device) for g in self.group_generators]).cpu()
+            return torch.cat([torch.rand(1, generator=g, dtype=_F64, device=g.device).cpu()
+                              for g in self.group_generators])
         gen = self.generator
         dev = gen.device if gen is not None else "cpu"
         return torch.rand(self.B, generator=gen, dtype=_F64, device=dev).cpu()

@@ -710,7 +710,8 @@ def grid_moments(log_density: Callable[[Tensor], Tensor], lo: Sequence[float], h
     mean = (w[:, None] * pts).sum(0)
     dev = pts - mean
     cov = (w[:, None, None] * dev[:, :, None] * dev[:, None, :]).sum(0)
-    out: dict[str, Any] = {"mean": mean, "cov": cov, "edge_mass": float(w.reshape([n] * d).flatten()[_edge(n, d)].sum())}
+    out: dict[str, Any] = {"mean": mean, "cov": cov,
+                           "edge_mass": float(w.reshape([n] * d).flatten()[_edge(n, d)].sum())}
     if centres is not None:
         lab = torch.cdist(pts, centres.to(_F64)).argmin(-1)
         out["mode_weights"] = torch.zeros(len(centres), dtype=_F64).index_add_(0, lab, w)

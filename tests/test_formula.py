@@ -204,7 +204,8 @@ def test_nested_formula_is_close_to_its_exact_target_in_a_short_run():
 def test_an_or_of_identical_experts_changes_nothing_under_smc():
     """A & (B | B) is A & B: same kappa, same potentials, same particles, bit for bit."""
     kw = dict(integrator="em", shape=(50, 2), dtype=F64, progress=False, corrector={"particles": 4})
-    two = sample([EA, EB], VE, 12, operator=AverageOperator([1.0, 1.0]), generator=torch.Generator().manual_seed(0), **kw)
+    two = sample([EA, EB], VE, 12, operator=AverageOperator([1.0, 1.0]), generator=torch.Generator().manual_seed(0),
+                 **kw)
     three = sample([EA, EB, EB], VE, 12, operator=FormulaOperator('"A" & ("B" | "C")', ["A", "B", "C"],
                                                                     and_mode="product"),
                    generator=torch.Generator().manual_seed(0), **kw)
