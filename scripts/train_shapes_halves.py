@@ -13,6 +13,10 @@ weights are exported in diffusers layout:
 
     nohup nice -n 10 .venv/bin/python scripts/train_shapes_halves.py --half a > outputs/train_half_a.log 2>&1 &
 
+``--half full`` trains `shapes-full` with the same recipe and budget (same steps, batch and
+number of training images) on all four shape classes: the "one model on all the data" of the
+paper's CIFAR-10 comparison (benchmarks/report.py).
+
 Re-running the same command resumes from <workdir>/checkpoint.pt.
 """
 
@@ -36,7 +40,8 @@ from superdiff.shapes.training import EMA, Run, encode_latents, lr_at, min_snr_w
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--half", required=True, choices=sorted(world.SHAPE_HALVES))
+    ap.add_argument("--half", required=True, choices=[*sorted(world.SHAPE_HALVES), "full"],
+                    help="a or b: one half of the shape classes; full: all of them (shapes-full)")
     ap.add_argument("--vae", default="outputs/train/shapes-vae/final", help="trained VAE directory")
     ap.add_argument("--workdir", default=None, help="default outputs/train/shapes-half-<half>")
     ap.add_argument("--out", default=None, help="default superdiff/bundled/shapes-half-<half>")
@@ -51,11 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and exit")
+    ap.add_argument("--note", default="", help="free-text note recorded in training.json (e.g. schedule changes)")
     args = ap.parse_args(argv)
-    name = f"shapes-half-{args.half}"
+    name = "shapes-full" if args.half == "full" else f"shapes-half-{args.half}"
     workdir = Path(args.workdir or f"outputs/train/{name}")
     out = Path(args.out or f"superdiff/bundled/{name}")
-    shapes = world.SHAPE_HALVES[args.half]
+    shapes = world.SHAPES if args.half == "full" else world.SHAPE_HALVES[args.half]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         data = torch.load(cache, weights_only=False)
     else:
         print(f"rendering and encoding {args.dataset_size} images of {shapes} ...", flush=True)
-        ds = world.make_dataset(np.random.default_rng([args.seed, 3, ord(args.half)]), args.dataset_size, shapes=shapes)
+        ds = world.make_dataset(np.random.default_rng([args.seed, 3, ord(args.half[0])]), args.dataset_size, shapes=shapes)
         mean, std = encode_latents(vae, ds.images)
         data = {"mean": mean, "std": std}
         torch.save(data, cache)
@@ -137,15 +143,18 @@ def main(argv: list[str] | None = None) -> None:
     make_sampling_scheduler().save_pretrained(out / "scheduler")
     vae.save_pretrained(out / "vae")
     vae_info = json.loads((vae_dir / "training.json").read_text()) if (vae_dir / "training.json").exists() else {}
+    if not vae_info and (vae_dir.parent / "training.json").exists():  # the VAE of a bundled model
+        vae_info = json.loads((vae_dir.parent / "training.json").read_text()).get("vae", {})
     write_json(
         out / "training.json",
         {
             "name": name,
+            **({"note": args.note} if args.note else {}),
             "kind": "unconditional",
             "shapes": list(shapes),
             "colours": list(world.COLOURS),
             "steps_trained": final_state["step"],
-            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "export_only", "vae")},
+            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "export_only", "vae", "note")},
             "parameters": {"unet": parameter_count([ema.module]), "vae": parameter_count([vae])},
             "cpu_seconds": {"unet": round(float(final_state["cpu_seconds"]), 1), "vae": vae_info.get("cpu_seconds")},
             "vae": vae_info,
