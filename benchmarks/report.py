@@ -53,18 +53,18 @@ OUT_QUICK = OUT_FULL / "quick"
 
 MODES: dict[str, dict] = {
     "quick": {
-        "or_seeds": [0, 1], "or_images": 96, "or_steps": 25, "ref_images": 1000,
-        "and_images": 12, "and_steps": 25, "and_extra_rows": False,
-        "gmm_d": 16, "gmm_or_samples": 2000, "gmm_and_samples": 500, "gmm_steps": [10, 25, 50, 100, 1000],
-        "bundled_steps": [10, 25, 50], "bundled_reference_steps": [], "curve_or_images": 24,
-        "curve_and_images": 8, "curve_and_pairs": [("red", "circle")],
+        "or_seeds": [0, 1], "or_images": 128, "or_steps": 25, "ref_images": 2000,
+        "and_images": 8, "and_steps": 25, "and_extra_rows": False,
+        "gmm_d": 16, "gmm_or_samples": 1000, "gmm_and_samples": 300, "gmm_steps": [10, 25, 50],
+        "gmm_reference_steps": [], "bundled_steps": [10, 25], "bundled_reference_steps": [],
+        "curve_or_images": 16, "curve_and_images": 8, "curve_and_pairs": [("red", "circle")],
     },
     "full": {
-        "or_seeds": [0, 1, 2, 3, 4], "or_images": 384, "or_steps": 100, "ref_images": 4000,
-        "and_images": 48, "and_steps": 25, "and_extra_rows": True,
-        "gmm_d": 16, "gmm_or_samples": 4000, "gmm_and_samples": 1000, "gmm_steps": [10, 25, 50, 100, 250, 1000],
-        "bundled_steps": [10, 25, 50, 100], "bundled_reference_steps": [1000], "curve_or_images": 64,
-        "curve_and_images": 16, "curve_and_pairs": [("red", "circle"), ("yellow", "cross")],
+        "or_seeds": [0, 1, 2], "or_images": 256, "or_steps": 50, "ref_images": 4000,
+        "and_images": 16, "and_steps": 25, "and_extra_rows": True,
+        "gmm_d": 16, "gmm_or_samples": 2000, "gmm_and_samples": 500, "gmm_steps": [10, 25, 50, 100],
+        "gmm_reference_steps": [1000], "bundled_steps": [10, 25, 50], "bundled_reference_steps": [1000],
+        "curve_or_images": 16, "curve_and_images": 8, "curve_and_pairs": [("red", "circle")],
     },
 }
 
@@ -85,6 +85,7 @@ PAPER = {
                                "averaging": 0.740, "model B alone (FrameDiff)": 0.392}},
 }
 
+SECTIONS = ("or", "and", "steps")
 SAMPLERS = [("sde", "ito"), ("sde", "kernel"), ("ddpm", "kernel"), ("euler", "ode"), ("heun", "ode")]
 #: The reference algorithm of the paper: Euler-Maruyama SDE with the Ito estimator.
 REFERENCE = ("sde", "ito")
@@ -129,7 +130,8 @@ def distribution_metrics(images: np.ndarray, ref: dict, clf) -> dict:
     r = oracle.classify(images)
     stats = features.within_class_stats(images, r)
     err = features.within_class_error(stats, ref["stats"])
-    return {"fid": features.frechet_distance(features.features(images, clf), ref["features"]),
+    feats = features.project(features.features(images, clf), ref["projection"])
+    return {"fid": features.frechet_distance(feats, ref["features"]),
             "class_tv": features.class_tv(r.shape_ids[~r.empty]),
             "clean": float(r.clean.mean()),
             "share_half_a": float(np.isin(r.shape_ids, [world.SHAPES.index(s) for s in world.SHAPE_HALVES["a"]]).mean()),
@@ -141,7 +143,10 @@ def section_or_halves(cfg: dict, cache: ModelCache, out: Path, full_model: str) 
     clf = features.load_classifier()
     data = world.make_dataset(np.random.default_rng([2025, 1]), cfg["ref_images"])
     rr = oracle.classify(data.images)
-    ref = {"features": features.features(data.images, clf), "stats": features.within_class_stats(data.images, rr)}
+    ref_feats = features.features(data.images, clf)
+    proj = features.principal_projection(ref_feats, features.FD_COMPONENTS)
+    ref = {"features": features.project(ref_feats, proj), "projection": proj,
+           "stats": features.within_class_stats(data.images, rr)}
     methods = ["half A alone", "half B alone", full_model, "random pick of a half", "SuperDiff OR"]
     per: dict[str, list[dict]] = {m: [] for m in methods + ["data (floor)"]}
     n, steps = cfg["or_images"], cfg["or_steps"]
@@ -227,6 +232,8 @@ def section_and(cfg: dict, cache: ModelCache, out: Path, and_model: str) -> dict
                                joint_template=spec.get("joint_template"))
             row = {"pair": f"{colour} {shape}", "method": name, "images": n, **pair_scores(imgs, colour, shape)}
             rows.append(row)
+            if name == "SuperDiff AND" and (colour, shape) == world.HELD_OUT[0]:
+                _clean_strip(imgs[:16], out / "and_clean_flag.png")
             grids.setdefault(name, []).append(imgs[:8])
         _log(f"AND {colour} {shape}: {time.time() - t0:.0f} s; "
              + ", ".join(f"{r['method'][:24]} {r['both_clean']:.2f}" for r in rows if r["pair"] == f"{colour} {shape}"))
@@ -274,7 +281,7 @@ def section_steps(cfg: dict, cache: ModelCache, out: Path, and_model: str) -> di
     for sampler, est in SAMPLERS:
         key = f"{sampler}+{est}"
         gmm[key] = {"or_error": {}, "and_rate": {}}
-        for n in cfg["gmm_steps"]:
+        for n in list(cfg["gmm_steps"]) + (list(cfg["gmm_reference_steps"]) if (sampler, est) == REFERENCE else []):
             t0 = time.time()
             o = sample([e1, e2], sch, n, operator=OrOperator(weights=[0.3, 0.7]), estimator=est, integrator=integ[sampler],
                        shape=(cfg["gmm_or_samples"], d), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
@@ -390,6 +397,21 @@ def _grid_figure(sets: dict[str, np.ndarray], path: Path, title: str) -> None:
     canvas.save(path)
 
 
+def _clean_strip(images: np.ndarray, path: Path) -> None:
+    """Images with the oracle's shape name and clean_fit under each (red: below CLEAN_FIT)."""
+    from PIL import Image, ImageDraw
+
+    r = oracle.classify(images)
+    canvas = Image.new("RGB", (len(images) * 100, 116), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, im in enumerate(images):
+        pil = Image.fromarray((im.transpose(1, 2, 0) * 255).round().astype(np.uint8)).resize((96, 96), Image.NEAREST)
+        canvas.paste(pil, (i * 100, 0))
+        ok = r.clean_fit[i] >= oracle.CLEAN_FIT
+        draw.text((i * 100 + 2, 100), f"{r.shape[i]} {r.clean_fit[i]:.3f}", fill="black" if ok else "red")
+    canvas.save(path)
+
+
 def _bar_figure(summary: dict, path: Path, methods: list[str]) -> None:
     plt = _plt()
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -449,6 +471,15 @@ def verdicts(res: dict) -> dict:
     out["and"] = {"AND beats averaging": a["SuperDiff AND"]["both_clean"] > a["averaging"]["both_clean"],
                   "AND beats the best joint prompt": a["SuperDiff AND"]["both_clean"] > joint,
                   "averaging beats the best joint prompt": a["averaging"]["both_clean"] > joint}
+    prot = res.get("protein")
+    if prot:
+        cls = {k: (v.get("helical") or 0.0) + (v.get("strand") or 0.0) for k, v in prot.items()}
+        pick = lambda prefix: max(v for k, v in cls.items() if k.startswith(prefix))  # noqa: E731
+        best_or = pick("SuperDiff OR")
+        out["protein"] = {"OR (best bias) beats model A alone": best_or > pick("A ("),
+                          "model A alone beats averaging": pick("A (") > pick("averaging"),
+                          "OR beats averaging": best_or > pick("averaging"),
+                          "averaging beats model B alone": pick("averaging") > pick("B (")}
     return out
 
 
@@ -456,8 +487,9 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
     L: list[str] = []
     cmd = "python benchmarks/report.py --" + mode
     L += [f"# SuperDiff on our own models: the paper's three comparisons ({mode} mode)", "",
-          f"Generated by `{cmd}` (also `superdiff bench report --{mode}`) in {res['seconds']:.0f} s "
-          f"on {res['machine']}. Every number below comes from this run; paper numbers are from "
+          f"Generated by `{cmd}` (also `superdiff bench report --{mode}`): {res['cpu_seconds']:.0f} CPU seconds "
+          f"in one thread ({res['seconds']:.0f} s wall on a machine shared with other jobs; {res['machine']}). "
+          "Every number below comes from this run; paper numbers are from "
           "`docs/superdiff-math.md` section 6. Oracle: `superdiff.shapes.oracle`; **headline = both attributes "
           f"right and a clean shape** (clean_fit >= {oracle.CLEAN_FIT}, threshold chosen on renders morphed "
           "between two shapes, `superdiff/shapes/morph.py`), lenient rate (argmax attributes only) beside it.", ""]
@@ -471,7 +503,9 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
           "`python scripts/train_shapes_halves.py --half full`). "
           f"{o['images_per_seed']} images per method and seed, seeds {o['seeds']}, {o['steps']} SDE steps; "
           f"reference: {o['ref_images']} renders of the training distribution. Mean ± sd over seeds. "
-          "`data (floor)` is a fresh set of renders of the same size: the FID a perfect model would get.", "",
+          f"Shapes FID: Frechet distance of the shapes classifier's features in the top {features.FD_COMPONENTS} principal "
+          "directions of the reference features. `data (floor)` is a fresh set of renders of the same size: the FID a "
+          "perfect model would get at this sample size.", "",
           "| method | shapes FID | paper FID (CIFAR-10) | class histogram TV | clean shapes | share of half-A shapes "
           "| size mean err (px) | size sd err (px) | position sd err (px) |",
           "|---|---|---|---|---|---|---|---|---|"]
@@ -511,7 +545,10 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
           + "; ".join(f"{k}: **{'yes' if ok else 'no'}**" for k, ok in v["and"].items()) + ".", "",
           f"README demo (`bash scripts/run.sh demo`: shapes-t2i, \"a circle\" AND \"something red\", 8 images, seed 0): "
           f"**{dm['red_circle_clean']}/{dm['images']}** red circles that are clean, {dm['red_circle_lenient']}/{dm['images']} "
-          "lenient.", "", "![AND samples](and_samples.png)", ""]
+          "lenient.", "", "![AND samples](and_samples.png)", "",
+          f"The clean flag on the first 16 AND images of the first pair (oracle's shape name and clean_fit; red: "
+          f"below {oracle.CLEAN_FIT}, i.e. an in-between shape such as a four-lobed blob):", "",
+          "![clean flag](and_clean_flag.png)", ""]
     # --- 3
     st = res["steps"]
     L += ["## 3. Steps to quality", "",
@@ -539,10 +576,12 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
         for name, m in prot.items():
             L.append(f"| {name} | " + " | ".join(str(m.get(k, "-")) for k in ("helical", "strand", "mixed")) + " |")
         L += ["", "Paper (designable fraction): " + ", ".join(f"{k} {x}" for k, x in PAPER["protein"]["designable"].items())
-              + ".", ""]
+              + ". Ours, by the share of samples in a recognisable class (helical + strand) as the proxy: "
+              + "; ".join(f"{k}: **{'yes' if ok else 'no'}**" for k, ok in v.get("protein", {}).items()) + ".", ""]
     for name, rec in res.get("existing", {}).items():
         ran = f"rerun in {rec['seconds']} s, exit {rec['returncode']}" if rec.get("ran") else "committed output, not rerun"
-        L.append(f"- {name}: [{rec['output']}](../../../{rec['output']}) ({ran})")
+        up = "../" * (4 if mode == "quick" else 3)
+        L.append(f"- {name}: [{rec['output']}]({up}{rec['output']}) ({ran})")
     path.write_text("\n".join(L) + "\n")
 
 
@@ -599,29 +638,59 @@ def compare(new: dict, old: dict) -> list[str]:
 
 
 def run(mode: str, out: Path, and_model: str = "shapes-t2i-pairs", full_model: str = "shapes-full",
-        skip_existing: bool = False, sections: tuple[str, ...] = ("or", "and", "steps")) -> dict:
+        skip_existing: bool = False, sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Run ``sections`` of ``mode``, each written to ``out/section_<name>.json``; then build
+    report.json and report.md from every section file in ``out`` (sections may run in
+    separate processes at the same time; the last one to finish writes the full report)."""
     cfg = MODES[mode]
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     cache = ModelCache(max_models=4)
     t0 = time.time()
-    res: dict = {"mode": mode, "settings": cfg, "tolerances": TOLERANCES, "paper": PAPER,
-                 "machine": f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, 1 thread"}
-    if "or" in sections:
-        res["or_halves"] = section_or_halves(cfg, cache, out, full_model)
-    if "and" in sections:
-        res["and"] = section_and(cfg, cache, out, and_model)
-    if "steps" in sections:
-        res["steps"] = section_steps(cfg, cache, out, and_model)
-    if mode == "full":
-        res["existing"] = run_existing(skip_existing)
+    for name in sections:
+        t1, c1 = time.time(), time.process_time()
+        if name == "or":
+            body = section_or_halves(cfg, cache, out, full_model)
+        elif name == "and":
+            body = section_and(cfg, cache, out, and_model)
+        elif name == "steps":
+            body = section_steps(cfg, cache, out, and_model)
+        else:
+            body = run_existing(skip_existing)
+        rec = {"mode": mode, "seconds": round(time.time() - t1, 1), "cpu_seconds": round(time.process_time() - c1, 1),
+               "body": body}
+        (out / f"section_{name}.json").write_text(json.dumps(rec, indent=1, default=str))
+    res = assemble(out, mode)
+    _log(f"wrote {out}/report.json" + (" and report.md" if "verdicts" in res else "") + f" ({time.time() - t0:.0f} s this run)")
+    return res
+
+
+SECTION_KEYS = {"or": "or_halves", "and": "and", "steps": "steps", "existing": "existing"}
+
+
+def assemble(out: Path, mode: str) -> dict:
+    """report.json (+ report.md once the three comparisons are there) from the section files."""
+    res: dict = {"mode": mode, "settings": MODES[mode], "tolerances": TOLERANCES, "paper": PAPER,
+                 "machine": f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, 1 thread per process",
+                 "section_seconds": {}, "section_cpu_seconds": {}}
+    for name, key in SECTION_KEYS.items():
+        f = out / f"section_{name}.json"
+        if f.is_file():
+            rec = json.loads(f.read_text())
+            if rec.get("mode") == mode:
+                res[key] = rec["body"]
+                res["section_seconds"][name] = rec["seconds"]
+                res["section_cpu_seconds"][name] = rec["cpu_seconds"]
+    _json_keys_to_int(res)
+    if mode == "full" and "existing" not in res:
+        res["existing"] = run_existing(skip=True)
     res["protein"] = protein_summary()
-    res["seconds"] = time.time() - t0
+    res["seconds"] = sum(v for k, v in res["section_seconds"].items() if k != "existing")
+    res["cpu_seconds"] = sum(v for k, v in res["section_cpu_seconds"].items() if k != "existing")
     if all(k in res for k in ("or_halves", "and", "steps")):
         res["verdicts"] = verdicts(res)
         write_markdown(res, out / "report.md", mode)
     (out / "report.json").write_text(json.dumps(res, indent=1, default=str))
-    _log(f"wrote {out}/report.md and report.json in {res['seconds']:.0f} s")
     return res
 
 
@@ -645,6 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--and-model", default="shapes-t2i-pairs")
     ap.add_argument("--full-model", default="shapes-full")
     ap.add_argument("--skip-existing", action="store_true", help="--full: do not rerun the other benchmarks")
+    ap.add_argument("--sections", default=None,
+                    help=f"comma-separated subset of {','.join(SECTIONS)},existing to (re)run; the others are kept "
+                         "from the output folder's section files (default: all; --full adds existing; '' only "
+                         "rebuilds the report)")
     args = ap.parse_args(argv)
     mode = "full" if args.full else "quick"
     if args.check and mode != "quick":
@@ -655,7 +728,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (OUT_FULL if mode == "full" else OUT_QUICK)
     if args.check and not args.out:
         out = ROOT / "outputs" / "report-check"
-    res = run(mode, out, args.and_model, args.full_model, args.skip_existing)
+    if args.check:
+        for f in out.glob("section_*.json"):
+            f.unlink()
+    sections = tuple(x for x in args.sections.split(",") if x) if args.sections is not None else (
+        SECTIONS + (("existing",) if mode == "full" else ()))
+    unknown = set(sections) - set(SECTIONS) - {"existing"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}, existing")
+    if args.check and set(sections) != set(SECTIONS):
+        ap.error("--check reruns every quick section; drop --sections")
+    res = run(mode, out, args.and_model, args.full_model, args.skip_existing, sections)
     if args.check:
         old = _json_keys_to_int(json.loads(committed.read_text()))
         bad = compare(_json_keys_to_int(json.loads(json.dumps(res, default=str))), old)
