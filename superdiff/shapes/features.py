@@ -9,7 +9,9 @@ FID: with feature means mu_1, mu_2 and covariances S_1, S_2 of two image sets,
     FD = ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2})
 
 (Frechet distance of two Gaussians; ``frechet_distance``; the matrix square roots come from
-symmetric eigendecompositions).
+symmetric eigendecompositions), computed in the top ``FD_COMPONENTS`` principal directions of
+the reference set's features (``principal_projection``), since benchmark sets hold only a
+few hundred images.
 
 Class histogram distance. The oracle's shape labels of N samples against the exact class
 distribution of the data (uniform over the shapes): total variation 1/2 sum_k |p_k - q_k|.
@@ -29,6 +31,7 @@ import numpy as np
 from .world import COLOURS, SHAPES
 
 FEATURES: int = 64
+FD_COMPONENTS: int = 16
 CLASSES: int = len(SHAPES) * len(COLOURS)
 CLASSIFIER_DIR: Path = Path(__file__).resolve().parents[1] / "bundled" / "shapes-classifier"
 
@@ -105,6 +108,22 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     r1 = _sqrtm_psd(s1)
     cross = _sqrtm_psd(r1 @ s2 @ r1)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(cross))
+
+
+def principal_projection(ref: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], components [D, k]): the top-k principal directions of reference features.
+
+    FD is computed in these k coordinates: with a few hundred samples per set a 64-d
+    covariance is poorly estimated (the FD's bias and spread grow with D / N).
+    """
+    mu = ref.mean(0)
+    w, v = np.linalg.eigh(np.cov(ref, rowvar=False))
+    return mu, v[:, np.argsort(w)[::-1][:k]]
+
+
+def project(f: np.ndarray, projection: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    mu, comps = projection
+    return (f - mu) @ comps
 
 
 def class_tv(shape_ids: np.ndarray, target: np.ndarray | None = None) -> float:
