@@ -75,7 +75,12 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        res = json.loads((Path(args.out) / "correctors_shapes.json").read_text())
+        plot(res["summary"], Path(args.out) / "correctors_shapes.png")
+        return
     torch.set_num_threads(1)
     out = Path(args.out)
     name = "correctors_shapes"
@@ -168,8 +173,10 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.4))
     methods: dict[str, list] = {}
-    for cname, m in summary.items():
-        methods.setdefault(m["method"], []).append((m["nfe"], m["both"], m["both_se"], cname))
+    for cname, m in summary.items():  # one line per method; the SMC runs (K = 2, 4, 8) form one line
+        meth = "SMC product (K)" if m["method"].startswith("smc") else m["method"]
+        note = "K=" + m["method"][3:] if m["method"].startswith("smc") else f"{m['steps']} st"
+        methods.setdefault(meth, []).append((m["nfe"], m["both"], m["both_se"], note))
     for meth, pts in methods.items():
         pts.sort()
         x = [p[0] for p in pts]
@@ -177,8 +184,7 @@ def plot(summary: dict, path: Path) -> None:
         e = [100 * p[2] for p in pts]
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=meth, lw=1.2)
         for p in pts:
-            ax.annotate(p[3].split("@")[1] + " st", (p[0], 100 * p[1]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(p[3], (p[0], 100 * p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per image (rows of the batched forward)")
     ax.set_ylabel("both attributes (%)")
