@@ -358,3 +358,23 @@ def test_batch_jobs_take_the_adapters_field(loras, tmp_path):
         pngs = sorted(out.glob("images/**/*.png"))
         rec = read_png_composition(pngs[0])
         assert [x["name"] for x in rec.adapters] == ["lora-a", "lora-b"] and rec.operator in ("merge", "and", "composite")
+
+
+@pytest.mark.parametrize("name", ["lora-orange", "lora-outline"])
+def test_bundled_loras_are_small_and_their_cards_state_the_measured_rates(name):
+    import json
+
+    from superdiff.pipelines import adapters as A
+    from superdiff.registry import BUNDLED_ROOT
+
+    d = BUNDLED_ROOT / name
+    if not (d / "training.json").is_file():
+        pytest.skip(f"{name} not trained (scripts/train_shapes_lora.py)")
+    (spec,) = A.resolve_adapters([name], safetensors_only=True)  # a bundled name resolves to its file
+    assert spec.file == d / "pytorch_lora_weights.safetensors" and spec.file.stat().st_size < 5_000_000
+    info = json.loads((d / "training.json").read_text())
+    q = info["quality"]
+    assert info["base_model"] == "shapes-t2i" and q["with_lora"]["concept_rate"] > q["base"]["concept_rate"]
+    card = (d / "README.md").read_text()
+    for key in ("base", "with_lora"):
+        assert f"{100 * q[key]['concept_rate']:.1f}%" in card
