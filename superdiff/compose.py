@@ -251,7 +251,11 @@ class Composition:
 
     def describe(self) -> str:
         what = " | ".join(self.prompts + self.extra_models) or self.model
-        return f"{self.operator.upper()}[{what}] seed {self.seed}"
+        corr = f" + {self.corrector}" if self.corrector is not None else ""
+        if self.compose is not None:
+            mode = "" if self.and_mode == "superdiff" else f" ({self.and_mode} AND)"
+            return f"FORMULA[{self.compose}]{mode}{corr} seed {self.seed}"
+        return f"{self.operator.upper()}[{what}]{corr} seed {self.seed}"
 
 
 def parse_lora(text: str) -> dict[str, Any]:

@@ -173,7 +173,8 @@ def _generate(args: argparse.Namespace) -> int:
     save_png(grid, out / "grid.png", comp)  # the whole run: --from-png grid.png regenerates every image
     res.trace.save(out / "trace.json")
     res.trace.plot(out / "trace.png", samples=min(4, len(res.images)),
-                   title=f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
+                   title=f"FORMULA: {comp.compose}" if comp.compose else
+                   f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
     (out / "composition.json").write_text(json.dumps(comp.to_dict(), indent=2))
     if Path(comp.model).name.startswith("shapes-"):  # the bundled shapes world has an exact oracle
         from .shapes import oracle
