@@ -66,10 +66,10 @@ def unet_forward(unet: torch.nn.Module, schedule: Schedule,
     scale = getattr(schedule, "input_scale", None)
 
     def fn(x: Tensor, t: Tensor, cond: Any) -> Tensor:
-        xin = x
-        if scale is not None:
-            xin = x * float(scale(t))
-        ts = torch.tensor(float(schedule.model_time(t)), dtype=torch.float32, device=x.device)
+        # tensor ops on the 0-d time (no float(): nothing is read back to the host, and the
+        # ODE estimator's torch.func.jvp can trace through)
+        xin = x if scale is None else x * scale(t).to(dtype=x.dtype)
+        ts = schedule.model_time(t).to(device=x.device, dtype=torch.float32)
         dtype = getattr(unet, "dtype", x.dtype)
         kw: dict[str, Any] = {}
         if cond is not None:
@@ -210,19 +210,48 @@ class NetworkExperts(ExpertSet):
     def names(self) -> list[str]:
         return [b.name for b in self.branches]
 
-    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        outs: dict[int, Tensor] = {}
-        for n, s in self._sets.items():
-            o = s.evaluate(x, t, schedule).cond  # [rows, B, *S]
-            outs[n] = convert(o, self.networks[n].prediction_type, self.prediction_type, x, alpha, sigma)
-        cond = torch.stack([outs[n][r] for n, r in self._cond_row])
+    def _rows(self, x: Tensor, t: Tensor, schedule: Schedule, wanted: Sequence[tuple[int, int]]) -> dict:
+        """{(network, row): prediction [B, *S] in the common kind} for the wanted rows, one
+        batched forward per network."""
+        per: dict[int, list[int]] = {}
+        for n, r in wanted:
+            per.setdefault(n, [])
+            if r not in per[n]:
+                per[n].append(r)
+        got: dict[tuple[int, int], Tensor] = {}
+        for n, rows in per.items():
+            o = self._sets[n].evaluate_rows(x, t, rows)  # [rows, B, *S]
+            kind = self.networks[n].prediction_type
+            if kind != self.prediction_type:
+                o = convert(o, kind, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
+            got.update({(n, r): o[i] for i, r in enumerate(rows)})
+        return got
+
+    def _uncond(self, got: dict, cond: Tensor) -> Tensor | None:
         if not self.has_uncond:
-            return ExpertOutput(cond, None, self.prediction_type)
+            return None
         if self._shared_uncond:
-            n, r = self._uncond_row[0]
-            return ExpertOutput(cond, outs[n][r], self.prediction_type)
-        unc = torch.stack([outs[u[0]][u[1]] if u is not None else cond[i] for i, u in enumerate(self._uncond_row)])
-        return ExpertOutput(cond, unc, self.prediction_type)
+            return got[self._uncond_row[0]]
+        return torch.stack([got[u] if u is not None else cond[i] for i, u in enumerate(self._uncond_row)])
+
+    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+        unc_rows = [u for u in self._uncond_row if u is not None] if self.has_uncond else []
+        got = self._rows(x, t, schedule, self._cond_row + unc_rows)
+        cond = torch.stack([got[r] for r in self._cond_row])
+        return ExpertOutput(cond, self._uncond(got, cond), self.prediction_type)
+
+    def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        got = self._rows(x, t, schedule, self._cond_row)
+        return torch.stack([got[r] for r in self._cond_row])
+
+    def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
+        if not self.has_uncond:
+            return None
+        if self._shared_uncond:
+            return self._rows(x, t, schedule, [self._uncond_row[0]])[self._uncond_row[0]]
+        # a branch without guidance uses its own conditional prediction as u_i
+        need = [u if u is not None else self._cond_row[i] for i, u in enumerate(self._uncond_row)]
+        got = self._rows(x, t, schedule, need)
+        return torch.stack([got[r] for r in need])
 
 

@@ -22,19 +22,21 @@ that AND uses to choose kappa before the step (x' is affine in kappa).
             (Heun). div v_i by Jacobian-vector products: exact (basis probes) for small d,
             Hutchinson with Rademacher probes otherwise. W_i = s_i
 
-All inner products and accumulators are float64.
+Inner products are accumulated in float64 (products in the sampling dtype), and so are the
+log q accumulators; scalars come from superdiff.coefficients (Python floats, no host read).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .integrators import DDPMAncestral, EulerMaruyama, EulerODE, HeunODE, Integrator, ode_velocity
-from .predictions import to_score
+from .coefficients import StepCoefficients, affine, score_coefficients, step_coefficients, velocity_coefficients
+from .integrators import DDPMAncestral, EulerMaruyama, EulerODE, HeunODE, Integrator, velocity
 from .schedules import Schedule
 
 Tensor = torch.Tensor
@@ -42,6 +44,10 @@ _F64 = torch.float64
 
 __all__ = ["StepContext", "Estimator", "ItoEstimator", "KernelEstimator", "ODEEstimator",
            "ESTIMATORS", "make_estimator", "check_pair", "divergence", "HeunStage", "NullEstimator"]
+
+
+def _log(v: float) -> float:
+    return math.log(v) if v > 0 else -math.inf
 
 
 @dataclass
@@ -52,13 +58,24 @@ class StepContext:
     integrator: Integrator
     t: Tensor  # 0-d float64
     t_next: Tensor
-    x: Tensor  # [B, *S] float64
+    x: Tensor  # [B, *S] in the sampling dtype
     cond: Tensor  # [M, B, *S] each expert's own (unguided) prediction
     kind: str
     #: x -> [M, B, *S] unguided predictions at time t (for JVPs); set by the sampler
     predict_fn: Callable[[Tensor], Tensor] | None = None
     generator: torch.Generator | None = None
+    #: the step's schedule scalars (computed from schedule, t, t_next when not given)
+    coefficients: StepCoefficients | None = None
+    #: [B, M] divergence of each expert's ODE velocity at (x, t), when the sampler computed it
+    #: together with the experts' forward (ODEEstimator.divergence_at)
+    divergence: Tensor | None = None
     _cache: dict = field(default_factory=dict)
+
+    @property
+    def c(self) -> StepCoefficients:
+        if self.coefficients is None:
+            self.coefficients = step_coefficients(self.schedule, self.t, self.t_next)
+        return self.coefficients
 
     @property
     def feat_dims(self) -> int:
@@ -69,32 +86,33 @@ class StepContext:
         return self.x[0].numel()
 
     def dot(self, a: Tensor, b: Tensor) -> Tensor:
-        """<a, b> over the feature dims, float64; broadcasts a leading expert axis."""
-        return (a.to(_F64) * b.to(_F64)).sum(dim=tuple(range(-self.feat_dims, 0)))
+        """<a, b> over the feature dims, accumulated in float64; broadcasts a leading expert axis."""
+        return (a * b).sum(dim=tuple(range(-self.feat_dims, 0)), dtype=_F64)
 
     @property
-    def h(self) -> Tensor:
-        return self.t - self.t_next
+    def h(self) -> float:
+        return self.c.h
 
     @property
     def scores(self) -> Tensor:  # [M, B, *S]
         if "scores" not in self._cache:
-            s = self.schedule
-            self._cache["scores"] = to_score(self.cond.to(_F64), self.kind, self.x, s.alpha(self.t), s.sigma(self.t))
+            sx, sp = score_coefficients(self.kind, self.c.alpha, self.c.sigma)
+            self._cache["scores"] = affine(self.x, sx, self.cond, sp)
         return self._cache["scores"]
 
+    def dot_cached(self, name: str, a: Callable[[], Tensor], b: Callable[[], Tensor]) -> Tensor:
+        if name not in self._cache:
+            self._cache[name] = self.dot(a(), b())
+        return self._cache[name]
+
     @property
-    def variance(self) -> Tensor:
-        if "var" not in self._cache:
-            self._cache["var"] = self.integrator.variance(self.schedule, self.t, self.t_next).to(_F64)
-        return self._cache["var"]
+    def variance(self) -> float:
+        return self.integrator.variance_c(self.c)
 
     @property
     def kernel_means(self) -> Tensor:  # [M, B, *S]: mean of expert i's own reverse kernel
         if "means" not in self._cache:
-            self._cache["means"] = torch.stack([
-                self.integrator.mean(self.schedule, self.x, self.t, self.t_next, c.to(_F64), self.kind)
-                for c in self.cond])
+            self._cache["means"] = self.integrator.mean_c(self.c, self.x, self.cond, self.kind)
         return self._cache["means"]
 
 
@@ -102,6 +120,11 @@ class Estimator:
     name = "estimator"
     #: integrators this estimator is valid for
     integrators: tuple[type[Integrator], ...] = ()
+    #: whether delta needs the divergence of the experts' velocities (a JVP through the network)
+    needs_divergence = False
+
+    def begin(self) -> None:
+        """Called by `sample` before the first step of a call (per-call choices reset here)."""
 
     def linear(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """(W [M, B, *S], c [B, M]) with Delta log q_i = <x', W_i> + c_i + common."""
@@ -114,7 +137,11 @@ class Estimator:
 
 def _posterior_step(ctx: StepContext) -> bool:
     """A step Euler-Maruyama takes with the DDPM posterior kernel (integrators.EulerMaruyama)."""
-    return isinstance(ctx.integrator, EulerMaruyama) and ctx.integrator.posterior_step(ctx.schedule, ctx.t, ctx.t_next)
+    return isinstance(ctx.integrator, EulerMaruyama) and EulerMaruyama.posterior_c(ctx.c)
+
+
+def _zeros(ctx: StepContext) -> Tensor:
+    return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=_F64, device=ctx.x.device)
 
 
 class ItoEstimator(Estimator):
@@ -122,11 +149,11 @@ class ItoEstimator(Estimator):
     integrators = (EulerMaruyama,)
 
     def _c(self, ctx: StepContext) -> Tensor:
-        sch, t = ctx.schedule, ctx.t
-        f, g2 = sch.f(t), sch.g2(t)
-        s = ctx.scores
-        drift = f * ctx.x - 0.5 * g2 * s  # [M, B, *S]
-        return ((ctx.dim * f + ctx.dot(drift, s)) * ctx.h).T  # [B, M]
+        # (d f + <f x - g2/2 s_i, s_i>) h = (d f + f <x, s_i> - g2/2 <s_i, s_i>) h
+        c = ctx.c
+        xs = ctx.dot_cached("xs", lambda: ctx.x, lambda: ctx.scores)
+        ss = ctx.dot_cached("ss", lambda: ctx.scores, lambda: ctx.scores)
+        return ((ctx.dim * c.f + c.f * xs - 0.5 * c.g2 * ss) * c.h).T  # [B, M]
 
     def linear(self, ctx):
         if _posterior_step(ctx):
@@ -136,16 +163,17 @@ class ItoEstimator(Estimator):
     def formula_linear(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """The linear model of 3a itself; where f_t is infinite (alpha_t = 0) only its finite
         expert-dependent part <x' - x, s_i> (the rest is common or O(h))."""
-        if not bool(torch.isfinite(ctx.schedule.f(ctx.t)) and torch.isfinite(ctx.schedule.g2(ctx.t))):
-            return ctx.scores, -ctx.dot(ctx.x, ctx.scores).T
-        return ctx.scores, self._c(ctx) - ctx.dot(ctx.x, ctx.scores).T
+        xs = ctx.dot_cached("xs", lambda: ctx.x, lambda: ctx.scores)
+        if not (math.isfinite(ctx.c.f) and math.isfinite(ctx.c.g2)):
+            return ctx.scores, -xs.T
+        return ctx.scores, self._c(ctx) - xs.T
 
     def delta(self, ctx, x_next, **kw):
         if _posterior_step(ctx):
             return KernelEstimator().delta(ctx, x_next)
-        if not float(ctx.variance) > 0:  # the noise-free final denoise: log q at sigma = 0 is not tracked
-            return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=_F64, device=ctx.x.device)
-        return ctx.dot(x_next.to(_F64) - ctx.x, ctx.scores).T + self._c(ctx)
+        if not ctx.variance > 0:  # the noise-free final denoise: log q at sigma = 0 is not tracked
+            return _zeros(ctx)
+        return ctx.dot(x_next.to(ctx.x.dtype) - ctx.x, ctx.scores).T + self._c(ctx)
 
 
 class KernelEstimator(Estimator):
@@ -154,22 +182,23 @@ class KernelEstimator(Estimator):
 
     def linear(self, ctx):
         var = ctx.variance
-        if not float(var) > 0:  # deterministic final step: no kernel; use the score direction
+        if not var > 0:  # deterministic final step: no kernel; use the score direction
             return ItoEstimator().formula_linear(ctx)
         m = ctx.kernel_means
         return m / var, (-0.5 * ctx.dot(m, m) / var).T
 
     def delta(self, ctx, x_next, **kw):
         var = ctx.variance
-        if not float(var) > 0:
+        if not var > 0:
             # a step to sigma = 0 has no Gaussian kernel: log q is left where it was
-            return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=_F64, device=ctx.x.device)
-        xn = x_next.to(_F64)
+            return _zeros(ctx)
+        xn = x_next.to(ctx.x.dtype)
         d = ctx.dim
-        log_r = -0.5 * ctx.dot(xn - ctx.kernel_means, xn - ctx.kernel_means) / var - 0.5 * d * torch.log(2 * math.pi * var)
-        a, s2 = ctx.schedule.transition(ctx.t_next, ctx.t)
-        r = ctx.x - a * xn
-        log_k = -0.5 * ctx.dot(r, r) / s2 - 0.5 * d * torch.log(2 * math.pi * s2)
+        r_i = xn - ctx.kernel_means
+        log_r = -0.5 * ctx.dot(r_i, r_i) / var - 0.5 * d * _log(2 * math.pi * var)
+        a, s2 = ctx.c.trans_a, ctx.c.trans_s2
+        r = torch.add(ctx.x, xn, alpha=-a)
+        log_k = -0.5 * ctx.dot(r, r) / s2 - 0.5 * d * _log(2 * math.pi * s2)
         return (log_r - log_k).T
 
 
@@ -187,10 +216,17 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, exact:
     except (RuntimeError, NotImplementedError):  # no forward-mode AD for some op: double-backward
         _, jz = torch.autograd.functional.jvp(fn, xr, zr)
     M = jz.shape[0]
-    jz = jz.reshape(M, P, B, -1).to(_F64)
-    quad = (jz * probes.reshape(1, P, B, -1).to(_F64)).sum(-1)  # [M, P, B]
+    quad = (jz.reshape(M, P, B, -1) * probes.reshape(1, P, B, -1).to(jz)).sum(-1, dtype=_F64)  # [M, P, B]
     red = quad.sum(1) if exact else quad.mean(1)
     return red.T
+
+
+def _finite_difference_jvp(fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(fn(x), (fn(x + eps z) - fn(x)) / eps): one extra forward, no autograd. eps =
+    sqrt(machine epsilon) (1 + mean |x|) (a device tensor: nothing is read back)."""
+    y = fn(x)
+    eps = math.sqrt(torch.finfo(x.dtype).eps) * (1.0 + x.abs().mean())
+    return y, (fn(x + eps * z) - y) / eps
 
 
 class ODEEstimator(Estimator):
@@ -198,16 +234,29 @@ class ODEEstimator(Estimator):
 
     probes: "exact" (d JVPs batched; default when d <= 64) or an int number of Rademacher
     probes for Hutchinson's trace estimator.
+
+    The divergence needs J_i z for each expert's network: one forward-mode JVP
+    (torch.func.jvp) over the experts' conditional rows only, whose primal output is the
+    step's prediction (no second forward). Where a network has no forward-mode derivative
+    the first call says so once (a warning) and every later step of that sampling call uses a
+    forward finite difference (fn(x + eps z) - fn(x)) / eps instead: one extra forward, the
+    memory of a forward, and an error of O(sqrt(machine epsilon)) relative, far below the
+    Hutchinson estimator's own noise.
     """
 
     name = "ode"
     integrators = (EulerODE, HeunODE)
+    needs_divergence = True
 
     def __init__(self, probes: int | str = "auto", exact_max_dim: int = 64) -> None:
         if not (probes in ("auto", "exact") or (isinstance(probes, int) and probes >= 1)):
             raise ValueError(f"probes must be 'auto', 'exact' or an int >= 1, got {probes!r}")
         self.probes = probes
         self.exact_max_dim = exact_max_dim
+        self.jvp_mode: str | None = None  # "forward-mode" or "finite-difference", chosen per call
+
+    def begin(self) -> None:
+        self.jvp_mode = None
 
     def _probes(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
         B, d = x.shape[0], x[0].numel()
@@ -219,53 +268,86 @@ class ODEEstimator(Estimator):
         z = torch.randint(0, 2, (n, *x.shape), generator=generator, device=x.device).to(x.dtype) * 2 - 1
         return z, False
 
-    def velocities(self, schedule: Schedule, x: Tensor, t: Tensor, preds: Tensor, kind: str) -> Tensor:
-        return torch.stack([ode_velocity(schedule, x, t, p.to(x.dtype), kind) for p in preds])
+    def _jvp(self, fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        if self.jvp_mode != "finite-difference":
+            try:
+                out = torch.func.jvp(fn, (x,), (z,))
+                self.jvp_mode = "forward-mode"
+                return out
+            except (RuntimeError, NotImplementedError) as e:
+                if self.jvp_mode == "forward-mode":  # it worked earlier in this call: a real error
+                    raise
+                warnings.warn(f"the ODE estimator's forward-mode JVP is not available for this network "
+                              f"({type(e).__name__}: {str(e)[:200]}); using a finite-difference JVP for "
+                              "this sampling call", RuntimeWarning, stacklevel=3)
+                self.jvp_mode = "finite-difference"
+        return _finite_difference_jvp(fn, x, z)
 
-    def rate(self, ctx: StepContext, x: Tensor, t: Tensor, preds: Tensor, predict_fn: Callable[[Tensor], Tensor],
-             u: Tensor) -> Tensor:
-        """d/dt log q_i at (x, t) when moving with velocity u: [B, M]."""
-        sch = ctx.schedule
-        v = self.velocities(sch, x, t, preds, ctx.kind)  # [M, B, *S]
-        s = to_score(preds.to(_F64), ctx.kind, x, sch.alpha(t), sch.sigma(t))
+    def divergence_at(self, fn: Callable[[Tensor], Tensor], x: Tensor, c: StepCoefficients, at_next: bool, kind: str,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(predictions [M, B, *S], div [B, M]) from ONE JVP of fn (x -> the experts' conditional
+        predictions [M, N, *S]): the primal output is the predictions at x; the velocity
+        v_i = vx x + vp pred_i is affine, so <z, J_v z> = vx |z|^2 + vp <z, J_pred z>."""
+        probes, exact = self._probes(x, generator)
+        P, B = probes.shape[:2]
+        xr = x.unsqueeze(0).expand(P, *x.shape).reshape(P * B, *x.shape[1:])
+        zr = probes.reshape(P * B, *x.shape[1:]).to(x)
+        primal, jz = self._jvp(fn, xr, zr)
+        M = primal.shape[0]
+        cond = primal.reshape(M, P, B, *x.shape[1:])[:, 0]
+        if at_next:
+            vx, vp = velocity_coefficients(kind, c.alpha_next, c.sigma_next, c.dalpha_next, c.dsigma_next)
+        else:
+            vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
+        zf = probes.reshape(1, P, B, -1).to(jz)
+        zjz = (jz.reshape(M, P, B, -1) * zf).sum(-1, dtype=_F64)  # [M, P, B]
+        zz = (zf * zf).sum(-1, dtype=_F64)  # [1, P, B]
+        quad = vx * zz + vp * zjz
+        red = quad.sum(1) if exact else quad.mean(1)
+        return cond, red.T
 
-        def vel(xx: Tensor) -> Tensor:
-            return torch.stack([ode_velocity(sch, xx, t, p, ctx.kind) for p in predict_fn(xx)])
+    def velocities(self, c: StepCoefficients, x: Tensor, preds: Tensor, kind: str, at_next: bool = False) -> Tensor:
+        return velocity(c, x, preds.to(x.dtype), kind, at_next)
 
-        probes, exact = self._probes(x, ctx.generator)
-        div = divergence(vel, x, probes, exact)  # [B, M]
-        return -div - ctx.dot(s, v - u.to(_F64)[None]).T
+    def rate(self, ctx: StepContext, x: Tensor, at_next: bool, preds: Tensor,
+             predict_fn: Callable[[Tensor], Tensor] | None, u: Tensor, div: Tensor | None = None) -> Tensor:
+        """d/dt log q_i at (x, t) (t_next when at_next) moving with velocity u: [B, M]."""
+        c = ctx.c
+        v = self.velocities(c, x, preds, ctx.kind, at_next)  # [M, B, *S]
+        a, s_ = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
+        sx, sp = score_coefficients(ctx.kind, a, s_)
+        s = affine(x, sx, preds.to(x.dtype), sp)
+        if div is None:
+            if predict_fn is None:
+                raise ValueError("the ODE estimator needs the experts' predictions as a function of x (predict_fn)")
+            _, div = self.divergence_at(predict_fn, x, c, at_next, ctx.kind, ctx.generator)
+        return -div - ctx.dot(s, v - u.to(x.dtype)[None]).T
 
     def linear(self, ctx):
-        sch = ctx.schedule
-        v = self.velocities(sch, ctx.x, ctx.t, ctx.cond, ctx.kind)
+        v = self.velocities(ctx.c, ctx.x, ctx.cond, ctx.kind)
         s = ctx.scores
         div = self._div(ctx)
-        c = (-ctx.h) * (-div - ctx.dot(s, v).T) - ctx.dot(s, ctx.x).T
-        return s, c
+        cst = (-ctx.h) * (-div - ctx.dot(s, v).T) - ctx.dot(s, ctx.x).T
+        return s, cst
 
     def _div(self, ctx: StepContext) -> Tensor:
-        if "div" not in ctx._cache:
-            sch, t = ctx.schedule, ctx.t
-
-            def vel(xx: Tensor) -> Tensor:
-                return torch.stack([ode_velocity(sch, xx, t, p, ctx.kind) for p in ctx.predict_fn(xx)])
-
-            probes, exact = self._probes(ctx.x, ctx.generator)
-            ctx._cache["div"] = divergence(vel, ctx.x, probes, exact)
-        return ctx._cache["div"]
+        if ctx.divergence is None:
+            if ctx.predict_fn is None:
+                raise ValueError("the ODE estimator needs the experts' predictions as a function of x (predict_fn)")
+            _, ctx.divergence = self.divergence_at(ctx.predict_fn, ctx.x, ctx.c, False, ctx.kind, ctx.generator)
+        return ctx.divergence
 
     def delta(self, ctx, x_next, heun: "HeunStage | None" = None, **kw):
         """Euler: -h * rate(x, t, u), u = (x' - x)/(t' - t). Heun: the trapezoid of the rates at
         (x, t) and at the Euler point (x_e, t'), each with the velocity actually used there."""
-        sch = ctx.schedule
         x_first = x_next if heun is None else heun.x_euler
-        u0 = (x_first.to(_F64) - ctx.x) / (ctx.t_next - ctx.t)
-        v = self.velocities(sch, ctx.x, ctx.t, ctx.cond, ctx.kind)
+        u0 = (x_first.to(ctx.x.dtype) - ctx.x) / (-ctx.h)
+        v = self.velocities(ctx.c, ctx.x, ctx.cond, ctx.kind)
         r0 = -self._div(ctx) - ctx.dot(ctx.scores, v - u0[None]).T
         if heun is None:
             return -ctx.h * r0
-        r1 = self.rate(ctx, heun.x_euler.to(_F64), ctx.t_next, heun.cond, heun.predict_fn, heun.velocity)
+        r1 = self.rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,
+                       heun.divergence)
         return -ctx.h * 0.5 * (r0 + r1)
 
 
@@ -275,8 +357,9 @@ class HeunStage:
 
     x_euler: Tensor  # [B, *S]
     cond: Tensor  # [M, B, *S] unguided predictions at (x_e, t')
-    predict_fn: Callable[[Tensor], Tensor]  # x -> [M, B, *S] at t'
+    predict_fn: Callable[[Tensor], Tensor] | None  # x -> [M, B, *S] at t'
     velocity: Tensor  # [B, *S] combined velocity used at (x_e, t')
+    divergence: Tensor | None = None  # [B, M] at (x_e, t'), when computed with the forward
 
 
 class NullEstimator(Estimator):
@@ -294,7 +377,7 @@ class NullEstimator(Estimator):
                          "changes; use 'kernel', 'ito' or 'ode'")
 
     def delta(self, ctx, x_next, **kw):
-        return torch.zeros(ctx.x.shape[0], ctx.cond.shape[0], dtype=torch.float64, device=ctx.x.device)
+        return _zeros(ctx)
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {

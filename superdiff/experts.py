@@ -67,6 +67,15 @@ class ExpertSet:
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         raise NotImplementedError
 
+    def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """The experts' conditional predictions [M, B, *S] alone: what the ODE estimator's JVP
+        differentiates (subclasses skip the unconditional rows, which it never uses)."""
+        return self.evaluate(x, t, schedule).cond
+
+    def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
+        """The unconditional branch alone ([B, *S] shared or [M, B, *S]); None without one."""
+        return self.evaluate(x, t, schedule).uncond if self.has_uncond else None
+
     def __len__(self) -> int:
         return self.num_experts
 
@@ -112,15 +121,20 @@ class ExpertList(ExpertSet):
         self.num_forward_calls += 1
         return convert(out, e.prediction_type, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
 
-    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
-        cond = torch.stack([self._one(e, x, t, schedule, f"expert {i}") for i, e in enumerate(self.experts)])
-        uncond = None
+    def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        return torch.stack([self._one(e, x, t, schedule, f"expert {i}") for i, e in enumerate(self.experts)])
+
+    def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
         if isinstance(self.uncond, Sequence):
-            uncond = torch.stack([self._one(e, x, t, schedule, f"unconditional expert {i}")
-                                  for i, e in enumerate(self.uncond)])
-        elif self.uncond is not None:
-            uncond = self._one(self.uncond, x, t, schedule, "unconditional expert")
-        return ExpertOutput(cond, uncond, self.prediction_type)
+            return torch.stack([self._one(e, x, t, schedule, f"unconditional expert {i}")
+                                for i, e in enumerate(self.uncond)])
+        if self.uncond is not None:
+            return self._one(self.uncond, x, t, schedule, "unconditional expert")
+        return None
+
+    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+        return ExpertOutput(self.evaluate_conditional(x, t, schedule), self.evaluate_unconditional(x, t, schedule),
+                            self.prediction_type)
 
 
 def _cat_conditions(conds: Sequence[Any], batch: int) -> Any:
@@ -172,20 +186,37 @@ class SharedNetworkExperts(ExpertSet):
         self.has_uncond = uncond_condition is not None
         self.max_batch_size = max_batch_size
         self.num_forward_calls = 0
+        self._batched: dict[tuple, Any] = {}  # concatenated conditions per (rows, batch size)
 
-    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+    def evaluate_rows(self, x: Tensor, t: Tensor, rows: Sequence[int]) -> Tensor:
+        """The network under the given rows [len(rows), B, *S] (row i < N: condition i; row N:
+        the unconditional one), in one forward call (chunked by max_batch_size)."""
         B = x.shape[0]
-        conds = self.conditions + ([self.uncond_condition] if self.has_uncond else [])
-        nb = len(conds)
-        xb = x.unsqueeze(0).expand(nb, *x.shape).reshape(nb * B, *x.shape[1:])
-        cb = _cat_conditions(conds, B)
+        rows = tuple(rows)
+        nb = len(rows)
+        xb = x if nb == 1 else x.unsqueeze(0).expand(nb, *x.shape).reshape(nb * B, *x.shape[1:])
+        key = (rows, B)
+        if key not in self._batched:  # the conditions never change: concatenate them once
+            conds = self.conditions + [self.uncond_condition]
+            self._batched[key] = _cat_conditions([conds[r] for r in rows], B)
+        cb = self._batched[key]
         step = self.max_batch_size or nb * B
         outs = []
         for lo in range(0, nb * B, step):
             sl = slice(lo, min(lo + step, nb * B))
-            outs.append(self.fn(xb[sl], t, _slice_condition(cb, sl)))
+            outs.append(self.fn(xb[sl], t, cb if step >= nb * B else _slice_condition(cb, sl)))
             self.num_forward_calls += 1
-        out = _check_pred(torch.cat(outs, 0), xb, "the shared network").reshape(nb, *x.shape)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        return _check_pred(out, xb, "the shared network").reshape(nb, *x.shape)
+
+    def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        return self.evaluate_rows(x, t, range(self.num_experts))
+
+    def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
+        return self.evaluate_rows(x, t, [self.num_experts])[0] if self.has_uncond else None
+
+    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+        out = self.evaluate_rows(x, t, range(self.num_experts + self.has_uncond))
         if self.has_uncond:
             return ExpertOutput(out[:-1], out[-1], self.prediction_type)
         return ExpertOutput(out, None, self.prediction_type)

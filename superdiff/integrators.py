@@ -30,38 +30,59 @@ import math
 
 import torch
 
-from .predictions import to_eps_x0, to_score
+from .coefficients import (StepCoefficients, affine, eps_x0_coefficients, fdiv, score_coefficients, step_coefficients,
+                           velocity_coefficients)
 from .schedules import Schedule
 
 Tensor = torch.Tensor
 
 __all__ = ["Integrator", "EulerMaruyama", "DDPMAncestral", "EulerODE", "HeunODE", "INTEGRATORS",
-           "make_integrator", "ode_velocity"]
+           "make_integrator", "ode_velocity", "velocity"]
+
+
+def velocity(c: StepCoefficients, x: Tensor, pred: Tensor, kind: str, at_next: bool = False) -> Tensor:
+    """Probability-flow velocity alpha'(t) x0_hat + sigma'(t) eps_hat (forward time) at the step's
+    start t, or at its end t_next (at_next=True); pred may carry a leading expert axis."""
+    if at_next:
+        vx, vp = velocity_coefficients(kind, c.alpha_next, c.sigma_next, c.dalpha_next, c.dsigma_next)
+    else:
+        vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
+    return affine(x, vx, pred, vp)
 
 
 def ode_velocity(schedule: Schedule, x: Tensor, t: Tensor, pred: Tensor, kind: str) -> Tensor:
-    """Probability-flow velocity alpha'(t) x0_hat + sigma'(t) eps_hat (forward time)."""
-    eps, x0 = to_eps_x0(pred, kind, x, schedule.alpha(t), schedule.sigma(t))
-    da, ds = schedule.dalpha(t), schedule.dsigma(t)
-    if float(da) == 0.0:  # VE: avoid 0 * x0_hat (x0_hat may be inf where alpha = 0 is not)
-        return ds.to(x) * eps
-    return da.to(x) * x0 + ds.to(x) * eps
+    """`velocity` at time t of a schedule (for direct calls outside a sampling loop)."""
+    return velocity(step_coefficients(schedule, t, t), x, pred, kind)
 
 
 class Integrator:
+    """A reverse step x -> x' ~ N(mean(x, pred), var I). Subclasses implement the `*_c` forms,
+    which read the step's scalars from superdiff.coefficients.StepCoefficients (Python
+    floats: no host read); the schedule-based forms below evaluate them first. mean_c
+    broadcasts over a leading expert axis of pred (x [B, *S], pred [M, B, *S])."""
+
     name = "integrator"
     stochastic = True
     #: network evaluations per step
     evals_per_step = 1
 
-    def check(self, schedule: Schedule, t: Tensor, t_next: Tensor) -> None:
+    def check_coefficients(self, c: StepCoefficients) -> None:
         """Raise ValueError when this step cannot be taken (infinite coefficients)."""
 
-    def mean(self, schedule: Schedule, x: Tensor, t: Tensor, t_next: Tensor, pred: Tensor, kind: str) -> Tensor:
+    def mean_c(self, c: StepCoefficients, x: Tensor, pred: Tensor, kind: str) -> Tensor:
         raise NotImplementedError
 
+    def variance_c(self, c: StepCoefficients) -> float:
+        return 0.0
+
+    def check(self, schedule: Schedule, t: Tensor, t_next: Tensor) -> None:
+        self.check_coefficients(step_coefficients(schedule, t, t_next))
+
+    def mean(self, schedule: Schedule, x: Tensor, t: Tensor, t_next: Tensor, pred: Tensor, kind: str) -> Tensor:
+        return self.mean_c(step_coefficients(schedule, t, t_next), x, pred, kind)
+
     def variance(self, schedule: Schedule, t: Tensor, t_next: Tensor) -> Tensor:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.tensor(self.variance_c(step_coefficients(schedule, t, t_next)), dtype=torch.float64)
 
 
 class EulerMaruyama(Integrator):
@@ -84,41 +105,46 @@ class EulerMaruyama(Integrator):
     name = "em"
 
     @staticmethod
+    def posterior_c(c: StepCoefficients) -> bool:
+        """True when the step is taken with the DDPM posterior kernel (see the class doc)."""
+        if not (math.isfinite(c.f) and math.isfinite(c.g2)):
+            return True
+        if not c.singular_noise_end:
+            return False
+        return c.alpha < math.log(fdiv(c.alpha_next, c.alpha))
+
+    @staticmethod
     def posterior_step(schedule: Schedule, t: Tensor, t_next: Tensor) -> bool:
         """True when the step t -> t_next is taken with the DDPM posterior kernel (see class doc)."""
-        if not bool(torch.isfinite(schedule.f(t)) and torch.isfinite(schedule.g2(t))):
-            return True
-        if not getattr(schedule, "singular_noise_end", False):
-            return False
-        a, a_next = float(schedule.alpha(t)), float(schedule.alpha(t_next))
-        return a < math.log(a_next / a)
+        return EulerMaruyama.posterior_c(step_coefficients(schedule, t, t_next))
 
-    def check(self, schedule: Schedule, t: Tensor, t_next: Tensor) -> None:
-        finite = bool(torch.isfinite(schedule.f(t)) and torch.isfinite(schedule.g2(t)))
-        if not finite and (float(schedule.alpha(t)) != 0.0 or not float(schedule.sigma(t)) > 0):
+    def check_coefficients(self, c: StepCoefficients) -> None:
+        finite = math.isfinite(c.f) and math.isfinite(c.g2)
+        if not finite and (c.alpha != 0.0 or not c.sigma > 0):
             raise ValueError(
-                f"the SDE coefficients are infinite at t={float(t):g} ({type(schedule).__name__}) "
+                f"the SDE coefficients are infinite at t={c.t:g} ({c.schedule}) "
                 "and this is not a pure-noise point (alpha_t = 0, sigma_t > 0) where the posterior "
                 "step could start; use integrator 'ddpm', 'euler' or 'heun', or a grid that avoids it")
-        if self.posterior_step(schedule, t, t_next):
-            _POSTERIOR.check(schedule, t, t_next)
+        if self.posterior_c(c):
+            _POSTERIOR.check_coefficients(c)
 
-    def mean(self, schedule, x, t, t_next, pred, kind):
-        if self.posterior_step(schedule, t, t_next):
-            return _POSTERIOR.mean(schedule, x, t, t_next, pred, kind)
-        if float(schedule.sigma(t_next)) == 0.0:
-            return to_eps_x0(pred, kind, x, schedule.alpha(t), schedule.sigma(t))[1]
-        h = (t - t_next).to(x)
-        f, g2 = schedule.f(t).to(x), schedule.g2(t).to(x)
-        s = to_score(pred, kind, x, schedule.alpha(t), schedule.sigma(t))
-        return x + (-f * x + g2 * s) * h
+    def mean_c(self, c, x, pred, kind):
+        if self.posterior_c(c):
+            return _POSTERIOR.mean_c(c, x, pred, kind)
+        if c.sigma_next == 0.0:  # the noise-free final denoise: x' = x0_hat
+            _, _, x0x, x0p = eps_x0_coefficients(kind, c.alpha, c.sigma)
+            return affine(x, x0x, pred, x0p)
+        # x + (-f x + g2 s) h with s = sx x + sp pred
+        sx, sp = score_coefficients(kind, c.alpha, c.sigma)
+        h = c.h
+        return affine(x, 1.0 + (-c.f + c.g2 * sx) * h, pred, c.g2 * sp * h)
 
-    def variance(self, schedule, t, t_next):
-        if self.posterior_step(schedule, t, t_next):
-            return _POSTERIOR.variance(schedule, t, t_next)
-        if float(schedule.sigma(t_next)) == 0.0:
-            return torch.zeros((), dtype=torch.float64)
-        return torch.clamp(schedule.g2(t) * (t - t_next), min=0.0)
+    def variance_c(self, c):
+        if self.posterior_c(c):
+            return _POSTERIOR.variance_c(c)
+        if c.sigma_next == 0.0:
+            return 0.0
+        return max(c.g2 * c.h, 0.0)
 
 
 class DDPMAncestral(Integrator):
@@ -129,34 +155,33 @@ class DDPMAncestral(Integrator):
             raise ValueError(f"clip_sample must be a positive range (e.g. 1.0) or None, got {clip_sample}")
         self.clip_sample = None if clip_sample is None else float(clip_sample)
 
-    def _coefs(self, schedule: Schedule, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a, s2 = schedule.transition(t_next, t)
-        st2, sn2 = schedule.sigma(t) ** 2, schedule.sigma(t_next) ** 2
-        cx = a * sn2 / st2
-        c0 = schedule.alpha(t_next) * s2 / st2
-        var = s2 * sn2 / st2
+    @staticmethod
+    def _coefs(c: StepCoefficients) -> tuple[float, float, float]:
+        st2, sn2 = c.sigma ** 2, c.sigma_next ** 2
+        cx = fdiv(c.trans_a * sn2, st2)
+        c0 = fdiv(c.alpha_next * c.trans_s2, st2)
+        var = fdiv(c.trans_s2 * sn2, st2)
         return cx, c0, var
 
-    def check(self, schedule, t, t_next):
-        if not float(schedule.sigma(t)) > 0:
-            raise ValueError(f"the DDPM step needs sigma_t > 0 at its start, got t={float(t):g}")
+    def check_coefficients(self, c):
+        if not c.sigma > 0:
+            raise ValueError(f"the DDPM step needs sigma_t > 0 at its start, got t={c.t:g}")
 
-    def mean(self, schedule, x, t, t_next, pred, kind):
-        cx, c0, _ = self._coefs(schedule, t, t_next)
-        if kind == "epsilon" and float(schedule.alpha(t)) == 0.0:
+    def mean_c(self, c, x, pred, kind):
+        cx, c0, _ = self._coefs(c)
+        if kind == "epsilon" and c.alpha == 0.0:
             raise ValueError(
-                f"an epsilon prediction determines no x0_hat at alpha_t = 0 (t={float(t):g}), which "
+                f"an epsilon prediction determines no x0_hat at alpha_t = 0 (t={c.t:g}), which "
                 "the posterior step from pure noise needs; use a flow, sample or v_prediction model "
                 "there, or start the grid below this point")
-        _, x0 = to_eps_x0(pred, kind, x, schedule.alpha(t), schedule.sigma(t))
+        _, _, x0x, x0p = eps_x0_coefficients(kind, c.alpha, c.sigma)
         if self.clip_sample is not None:
-            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-        if float(cx) == 0.0:  # alpha_t = 0: x carries no information about x'
-            return c0.to(x) * x0
-        return cx.to(x) * x + c0.to(x) * x0
+            x0 = affine(x, x0x, pred, x0p).clamp(-self.clip_sample, self.clip_sample)
+            return c0 * x0 if cx == 0.0 else torch.add(x * cx, x0, alpha=c0)
+        return affine(x, cx + c0 * x0x, pred, c0 * x0p)  # cx x + c0 x0_hat
 
-    def variance(self, schedule, t, t_next):
-        return torch.clamp(self._coefs(schedule, t, t_next)[2], min=0.0)
+    def variance_c(self, c):
+        return max(self._coefs(c)[2], 0.0)
 
 
 #: the kernel Euler-Maruyama takes on a step from alpha_t = 0
@@ -167,8 +192,10 @@ class EulerODE(Integrator):
     name = "euler"
     stochastic = False
 
-    def mean(self, schedule, x, t, t_next, pred, kind):
-        return x + (t_next - t).to(x) * ode_velocity(schedule, x, t, pred, kind)
+    def mean_c(self, c, x, pred, kind):
+        # x + (t' - t) v with v = vx x + vp pred
+        vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
+        return affine(x, 1.0 - c.h * vx, pred, -c.h * vp)
 
 
 class HeunODE(EulerODE):
@@ -181,10 +208,14 @@ class HeunODE(EulerODE):
     def needs_corrector(schedule: Schedule, t_next: Tensor) -> bool:
         return float(schedule.sigma(t_next)) > 0
 
+    def correct_c(self, c: StepCoefficients, x: Tensor, pred: Tensor, pred_next: Tensor, x_euler: Tensor,
+                  kind: str) -> Tensor:
+        v0 = velocity(c, x, pred, kind)
+        v1 = velocity(c, x_euler, pred_next, kind, at_next=True)
+        return x - (0.5 * c.h) * (v0 + v1)
+
     def correct(self, schedule, x, t, t_next, pred, pred_next, x_euler, kind):
-        v0 = ode_velocity(schedule, x, t, pred, kind)
-        v1 = ode_velocity(schedule, x_euler, t_next, pred_next, kind)
-        return x + (t_next - t).to(x) * 0.5 * (v0 + v1)
+        return self.correct_c(step_coefficients(schedule, t, t_next), x, pred, pred_next, x_euler, kind)
 
 
 INTEGRATORS: dict[str, type[Integrator]] = {

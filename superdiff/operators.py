@@ -20,7 +20,6 @@ see combine.py). Operators only choose kappa:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -151,11 +150,17 @@ def project_capped_simplex(k: Tensor, lo: float, hi: float) -> Tensor:
     return torch.where(feasible, k, torch.clamp(k + tau, lo, hi))
 
 
-@functools.lru_cache(maxsize=None)
-def _sum_zero_basis(m: int, device: str) -> Tensor:
-    """Orthonormal basis [m, m - 1] of {sum = 0} (QR of the centring matrix), once per size."""
-    P = torch.eye(m, dtype=_F64) - 1.0 / m
-    return torch.linalg.qr(P[:, : m - 1])[0].to(device)
+_BASES: dict[tuple[int, str], Tensor] = {}
+
+
+def _sum_zero_basis(m: int, device: torch.device) -> Tensor:
+    """Orthonormal basis [m, m - 1] of {sum = 0} (QR of the centring matrix), once per size
+    (a plain dict, which torch.compile traces, rather than functools.lru_cache)."""
+    key = (m, str(device))
+    if key not in _BASES:
+        P = torch.eye(m, dtype=_F64) - 1.0 / m
+        _BASES[key] = torch.linalg.qr(P[:, : m - 1])[0].to(device)
+    return _BASES[key]
 
 
 def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float = 1e-3,
@@ -179,7 +184,7 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     if M == 1:
         return eq
     c = b if offsets is None else b - offsets.to(b)
-    Q = _sum_zero_basis(M, str(b.device))  # [M, M-1]
+    Q = _sum_zero_basis(M, b.device)  # [M, M-1]
     AQ = A @ Q  # [B, M, M-1]
     PAQ = AQ - AQ.mean(-2, keepdim=True)
     r0 = A.sum(-1) / M + c  # residual at equal weights, [B, M]
@@ -187,7 +192,10 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     rho = ridge * (AQ**2).mean((-1, -2)) + floor * (A**2).mean((-1, -2)) + torch.finfo(_F64).tiny  # [B]
     H = PAQ.transpose(-1, -2) @ PAQ + rho[:, None, None] * torch.eye(M - 1, dtype=_F64, device=b.device)
     g = -(PAQ.transpose(-1, -2) @ Pr0[..., None])
-    z = torch.linalg.solve_ex(H, g)[0][..., 0]  # [B, M-1]; _ex: no host check (bad rows: below)
+    # H is symmetric positive definite (rho > 0): Cholesky and two triangular solves, which,
+    # unlike linalg.solve / solve_ex, read nothing back to the host; bad rows are caught below
+    L = torch.linalg.cholesky_ex(H)[0]
+    z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, g, upper=False), upper=True)[..., 0]
     k = eq + z @ Q.T
     bad = ~torch.isfinite(k).all(-1, keepdim=True)
     return torch.where(bad, eq, k)

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .coefficients import grid_coefficients
 from .correctors import split_corrected
 from .estimators import Estimator, check_pair, make_estimator
 from .experts import Expert, ExpertSet, as_expert_set
 from .integrators import Integrator, make_integrator
 from .operators import Operator, make_operator
 from .schedules import Schedule
-from .step import Generator, StepOutput, randn, superdiff_step
+from .step import FiniteMonitor, Generator, StepOutput, randn, superdiff_step
 from .trace import Trace, stack_steps
 
 Tensor = torch.Tensor
@@ -160,6 +161,11 @@ def sample(
         grid = schedule.grid(int(num_steps), end=grid_end)
     n = len(grid) - 1
     model_dtype = model_dtype or dtype
+    # the schedule's scalars for every step, once (the loop reads Python floats), and every
+    # step checked before any compute
+    coefs = grid_coefficients(schedule, grid)
+    for c in coefs:
+        integ.check_coefficients(c)
     if es.prediction_type == "epsilon" and float(schedule.alpha(grid[0])) == 0.0:
         raise ValueError(
             f"the grid starts at t={float(grid[0]):g}, where alpha_t = 0 (pure noise), and these experts "
@@ -172,12 +178,12 @@ def sample(
         if not torch.isfinite(latents).all():
             raise ValueError("latents contain NaN or inf")
         device = latents.device if device is None else torch.device(device)
-        x = latents.to(device=device, dtype=_F64)
+        x = latents.to(device=device, dtype=dtype)
     else:
         if shape is None or len(shape) < 2 or any(int(s) < 1 for s in shape):
             raise ValueError(f"give latents or a shape [B, *S] with positive sizes, got shape={shape!r}")
         device = torch.device(device or "cpu")
-        x = randn(tuple(int(s) for s in shape), generator, dtype, device).to(_F64) * float(schedule.prior_std(grid[0]))
+        x = randn(tuple(int(s) for s in shape), generator, dtype, device) * float(schedule.prior_std(grid[0]))
     B = x.shape[0]
     if logq_init is None:
         logq = prior_log_prob(x, schedule, grid[0])[:, None].expand(B, M).clone()
@@ -192,11 +198,14 @@ def sample(
         es, x, logq, generator = run.experts, run.x, run.logq, run.row_generator
     kappas, logqs = [], [logq.clone()]
     calls0 = es.num_forward_calls
+    est.begin()
+    monitor = FiniteMonitor(M, x.device, est.name)
     t0 = time.perf_counter()
     for k in tqdm(range(n), desc="superdiff", disable=not progress, leave=False):
         t, t_next = grid[k], grid[k + 1]
         so = superdiff_step(es, schedule, integ, op, est, x, t, t_next, logq, k, n, generator,
-                            guidance_scale, noise_dtype=dtype, model_dtype=model_dtype)
+                            guidance_scale, noise_dtype=dtype, model_dtype=model_dtype,
+                            coefficients=coefs[k], monitor=monitor)
         x = so.x_next
         logq = logq + so.delta_logq
         kappas.append(so.kappa)
@@ -204,13 +213,14 @@ def sample(
         if run is not None:  # reweight / resample / MCMC moves (superdiff.correctors)
             x, logq = run.after_step(k, n, t, t_next, x, logq, so)
         if callback is not None:
-            new_x = callback(StepInfo(k, float(t), float(t_next), x, so.kappa, logq, so))
+            new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, so.kappa, logq, so))
             if new_x is not None:  # a callback may replace the latents (diffusers' callback_on_step_end)
                 if not isinstance(new_x, torch.Tensor) or new_x.shape != x.shape:
                     raise ValueError(f"callback returned {type(new_x).__name__} "
                                      f"{tuple(getattr(new_x, 'shape', ()))}; expected None or a tensor "
                                      f"of shape {tuple(x.shape)}")
-                x = new_x.to(device=x.device, dtype=_F64)
+                x = new_x.to(device=x.device, dtype=x.dtype)
+    monitor.check()  # the one host read of the loop: NaN/inf anywhere names its expert and step
 
     extra: dict[str, Any] = {}
     if run is not None:  # one particle per sample, with the trace of its ancestry

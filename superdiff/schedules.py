@@ -232,7 +232,8 @@ class VPDiscrete(Schedule):
         u, hi = self._seg(t)
         lo = hi - 1
         w = u - lo.to(_F64)
-        return self._log_abar[lo] * (1 - w) + self._log_abar[hi] * w
+        # torch.take: a 0-d index tensor in [] would be read back to the host (a sync)
+        return torch.take(self._log_abar, lo) * (1 - w) + torch.take(self._log_abar, hi) * w
 
     def alpha(self, t: Any) -> Tensor:
         return torch.exp(0.5 * self.log_abar(t))
@@ -243,7 +244,7 @@ class VPDiscrete(Schedule):
     def _slope(self, t: Any) -> Tensor:
         t = _t(t)
         _, hi = self._seg(t)
-        return self._log_abar[hi] - self._log_abar[hi - 1]
+        return torch.take(self._log_abar, hi) - torch.take(self._log_abar, hi - 1)
 
     def dlog_alpha(self, t: Any) -> Tensor:
         return 0.5 * self._slope(t)
@@ -296,6 +297,7 @@ class VESigma(Schedule):
         if s.ndim != 1 or len(s) < 2 or not np.all(np.diff(s) > 0) or s[0] <= 0:
             raise ValueError("sigmas_train must be a positive, strictly increasing 1-D array")
         self.sigmas_train = s
+        self._sigmas_t = torch.as_tensor(s, dtype=_F64)
         self.num_train_timesteps = len(s)
         self.timestep_spacing = timestep_spacing
         self.steps_offset = int(steps_offset)
@@ -342,10 +344,16 @@ class VESigma(Schedule):
         return torch.sqrt(1.0 + _t(t) ** 2)
 
     def model_time(self, t: Any) -> Tensor:
-        """Inverse of diffusers' np.interp(timesteps, arange(T), sigmas): piecewise linear."""
-        sig = np.atleast_1d(_t(t).numpy())
-        out = np.interp(sig, self.sigmas_train, np.arange(self.num_train_timesteps, dtype=np.float64))
-        return torch.as_tensor(out.reshape(np.shape(_t(t).numpy())), dtype=_F64)
+        """Inverse of diffusers' np.interp(timesteps, arange(T), sigmas): piecewise linear,
+        n + (sigma - sigma_n) / (sigma_{n+1} - sigma_n), clamped to [0, T - 1]. Tensor ops only
+        (no host read; traceable by torch.func transforms and torch.compile)."""
+        tt = _t(t)
+        s = self._sigmas_t.to(tt.device)
+        u = torch.clamp(tt, float(self.sigmas_train[0]), float(self.sigmas_train[-1]))
+        hi = torch.clamp(torch.searchsorted(s, u.reshape(-1)), 1, len(s) - 1).reshape(u.shape)
+        lo = hi - 1
+        s_lo = torch.take(s, lo)
+        return lo.to(_F64) + (u - s_lo) / (torch.take(s, hi) - s_lo)
 
     def input_scale(self, t: Any) -> Tensor:
         """c_in = 1 / sqrt(sigma^2 + 1): maps x~ back to the VP variable the network expects."""

@@ -1,7 +1,9 @@
 """One SuperDiff step, written once and used by the sampler, every pipeline, the CLI, the UI
 and the benchmarks (superdiff-math.md, sections 2-4).
 
-    1. experts at (x, t): conditional c_i [M, B, *S] (+ unconditional u_i)
+    1. experts at (x, t): conditional c_i [M, B, *S] (+ unconditional u_i); with the ODE
+       estimator the conditional rows go through ONE forward-mode JVP whose primal output is
+       c_i (the unconditional rows, which no estimator uses, go through a plain forward)
     2. guided per-expert predictions  p_i = u_i + w (c_i - u_i)   (p_i = c_i without guidance)
     3. the step's noise z (drawn before kappa: AND needs the would-be increment)
     4. kappa = operator(log q, linear model of Delta log q in kappa)
@@ -10,18 +12,26 @@ and the benchmarks (superdiff-math.md, sections 2-4).
        with a shared u this is Composable Diffusion's u + w sum_i kappa_i (c_i - u))
     6. x' = integrator mean(p) + sqrt(var) z   (Heun: corrector at the Euler point)
     7. log q_i += estimator Delta log q_i, from each expert's own (unguided) prediction
+
+The hot path has no host-device synchronisation: the schedule's scalars come precomputed
+as Python floats (superdiff.coefficients), Python branches only look at those and at the
+operator's static properties, and non-finite values are recorded on the device by a
+`FiniteMonitor` that `sample` reads once, after the loop. Latents and predictions stay in
+the sampling dtype; the per-sample scalars (inner products, log q, kappa) are float64.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from .coefficients import StepCoefficients, step_coefficients
 from .estimators import Estimator, HeunStage, StepContext
 from .experts import ExpertOutput, ExpertSet
-from .integrators import HeunODE, Integrator, ode_velocity
+from .integrators import HeunODE, Integrator, velocity
 from .operators import Operator, StepState
 from .predictions import null_prediction
 from .schedules import Schedule
@@ -30,7 +40,10 @@ Tensor = torch.Tensor
 _F64 = torch.float64
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
-__all__ = ["StepOutput", "superdiff_step", "guided", "combine", "randn"]
+__all__ = ["StepOutput", "FiniteMonitor", "superdiff_step", "guided", "combine", "randn"]
+
+#: "no non-finite value seen yet" in FiniteMonitor
+_NEVER = 2**62
 
 
 def randn(shape: Sequence[int], generator: Generator, dtype: torch.dtype = torch.float32,
@@ -57,36 +70,104 @@ def guided(out: ExpertOutput, guidance_scale: float) -> Tensor:
 
 
 def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
-    """sum_i kappa_i preds_i + (1 - sum_i kappa_i) ref, in float64: preds [M, B, *S], kappa [B, M]."""
-    k = kappa.to(_F64).T.reshape(kappa.shape[1], kappa.shape[0], *([1] * (preds.dim() - 2)))
-    out = (k * preds.to(_F64)).sum(0)
-    rest = 1.0 - kappa.to(_F64).sum(-1)
-    if torch.any(rest.abs() > 1e-12):
-        if ref is None:
-            raise ValueError("weights that do not sum to one need a reference prediction")
-        out = out + rest.reshape(-1, *([1] * (preds.dim() - 2))) * ref.to(_F64)
-    return out
+    """sum_i kappa_i preds_i + (1 - sum_i kappa_i) ref: preds [M, B, *S], kappa [B, M].
+
+    ref=None: the weights sum to one (an affine operator) and the rest term is dropped.
+    In the predictions' dtype (kappa is cast to it)."""
+    shape = (kappa.shape[1], kappa.shape[0], *([1] * (preds.dim() - 2)))
+    k = kappa.to(preds.dtype).T.reshape(shape)
+    out = (k * preds).sum(0)
+    if ref is None:
+        return out
+    rest = (1.0 - kappa.sum(-1)).to(preds.dtype).reshape(-1, *([1] * (preds.dim() - 2)))
+    return out + rest * ref.to(preds.dtype)
+
+
+class FiniteMonitor:
+    """Records on the device the first step at which each source produced NaN/inf.
+
+    Sources: experts 0..M-1, the unconditional branch, the estimator. A source's values are
+    summed (the sum is non-finite when a value is); the step is kept with torch.minimum, so
+    recording reads nothing back. `check` makes the one host read and raises the error
+    naming the first source and step.
+    """
+
+    def __init__(self, num_experts: int, device: torch.device | str, estimator: str = "estimator") -> None:
+        self.num_experts = num_experts
+        self.estimator = estimator
+        self.first = torch.full((num_experts + 2,), _NEVER, dtype=torch.int64, device=device)
+        self.times: dict[int, tuple[float, float]] = {}
+
+    def _record(self, lo: int, sums: Tensor, step: int) -> None:
+        seen = torch.where(torch.isfinite(sums), _NEVER, step)
+        n = sums.shape[0]
+        self.first[lo : lo + n] = torch.minimum(self.first[lo : lo + n], seen)
+
+    def experts(self, out: ExpertOutput, step: int, t: float, t_next: float) -> None:
+        self.times[step] = (t, t_next)
+        self._record(0, out.cond.flatten(1).sum(1), step)
+        if out.uncond is not None:
+            self._record(self.num_experts, out.uncond.reshape(1, -1).sum(1), step)
+
+    def delta(self, delta: Tensor, step: int) -> None:
+        self._record(self.num_experts + 1, delta.reshape(1, -1).sum(1), step)
+
+    def check(self) -> None:
+        """Raise ValueError for the earliest non-finite value recorded (one host read)."""
+        first = self.first.tolist()
+        step = min(first)
+        if step >= _NEVER:
+            return
+        src = first.index(step)
+        t, tn = self.times.get(step, (float("nan"), float("nan")))
+        if src < self.num_experts:
+            raise ValueError(f"expert {src} returned non-finite values (NaN/inf) at step {step} "
+                             f"(t={t:g}); check the model, its dtype and the schedule")
+        if src == self.num_experts:
+            raise ValueError(f"the unconditional branch returned non-finite values at step {step} (t={t:g})")
+        raise ValueError(f"the {self.estimator!r} estimator produced non-finite log-density changes at "
+                         f"step {step} (t={t:g} -> {tn:g}); the grid may reach a point "
+                         "where this estimator is undefined (e.g. sigma = 0): end the grid at sigma_min "
+                         "(grid end='min') or use another estimator")
 
 
 @dataclass
 class StepOutput:
-    x_next: Tensor  # [B, *S] float64
+    x_next: Tensor  # [B, *S] in the sampling dtype
     kappa: Tensor  # [B, M] float64
     delta_logq: Tensor  # [B, M] float64
     pred: Tensor  # [B, *S] combined prediction used for the step (native kind)
     cond: Tensor  # [M, B, *S] each expert's own prediction at (x, t)
 
 
-def _evaluate(experts: ExpertSet, x: Tensor, t: Tensor, schedule: Schedule, model_dtype: torch.dtype,
-              step: int) -> ExpertOutput:
-    out = experts.evaluate(x.to(model_dtype), t, schedule)
-    for i in range(out.cond.shape[0]):
-        if not torch.isfinite(out.cond[i]).all():
-            raise ValueError(f"expert {i} returned non-finite values (NaN/inf) at step {step} "
-                             f"(t={float(t):g}); check the model, its dtype and the schedule")
-    if out.uncond is not None and not torch.isfinite(out.uncond).all():
-        raise ValueError(f"the unconditional branch returned non-finite values at step {step} (t={float(t):g})")
-    return out
+def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at_next: bool,
+              c: StepCoefficients, schedule: Schedule, model_dtype: torch.dtype,
+              generator: torch.Generator | None) -> tuple[ExpertOutput, Tensor | None]:
+    """The experts at (x, t) and, when the estimator needs it, the divergence of each expert's
+    ODE velocity there ([B, M]) from the same network pass (the JVP's primal output)."""
+    if not estimator.needs_divergence:
+        out = experts.evaluate(x.to(model_dtype), t, schedule)
+        return ExpertOutput(out.cond.to(x.dtype), None if out.uncond is None else out.uncond.to(x.dtype),
+                            out.kind), None
+
+    def fn(xx: Tensor) -> Tensor:
+        return experts.evaluate_conditional(xx.to(model_dtype), t, schedule).to(xx.dtype)
+
+    cond, div = estimator.divergence_at(fn, x, c, at_next, experts.prediction_type, generator)
+    uncond = None
+    if experts.has_uncond:
+        uncond = experts.evaluate_unconditional(x.to(model_dtype), t, schedule)
+        uncond = None if uncond is None else uncond.to(x.dtype)
+    return ExpertOutput(cond, uncond, experts.prediction_type), div
+
+
+def _reference(operator: Operator, out: ExpertOutput, kind: str, x: Tensor, alpha: float, sigma: float) -> Tensor | None:
+    """The prediction completing weights that need not sum to one (None for affine operators)."""
+    if operator.affine:
+        return None
+    if out.uncond is not None and out.uncond.dim() < out.cond.dim():
+        return out.uncond
+    return null_prediction(kind, x, alpha, sigma)
 
 
 def superdiff_step(
@@ -105,66 +186,69 @@ def superdiff_step(
     guidance_scale: float = 1.0,
     noise_dtype: torch.dtype = torch.float32,
     model_dtype: torch.dtype = torch.float32,
+    *,
+    coefficients: StepCoefficients | None = None,
+    monitor: FiniteMonitor | None = None,
 ) -> StepOutput:
-    """Advance x [B, *S] (float64) from t to t_next; see the module docstring."""
-    integrator.check(schedule, t, t_next)
-    x = x.to(_F64)
-    out = _evaluate(experts, x, t, schedule, model_dtype, step)
+    """Advance x [B, *S] from t to t_next; see the module docstring.
+
+    coefficients: this step's schedule scalars (superdiff.coefficients.grid_coefficients, as
+    `sample` passes them); computed and checked here when not given. monitor: where non-finite
+    values are recorded; without one, they are checked (one host read) before returning.
+    """
+    c = coefficients
+    if c is None:
+        c = step_coefficients(schedule, t, t_next)
+        integrator.check_coefficients(c)
+    own = monitor is None
+    if own:
+        monitor = FiniteMonitor(experts.num_experts, x.device, estimator.name)
+    gen1 = generator if isinstance(generator, torch.Generator) else None
+    out, div = _evaluate(experts, estimator, x, t, False, c, schedule, model_dtype, gen1)
+    monitor.experts(out, step, c.t, c.t_next)
     kind = out.kind
     preds = guided(out, guidance_scale)  # [M, B, *S]
 
     def predict_fn_at(tt: Tensor):
-        return lambda xx: experts.evaluate(xx.to(model_dtype), tt, schedule).cond.to(xx.dtype)
+        return lambda xx: experts.evaluate_conditional(xx.to(model_dtype), tt, schedule).to(xx.dtype)
 
-    ctx = StepContext(schedule, integrator, t, t_next, x, out.cond, kind,
-                      predict_fn=predict_fn_at(t),
-                      generator=generator if isinstance(generator, torch.Generator) else None)
-    var = integrator.variance(schedule, t, t_next).to(_F64)
+    ctx = StepContext(schedule, integrator, t, t_next, x, out.cond, kind, predict_fn=predict_fn_at(t),
+                      generator=gen1, coefficients=c, divergence=div)
+    var = integrator.variance_c(c)
     noise = None
-    if integrator.stochastic and float(var) > 0:
-        noise = randn(x.shape, generator, noise_dtype, x.device).to(_F64) * var.sqrt()
-
-    def proposals() -> Tensor:  # [M, B, *S]: x' if expert j alone drove the step (same noise)
-        means = torch.stack([integrator.mean(schedule, x, t, t_next, p.to(_F64), kind) for p in preds])
-        return means if noise is None else means + noise[None]
+    if integrator.stochastic and var > 0:
+        noise = randn(x.shape, generator, noise_dtype, x.device).to(x.dtype) * math.sqrt(var)
 
     def linear_model() -> tuple[Tensor, Tensor]:
-        W, c = estimator.linear(ctx)
-        props = proposals()
-        # A[b, i, j] = <x'_j[b], W_i[b]>
+        W, b = estimator.linear(ctx)
+        props = integrator.mean_c(c, x, preds, kind)  # [M, B, *S]: x' if expert j alone drove the step
+        if noise is not None:
+            props = props + noise
+        # A[b, i, j] = <x'_j[b], W_i[b]>, float64
         A = torch.einsum("jbd,ibd->bij", props.flatten(2).to(_F64), W.flatten(2).to(_F64))
-        return A, c
+        return A, b
 
     kappa = operator.kappa(StepState(logq.to(_F64), step, num_steps,
                                      linear_model if operator.needs_linear_model else None))
-    ref = None
-    if torch.any((1.0 - kappa.sum(-1)).abs() > 1e-12):
-        if out.uncond is not None and out.uncond.dim() < out.cond.dim():
-            ref = out.uncond
-        else:
-            ref = null_prediction(kind, x, schedule.alpha(t), schedule.sigma(t))
+    ref = _reference(operator, out, kind, x, c.alpha, c.sigma)
     pred = combine(preds, kappa, ref)
-    x_next = integrator.mean(schedule, x, t, t_next, pred, kind)
+    x_next = integrator.mean_c(c, x, pred, kind)
     if noise is not None:
         x_next = x_next + noise
 
     heun = None
-    if isinstance(integrator, HeunODE) and integrator.needs_corrector(schedule, t_next):
+    if isinstance(integrator, HeunODE) and c.sigma_next > 0:
         x_e = x_next
-        out2 = _evaluate(experts, x_e, t_next, schedule, model_dtype, step)
-        preds2 = guided(out2, guidance_scale)
-        ref2 = None
-        if ref is not None:
-            ref2 = out2.uncond if (out2.uncond is not None and out2.uncond.dim() < out2.cond.dim()) \
-                else null_prediction(kind, x_e, schedule.alpha(t_next), schedule.sigma(t_next))
-        pred2 = combine(preds2, kappa, ref2)
-        x_next = integrator.correct(schedule, x, t, t_next, pred, pred2, x_e, kind)
-        heun = HeunStage(x_e, out2.cond, predict_fn_at(t_next), ode_velocity(schedule, x_e, t_next, pred2, kind))
+        out2, div2 = _evaluate(experts, estimator, x_e, t_next, True, c, schedule, model_dtype, gen1)
+        monitor.experts(out2, step, c.t, c.t_next)
+        ref2 = None if ref is None else _reference(operator, out2, kind, x_e, c.alpha_next, c.sigma_next)
+        pred2 = combine(guided(out2, guidance_scale), kappa, ref2)
+        x_next = integrator.correct_c(c, x, pred, pred2, x_e, kind)
+        heun = HeunStage(x_e, out2.cond, predict_fn_at(t_next), velocity(c, x_e, pred2, kind, at_next=True),
+                         divergence=div2)
 
     delta = estimator.delta(ctx, x_next, heun=heun)
-    if not torch.isfinite(delta).all():
-        raise ValueError(f"the {estimator.name!r} estimator produced non-finite log-density changes at "
-                         f"step {step} (t={float(t):g} -> {float(t_next):g}); the grid may reach a point "
-                         "where this estimator is undefined (e.g. sigma = 0): end the grid at sigma_min "
-                         "(grid end='min') or use another estimator")
+    monitor.delta(delta, step)
+    if own:
+        monitor.check()
     return StepOutput(x_next, kappa, delta, pred, out.cond)

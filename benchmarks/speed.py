@@ -1,0 +1,575 @@
+"""Speed and memory of a SuperDiff step against diffusers' own pipeline, side by side.
+
+    python benchmarks/speed.py [--out benchmarks/results/speed] [--quick] [--steps 6] [--reps 3]
+    superdiff bench speed ...                        # the same, from the command line
+
+Both pipelines run on the SAME components (UNet, text encoder, VAE, scheduler config) and
+the SAME per-step UNet batch: SuperDiff with N prompts under classifier-free guidance
+evaluates N + 1 rows per image (N experts + the shared unconditional branch);
+diffusers' `StableDiffusionPipeline` runs (N + 1) / 2 prompts with guidance when N + 1 is
+even, else N + 1 prompts without guidance. Its scheduler is the diffusers counterpart of
+the SuperDiff sampler (sde: EulerAncestral, ddpm: DDPM, euler: Euler, heun: Heun). Runs
+alternate (diffusers, ours, diffusers, ours, ...) so that machine noise hits both.
+
+Per step, for every case:
+  time      wall time per step (between two progress-bar updates), split into the network
+            (every forward of the UNet, JVPs included, timed by a wrapper around its
+            `forward`) and everything else; median over steps 2..n and repetitions
+  syncs     host-device synchronisations outside the network, counted with torch.profiler:
+            scalar reads (aten::_local_scalar_dense: .item(), float(t), bool(t), `if t`),
+            data-dependent shapes (nonzero, masked_select, unique), aten::equal, plus
+            .numpy() / .tolist() (seen through a TorchFunctionMode: on the CPU they reach no
+            aten op). On the CPU each is a sync only once the tensor lives on an accelerator,
+            so this is an upper bound there; on CUDA the profiler's cudaStreamSynchronize /
+            cudaDeviceSynchronize / synchronous cudaMemcpy events are counted instead.
+  aten ops  top-level aten operators dispatched outside the network
+            (both counts: difference between an n1- and an n2-step call, divided by n2 - n1,
+            so per-call setup is excluded exactly)
+  memory    peak memory of the call beyond what was resident before it: process RSS
+            (VmHWM after resetting it, in a fresh child process with glibc's mmap
+            threshold fixed, so freed tensors go back to the system) on the CPU; CUDA peak
+            allocated on a GPU
+
+Cases: SD-size latents (4x64x64) on a UNet with random weights built from a small config
+("sd64"), and the bundled shapes-t2i model; every sampler/estimator at N = 2; N = 1..6 on
+three paths. Writes results.json, results.md and speed.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: SuperDiff sampler -> diffusers scheduler of the reference pipeline
+DIFFUSERS_SCHEDULER = {"sde": "EulerAncestralDiscreteScheduler", "ddpm": "DDPMScheduler",
+                       "euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler"}
+#: ops that make the host wait for the device when their input lives on an accelerator
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+            "aten::unique_consecutive", "aten::unique_dim", "aten::equal"}
+CUDA_SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize"}
+#: Tensor methods that read device data on the host without an aten op on the CPU
+HOST_READ_METHODS = {"numpy", "tolist"}
+NETWORK_LABEL = "speedbench::network"
+PROMPTS = ["a circle", "something red", "a square", "something blue", "a triangle", "something green"]
+GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # "sd64" (random 4x64x64 UNet) or "shapes-t2i" (bundled)
+    sampler: str  # sde | ddpm | euler | heun
+    estimator: str  # ito | kernel | ode | none
+    operator: str  # and | average | or
+    experts: int  # N prompts
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.sampler}+{self.estimator}/{self.operator}/N{self.experts}"
+
+    @property
+    def rows(self) -> int:
+        """UNet rows per image per step: N experts + the shared unconditional branch."""
+        return self.experts + 1
+
+    @property
+    def target(self) -> float:
+        """Issue 16: outside-network time at most 1.5x diffusers' without an estimator, 3x with one."""
+        return 1.5 if self.estimator == "none" else 3.0
+
+
+def cases(quick: bool = False) -> list[Case]:
+    paths = [("sde", "ito", "and"), ("sde", "kernel", "and"), ("ddpm", "kernel", "and"),
+             ("euler", "ode", "and"), ("heun", "ode", "and"), ("sde", "none", "average"),
+             ("euler", "none", "average")]
+    sweep = [("sde", "ito", "and"), ("euler", "none", "average"), ("euler", "ode", "and")]
+    if quick:
+        return [Case("sd64", *p, 2) for p in (paths[0], paths[3], paths[6])]
+    out = [Case("sd64", *p, 2) for p in paths]
+    out += [Case("sd64", *p, n) for p in sweep for n in range(1, 7) if n != 2]
+    out += [Case("shapes-t2i", *p, 2) for p in paths]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# components
+# --------------------------------------------------------------------------------------
+
+
+def sd64_components(seed: int = 0) -> dict[str, Any]:
+    """SD 1.x layout with 4x64x64 latents (512 px, VAE factor 8); random weights from a
+    small config (the network's own cost is not what is measured)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from superdiff.pipelines._testing import SD_SCHEDULE, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=64,
+                                in_channels=4, out_channels=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=4).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[4, 4, 4, 4], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        latent_channels=4, norm_num_groups=2, sample_size=512).eval()
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                      intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                      vocab_size=100, max_position_embeddings=16)).eval()
+    sched = EulerDiscreteScheduler(**SD_SCHEDULE, steps_offset=1)
+    return dict(vae=vae, text_encoder=te, tokenizer=tiny_tokenizer(max_length=12), unet=unet, scheduler=sched)
+
+
+def load_components(model: str) -> dict[str, Any]:
+    if model == "sd64":
+        return sd64_components()
+    from diffusers import StableDiffusionPipeline
+
+    from superdiff.registry import bundled_model_path
+
+    p = StableDiffusionPipeline.from_pretrained(bundled_model_path(model))
+    return dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet, scheduler=p.scheduler)
+
+
+class NetworkTimer:
+    """Wraps `unet.forward`: times every call and labels it for the profiler."""
+
+    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
+        self.intervals: list[tuple[float, float]] = []
+        self.inside = False
+        self.sync = device.type == "cuda"
+        inner = unet.forward
+
+        def forward(*args: Any, **kwargs: Any):
+            if self.sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.inside = True
+            try:
+                with torch.profiler.record_function(NETWORK_LABEL):
+                    out = inner(*args, **kwargs)
+                if self.sync:
+                    torch.cuda.synchronize()
+            finally:
+                self.inside = False
+            self.intervals.append((t0, time.perf_counter()))
+            return out
+
+        unet.forward = forward
+
+
+class StepClock:
+    """A stand-in for the pipelines' progress bar: one timestamp per finished step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, iterable: Any = None, total: int | None = None) -> "StepClock":
+        self.stamps = []
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "StepClock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class Bench:
+    """Both pipelines on shared components, one per-step batch layout per case."""
+
+    def __init__(self, model: str, device: torch.device) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        from superdiff.pipelines import SuperDiffStableDiffusionPipeline
+
+        comps = load_components(model)
+        self.device = device
+        for m in ("unet", "vae", "text_encoder"):
+            comps[m].to(device)
+        self.timer = NetworkTimer(comps["unet"], device)
+        self.clock = StepClock()
+        self.ours = SuperDiffStableDiffusionPipeline(**comps, requires_safety_checker=False)
+        self.theirs = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+        self.scheduler_config = dict(comps["scheduler"].config)
+        for p in (self.ours, self.theirs):
+            p.set_progress_bar_config(disable=True)
+            p.progress_bar = self.clock  # instance attribute: the step clock
+        self.size = self.ours.unet.config.sample_size * self.ours.vae_scale_factor
+
+    def run(self, impl: str, case: Case, steps: int) -> Callable[[], Any]:
+        """A zero-argument function running one call of `impl` ("ours" / "diffusers")."""
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        common = dict(num_inference_steps=steps, height=self.size, width=self.size, output_type="latent",
+                      generator=gen)
+        if impl == "ours":
+            return lambda: self.ours(PROMPTS[: case.experts], guidance_scale=GUIDANCE, operator=case.operator,
+                                     sampler=case.sampler, estimator=case.estimator, **common)
+        import diffusers
+
+        self.theirs.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULER[case.sampler]).from_config(self.scheduler_config)
+        R = case.rows
+        if R % 2 == 0:  # classifier-free guidance: R / 2 prompts, each with its unconditional row
+            prompts, g = [PROMPTS[i % len(PROMPTS)] for i in range(R // 2)], GUIDANCE
+        else:
+            prompts, g = [PROMPTS[i % len(PROMPTS)] for i in range(R)], 1.0
+        return lambda: self.theirs(prompts, guidance_scale=g, **common)
+
+    # ---- measurements ------------------------------------------------------------------
+    def time_steps(self, impl: str, case: Case, steps: int) -> list[tuple[float, float]]:
+        """(total, network) seconds of each step after the first."""
+        fn = self.run(impl, case, steps)
+        self.timer.intervals = []
+        with torch.no_grad():
+            fn()
+        st, iv = self.clock.stamps, self.timer.intervals
+        rows = []
+        for k in range(1, len(st)):
+            lo, hi = st[k - 1], st[k]
+            net = sum(b - a for a, b in iv if lo <= a < hi)
+            rows.append((hi - lo, net))
+        return rows
+
+    def count(self, impl: str, case: Case, steps: int) -> dict[str, int]:
+        """aten ops and syncs outside the network over one call."""
+        from torch.overrides import TorchFunctionMode
+
+        timer = self.timer
+
+        class HostReads(TorchFunctionMode):
+            n = 0
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in HOST_READ_METHODS and not timer.inside:
+                    HostReads.n += 1
+                return func(*args, **(kwargs or {}))
+
+        fn = self.run(impl, case, steps)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        HostReads.n = 0
+        with torch.no_grad(), torch.profiler.profile(activities=acts) as prof, HostReads():
+            fn()
+        return count_events(prof.events(), self.device.type == "cuda") | {"host_reads": HostReads.n}
+
+    def memory(self, impl: str, case: Case, steps: int) -> float:
+        """Peak bytes of one call beyond what was resident before it."""
+        fn = self.run(impl, case, steps)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                fn()
+            torch.cuda.synchronize()
+            return float(torch.cuda.max_memory_allocated() - base)
+        _trim()
+        base = _rss("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+        with torch.no_grad():
+            fn()
+        return float(_rss("VmHWM") - base)
+
+
+def _trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def count_events(events: Any, cuda: bool = False) -> dict[str, int]:
+    """Top-level aten ops and sync events outside the network in a profiler event list."""
+    def under(ev: Any) -> tuple[bool, bool]:  # (inside the network, has an aten ancestor)
+        p, aten = ev.cpu_parent, False
+        while p is not None:
+            if p.name == NETWORK_LABEL:
+                return True, aten
+            aten = aten or p.name.startswith("aten::")
+            p = p.cpu_parent
+        return False, aten
+
+    ops = syncs = 0
+    for ev in events:
+        name = ev.name
+        is_sync = name in (CUDA_SYNC_EVENTS if cuda else SYNC_OPS)
+        if not (name.startswith("aten::") or is_sync) or name == NETWORK_LABEL:
+            continue
+        inside, nested = under(ev)
+        if inside:
+            continue
+        if name.startswith("aten::") and not nested:
+            ops += 1
+        if is_sync:
+            syncs += 1
+    return {"aten_ops": ops, "syncs": syncs}
+
+
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
+
+
+def measure_case(bench: Bench, case: Case, steps: int, reps: int, count_steps: tuple[int, int]) -> dict[str, Any]:
+    res: dict[str, Any] = {"case": asdict(case), "key": case.key}
+    per: dict[str, list[tuple[float, float]]] = {"diffusers": [], "ours": []}
+    for impl in ("diffusers", "ours"):  # warm-up (allocator, lazy inits), not recorded
+        bench.time_steps(impl, case, 2)
+    for _ in range(reps):
+        for impl in ("diffusers", "ours"):
+            per[impl] += bench.time_steps(impl, case, steps)
+    n1, n2 = count_steps
+    for impl in ("diffusers", "ours"):
+        rows = per[impl]
+        c1, c2 = bench.count(impl, case, n1), bench.count(impl, case, n2)
+        res[impl] = {
+            "step_ms": 1e3 * statistics.median(t for t, _ in rows),
+            "network_ms": 1e3 * statistics.median(n for _, n in rows),
+            "outside_ms": 1e3 * statistics.median(t - n for t, n in rows),
+            "outside_ms_iqr": _iqr([1e3 * (t - n) for t, n in rows]),
+            "aten_ops_per_step": (c2["aten_ops"] - c1["aten_ops"]) / (n2 - n1),
+            "syncs_per_step": (c2["syncs"] + c2["host_reads"] - c1["syncs"] - c1["host_reads"]) / (n2 - n1),
+            "samples": len(rows),
+        }
+    res["outside_ratio"] = res["ours"]["outside_ms"] / max(res["diffusers"]["outside_ms"], 1e-9)
+    res["target_outside_ratio"] = case.target
+    return res
+
+
+def _iqr(v: list[float]) -> list[float]:
+    q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0]] * 3
+    return [q[0], q[2]]
+
+
+def memory_child(model: str, keys: list[str], steps: int, device: str) -> dict[str, dict[str, float]]:
+    """Peak memory per case, diffusers and ours alternating, in a fresh process (see module doc)."""
+    if not keys:
+        return {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    cmd = [sys.executable, __file__, "--memory-child", model, "--steps", str(steps), "--device", device,
+           "--cases", ",".join(keys)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_main(model: str, keys: list[str], steps: int, device: str) -> None:
+    torch.set_num_threads(1)
+    bench = Bench(model, torch.device(device))
+    by_key = {c.key: c for c in cases(False) + cases(True)}
+    res = {}
+    for k in keys:
+        case = by_key[k]
+        for impl in ("diffusers", "ours"):
+            bench.memory(impl, case, 2)  # warm-up
+        vals: dict[str, list[float]] = {"diffusers": [], "ours": []}
+        for _ in range(2):
+            for impl in ("diffusers", "ours"):
+                vals[impl].append(bench.memory(impl, case, steps))
+        res[k] = {impl: min(v) for impl, v in vals.items()}
+    print(json.dumps(res))
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
+    ap.add_argument("--quick", action="store_true", help="three cases, fewer repetitions (a smoke run)")
+    ap.add_argument("--steps", type=int, default=6, help="steps per timed call (default 6)")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per pipeline and case (default 3)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    ap.add_argument("--cases", default=None, help="comma-separated case keys (default: all)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--label", default=None, help="name of the results (default: the device type)")
+    ap.add_argument("--resume", action="store_true", help="keep the cases already in partial_<label>.json")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    from transformers.utils import logging as tlog
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    tlog.set_verbosity_error()  # the tiny tokenizer truncates prompts: expected, not news
+    if args.memory_child:
+        _memory_main(args.memory_child, args.cases.split(","), args.steps, args.device)
+        return 0
+    if args.steps < 3:
+        raise ValueError(f"--steps must be >= 3 (the first step is not timed), got {args.steps}")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    todo = cases(args.quick)
+    if args.cases:
+        want = set(args.cases.split(","))
+        todo = [c for c in cases(False) + cases(True) if c.key in want]
+        todo = list(dict.fromkeys(todo))
+        if not todo:
+            raise ValueError(f"no case matches {args.cases!r}; keys look like {cases(True)[0].key!r}")
+    reps = 1 if args.quick else args.reps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    label = args.label or device.type
+    partial = out / f"partial_{label}.json"  # per-case results so far: a killed run resumes
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and partial.is_file():
+        done = {r["key"]: r for r in json.loads(partial.read_text())}
+    results: list[dict[str, Any]] = []
+    t_start = time.time()
+    bar = tqdm(total=len(todo), desc="speed cases")
+    for model in dict.fromkeys(c.model for c in todo):
+        mcases = [c for c in todo if c.model == model]
+        bench = Bench(model, device)
+        for c in mcases:
+            if c.key in done:
+                results.append(done[c.key])
+                bar.update()
+                continue
+            r = measure_case(bench, c, args.steps, reps, (2, 4))
+            r["latent_shape"] = [4, bench.size // bench.ours.vae_scale_factor, bench.size // bench.ours.vae_scale_factor]
+            results.append(r)
+            partial.write_text(json.dumps(results, indent=1))
+            bar.update()
+            bar.write(f"{c.key}: outside {r['ours']['outside_ms']:.2f} ms vs {r['diffusers']['outside_ms']:.2f} ms, "
+                      f"syncs {r['ours']['syncs_per_step']:.1f} vs {r['diffusers']['syncs_per_step']:.1f}")
+        if not args.no_memory:
+            mem = memory_child(model, [c.key for c in mcases if "memory_mb" not in done.get(c.key, {})],
+                               args.steps, args.device)
+            for r in results:
+                if r["key"] in mem:
+                    m = mem[r["key"]]
+                    r["memory_mb"] = {k: v / 2**20 for k, v in m.items()}
+                    r["memory_ratio"] = m["ours"] / max(m["diffusers"], 1.0)
+            partial.write_text(json.dumps(results, indent=1))
+        del bench
+    bar.close()
+    doc = {
+        "device": device_label(device),
+        "gpu_available": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "steps_per_call": args.steps,
+        "reps": reps,
+        "seconds": time.time() - t_start,
+        "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "results": results,
+    }
+    (out / f"results_{label}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"results_{label}.md").write_text(markdown(doc))
+    plot(doc, out / f"speed_{label}.png")
+    print(markdown(doc))
+    return 0
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"# SuperDiff step vs diffusers: {doc['device']}", "",
+             f"torch {doc['torch']}; {doc['steps_per_call']} steps per call, {doc['reps']} interleaved calls per "
+             "pipeline; times are medians per step (the first step excluded). `outside` = step time minus the "
+             "network's forwards. Ratios are ours / diffusers'. Target (issue 16): outside ratio <= 1.5 without "
+             "an estimator, <= 3 with one; syncs <= 2 per step; memory ratio <= 1.1 (2 on the ODE-estimator path).",
+             ""]
+    if not doc.get("gpu_available"):
+        lines += ["No GPU was available to this run: CPU figures only.", ""]
+    lines += ["| case | rows | network ms (diffusers / ours) | outside ms diffusers | outside ms ours | ratio | target "
+              "| syncs/step (d / ours) | aten ops/step (d / ours) | peak MB (d / ours) | mem ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        d, o = r["diffusers"], r["ours"]
+        mem = r.get("memory_mb")
+        mtxt = f"{mem['diffusers']:.1f} / {mem['ours']:.1f}" if mem else "-"
+        mr = f"{r['memory_ratio']:.2f}" if mem else "-"
+        ok = "met" if r["outside_ratio"] <= r["target_outside_ratio"] else "NOT met"
+        lines.append(f"| {r['key']} | {r['case']['experts'] + 1} | {d['network_ms']:.1f} / {o['network_ms']:.1f} "
+                     f"| {d['outside_ms']:.2f} | {o['outside_ms']:.2f} | {r['outside_ratio']:.1f} "
+                     f"| {r['target_outside_ratio']:g} ({ok}) | {d['syncs_per_step']:g} / {o['syncs_per_step']:g} "
+                     f"| {d['aten_ops_per_step']:g} / {o['aten_ops_per_step']:g} | {mtxt} | {mr} |")
+    lines += ["", f"Reproduce: `{doc['command']}` ({doc['seconds'] / 60:.1f} min)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = doc["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    n2 = [r for r in res if r["case"]["experts"] == 2]
+    labels = [r["key"].replace("/N2", "") for r in n2]
+    y = range(len(n2))
+    ax = axes[0]
+    ax.barh([i + 0.2 for i in y], [r["diffusers"]["outside_ms"] for r in n2], 0.4, label="diffusers")
+    ax.barh([i - 0.2 for i in y], [r["ours"]["outside_ms"] for r in n2], 0.4, label="SuperDiff")
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("time per step outside the network (ms, log)")
+    ax.set_title("N = 2 experts (3 UNet rows per image)")
+    ax.legend()
+    ax = axes[1]
+    paths = sorted({(r["case"]["model"], r["case"]["sampler"], r["case"]["estimator"]) for r in res
+                    if sum(1 for q in res if (q["case"]["model"], q["case"]["sampler"], q["case"]["estimator"])
+                           == (r["case"]["model"], r["case"]["sampler"], r["case"]["estimator"])) > 1})
+    for m, s, e in paths:
+        rows = sorted((r for r in res if (r["case"]["model"], r["case"]["sampler"], r["case"]["estimator"]) == (m, s, e)),
+                      key=lambda r: r["case"]["experts"])
+        ns = [r["case"]["experts"] for r in rows]
+        line = ax.plot(ns, [r["ours"]["outside_ms"] for r in rows], "o-", label=f"SuperDiff {s}+{e}")[0]
+        ax.plot(ns, [r["diffusers"]["outside_ms"] for r in rows], "x--", color=line.get_color(),
+                label=f"diffusers ({DIFFUSERS_SCHEDULER[s].replace('DiscreteScheduler', '')})")
+    if not paths:
+        ax.set_axis_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("experts N (UNet rows per image: N + 1)")
+    ax.set_ylabel("ms per step outside the network (log)")
+    ax.set_title("scaling with N (sd64, 4x64x64 latents)")
+    if paths:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"SuperDiff vs diffusers: {doc['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The sampling loop's hot path (issue 16): no host reads inside the loop, non-finite values
+named after the loop, the ODE estimator's JVP through forward-mode AD (one pass, no
+unconditional rows), a finite-difference fallback chosen once per call, torch.compile.
+
+Host reads are counted with torch.profiler (aten::_local_scalar_dense: .item(), float(t),
+bool(t), `if t`; nonzero; equal) plus .numpy()/.tolist() through a TorchFunctionMode, as
+benchmarks/speed.py counts them; per step = (count at 2n steps - count at n steps) / n.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _gmm import schedules, shared_mode_experts, two_mixtures
+from torch.overrides import TorchFunctionMode
+
+from superdiff.estimators import ODEEstimator
+from superdiff.experts import ExpertList, GaussianMixtureExpert, SharedNetworkExperts
+from superdiff.sampling import sample
+
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::masked_select"}
+
+
+class _HostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("numpy", "tolist"):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs(run) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, _HostReads() as reads:
+        run()
+    return sum(ev.name in SYNC_OPS for ev in prof.events()) + reads.n
+
+
+@pytest.mark.parametrize("schedule", ["ve", "vp"])
+@pytest.mark.parametrize("integrator,estimator,operator", [
+    ("em", "ito", "and"), ("em", "kernel", "or"), ("ddpm", "kernel", "and"),
+    ("euler", "ode", "and"), ("heun", "ode", "and"), ("euler", "none", "average")])
+def test_no_host_read_inside_the_sampling_loop(schedule, integrator, estimator, operator):
+    sch = schedules()[schedule]
+    experts = two_mixtures(6)
+
+    def run(n):
+        return lambda: sample(experts, sch, n, operator=operator, estimator=estimator, integrator=integrator,
+                              shape=(3, 6), generator=torch.Generator().manual_seed(0), progress=False)
+
+    per_step = (_syncs(run(8)) - _syncs(run(4))) / 4
+    assert per_step == 0, f"{per_step} host reads per step"
+
+
+def test_non_finite_prediction_is_named_by_expert_and_step_after_the_loop():
+    e_ok, e_bad = two_mixtures(2)
+
+    class LateNaN:
+        prediction_type = "epsilon"
+        calls = 0
+
+        def predict(self, x, t, schedule):
+            LateNaN.calls += 1
+            out = e_bad.predict(x, t, schedule)
+            return out * float("nan") if LateNaN.calls == 4 else out
+
+    with pytest.raises(ValueError, match=r"expert 1 returned non-finite values \(NaN/inf\) at step 3 \(t="):
+        sample([e_ok, LateNaN()], schedules()["ve"], 6, operator="or", shape=(2, 2), progress=False)
+    assert LateNaN.calls == 6  # detected on the device, read once after the loop
+
+
+def test_ode_estimator_forward_mode_jvp_first_time_one_pass_without_unconditional_rows():
+    """Rows through the network per step: the JVP carries the M conditional rows of every probe
+    and returns them as the step's predictions; the unconditional row gets one plain forward."""
+    experts, _ = shared_mode_experts(4, 2)
+    rows: list[tuple[int, bool]] = []
+
+    def fn(x, t, cond):  # cond: the expert of each row, in blocks of equal size (the last: unconditional)
+        rows.append((x.shape[0], torch._C._functorch.is_functorch_wrapped_tensor(x)))
+        k = len(set(cond.tolist()))
+        n = len(cond) // k
+        return torch.cat([experts[int(cond[b * n])].predict(x[b * n:(b + 1) * n], t, schedules()["ve"])
+                          for b in range(k)])
+
+    es = SharedNetworkExperts(fn, [torch.tensor([0]), torch.tensor([1])], "epsilon", uncond_condition=torch.tensor([0]))
+    est = ODEEstimator(probes=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the finite-difference fallback warns
+        out = sample(es, schedules()["ve"], 3, operator="and", estimator=est, integrator="euler", shape=(3, 4),
+                     guidance_scale=2.0, generator=torch.Generator().manual_seed(0), progress=False)
+    assert est.jvp_mode == "forward-mode"
+    assert rows == [(2 * 2 * 3, True), (3, False)] * 3  # M * probes * B traced rows, then the B unconditional
+    assert torch.isfinite(out.logq).all()
+
+
+def test_finite_difference_fallback_is_chosen_once_per_call_and_agrees_with_forward_mode():
+    sch = schedules()["ve"]
+    e1, e2 = two_mixtures(3)
+
+    class NoJvp(torch.autograd.Function):  # an old-style Function: no forward-mode derivative
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    class NoForwardMode:
+        prediction_type = "epsilon"
+
+        def __init__(self, e):
+            self.e = e
+
+        def predict(self, x, t, schedule):
+            return self.e.predict(NoJvp.apply(x), t, schedule)
+
+    kw = dict(operator="or", estimator=ODEEstimator(probes="exact"), integrator="euler", shape=(4, 3),
+              generator=torch.Generator().manual_seed(0), dtype=torch.float64, progress=False)
+    exact = sample([e1, e2], sch, 6, **kw)
+    kw.update(estimator=ODEEstimator(probes="exact"), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="finite-difference") as rec:
+        fd = sample([NoForwardMode(e1), NoForwardMode(e2)], sch, 6, **kw)
+    assert len(rec) == 1 and kw["estimator"].jvp_mode == "finite-difference"
+    assert torch.allclose(fd.samples, exact.samples, atol=1e-6)
+    assert torch.allclose(fd.logq, exact.logq, rtol=1e-5, atol=1e-4)
+
+
+def test_float32_sampling_tracks_log_q_like_float64():
+    """Latents and predictions in float32, inner products and log q in float64: the tracked
+    log-densities of a float32 run match the float64 run's to float32 rounding."""
+    sch = schedules()["ve"]
+    x0 = torch.randn(8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * float(sch.prior_std())
+    kw = dict(operator="and", estimator="ode", integrator="euler", latents=x0, grid_end="min", progress=False)
+    lo = sample(two_mixtures(16), sch, 20, dtype=torch.float32, **kw)
+    hi = sample(two_mixtures(16), sch, 20, dtype=torch.float64, **kw)
+    assert lo.samples.dtype == torch.float32 and lo.logq.dtype == torch.float64
+    assert torch.allclose(lo.samples.double(), hi.samples, atol=1e-4)
+    assert torch.allclose(lo.logq, hi.logq, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_step_compiles_without_graph_breaks_and_matches_eager():
+    """torch.compile(fullgraph=True) of the whole step on analytic experts: no Python-side
+    check breaks the graph, and the compiled step gives the eager step's numbers."""
+    from superdiff.coefficients import grid_coefficients
+    from superdiff.estimators import make_estimator
+    from superdiff.integrators import make_integrator
+    from superdiff.operators import make_operator
+    from superdiff.step import FiniteMonitor, superdiff_step
+
+    sch = schedules()["ve"]
+    es = ExpertList(two_mixtures(4))
+    grid = sch.grid(5)
+    coefs = grid_coefficients(sch, grid)
+    integ, op, est = make_integrator("em"), make_operator("and"), make_estimator("ito")
+    op.validate(2)
+    x0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)) * float(sch.prior_std())
+    logq0 = torch.zeros(3, 2, dtype=torch.float64)
+
+    def run(step_fn):
+        x, logq = x0, logq0
+        mon = FiniteMonitor(2, "cpu", est.name)
+        for k in range(3):
+            so = step_fn(es, sch, integ, op, est, x, grid[k], grid[k + 1], logq, k, 5,
+                         coefficients=coefs[k], monitor=mon)
+            x, logq = so.x_next, logq + so.delta_logq
+        mon.check()
+        return x, logq
+
+    torch._dynamo.reset()
+    compiled = torch.compile(superdiff_step, fullgraph=True, backend="aot_eager", dynamic=False)
+    torch.manual_seed(0)
+    xe, le = run(superdiff_step)
+    torch.manual_seed(0)
+    xc, lc = run(compiled)
+    assert torch.allclose(xc, xe, atol=1e-5) and torch.allclose(lc, le, rtol=1e-6, atol=1e-4)
+
+
+def test_single_network_rows_and_gaussian_mixture_oracle_are_untouched():
+    """ExpertList splits into conditional / unconditional evaluations with the same numbers."""
+    sch = schedules()["vp"]
+    e = two_mixtures(3)
+    u = GaussianMixtureExpert(torch.zeros(1, 3), 1.0)
+    es = ExpertList(e, uncond=u)
+    x, t = torch.randn(2, 3, dtype=torch.float64), torch.tensor(400.0, dtype=torch.float64)
+    out = es.evaluate(x, t, sch)
+    assert torch.equal(es.evaluate_conditional(x, t, sch), out.cond)
+    assert torch.equal(es.evaluate_unconditional(x, t, sch), out.uncond)
