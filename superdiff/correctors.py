@@ -501,6 +501,11 @@ class CorrectorRun:
             from .formula import operator_tree
 
             self.tree = operator_tree(operator, logq.shape[1], for_potential=True)
+            t0, t1 = grid[0], grid[1]
+            if not math.isfinite(float(schedule.g2(t0) * (t0 - t1))):
+                raise ValueError(f"the Feynman-Kac potential is infinite on the first step (g_t^2 = inf at "
+                                 f"t={float(t0):g}, e.g. a rectified flow starting at t = 1); start the grid "
+                                 "below it (RectifiedFlow(t_max=0.999) or custom timesteps) to use SMC")
         self._prior_logp = None
         if cfg.smc:
             from .sampling import prior_log_prob

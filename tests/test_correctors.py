@@ -343,6 +343,12 @@ def test_smc_refusals_come_before_compute():
     with pytest.raises(ValueError, match="stochastic integrator"):
         sample(e, VE, 5, operator=AverageOperator([1.0, 1.0]), integrator="euler", shape=(2, 2), progress=False,
                corrector="smc:4")
+    from superdiff.schedules import RectifiedFlow
+
+    flow = [Counting([[0.0, 0.0]], 1.0, prediction_type="flow"), Counting([[1.0, 0.0]], 1.0, prediction_type="flow")]
+    with pytest.raises(ValueError, match="potential is infinite on the first step"):
+        sample(flow, RectifiedFlow(), 5, operator=AverageOperator([1.0, 1.0]), shape=(2, 2), progress=False,
+               corrector="smc:4")
     assert calls == []
 
 
