@@ -290,6 +290,16 @@ def test_particles_share_one_batched_forward_per_step_and_the_trace_round_trips(
     assert torch.allclose(out2.samples, out.samples, atol=1e-12)
 
 
+def test_window_and_clip_control_resampling():
+    """No resampling outside the window; a clip of ~0 nats keeps every weight equal (ESS = K)."""
+    kw = dict(operator=AverageOperator([1.0, 1.0]), integrator="em", shape=(3, 2), dtype=F64, progress=False,
+              generator=torch.Generator().manual_seed(0))
+    late = sample([PA, PB], VE, 10, corrector={"particles": 4, "ess_threshold": 1.0, "window": (0.55, 1.0)}, **kw)
+    assert not late.trace.resampled[:5].any() and late.trace.resampled[5:].all()
+    flat = sample([PA, PB], VE, 10, corrector={"particles": 4, "clip": 1e-12}, **kw)
+    assert np.allclose(flat.trace.ess, 1.0) and not flat.trace.resampled.any()
+
+
 def test_each_image_is_reproducible_from_its_own_generator():
     kw = dict(operator=AverageOperator([1.0, 1.0]), integrator="em", dtype=F64, progress=False,
               corrector={"particles": 4, "mcmc": "ula"})
