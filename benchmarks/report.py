@@ -86,6 +86,8 @@ PAPER = {
 }
 
 SECTIONS = ("or", "and", "and_t2i", "steps")
+#: "steps" split in two processes: exact mixtures and bundled models (assembled into "steps").
+STEP_PARTS = ("steps_gmm", "steps_bundled")
 SAMPLERS = [("sde", "ito"), ("sde", "kernel"), ("ddpm", "kernel"), ("euler", "ode"), ("heun", "ode")]
 #: The reference algorithm of the paper: Euler-Maruyama SDE with the Ito estimator.
 REFERENCE = ("sde", "ito")
@@ -268,7 +270,8 @@ def demo_check(cache: ModelCache) -> dict:
 CURVE_AND_MODEL = "shapes-t2i"
 
 
-def section_steps(cfg: dict, cache: ModelCache, out: Path, and_model: str = CURVE_AND_MODEL) -> dict:
+def section_steps(cfg: dict, cache: ModelCache, out: Path, and_model: str = CURVE_AND_MODEL,
+                  parts: tuple[str, ...] = ("gmm", "bundled")) -> dict:
     from _gmm import shared_mode_experts
 
     from superdiff.experts import GaussianMixtureExpert
@@ -285,7 +288,7 @@ def section_steps(cfg: dict, cache: ModelCache, out: Path, and_model: str = CURV
     and_experts, centres = shared_mode_experts(d, 2)
     gmm: dict[str, dict] = {}
     integ = {"sde": "em", "ddpm": "ddpm", "euler": "euler", "heun": "heun"}
-    for sampler, est in SAMPLERS:
+    for sampler, est in (SAMPLERS if "gmm" in parts else []):
         key = f"{sampler}+{est}"
         gmm[key] = {"or_error": {}, "and_rate": {}}
         for n in list(cfg["gmm_steps"]) + (list(cfg["gmm_reference_steps"]) if (sampler, est) == REFERENCE else []):
@@ -303,7 +306,7 @@ def section_steps(cfg: dict, cache: ModelCache, out: Path, and_model: str = CURV
             _log(f"GMM {key} {n} steps: OR error {abs(frac - 0.3):.3f}, AND rate {gmm[key]['and_rate'][n]:.3f} "
                  f"({time.time() - t0:.1f} s)")
     bundled: dict[str, dict] = {}
-    for sampler, est in SAMPLERS:
+    for sampler, est in (SAMPLERS if "bundled" in parts else []):
         key = f"{sampler}+{est}"
         bundled[key] = {"or_error": {}, "and_rate": {}, "and_lenient": {}}
         steps = list(cfg["bundled_steps"]) + (list(cfg["bundled_reference_steps"]) if (sampler, est) == REFERENCE else [])
@@ -324,7 +327,8 @@ def section_steps(cfg: dict, cache: ModelCache, out: Path, and_model: str = CURV
             bundled[key]["and_lenient"][n] = float(np.mean(lenient))
             _log(f"bundled {key} {n} steps: OR |share A - 0.5| {abs(share - 0.5):.3f}, AND both+clean "
                  f"{bundled[key]['and_rate'][n]:.3f} ({time.time() - t0:.0f} s)")
-    _curves_figure(gmm, bundled, out / "steps_curves.png")
+    if len(parts) == 2:
+        _curves_figure(gmm, bundled, out / "steps_curves.png")
     return {"gmm": gmm, "bundled": bundled, "gmm_d": d, "schedule": "VE (SD scaled_linear betas)",
             "or_weights": [0.3, 0.7], "bundled_or": "shapes-half-a OR shapes-half-b, |share of half-A shapes - 0.5|",
             "bundled_and": f"{and_model} AND on {[' '.join(p) for p in cfg['curve_and_pairs']]}, both attributes right and clean",
@@ -695,6 +699,8 @@ def run(mode: str, out: Path, and_model: str = "shapes-t2i-pairs", full_model: s
             body = section_and(cfg, cache, out, "shapes-t2i", tag="_t2i", extra_rows=False, demo=False)
         elif name == "steps":
             body = section_steps(cfg, cache, out)
+        elif name in STEP_PARTS:
+            body = section_steps(cfg, cache, out, parts=(name.split("_")[1],))
         else:
             body = run_existing(skip_existing)
         rec = {"mode": mode, "seconds": round(time.time() - t1, 1), "cpu_seconds": round(time.process_time() - c1, 1),
@@ -721,6 +727,15 @@ def assemble(out: Path, mode: str) -> dict:
                 res[key] = rec["body"]
                 res["section_seconds"][name] = rec["seconds"]
                 res["section_cpu_seconds"][name] = rec["cpu_seconds"]
+    parts = [out / f"section_{n}.json" for n in STEP_PARTS]
+    if "steps" not in res and all(f.is_file() for f in parts):
+        recs = [json.loads(f.read_text()) for f in parts]
+        if all(r.get("mode") == mode for r in recs):
+            res["steps"] = dict(recs[1]["body"], gmm=recs[0]["body"]["gmm"])
+            for n, r in zip(STEP_PARTS, recs):
+                res["section_seconds"][n], res["section_cpu_seconds"][n] = r["seconds"], r["cpu_seconds"]
+            _json_keys_to_int(res)
+            _curves_figure(res["steps"]["gmm"], res["steps"]["bundled"], out / "steps_curves.png")
     _json_keys_to_int(res)
     if mode == "full" and "existing" not in res:
         res["existing"] = run_existing(skip=True)
@@ -774,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             f.unlink()
     sections = tuple(x for x in args.sections.split(",") if x) if args.sections is not None else (
         SECTIONS + (("existing",) if mode == "full" else ()))
-    unknown = set(sections) - set(SECTIONS) - {"existing"}
+    unknown = set(sections) - set(SECTIONS) - set(STEP_PARTS) - {"existing"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}, existing")
     if args.check and set(sections) != set(SECTIONS):
