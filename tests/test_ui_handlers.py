@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from superdiff.compose import DEFAULT_COMPOSITION, Composition, ModelCache, read_png_composition, save_png
+from superdiff.registry import list_bundled_models
 from superdiff.ui import handlers as H
 
 
@@ -212,8 +213,10 @@ def test_model_choices_lists_bundled_then_allowed_folders(tmp_path):
     (root / "empty").mkdir()
     _fake_model(tmp_path / "elsewhere" / "secret")
     choices = H.model_choices([root])
-    assert choices[:3] == ["shapes-half-a", "shapes-half-b", "shapes-t2i"]
-    assert choices[3:] == [str(mine.resolve())]
+    bundled = list_bundled_models()
+    assert {"shapes-flow", "shapes-half-a", "shapes-half-b", "shapes-t2i"} <= set(bundled)
+    assert choices[: len(bundled)] == bundled
+    assert choices[len(bundled):] == [str(mine.resolve())]
     assert H.default_allow_roots(tmp_path) == [root.resolve()]
     assert H.default_allow_roots(tmp_path / "models" / "empty") == []
 

@@ -161,7 +161,7 @@ def render_card(directory: str | Path) -> str:
                 f"- Single-attribute prompts (\"a circle\", \"something red\"): named attribute right in "
                 f"{_pct(q['single_attribute']['accuracy'])} of {q['single_attribute']['samples']} samples.",
             ]
-            if "guidance_sweep" in q:
+            if q.get("guidance_sweep"):
                 lines.append(
                     f"- Full-caption joint success by guidance scale ({q.get('guidance_sweep_samples_each', '?')} samples each): "
                     + ", ".join(f"{g}: {_pct(v)}" for g, v in q["guidance_sweep"].items())
