@@ -152,6 +152,7 @@ class NetworkTimer:
 
     def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
         self.intervals: list[tuple[float, float]] = []
+        self.cpu: list[tuple[float, float]] = []  # the same intervals in this thread's CPU time
         self.inside = False
         self.sync = device.type == "cuda"
         inner = unet.forward
@@ -159,7 +160,7 @@ class NetworkTimer:
         def forward(*args: Any, **kwargs: Any):
             if self.sync:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             self.inside = True
             try:
                 with torch.profiler.record_function(NETWORK_LABEL):
@@ -169,6 +170,7 @@ class NetworkTimer:
             finally:
                 self.inside = False
             self.intervals.append((t0, time.perf_counter()))
+            self.cpu.append((c0, time.thread_time()))
             return out
 
         unet.forward = forward
@@ -179,13 +181,15 @@ class StepClock:
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.cpu: list[float] = []
 
     def __call__(self, iterable: Any = None, total: int | None = None) -> "StepClock":
-        self.stamps = []
+        self.stamps, self.cpu = [], []
         return self
 
     def update(self, n: int = 1) -> None:
         self.stamps.append(time.perf_counter())
+        self.cpu.append(time.thread_time())
 
     def close(self) -> None:
         pass
@@ -239,19 +243,21 @@ class Bench:
         return lambda: self.theirs(prompts, guidance_scale=g, **common)
 
     # ---- measurements ------------------------------------------------------------------
-    def time_steps(self, impl: str, case: Case, steps: int) -> list[tuple[float, float]]:
-        """(total, network) seconds of each step after the first."""
+    def time_steps(self, impl: str, case: Case, steps: int) -> list[tuple[float, float, float, float]]:
+        """(total, network) seconds of each step after the first, in wall time and in this
+        thread's CPU time (which a descheduled process does not accrue)."""
         fn = self.run(impl, case, steps)
-        self.timer.intervals = []
+        self.timer.intervals, self.timer.cpu = [], []
         with torch.no_grad():
             fn()
-        st, iv = self.clock.stamps, self.timer.intervals
         rows = []
-        for k in range(1, len(st)):
-            lo, hi = st[k - 1], st[k]
-            net = sum(b - a for a, b in iv if lo <= a < hi)
-            rows.append((hi - lo, net))
-        return rows
+        for st, iv in ((self.clock.stamps, self.timer.intervals), (self.clock.cpu, self.timer.cpu)):
+            part = []
+            for k in range(1, len(st)):
+                lo, hi = st[k - 1], st[k]
+                part.append((hi - lo, sum(b - a for a, b in iv if lo <= a < hi)))
+            rows.append(part)
+        return [(t, n, ct, cn) for (t, n), (ct, cn) in zip(*rows)]
 
     def count(self, impl: str, case: Case, steps: int) -> dict[str, int]:
         """aten ops and syncs outside the network over one call."""
@@ -343,8 +349,9 @@ def count_events(events: Any, cuda: bool = False) -> dict[str, int]:
 
 
 def measure_case(bench: Bench, case: Case, steps: int, reps: int, count_steps: tuple[int, int]) -> dict[str, Any]:
+    device = bench.device
     res: dict[str, Any] = {"case": asdict(case), "key": case.key}
-    per: dict[str, list[tuple[float, float]]] = {"diffusers": [], "ours": []}
+    per: dict[str, list[tuple[float, float, float, float]]] = {"diffusers": [], "ours": []}
     for impl in ("diffusers", "ours"):  # warm-up (allocator, lazy inits), not recorded
         bench.time_steps(impl, case, 2)
     for _ in range(reps):
@@ -354,11 +361,16 @@ def measure_case(bench: Bench, case: Case, steps: int, reps: int, count_steps: t
     for impl in ("diffusers", "ours"):
         rows = per[impl]
         c1, c2 = bench.count(impl, case, n1), bench.count(impl, case, n2)
+        cpu = device.type == "cpu"
         res[impl] = {
-            "step_ms": 1e3 * statistics.median(t for t, _ in rows),
-            "network_ms": 1e3 * statistics.median(n for _, n in rows),
-            "outside_ms": 1e3 * statistics.median(t - n for t, n in rows),
-            "outside_ms_iqr": _iqr([1e3 * (t - n) for t, n in rows]),
+            "step_ms": 1e3 * statistics.median(r[0] for r in rows),
+            "network_ms": 1e3 * statistics.median(r[1] for r in rows),
+            "outside_wall_ms": 1e3 * statistics.median(r[0] - r[1] for r in rows),
+            "outside_cpu_ms": 1e3 * statistics.median(r[2] - r[3] for r in rows),
+            # on the CPU: thread CPU time (a loaded machine deschedules the process for tens
+            # of ms at a time, which wall time would count); on a GPU: wall time
+            "outside_ms": 1e3 * statistics.median((r[2] - r[3]) if cpu else (r[0] - r[1]) for r in rows),
+            "outside_ms_iqr": _iqr([1e3 * ((r[2] - r[3]) if cpu else (r[0] - r[1])) for r in rows]),
             "aten_ops_per_step": (c2["aten_ops"] - c1["aten_ops"]) / (n2 - n1),
             "syncs_per_step": (c2["syncs"] + c2["host_reads"] - c1["syncs"] - c1["host_reads"]) / (n2 - n1),
             "samples": len(rows),
@@ -504,7 +516,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# SuperDiff step vs diffusers: {doc['device']}", "",
              f"torch {doc['torch']}; {doc['steps_per_call']} steps per call, {doc['reps']} interleaved calls per "
              "pipeline; times are medians per step (the first step excluded). `outside` = step time minus the "
-             "network's forwards. Ratios are ours / diffusers'. Target (issue 16): outside ratio <= 1.5 without "
+             "network's forwards, in this thread's CPU time on a CPU (wall time on a GPU; both in the JSON). Ratios are ours / diffusers'. Target (issue 16): outside ratio <= 1.5 without "
              "an estimator, <= 3 with one; syncs <= 2 per step; memory ratio <= 1.1 (2 on the ODE-estimator path).",
              ""]
     if not doc.get("gpu_available"):
