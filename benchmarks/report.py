@@ -517,8 +517,9 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
     s = o["summary"]
     L += ["## 1. OR of two half-data models (paper: CIFAR-10, Table 1)", "",
           f"`shapes-half-a` (circles, squares) and `shapes-half-b` (triangles, crosses) against `{o['full_model']}` "
-          "(the same recipe, steps, batch and number of training images on all four shapes: "
-          "`python scripts/train_shapes_halves.py --half full`). "
+          "(the same recipe, batch and number of training images on all four shapes, but a third of the steps: "
+          "1000 against each half's 3000, because one CPU was shared by eight jobs; "
+          "`python scripts/train_shapes_halves.py --half full --steps 1000`). "
           f"{o['images_per_seed']} images per method and seed, seeds {o['seeds']}, {o['steps']} SDE steps; "
           f"reference: {o['ref_images']} renders of the training distribution. Mean ± sd over seeds. "
           f"Shapes FID: Frechet distance of the shapes classifier's features in the top {features.FD_COMPONENTS} principal "
