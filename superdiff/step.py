@@ -42,10 +42,6 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 __all__ = ["StepOutput", "FiniteMonitor", "superdiff_step", "guided", "combine", "randn"]
 
-#: "no non-finite value seen yet" in FiniteMonitor
-_NEVER = 2**62
-
-
 def randn(shape: Sequence[int], generator: Generator, dtype: torch.dtype = torch.float32,
           device: torch.device | str | None = None) -> Tensor:
     """Standard normal noise; a list of generators draws row b with generator b (diffusers'
@@ -84,24 +80,24 @@ def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
 
 
 class FiniteMonitor:
-    """Records on the device the first step at which each source produced NaN/inf.
+    """Records on the device whether each source produced NaN/inf, and reads it once at the end.
 
-    Sources: experts 0..M-1, the unconditional branch, the estimator. A source's values are
-    summed (the sum is non-finite when a value is); the step is kept with torch.minimum, so
-    recording reads nothing back. `check` makes the one host read and raises the error
+    Sources: experts 0..M-1, the unconditional branch, the estimator. Per step and source one
+    sum of its values is kept (a device tensor: nothing is read back; the sum is non-finite
+    when a value is). `check` concatenates them, makes the one host read, and raises the error
     naming the first source and step.
     """
 
     def __init__(self, num_experts: int, device: torch.device | str, estimator: str = "estimator") -> None:
         self.num_experts = num_experts
         self.estimator = estimator
-        self.first = torch.full((num_experts + 2,), _NEVER, dtype=torch.int64, device=device)
+        self._sums: list[Tensor] = []
+        self._where: list[tuple[int, int, int]] = []  # (step, first source, number of sources)
         self.times: dict[int, tuple[float, float]] = {}
 
     def _record(self, lo: int, sums: Tensor, step: int) -> None:
-        seen = torch.where(torch.isfinite(sums), _NEVER, step)
-        n = sums.shape[0]
-        self.first[lo : lo + n] = torch.minimum(self.first[lo : lo + n], seen)
+        self._sums.append(sums)
+        self._where.append((step, lo, sums.shape[0]))
 
     def experts(self, out: ExpertOutput, step: int, t: float, t_next: float) -> None:
         self.times[step] = (t, t_next)
@@ -114,11 +110,18 @@ class FiniteMonitor:
 
     def check(self) -> None:
         """Raise ValueError for the earliest non-finite value recorded (one host read)."""
-        first = self.first.tolist()
-        step = min(first)
-        if step >= _NEVER:
+        if not self._sums:
             return
-        src = first.index(step)
+        finite = torch.isfinite(torch.cat([v.reshape(-1).to(torch.float64) for v in self._sums])).tolist()
+        self._sums = []
+        bad, pos = [], 0
+        for step, lo, n in self._where:
+            bad += [(step, lo + i) for i in range(n) if not finite[pos + i]]
+            pos += n
+        self._where = []
+        if not bad:
+            return
+        step, src = min(bad)
         t, tn = self.times.get(step, (float("nan"), float("nan")))
         if src < self.num_experts:
             raise ValueError(f"expert {src} returned non-finite values (NaN/inf) at step {step} "
