@@ -611,7 +611,13 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
                     vals = {int(x): y for x, y in rec[key].items()}
                     L.append(f"| {name} | " + " | ".join(f"{vals[x]:.3f}" if x in vals else "" for x in steps) + " |")
                 L.append("")
-        L += [steps_claim(st), "", "![steps curves](steps_curves.png)", ""]
+        cfg = res["settings"]
+        L += [steps_claim(st), "",
+              f"Sampling noise of these rates: OR fraction sd sqrt(0.3 x 0.7 / {cfg['gmm_or_samples']}) = "
+              f"{np.sqrt(0.21 / cfg['gmm_or_samples']):.3f}; AND rate near 0.98, sd "
+              f"{np.sqrt(0.98 * 0.02 / cfg['gmm_and_samples']):.3f} ({cfg['gmm_and_samples']} samples); bundled OR share sd "
+              f"{np.sqrt(0.25 / cfg['curve_or_images']):.3f} ({cfg['curve_or_images']} images).", "",
+              "![steps curves](steps_curves.png)", ""]
     # --- 4
     L += ["## 4. Proteins (paper: Table 3) and the other benchmarks", ""]
     prot = res.get("protein")
