@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae", default="superdiff/bundled/shapes-t2i/vae", help="trained shapes VAE directory")
     ap.add_argument("--workdir", default="outputs/train/shapes-flow")
     ap.add_argument("--out", default="superdiff/bundled/shapes-flow", help="export directory")
-    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--dataset-size", type=int, default=40000)
