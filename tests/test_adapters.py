@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif("shapes-t2i" not in list_bundled_models(), reaso
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "proj_in"]
 
 
-def random_lora(unet_dir, out_dir, seed, rank=4, targets=TARGETS, text_encoder=False):
+def random_lora(unet_dir, out_dir, seed, rank=4, targets=TARGETS):
     """A LoRA with random A and B (so that it changes the output), saved as diffusers saves one."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
@@ -30,15 +30,8 @@ def random_lora(unet_dir, out_dir, seed, rank=4, targets=TARGETS, text_encoder=F
         for n, p in unet.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    te = None
-    if text_encoder:
-        from transformers import CLIPTextModel
-
-        enc = CLIPTextModel.from_pretrained(unet_dir, subfolder="text_encoder")
-        enc.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
-        te = get_peft_model_state_dict(enc)
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(unet),
-                                              text_encoder_lora_layers=te, weight_name="pytorch_lora_weights.safetensors")
+                                              weight_name="pytorch_lora_weights.safetensors")
     return out_dir
 
 
@@ -202,7 +195,15 @@ def test_bad_adapters_are_refused_before_any_compute(pipe, loras, tmp_path, requ
     refused("diffusers loaded", adapters=[tmp_path / "lora-mixed"], operator="single")
     from peft.tuners.lora import LoraLayer
 
-    assert all(m.disable_adapters for m in pipe.unet.modules() if isinstance(m, LoraLayer))  # base for plain calls
+    # plain calls run the base: every LoRA layer is switched off or holds no adapter any more
+    assert all(m.disable_adapters or not m.lora_A for m in pipe.unet.modules() if isinstance(m, LoraLayer))
+    # a LoRA that also adapts the text encoder (its text part would be shared by every expert)
+    unet_part = {k[len("unet."):]: v for k, v in sd.items()}
+    q = "text_model.encoder.layers.0.self_attn.q_proj"
+    te_part = {f"{q}.lora_A.weight": torch.zeros(4, 64), f"{q}.lora_B.weight": torch.zeros(64, 4)}
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora-te", unet_lora_layers=unet_part,
+                                              text_encoder_lora_layers=te_part)
+    refused("adapts text_encoder", adapters=[tmp_path / "lora-te"], operator="single")
     # merge/switch make one expert: a base entry among them is refused
     refused("combines adapters", adapters=[None, loras["a"]], operator="merge")
     assert not calls
