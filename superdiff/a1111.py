@@ -112,6 +112,8 @@ def infotext(record: Any, size: tuple[int, int] | None = None, version: str = ""
     pairs: list[tuple[str, Any]] = [
         ("Steps", c.steps), ("Sampler", SAMPLER_LABELS.get(c.sampler, c.sampler)), ("CFG scale", c.guidance_scale),
         ("Seed", c.seed)]
+    if c.guidance_scale is None:  # not run yet: the model's default scale is known once it loads
+        pairs.pop(2)
     if w and h:
         pairs.append(("Size", f"{w}x{h}"))
     pairs.append(("Model", c.model))

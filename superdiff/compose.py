@@ -76,6 +76,27 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: the guidance of a bundled model whose card records none (every bundled text-to-image recipe)
+BUNDLED_GUIDANCE = 4.0
+
+
+def default_guidance(model: str, kind: str) -> float:
+    """The guidance scale of a composition that names none: the scale the model's card measured
+    its quality at (``quality.json`` settings, as the bundled models and copies of them carry),
+    4.0 for a bundled model without one, else the family's diffusers default (FAMILY_DEFAULTS:
+    SD 7.5, SDXL 5.0, SD3 7.0, Flux 3.5 embedded guidance)."""
+    from .registry import bundled_model_path, list_bundled_models
+
+    bundled = model in list_bundled_models()
+    folder = bundled_model_path(model) if bundled else Path(model)
+    card = folder / "quality.json"
+    if card.is_file():
+        scale = json.loads(card.read_text()).get("settings", {}).get("guidance_scale")
+        if scale is not None:
+            return float(scale)
+    return BUNDLED_GUIDANCE if bundled else float(FAMILY_DEFAULTS[kind]["guidance_scale"])
+
+
 def _fail(field_name: str, msg: str) -> ValueError:
     return ValueError(f"{field_name}: {msg}")
 
@@ -94,7 +115,8 @@ class Composition:
         averaging baseline), "single" (expert `single_index` alone), "joint" (the joint-prompt
         baseline: one prompt made from all of them with `joint_template`).
     guidance_scale: classifier-free guidance; for a guidance-distilled Flux model the embedded
-        guidance instead (such a model has no negative prompt).
+        guidance instead (such a model has no negative prompt). None: the model's default
+        (`default_guidance`), recorded in the images' metadata as the scale used.
     adapters: LoRA adapters as experts on the model's own network, each {"path", "scale",
         optional "prompt", "name", "sha256"} (or "PATH[:SCALE]"): one expert per adapter and
         prompt, all in one batched forward; path "base" is the network without adapter. With adapters, operator may also be "composite"
@@ -127,7 +149,7 @@ class Composition:
     estimator: str | None = None
     sampler: str = "sde"
     steps: int = 25
-    guidance_scale: float = 4.0
+    guidance_scale: float | None = None
     negative_prompt: str | None = None
     seed: int = 0
     num_images: int = 1
@@ -187,7 +209,8 @@ class Composition:
         c.num_images = _int(c.num_images, "num_images", 1, 10_000)
         c.seed = _int(c.seed, "seed", 0, 2**63 - 1)
         c.single_index = _int(c.single_index, "single_index", 0, 1_000)
-        c.guidance_scale = _float(c.guidance_scale, "guidance_scale", lo=0.0)
+        if c.guidance_scale is not None:
+            c.guidance_scale = _float(c.guidance_scale, "guidance_scale", lo=0.0)
         if c.temperature is not None:
             c.temperature = _float(c.temperature, "temperature", lo=0.0, allow_inf=True)
         if c.lift is not None:
@@ -772,6 +795,8 @@ def run_composition(comp: Composition, cache: ModelCache | None = None, *,
     comp = comp.validated()
     cache = cache or ModelCache()
     pipe, kind, extras = cache.pipeline(comp.model, comp.extra_models, comp.dtype)
+    if comp.guidance_scale is None:  # the record names the scale used
+        comp = dataclasses.replace(comp, guidance_scale=default_guidance(comp.model, kind))
     kw = _call_kwargs(comp, kind, extras, bool(getattr(pipe, "guidance_distilled", False)))
     if comp.adapters:
         comp, kw["adapters"] = resolve_adapters(comp, cache)

@@ -255,7 +255,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="sde (Euler-Maruyama, the paper's), ddpm (ancestral), ode/euler, heun (default: sde)")
     g.add_argument("--steps", type=int, help="sampler steps (default: 25)")
     g.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
-                   help="classifier-free guidance scale (default: 4.0)")
+                   help="classifier-free guidance scale; Flux with guidance embedding: its embedded guidance "
+                        "(default: a bundled model's measured scale, 4.0; else the family's diffusers default: "
+                        "SD 7.5, SDXL 5.0, SD3 7.0, Flux 3.5)")
     g.add_argument("--negative-prompt", help="(default: none)")
     g.add_argument("--seed", type=int, help="image i uses seed + i; -1 draws a random seed and records it "
                                              "(default: 0)")

@@ -277,7 +277,7 @@ def test_run_jobs_reuses_the_loaded_model_and_writes_pngs(cache, tmp_path):
     assert cache.loads == 1
     assert progress[-1] == 1.0 and progress == sorted(progress)
     for i, it in enumerate(items):
-        assert read_png_composition(it.path) == comp.replace(model_kind="sd").image_record(i)
+        assert read_png_composition(it.path) == comp.replace(model_kind="sd", guidance_scale=4.0).image_record(i)  # the scale used
         assert it.trace.kappa.shape == (2, 1, 2) and it.trace.expert_names == ["a circle", "something red"]
         assert Path(H.render_trace_plot(it)).stat().st_size > 1000
     # the compare run on the same model loads nothing more

@@ -165,7 +165,9 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                         # instead of being clamped in the browser without a word
                         steps = gr.Number(default.steps, label=f"Steps (1-{studio.max_steps})", precision=0,
                                           elem_id="steps")
-                        guidance = gr.Slider(0, 20, value=default.guidance_scale, step=0.5, label="Guidance scale")
+                        guidance = gr.Slider(0, 20, value=default.guidance_scale if default.guidance_scale is not None
+                                             else (H.model_defaults(default.model, studio.cache)[0] or 4.0),
+                                             step=0.5, label="Guidance scale", elem_id="guidance")
                     with gr.Row():
                         seed = gr.Number(default.seed, label="Seed (-1: random)", precision=0, elem_id="seed")
                         dice = gr.Button("random seed", size="sm", scale=0, min_width=60)
@@ -263,10 +265,15 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                 unconditional = False
             # an unconditional model takes no prompts: clear the rows instead of failing at Generate
             cleared = [gr.update(value="") if unconditional else gr.skip() for _ in prompts]
+            # the family's defaults: the guidance scale, and no negative prompt for guidance-distilled Flux
+            scale, negative = H.model_defaults(name or "", studio.cache)
             return [H.describe_model(name or "", studio.cache),
-                    gr.update(value=H.suggest_extra_models(name or "", extras, studio.cache)), *cleared]
+                    gr.update(value=H.suggest_extra_models(name or "", extras, studio.cache)),
+                    gr.skip() if scale is None else gr.update(value=scale),
+                    gr.update(interactive=negative, **({} if negative else {"value": ""})), *cleared]
 
-        model.input(on_model, [model, extra_models], [model_info, extra_models, *prompts], **ui_only)
+        model.input(on_model, [model, extra_models],
+                    [model_info, extra_models, guidance, negative_prompt, *prompts], **ui_only)
 
         # ---- settings export / import -------------------------------------------------------
         # errors are shown in the status line and under the buttons (where the user looks), and

@@ -559,6 +559,26 @@ def describe_model(name: str, cache: ModelCache) -> str:
     return f"`{name}`: {what} model.{extra}{hint}"
 
 
+def model_defaults(name: str, cache: ModelCache) -> tuple[float | None, bool]:
+    """(guidance scale, whether a negative prompt applies) for the picked model: the scale a
+    bundled model's card measured, else the family's diffusers default (compose.default_guidance);
+    a guidance-distilled Flux model (guidance embedding) takes no negative prompt. (None, True)
+    for a hub id, whose family is known only once it loads."""
+    from superdiff.compose import default_guidance
+
+    try:
+        kind = model_kind(name, cache)
+    except Exception:  # noqa: BLE001  (describe_model says what is wrong)
+        return None, True
+    if kind is None:
+        return None, True
+    negative = kind in ("sd", "sdxl", "sd3")
+    if kind == "flux":
+        cfg = Path(cache.resolve(name.strip())) / "transformer" / "config.json"
+        negative = cfg.is_file() and not json.loads(cfg.read_text()).get("guidance_embeds", False)
+    return default_guidance(name.strip(), kind), negative
+
+
 def suggest_extra_models(model: str, current: Sequence[str] | None, cache: ModelCache) -> list[str]:
     """Extra models to preselect: for an unconditional bundled model with none chosen, the
     other bundled unconditional models (the shapes halves compose with each other)."""
