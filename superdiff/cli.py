@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules providing further subcommands via add_parser(subparsers)
-_SUBCOMMAND_MODULES = ("superdiff.generate_cli", "superdiff.ui.cli", "superdiff.protein.cli", "superdiff.report_cli",
-                       "superdiff.speed_cli")
+_SUBCOMMAND_MODULES = ("superdiff.generate_cli", "superdiff.ui.cli", "superdiff.protein.cli", "superdiff.bench_cli")
 
 
 def main(argv: list[str] | None = None) -> int:
