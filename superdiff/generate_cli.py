@@ -182,8 +182,12 @@ def _generate(args: argparse.Namespace) -> int:
         r = oracle.classify(res.images)
         labels = [("(empty)" if e else f"{c} {s}") for c, s, e in zip(r.colour, r.shape, r.empty)]
         counts = {lab: labels.count(lab) for lab in sorted(set(labels))}
-        (out / "oracle.json").write_text(json.dumps({"labels": labels, "counts": counts}, indent=2))
-        print("oracle: " + ", ".join(f"{lab} {n}/{len(labels)}" for lab, n in counts.items()))
+        clean = [bool(c) for c in r.clean]  # a clean shape, not an in-between one (the headline measure)
+        clean_counts = {lab: sum(c for la, c in zip(labels, clean) if la == lab) for lab in counts}
+        (out / "oracle.json").write_text(json.dumps({"labels": labels, "clean": clean, "counts": counts,
+                                                     "clean_counts": clean_counts}, indent=2))
+        print("oracle: " + ", ".join(f"{lab} {n}/{len(labels)} ({clean_counts[lab]} with a clean shape)"
+                                     for lab, n in counts.items()))
     print(f"wrote {len(paths)} image(s), grid.png, trace.json, trace.png and composition.json in {out} "
           f"({res.seconds:.1f} s)")
     if args.from_png and comp.num_images == 1:
