@@ -109,11 +109,10 @@ def infotext(record: Any, size: tuple[int, int] | None = None, version: str = ""
     if c.negative_prompt:
         lines.append(f"Negative prompt: {c.negative_prompt}")
     w, h = size if size is not None else (c.width, c.height)
-    pairs: list[tuple[str, Any]] = [
-        ("Steps", c.steps), ("Sampler", SAMPLER_LABELS.get(c.sampler, c.sampler)), ("CFG scale", c.guidance_scale),
-        ("Seed", c.seed)]
-    if c.guidance_scale is None:  # not run yet: the model's default scale is known once it loads
-        pairs.pop(2)
+    pairs: list[tuple[str, Any]] = [("Steps", c.steps), ("Sampler", SAMPLER_LABELS.get(c.sampler, c.sampler))]
+    if c.guidance_scale is not None:  # None: not run yet, the model's default scale is known once it loads
+        pairs.append(("CFG scale", c.guidance_scale))
+    pairs.append(("Seed", c.seed))
     if w and h:
         pairs.append(("Size", f"{w}x{h}"))
     pairs.append(("Model", c.model))
