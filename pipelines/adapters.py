@@ -1,6 +1,7 @@
 """Adapters (LoRAs) as experts: "the base network with adapter k active at scale s_k".
 
-An adapter expert is one row block of the pipeline's own network. All of a call's experts
+An adapter expert is one row block of the pipeline's own denoiser network (the UNet of
+SD 1.x/2.x and SDXL, the transformer of SD3 and Flux). All of a call's experts
 and their unconditional branches still run in ONE batched forward per step: each row of
 the batch carries the index of its adapter in its condition (``cond["adapter"]``), and
 the forward runs under PEFT's mixed-adapter batches (every LoRA layer computes
@@ -40,7 +41,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 __all__ = ["AdapterExpert", "AdapterSpec", "AdapterRouting", "METHODS", "ADAPTER_METHODS", "resolve_adapters",
-           "load_adapters", "plan_adapter_experts", "route_branches", "adapter_forward", "routed_unet_forward",
+           "load_adapters", "plan_adapter_experts", "route_branches", "adapter_forward", "routed_forward", "routed_unet_forward",
+           "denoiser_of", "check_architecture",
            "mixed_adapter_batch", "merged_adapters",
            "file_sha256", "BASE"]
 
@@ -182,29 +184,56 @@ def _lora_keys(pipe: Any, spec: AdapterSpec) -> dict[str, torch.Tensor]:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _module_path(key: str) -> str:
-    """The UNet module a LoRA tensor belongs to: "unet.<path>.lora_A.weight" -> "<path>"."""
-    path = key[len("unet."):] if key.startswith("unet.") else key
+def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
+    """(component name, module) of the pipeline's denoiser network: "unet" for the SD
+    pipelines, "transformer" for SD3 / Flux (the prefix of its keys in a LoRA file)."""
+    name = getattr(pipe, "_denoiser_name", "unet")
+    return name, getattr(pipe, name)
+
+
+def _module_path(key: str, prefix: str = "unet") -> str:
+    """The network module a LoRA tensor belongs to: "<prefix>.<path>.lora_A.weight" -> "<path>"."""
+    path = key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
     for suf in _SUFFIXES:
         if path.endswith(suf):
             return path[: -len(suf)]
     return path
 
 
+_FAMILY = {"unet": "a UNet (Stable Diffusion 1.x/2.x or SDXL)",
+           "transformer": "a transformer (Stable Diffusion 3 or Flux)"}
+
+
 def check_architecture(pipe: Any, spec: AdapterSpec, state: Mapping[str, torch.Tensor]) -> None:
     """Refuse an adapter whose layers do not exist, with the same widths, in this pipeline's
-    UNet (an adapter for another base architecture), or which adapts a text encoder."""
-    unet = pipe.unet
-    modules = dict(unet.named_modules())
-    te = sorted({k.split(".")[0] for k in state if not k.startswith("unet.")})
+    denoiser network (an adapter for another base architecture), which adapts a text encoder,
+    or which is not a plain LoRA (a row-by-row routed forward needs x -> W x + s B A x)."""
+    prefix, net = denoiser_of(pipe)
+    kind = _FAMILY.get(prefix, f"its {prefix}")
+    modules = dict(net.named_modules())
+    parts = sorted({k.split(".")[0] for k in state if not k.startswith(prefix + ".")})
+    te = [p for p in parts if p.startswith("text_encoder")]
+    other = [p for p in parts if p not in te]
+    if other:
+        fam = " or ".join(_FAMILY.get(p, repr(p)) for p in other)
+        raise ValueError(f"adapter {spec.name!r} ({spec.file}) was trained for another base architecture: its "
+                         f"layers belong to {fam} ({', '.join(o + '.*' for o in other)}), this "
+                         f"{type(pipe).__name__}'s network is {kind}; use a LoRA made for this model")
     if te:
-        raise ValueError(f"adapter {spec.name!r} adapts {', '.join(te)} as well as the UNet; adapter experts "
-                         "support UNet-only LoRAs (the text-encoder part would be shared by every expert)")
+        raise ValueError(f"adapter {spec.name!r} adapts {', '.join(te)} as well as the {prefix}; adapter experts "
+                         f"support {prefix}-only LoRAs (the text-encoder part would be shared by every expert)")
+    dora = sorted({_module_path(k, prefix) for k in state if k.endswith(("lora_magnitude_vector", "dora_scale"))})
+    foreign = sorted(k for k in state if k.startswith(prefix + ".") and not k.endswith(_SUFFIXES))
+    if dora or foreign:
+        what = (f"DoRA magnitudes ({dora[0]}, ...)" if dora else
+                f"weights that replace the network's own ({foreign[0]}, ...; e.g. a Flux Control LoRA's norms)")
+        raise ValueError(f"adapter {spec.name!r} ({spec.file}) holds {what}: adapter experts route plain LoRA "
+                         "layers (x -> W x + s B A x) row by row; give a plain LoRA")
     bad, n = [], 0
     for key, w in state.items():
-        if not key.startswith("unet."):
+        if not key.startswith(prefix + "."):
             continue
-        path = _module_path(key)
+        path = _module_path(key, prefix)
         n += 1
         m = modules.get(path)
         base = getattr(m, "base_layer", m)
@@ -220,17 +249,20 @@ def check_architecture(pipe: Any, spec: AdapterSpec, state: Mapping[str, torch.T
             if want != w.shape[0]:
                 bad.append(f"{path} (output width {w.shape[0]}, the layer has {want})")
     if n == 0:
-        raise ValueError(f"adapter {spec.name!r} ({spec.file}) holds no UNet LoRA layers diffusers recognises")
+        raise ValueError(f"adapter {spec.name!r} ({spec.file}) holds no {prefix} LoRA layers diffusers recognises")
     if bad:
+        shown = list(dict.fromkeys(bad))  # a missing layer is named once, not per tensor
         raise ValueError(f"adapter {spec.name!r} ({spec.file}) was trained for another base architecture: "
-                         f"{len(bad)} of its {n} UNet tensors do not fit this pipeline's UNet, e.g. "
-                         f"{'; '.join(bad[:3])}")
+                         f"{len(bad)} of its {n} {prefix} tensors do not fit this pipeline's {prefix}, e.g. "
+                         f"{'; '.join(shown[:3])}")
 
 
 def load_adapters(pipe: Any, specs: Sequence[AdapterSpec | None]) -> None:
-    """Check every adapter against the pipeline, then load the ones not loaded yet with
-    diffusers' `load_lora_weights` (nothing is loaded if any check fails). Loaded adapters
-    are left inactive for ordinary calls: only the routed forward uses them."""
+    """Check every adapter against the pipeline's denoiser network, then load the ones not
+    loaded yet with diffusers' `load_lora_weights` (the pipeline's own LoRA loader mixin;
+    nothing is loaded if any check fails). Loaded adapters are left inactive for ordinary
+    calls: only the routed forward uses them."""
+    prefix, net = denoiser_of(pipe)
     todo, layers = [], {}
     loaded: dict[str, str] = getattr(pipe, "_superdiff_adapters", {})
     for spec in specs:
@@ -238,47 +270,45 @@ def load_adapters(pipe: Any, specs: Sequence[AdapterSpec | None]) -> None:
             continue
         state = _lora_keys(pipe, spec)
         check_architecture(pipe, spec, state)
-        layers[spec.name] = {_module_path(k) for k in state if k.startswith("unet.")}
+        layers[spec.name] = {_module_path(k, prefix) for k in state if k.startswith(prefix + ".")}
         if loaded.get(spec.name) != spec.sha256:
             todo.append(spec)
     if not todo:
         return
-    unet = pipe.unet
-    peft_names = set(getattr(unet, "peft_config", {}) or {})
+    peft_names = set(getattr(net, "peft_config", {}) or {})
     try:
-        _load(pipe, todo, layers, loaded, peft_names)
+        _load(pipe, net, todo, layers, loaded, peft_names)
     finally:  # also after a refused file: loaded adapters stay off for ordinary calls
         pipe._superdiff_adapters = loaded
-        if getattr(unet, "peft_config", None):
-            unet.disable_adapters()
+        if getattr(net, "peft_config", None):
+            net.disable_adapters()
 
 
-def _load(pipe: Any, todo: Sequence[AdapterSpec], layers: Mapping[str, set], loaded: dict[str, str],
-          peft_names: set) -> None:
+def _load(pipe: Any, net: torch.nn.Module, todo: Sequence[AdapterSpec], layers: Mapping[str, set],
+          loaded: dict[str, str], peft_names: set) -> None:
     from peft.tuners.lora import LoraLayer
 
-    unet = pipe.unet
     for spec in todo:
         if spec.name in peft_names:
             pipe.delete_adapters(spec.name)
         loaded.pop(spec.name, None)
         pipe.load_lora_weights(str(spec.file.parent), weight_name=spec.file.name, adapter_name=spec.name)
-        got = {n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and spec.name in m.lora_A}
+        got = {n for n, m in net.named_modules() if isinstance(m, LoraLayer) and spec.name in m.lora_A}
         if got != layers[spec.name]:  # diffusers skips what it cannot map: refuse a partial adapter
             pipe.delete_adapters(spec.name)
             missing = sorted(layers[spec.name] - got)
             raise ValueError(f"adapter {spec.name!r} ({spec.file}): diffusers loaded {len(got)} of its "
                              f"{len(layers[spec.name])} layers (not loaded: {missing[:3]}); the file mixes key "
-                             "formats or names layers this UNet lacks")
+                             "formats or names layers this network lacks")
         loaded[spec.name] = spec.sha256
 
 
 @contextlib.contextmanager
-def _enabled(unet: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
+def _enabled(net: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
     """LoRA layers switched on, adapter `name` at scale scales[name]; restored after."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
     was_disabled = [m.disable_adapters for m in layers]
     for m in layers:
         m._disable_adapters = False
@@ -296,8 +326,8 @@ def _enabled(unet: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def mixed_adapter_batch(unet: torch.nn.Module, row_adapters: Sequence[str], scales: Mapping[str, float]) -> Iterator[None]:
-    """Run `unet` with row i of every LoRA layer's input using adapter row_adapters[i] only
+def mixed_adapter_batch(net: torch.nn.Module, row_adapters: Sequence[str], scales: Mapping[str, float]) -> Iterator[None]:
+    """Run `net` with row i of every LoRA layer's input using adapter row_adapters[i] only
     (BASE: none), PEFT's mixed-adapter batches, at the given per-adapter scales."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -307,10 +337,10 @@ def mixed_adapter_batch(unet: torch.nn.Module, row_adapters: Sequence[str], scal
         kwargs["adapter_names"] = names
         return args, kwargs
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in unet.modules()
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in net.modules()
                if isinstance(m, BaseTunerLayer)]
     try:
-        with _enabled(unet, scales):
+        with _enabled(net, scales):
             yield
     finally:
         for h in handles:
@@ -318,17 +348,17 @@ def mixed_adapter_batch(unet: torch.nn.Module, row_adapters: Sequence[str], scal
 
 
 @contextlib.contextmanager
-def merged_adapters(unet: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
+def merged_adapters(net: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
     """Every adapter in `scales` active at once (weight merge: each layer adds
     sum_k s_k B_k A_k x), as diffusers' set_adapters(names, weights)."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
     before = [list(m.active_adapters) for m in layers]
     for m in layers:
         m.set_adapter([n for n in scales if n in m.lora_A], inference_mode=True)
     try:
-        with _enabled(unet, scales):
+        with _enabled(net, scales):
             yield
     finally:
         for m, a in zip(layers, before):
@@ -360,18 +390,18 @@ class AdapterRouting:
         adapters = self.names[1:]
         return adapters[(step // self.switch_every) % len(adapters)]
 
-    def context(self, unet: torch.nn.Module, rows: torch.Tensor | None, t: torch.Tensor, n: int):
+    def context(self, net: torch.nn.Module, rows: torch.Tensor | None, t: torch.Tensor, n: int):
         if self.mode == "merge":
-            return merged_adapters(unet, self.scales)
+            return merged_adapters(net, self.scales)
         if self.mode == "switch":
-            return mixed_adapter_batch(unet, [self.switch_adapter(t)] * n, self.scales)
-        return mixed_adapter_batch(unet, [self.names[int(i)] for i in rows.tolist()], self.scales)
+            return mixed_adapter_batch(net, [self.switch_adapter(t)] * n, self.scales)
+        return mixed_adapter_batch(net, [self.names[int(i)] for i in rows.tolist()], self.scales)
 
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.specs]
 
 
-def adapter_forward(fn: Any, unet: torch.nn.Module, routing: AdapterRouting) -> Any:
+def adapter_forward(fn: Any, net: torch.nn.Module, routing: AdapterRouting) -> Any:
     """Wrap a network fn(x, t, cond) so that each call runs the routed adapters (one forward)."""
 
     def routed(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -379,7 +409,7 @@ def adapter_forward(fn: Any, unet: torch.nn.Module, routing: AdapterRouting) -> 
         if isinstance(cond, Mapping) and "adapter" in cond:
             cond = dict(cond)
             rows = cond.pop("adapter")
-        with routing.context(unet, rows, t, x.shape[0]):
+        with routing.context(net, rows, t, x.shape[0]):
             return fn(x, t, cond)
 
     return routed
@@ -468,16 +498,25 @@ def route_branches(branches: Sequence[Any], plans: Sequence[Any], routing: Adapt
     return out
 
 
-def routed_unet_forward(unet: torch.nn.Module, routing: AdapterRouting, method: Any,
-                        cross_attention_kwargs: dict | None = None) -> Any:
-    """`prepare_networks`' forward(module): the pipeline's own UNet routed through its
-    adapters, any other network as usual (`method`: the call's MethodPlan, for the grid)."""
-    from superdiff.diffusers_experts import unet_forward
-
-    routing.grid = method.grid
+def routed_forward(net: torch.nn.Module, routing: AdapterRouting, grid: torch.Tensor | None,
+                   base_forward: Any) -> Any:
+    """`prepare_networks`' forward(module) for any pipeline: base_forward(module) gives a
+    network's fn(x, t, cond) (unet_forward, transformer_forward); the pipeline's own denoiser
+    `net` is routed through its adapters, any other network runs as usual. `grid`: the
+    call's time grid (LoRA Switch counts steps along it)."""
+    routing.grid = grid
 
     def forward(module: torch.nn.Module) -> Any:
-        fn = unet_forward(module, method.schedule, cross_attention_kwargs)
-        return adapter_forward(fn, module, routing) if module is unet else fn
+        fn = base_forward(module)
+        return adapter_forward(fn, module, routing) if module is net else fn
 
     return forward
+
+
+def routed_unet_forward(unet: torch.nn.Module, routing: AdapterRouting, method: Any,
+                        cross_attention_kwargs: dict | None = None) -> Any:
+    """routed_forward for the UNet pipelines (`method`: the call's MethodPlan)."""
+    from superdiff.diffusers_experts import unet_forward
+
+    return routed_forward(unet, routing, method.grid,
+                          lambda module: unet_forward(module, method.schedule, cross_attention_kwargs))

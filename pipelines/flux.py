@@ -36,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from superdiff.pipelines import _common as C
+from superdiff.pipelines import adapters as A
 
 __all__ = ["SuperDiffFluxPipeline"]
 
@@ -189,6 +190,8 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         sigmas: Sequence[float] | None = None,
         time_grid: Sequence[float] | None = None,
         extra_transformers: Sequence[Any] | None = None,
+        adapters: Sequence[Any] | None = None,
+        switch_every: int = 1,
         max_batch_size: int | None = None,
         compose: str | None = None,
         and_mode: str = "superdiff",
@@ -223,6 +226,12 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
             extra_transformers: more experts from other Flux transformers of the same layout
                 and guidance kind (modules, paths / hub ids, (transformer, prompt) pairs or
                 superdiff.pipelines.TransformerExpert).
+            adapters, switch_every: LoRA adapters as experts on this pipeline's transformer
+                (pipelines/adapters.py, as SuperDiffStableDiffusionPipeline): paths, (path, scale)
+                pairs, dicts or AdapterExpert, None for the base transformer; loaded with diffusers'
+                `load_lora_weights`, all adapter experts in ONE batched transformer call per step
+                (each row under its own adapter). `operator` may then also be "composite", "merge"
+                or "switch" (adapter changing every `switch_every` steps).
             joint_attention_kwargs, max_sequence_length: as in diffusers.
 
         Returns:
@@ -245,6 +254,10 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         networks, extras = C.plan_extra_transformers(base, extra_transformers, self.scheduler.config,
                                                      self.transformer.dtype)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
+        routing, specs = None, None
+        if adapters is not None:
+            specs = A.resolve_adapters(adapters)
+            op_name, plans, routing = A.plan_adapter_experts(specs, plans, prompts, negatives, op_name, switch_every)
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         h, w_lat = self._latent_hw(height, width)
@@ -261,6 +274,9 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
                                    num_inference_steps, grid, "zero", corrector=corrector)
 
+        if routing is not None:
+            A.load_adapters(self, specs)  # every adapter checked against this transformer first
+
         # 2. encode every distinct prompt (and, with true CFG, negative prompt) once
         device = self._execution_device
         lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None
@@ -275,8 +291,11 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         fixed: dict[str, Any] = dict(img_ids=img_ids, txt_ids=txt_ids)
         if joint_attention_kwargs:
             fixed["joint_attention_kwargs"] = joint_attention_kwargs
-        nets = C.prepare_networks(networks, method.schedule, device,
-                                  forward=lambda m: C.transformer_forward(m, method.schedule, 1000.0, **fixed))
+        forward = lambda m: C.transformer_forward(m, method.schedule, 1000.0, **fixed)  # noqa: E731
+        if routing is not None:  # each row under its own adapter, still one transformer call per step
+            branches = A.route_branches(branches, plans, routing)
+            forward = A.routed_forward(self.transformer, routing, method.grid, forward)
+        nets = C.prepare_networks(networks, method.schedule, device, forward=forward)
         experts = C.NetworkExperts(nets, branches, guidance=do_cfg, prediction_type="flow",
                                    max_batch_size=max_batch_size)
 
@@ -287,6 +306,8 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         trace.meta.update(prompts=[p.prompt for p in plans], model_family="flux",
                           guidance_distilled=self.guidance_distilled, embedded_guidance=embedded,
                           true_cfg_scale=w if do_cfg else 1.0)
+        if routing is not None:
+            trace.meta.update(adapters=routing.describe(), adapter_mode=routing.mode)
 
         # 4. unpack and decode
         if output_type == "latent":

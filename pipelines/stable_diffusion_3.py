@@ -28,6 +28,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from superdiff.pipelines import _common as C
+from superdiff.pipelines import adapters as A
 
 __all__ = ["SuperDiffStableDiffusion3Pipeline"]
 
@@ -141,6 +142,8 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         mu: float | None = None,
         time_grid: Sequence[float] | None = None,
         extra_transformers: Sequence[Any] | None = None,
+        adapters: Sequence[Any] | None = None,
+        switch_every: int = 1,
         max_batch_size: int | None = None,
         compose: str | None = None,
         and_mode: str = "superdiff",
@@ -182,6 +185,12 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
                 text encoders: modules, checkpoint paths / hub ids, (transformer, prompt) pairs or
                 superdiff.pipelines.TransformerExpert; one expert per prompt unless given its own.
                 Incompatible ones (a UNet, a Flux transformer, other widths) are refused.
+            adapters, switch_every: LoRA adapters as experts on this pipeline's transformer
+                (pipelines/adapters.py, as SuperDiffStableDiffusionPipeline): paths, (path, scale)
+                pairs, dicts or AdapterExpert, None for the base transformer; loaded with diffusers'
+                `load_lora_weights`, all adapter experts in ONE batched transformer call per step
+                (each row under its own adapter). `operator` may then also be "composite", "merge"
+                or "switch" (adapter changing every `switch_every` steps).
             max_batch_size: at most this many rows per transformer call.
             compose, and_mode, corrector: a composition formula and particle / MCMC correctors, as in
                 SuperDiffStableDiffusionPipeline.__call__ (docs/correctors.md).
@@ -208,6 +217,10 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         networks, extras = C.plan_extra_transformers(base, extra_transformers, self.scheduler.config,
                                                      self.transformer.dtype)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
+        routing, specs = None, None
+        if adapters is not None:
+            specs = A.resolve_adapters(adapters)
+            op_name, plans, routing = A.plan_adapter_experts(specs, plans, prompts, negatives, op_name, switch_every)
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         grid = time_grid if time_grid is not None else C.flow_time_grid(
@@ -215,6 +228,9 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
                                    num_inference_steps, grid, "zero", corrector=corrector)
         do_cfg, w = self._guidance(guidance_scale)
+
+        if routing is not None:
+            A.load_adapters(self, specs)  # every adapter checked against this transformer first
 
         # 2. encode every distinct prompt and negative prompt once
         device = self._execution_device
@@ -227,8 +243,11 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         branches = [C.Branch(p.network, enc[p.prompt], enc_neg[p.negative or ""] if do_cfg else None,
                              ("neg", p.negative or "") if do_cfg else None, p.name) for p in plans]
         fixed = {"joint_attention_kwargs": joint_attention_kwargs} if joint_attention_kwargs else {}
-        nets = C.prepare_networks(networks, method.schedule, device,
-                                  forward=lambda m: C.transformer_forward(m, method.schedule, **fixed))
+        forward = lambda m: C.transformer_forward(m, method.schedule, **fixed)  # noqa: E731
+        if routing is not None:  # each row under its own adapter, still one transformer call per step
+            branches = A.route_branches(branches, plans, routing)
+            forward = A.routed_forward(self.transformer, routing, method.grid, forward)
+        nets = C.prepare_networks(networks, method.schedule, device, forward=forward)
         experts = C.NetworkExperts(nets, branches, guidance=do_cfg, prediction_type="flow",
                                    max_batch_size=max_batch_size)
 
@@ -237,6 +256,8 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
                         num_inference_steps, method.grid, "zero", callback_on_step_end, callback_inputs)
         trace = out.trace
         trace.meta.update(prompts=[p.prompt for p in plans], model_family="sd3")
+        if routing is not None:
+            trace.meta.update(adapters=routing.describe(), adapter_mode=routing.mode)
 
         # 4. decode
         if output_type == "latent":

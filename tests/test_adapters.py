@@ -315,7 +315,7 @@ def test_cli_lora_flags_png_metadata_and_from_png(loras, tmp_path, capsys):
 
 
 def test_studio_rows_pick_adapters_with_lora_tags(loras, tmp_path):
-    from ui import handlers as H
+    from superdiff.ui import handlers as H
 
     from superdiff.compose import ModelCache, run_composition
 
