@@ -158,7 +158,7 @@ class SuperDiffPipelineMixin:
         record: list[tuple[Tensor, Tensor, Tensor]] = []  # kappa, log q, delta log q per step
 
         def on_step(info: StepInfo):
-            record.append((info.kappa, info.logq.clone(), info.output.delta_logq))
+            record.append((info.kappa, info.logq, info.output.delta_logq))  # sample never updates log q in place
             new = user_step(info)
             if self.__dict__.get("_interrupt"):
                 raise _Interrupted(new if new is not None else info.x)

@@ -212,6 +212,9 @@ class CachedExperts(ExpertSet):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def set_grid(self, times: Sequence[Tensor], device: Any = None) -> None:
+        self.inner.set_grid(times, device)
+
     def prime(self, x: Tensor, t: Tensor, out: ExpertOutput) -> None:
         self._primed = (x.detach().clone(), float(t), out)
 

@@ -42,7 +42,7 @@ from .schedules import Schedule
 
 Tensor = torch.Tensor
 
-__all__ = ["Branch", "Network", "NetworkExperts", "unet_forward", "transformer_forward", "NullEstimator"]
+__all__ = ["Branch", "Network", "NetworkExperts", "TimeInputs", "unet_forward", "transformer_forward", "NullEstimator"]
 
 
 def _differentiated(x: Tensor) -> bool:
@@ -55,45 +55,108 @@ def _differentiated(x: Tensor) -> bool:
         return False
 
 
-def unet_forward(unet: torch.nn.Module, schedule: Schedule,
-                 cross_attention_kwargs: dict | None = None) -> Callable[[Tensor, Tensor, Any], Tensor]:
-    """fn(x [N, *S], t (0-d schedule time), cond) -> prediction [N, *S] for a diffusers UNet.
+class TimeInputs:
+    """What a network is fed at a schedule time t: its timestep model_time(t) / divisor (a
+    float32 tensor on the network's device) and the input scale c_in(t) (VE form; 1 otherwise).
 
-    cond is None (unconditional UNet2DModel), or a dict with any of
-    "encoder_hidden_states" [N, L, D], "text_embeds" [N, P], "time_ids" [N, 6] (SDXL's
-    added conditions) and "class_labels" [N].
+    `set_grid(times)` computes both for every time of a sampling grid at once (one vectorised
+    call each, as `superdiff.sampling.sample` does before its loop) and keeps them keyed by the
+    grid's time tensors themselves (tensors hash by identity), so a step looks its time up with
+    no tensor op at all. A time that is not on the grid (a direct call) is computed on the fly
+    in tensor ops, which read nothing back to the host and which torch.func transforms trace.
     """
-    scale = getattr(schedule, "input_scale", None)
 
-    def fn(x: Tensor, t: Tensor, cond: Any) -> Tensor:
-        # tensor ops on the 0-d time (no float(): nothing is read back to the host, and the
-        # ODE estimator's torch.func.jvp can trace through)
-        xin = x if scale is None else x * scale(t).to(dtype=x.dtype)
-        ts = schedule.model_time(t).to(device=x.device, dtype=torch.float32)
-        dtype = getattr(unet, "dtype", x.dtype)
-        kw: dict[str, Any] = {}
-        if cond is not None:
-            if "encoder_hidden_states" in cond:
-                kw["encoder_hidden_states"] = cond["encoder_hidden_states"].to(dtype)
-                if cross_attention_kwargs is not None:
-                    kw["cross_attention_kwargs"] = cross_attention_kwargs
-            if "text_embeds" in cond:
-                kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype),
-                                           "time_ids": cond["time_ids"].to(dtype)}
-            if "class_labels" in cond:
-                kw["class_labels"] = cond["class_labels"]
+    def __init__(self, schedule: Schedule, divisor: float = 1.0, scaled: bool = True) -> None:
+        self.schedule = schedule
+        self.divisor = float(divisor)
+        self._scale = getattr(schedule, "input_scale", None) if scaled else None
+        self._grid: dict[Tensor, tuple[Tensor, float]] = {}
+
+    def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        if not times:
+            self._grid = {}
+            return
+        g = torch.stack([torch.as_tensor(t, dtype=torch.float64).reshape(()) for t in times]).cpu()
+        with torch.no_grad():
+            mt = self.schedule.model_time(g).to(torch.float32)  # float32 first, as diffusers' timesteps
+            if self.divisor != 1.0:
+                mt = mt / self.divisor
+            mt = mt.to(device=device or "cpu")
+            scales = [1.0] * len(times) if self._scale is None else \
+                torch.as_tensor(self._scale(g), dtype=torch.float64).expand(len(times)).tolist()
+        self._grid = {t: (m, s) for t, m, s in zip(times, mt.unbind(0), scales)}
+
+    def __call__(self, t: Tensor, device: torch.device) -> tuple[Tensor, float | Tensor]:
+        """(timestep tensor, input scale) at t, for inputs on `device`."""
+        hit = self._grid.get(t) if isinstance(t, torch.Tensor) else None
+        if hit is not None:
+            m, s = hit
+            return (m if m.device == device else m.to(device)), s
+        m = self.schedule.model_time(t).to(device=device, dtype=torch.float32)
+        if self.divisor != 1.0:
+            m = m / self.divisor
+        return m, (1.0 if self._scale is None else self._scale(t))
+
+
+def _scaled(x: Tensor, scale: float | Tensor) -> Tensor:
+    if isinstance(scale, float):
+        return x if scale == 1.0 else x * scale
+    return x * scale.to(dtype=x.dtype)
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class _NetworkFn:
+    """fn(x, t, cond) for SharedNetworkExperts, with `set_grid` forwarded to its TimeInputs."""
+
+    def __init__(self, times: TimeInputs, call: Callable[[Tensor, Tensor, float | Tensor, Any], Tensor]) -> None:
+        self.times = times
+        self._call = call
+
+    def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        self.times.set_grid(times, device)
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        ts, scale = self.times(t, x.device)
         if _differentiated(x):
             # the ODE estimator's Jacobian-vector products: fused attention kernels (flash,
             # memory-efficient) have no forward-mode / double-backward derivative; math has
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel([SDPBackend.MATH]):
-                out = unet(xin.to(dtype), ts, return_dict=False, **kw)[0]
-        else:
-            out = unet(xin.to(dtype), ts, return_dict=False, **kw)[0]
-        return out.to(x.dtype)
+                return self._call(x, ts, scale, cond)
+        return self._call(x, ts, scale, cond)
 
-    return fn
+
+def unet_forward(unet: torch.nn.Module, schedule: Schedule,
+                 cross_attention_kwargs: dict | None = None) -> Callable[[Tensor, Tensor, Any], Tensor]:
+    """fn(x [N, *S], t (0-d schedule time), cond) -> prediction [N, *S] for a diffusers UNet.
+
+    cond is None (unconditional UNet2DModel), or a dict with any of
+    "encoder_hidden_states" [N, L, D], "text_embeds" [N, P], "time_ids" [N, 6] (SDXL's
+    added conditions) and "class_labels" [N]. The network gets x * c_in(t) at model_time(t)
+    (TimeInputs: looked up, not computed, on a grid set by `sample`).
+    """
+
+    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any) -> Tensor:
+        dtype = getattr(unet, "dtype", x.dtype)
+        kw: dict[str, Any] = {}
+        if cond is not None:
+            if "encoder_hidden_states" in cond:
+                kw["encoder_hidden_states"] = _as(cond["encoder_hidden_states"], dtype)
+                if cross_attention_kwargs is not None:
+                    kw["cross_attention_kwargs"] = cross_attention_kwargs
+            if "text_embeds" in cond:
+                kw["added_cond_kwargs"] = {"text_embeds": _as(cond["text_embeds"], dtype),
+                                           "time_ids": _as(cond["time_ids"], dtype)}
+            if "class_labels" in cond:
+                kw["class_labels"] = cond["class_labels"]
+        out = unet(_as(_scaled(x, scale), dtype), ts, return_dict=False, **kw)[0]
+        return _as(out, x.dtype)
+
+    return _NetworkFn(TimeInputs(schedule), call)
 
 
 def transformer_forward(transformer: torch.nn.Module, schedule: Schedule, timestep_divisor: float = 1.0,
@@ -106,25 +169,16 @@ def transformer_forward(transformer: torch.nn.Module, schedule: Schedule, timest
     [N]) and the `fixed` keyword arguments shared by all rows (Flux's img_ids / txt_ids,
     joint_attention_kwargs).
     """
-    def fn(x: Tensor, t: Tensor, cond: Any) -> Tensor:
-        ts = torch.tensor(float(schedule.model_time(t)), dtype=torch.float32, device=x.device)
-        if timestep_divisor != 1.0:
-            ts = ts / timestep_divisor
+
+    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any) -> Tensor:
         dtype = getattr(transformer, "dtype", x.dtype)
         kw: dict[str, Any] = dict(fixed)
         for k, v in (cond or {}).items():
-            kw[k] = v if k == "guidance" else v.to(dtype)
-        args = dict(hidden_states=x.to(dtype), timestep=ts.expand(x.shape[0]), return_dict=False, **kw)
-        if _differentiated(x):  # see unet_forward
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+            kw[k] = v if k == "guidance" else _as(v, dtype)
+        out = transformer(hidden_states=_as(x, dtype), timestep=ts.expand(x.shape[0]), return_dict=False, **kw)[0]
+        return _as(out, x.dtype)
 
-            with sdpa_kernel([SDPBackend.MATH]):
-                out = transformer(**args)[0]
-        else:
-            out = transformer(**args)[0]
-        return out.to(x.dtype)
-
-    return fn
+    return _NetworkFn(TimeInputs(schedule, timestep_divisor, scaled=False), call)
 
 
 @dataclass
@@ -194,6 +248,16 @@ class NetworkExperts(ExpertSet):
         self.has_uncond = self.guidance and any(u is not None for u in self._uncond_row)
         distinct = {u for u in self._uncond_row}
         self._shared_uncond = self.has_uncond and len(distinct) == 1 and None not in distinct
+        # the common layout: one network whose rows are [expert 0 | ... | expert M-1 | shared
+        # uncond]: its output splits into cond and uncond as views, without gathering rows
+        M = self.num_experts
+        self._one_block = (len(self._sets) == 1 and self._cond_row == [(self.branches[0].network, i) for i in range(M)]
+                           and (not self.has_uncond or (self._shared_uncond
+                                                        and self._uncond_row[0] == (self.branches[0].network, M))))
+
+    def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        for s in self._sets.values():
+            s.set_grid(times, device)
 
     @property
     def num_forward_calls(self) -> int:  # type: ignore[override]
@@ -235,6 +299,14 @@ class NetworkExperts(ExpertSet):
         return torch.stack([got[u] if u is not None else cond[i] for i, u in enumerate(self._uncond_row)])
 
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+        if self._one_block:
+            n = self.branches[0].network
+            M = self.num_experts
+            o = self._sets[n].evaluate_rows(x, t, range(M + self.has_uncond))  # [M (+1), B, *S]
+            kind = self.networks[n].prediction_type
+            if kind != self.prediction_type:
+                o = convert(o, kind, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
+            return ExpertOutput(o[:M], o[M] if self.has_uncond else None, self.prediction_type)
         unc_rows = [u for u in self._uncond_row if u is not None] if self.has_uncond else []
         got = self._rows(x, t, schedule, self._cond_row + unc_rows)
         cond = torch.stack([got[r] for r in self._cond_row])

@@ -83,7 +83,7 @@ class StepContext:
 
     @property
     def dim(self) -> int:
-        return self.x[0].numel()
+        return math.prod(self.x.shape[1:])
 
     def dot(self, a: Tensor, b: Tensor) -> Tensor:
         """<a, b> over the feature dims, accumulated in float64; broadcasts a leading expert axis."""
@@ -122,6 +122,8 @@ class Estimator:
     integrators: tuple[type[Integrator], ...] = ()
     #: whether delta needs the divergence of the experts' velocities (a JVP through the network)
     needs_divergence = False
+    #: whether its Delta log q can be non-finite (the step's FiniteMonitor watches it)
+    needs_check = True
 
     def begin(self) -> None:
         """Called by `sample` before the first step of a call (per-call choices reset here)."""
@@ -371,6 +373,7 @@ class NullEstimator(Estimator):
 
     name = "none"
     integrators = (Integrator,)
+    needs_check = False
 
     def linear(self, ctx):
         raise ValueError("estimator 'none' cannot drive the AND operator, which needs log-density "

@@ -67,6 +67,11 @@ class ExpertSet:
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         raise NotImplementedError
 
+    def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        """Called by `sample` once before its loop with the grid's times (the 0-d tensors every
+        step will pass as t): experts may precompute what they feed their networks at each one
+        (superdiff.diffusers_experts.TimeInputs). Optional; the default does nothing."""
+
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         """The experts' conditional predictions [M, B, *S] alone: what the ODE estimator's JVP
         differentiates (subclasses skip the unconditional rows, which it never uses)."""
@@ -194,7 +199,7 @@ class SharedNetworkExperts(ExpertSet):
         B = x.shape[0]
         rows = tuple(rows)
         nb = len(rows)
-        xb = x if nb == 1 else x.unsqueeze(0).expand(nb, *x.shape).reshape(nb * B, *x.shape[1:])
+        xb = x if nb == 1 else x.repeat(nb, *([1] * (x.dim() - 1)))  # [row 0 | row 1 | ...], each B
         key = (rows, B)
         if key not in self._batched:  # the conditions never change: concatenate them once
             conds = self.conditions + [self.uncond_condition]
@@ -208,6 +213,11 @@ class SharedNetworkExperts(ExpertSet):
             self.num_forward_calls += 1
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         return _check_pred(out, xb, "the shared network").reshape(nb, *x.shape)
+
+    def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        fn = getattr(self.fn, "set_grid", None)
+        if fn is not None:
+            fn(times, device)
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         return self.evaluate_rows(x, t, range(self.num_experts))

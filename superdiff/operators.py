@@ -293,9 +293,15 @@ class AverageOperator(Operator):
             self.weights = _vector(self.weights, num_experts, "average weights")
 
     def kappa(self, state: StepState) -> Tensor:
+        """The same [B, M] weights every step: built on the first step of a call, then reused
+        (callers never modify kappa in place)."""
         B, M = state.logq.shape
-        w = torch.full((M,), 1.0 / M, dtype=_F64) if self.weights is None else self.weights
-        return w.to(state.logq.device)[None].expand(B, M).clone()
+        key = (B, M, state.logq.device)
+        if getattr(self, "_kappa_key", None) != key or state.step == 0:
+            w = torch.full((M,), 1.0 / M, dtype=_F64) if self.weights is None else self.weights
+            self._kappa = w.to(state.logq.device)[None].expand(B, M).clone()
+            self._kappa_key = key
+        return self._kappa
 
 
 class SingleOperator(Operator):
@@ -317,10 +323,14 @@ class SingleOperator(Operator):
             raise ValueError(f"single operator index {self.index} is out of range for {num_experts} experts")
 
     def kappa(self, state: StepState) -> Tensor:
+        """One-hot [B, M], built on the first step of a call and reused (as AverageOperator)."""
         B, M = state.logq.shape
-        k = torch.zeros(B, M, dtype=_F64, device=state.logq.device)
-        k[:, self.index] = 1.0
-        return k
+        key = (B, M, state.logq.device)
+        if getattr(self, "_kappa_key", None) != key or state.step == 0:
+            k = torch.zeros(B, M, dtype=_F64, device=state.logq.device)
+            k[:, self.index] = 1.0
+            self._kappa, self._kappa_key = k, key
+        return self._kappa
 
 
 OPERATORS: dict[str, type[Operator]] = {

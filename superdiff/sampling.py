@@ -196,20 +196,28 @@ def sample(
     if corr is not None:  # K particles per sample: rows b * K + k
         run = corr.start(es, x, logq, schedule, grid, op, generator, guidance_scale, model_dtype, dtype)
         es, x, logq, generator = run.experts, run.x, run.logq, run.row_generator
-    kappas, logqs = [], [logq.clone()]
+    # log q is never updated in place (each step makes a new tensor), so the trace keeps the
+    # step's tensors themselves
+    kappas, logqs = [], [logq]
     calls0 = es.num_forward_calls
     est.begin()
     monitor = FiniteMonitor(M, x.device, est.name)
+    # the grid's times as 0-d tensors, made once: the experts precompute what their networks
+    # are fed at each (timestep, input scale) and every step passes these same tensors
+    times = grid.unbind(0)
+    es.set_grid(times, x.device)
+    tracks = est.name != "none"
     t0 = time.perf_counter()
     for k in tqdm(range(n), desc="superdiff", disable=not progress, leave=False):
-        t, t_next = grid[k], grid[k + 1]
+        t, t_next = times[k], times[k + 1]
         so = superdiff_step(es, schedule, integ, op, est, x, t, t_next, logq, k, n, generator,
                             guidance_scale, noise_dtype=dtype, model_dtype=model_dtype,
                             coefficients=coefs[k], monitor=monitor)
         x = so.x_next
-        logq = logq + so.delta_logq
+        if tracks:
+            logq = logq + so.delta_logq
         kappas.append(so.kappa)
-        logqs.append(logq.clone())
+        logqs.append(logq)
         if run is not None:  # reweight / resample / MCMC moves (superdiff.correctors)
             x, logq = run.after_step(k, n, t, t_next, x, logq, so)
         if callback is not None:

@@ -57,12 +57,17 @@ def randn(shape: Sequence[int], generator: Generator, dtype: torch.dtype = torch
     return z.to(device)
 
 
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in dtype, without an op when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def guided(out: ExpertOutput, guidance_scale: float) -> Tensor:
-    """Per-expert classifier-free-guided predictions [M, B, *S]."""
+    """Per-expert classifier-free-guided predictions p_i = u_i + w (c_i - u_i), [M, B, *S] (a
+    shared u [B, *S] broadcasts over the expert axis)."""
     if out.uncond is None:
         return out.cond
-    u = out.uncond if out.uncond.dim() == out.cond.dim() else out.uncond.unsqueeze(0)
-    return u + guidance_scale * (out.cond - u)
+    return torch.add(out.uncond, out.cond - out.uncond, alpha=guidance_scale)
 
 
 def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
@@ -71,12 +76,12 @@ def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
     ref=None: the weights sum to one (an affine operator) and the rest term is dropped.
     In the predictions' dtype (kappa is cast to it)."""
     shape = (kappa.shape[1], kappa.shape[0], *([1] * (preds.dim() - 2)))
-    k = kappa.to(preds.dtype).T.reshape(shape)
+    k = kappa.T.to(preds.dtype).reshape(shape)
     out = (k * preds).sum(0)
     if ref is None:
         return out
     rest = (1.0 - kappa.sum(-1)).to(preds.dtype).reshape(-1, *([1] * (preds.dim() - 2)))
-    return out + rest * ref.to(preds.dtype)
+    return out + rest * _as(ref, preds.dtype)
 
 
 class FiniteMonitor:
@@ -97,22 +102,24 @@ class FiniteMonitor:
 
     def _record(self, lo: int, sums: Tensor, step: int) -> None:
         self._sums.append(sums)
-        self._where.append((step, lo, sums.shape[0]))
+        self._where.append((step, lo, 1 if sums.dim() == 0 else sums.shape[0]))
 
     def experts(self, out: ExpertOutput, step: int, t: float, t_next: float) -> None:
+        """One op per tensor: the sum over all but the expert axis (a 0-d sum for a shared uncond)."""
         self.times[step] = (t, t_next)
-        self._record(0, out.cond.flatten(1).sum(1), step)
+        self._record(0, out.cond.sum(dim=tuple(range(1, out.cond.dim()))), step)
         if out.uncond is not None:
-            self._record(self.num_experts, out.uncond.reshape(1, -1).sum(1), step)
+            u = out.uncond
+            self._record(self.num_experts, u.sum(), step)
 
     def delta(self, delta: Tensor, step: int) -> None:
-        self._record(self.num_experts + 1, delta.reshape(1, -1).sum(1), step)
+        self._record(self.num_experts + 1, delta.sum(), step)
 
     def check(self) -> None:
         """Raise ValueError for the earliest non-finite value recorded (one host read)."""
         if not self._sums:
             return
-        finite = torch.isfinite(torch.cat([v.reshape(-1).to(torch.float64) for v in self._sums])).tolist()
+        finite = torch.isfinite(torch.cat([v.reshape(-1) for v in self._sums])).tolist()  # dtypes promote
         self._sums = []
         bad, pos = [], 0
         for step, lo, n in self._where:
@@ -149,8 +156,10 @@ def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at
     """The experts at (x, t) and, when the estimator needs it, the divergence of each expert's
     ODE velocity there ([B, M]) from the same network pass (the JVP's primal output)."""
     if not estimator.needs_divergence:
-        out = experts.evaluate(x.to(model_dtype), t, schedule)
-        return ExpertOutput(out.cond.to(x.dtype), None if out.uncond is None else out.uncond.to(x.dtype),
+        out = experts.evaluate(_as(x, model_dtype), t, schedule)
+        if out.cond.dtype == x.dtype and (out.uncond is None or out.uncond.dtype == x.dtype):
+            return out, None
+        return ExpertOutput(_as(out.cond, x.dtype), None if out.uncond is None else _as(out.uncond, x.dtype),
                             out.kind), None
 
     def fn(xx: Tensor) -> Tensor:
@@ -220,7 +229,7 @@ def superdiff_step(
     var = integrator.variance_c(c)
     noise = None
     if integrator.stochastic and var > 0:
-        noise = randn(x.shape, generator, noise_dtype, x.device).to(x.dtype) * math.sqrt(var)
+        noise = _as(randn(x.shape, generator, noise_dtype, x.device), x.dtype) * math.sqrt(var)
 
     def linear_model() -> tuple[Tensor, Tensor]:
         W, b = estimator.linear(ctx)
@@ -251,7 +260,8 @@ def superdiff_step(
                          divergence=div2)
 
     delta = estimator.delta(ctx, x_next, heun=heun)
-    monitor.delta(delta, step)
+    if estimator.needs_check:
+        monitor.delta(delta, step)
     if own:
         monitor.check()
     return StepOutput(x_next, kappa, delta, pred, out.cond)

@@ -172,4 +172,5 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
 
 
 def stack_steps(values: list[torch.Tensor]) -> np.ndarray:
-    return torch.stack([v.detach().to(torch.float64).cpu() for v in values]).numpy()
+    """[steps, ...] float64 array of per-step tensors (one stack on their device, one copy back)."""
+    return torch.stack([v.detach() for v in values]).to(device="cpu", dtype=torch.float64).numpy()
