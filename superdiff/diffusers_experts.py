@@ -109,25 +109,35 @@ def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _NetworkFn:
-    """fn(x, t, cond) for SharedNetworkExperts, with `set_grid` forwarded to its TimeInputs."""
+    """fn(x, t, cond) for SharedNetworkExperts, with `set_grid` forwarded to its TimeInputs.
 
-    def __init__(self, times: TimeInputs, call: Callable[[Tensor, Tensor, float | Tensor, Any], Tensor]) -> None:
+    The network's dtype is read once per sampling call (at `set_grid`, or at the first call):
+    diffusers' `ModelMixin.dtype` walks every submodule, which costs more than the rest of a
+    step around a small network."""
+
+    def __init__(self, module: torch.nn.Module, times: TimeInputs,
+                 call: Callable[[Tensor, Tensor, float | Tensor, Any, torch.dtype], Tensor]) -> None:
+        self.module = module
         self.times = times
         self._call = call
+        self._dtype: torch.dtype | None = None
 
     def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
         self.times.set_grid(times, device)
+        self._dtype = None
 
     def __call__(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         ts, scale = self.times(t, x.device)
+        if self._dtype is None:
+            self._dtype = getattr(self.module, "dtype", None) or x.dtype
         if _differentiated(x):
             # the ODE estimator's Jacobian-vector products: fused attention kernels (flash,
             # memory-efficient) have no forward-mode / double-backward derivative; math has
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel([SDPBackend.MATH]):
-                return self._call(x, ts, scale, cond)
-        return self._call(x, ts, scale, cond)
+                return self._call(x, ts, scale, cond, self._dtype)
+        return self._call(x, ts, scale, cond, self._dtype)
 
 
 def unet_forward(unet: torch.nn.Module, schedule: Schedule,
@@ -140,8 +150,7 @@ def unet_forward(unet: torch.nn.Module, schedule: Schedule,
     (TimeInputs: looked up, not computed, on a grid set by `sample`).
     """
 
-    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any) -> Tensor:
-        dtype = getattr(unet, "dtype", x.dtype)
+    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any, dtype: torch.dtype) -> Tensor:
         kw: dict[str, Any] = {}
         if cond is not None:
             if "encoder_hidden_states" in cond:
@@ -156,7 +165,7 @@ def unet_forward(unet: torch.nn.Module, schedule: Schedule,
         out = unet(_as(_scaled(x, scale), dtype), ts, return_dict=False, **kw)[0]
         return _as(out, x.dtype)
 
-    return _NetworkFn(TimeInputs(schedule), call)
+    return _NetworkFn(unet, TimeInputs(schedule), call)
 
 
 def transformer_forward(transformer: torch.nn.Module, schedule: Schedule, timestep_divisor: float = 1.0,
@@ -170,15 +179,14 @@ def transformer_forward(transformer: torch.nn.Module, schedule: Schedule, timest
     joint_attention_kwargs).
     """
 
-    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any) -> Tensor:
-        dtype = getattr(transformer, "dtype", x.dtype)
+    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any, dtype: torch.dtype) -> Tensor:
         kw: dict[str, Any] = dict(fixed)
         for k, v in (cond or {}).items():
             kw[k] = v if k == "guidance" else _as(v, dtype)
         out = transformer(hidden_states=_as(x, dtype), timestep=ts.expand(x.shape[0]), return_dict=False, **kw)[0]
         return _as(out, x.dtype)
 
-    return _NetworkFn(TimeInputs(schedule, timestep_divisor, scaled=False), call)
+    return _NetworkFn(transformer, TimeInputs(schedule, timestep_divisor, scaled=False), call)
 
 
 @dataclass
