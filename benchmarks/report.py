@@ -141,6 +141,27 @@ def distribution_metrics(images: np.ndarray, ref: dict, clf) -> dict:
             "histogram": np.bincount(r.shape_ids, minlength=len(world.SHAPES)).tolist()}
 
 
+def _training(name: str) -> dict:
+    """A bundled model's training.json (the hyperparameters its training script recorded)."""
+    from superdiff import registry
+
+    path = Path(registry.bundled_model_path(name)) / "training.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _budget(model: str, against: str) -> str:
+    """"N steps of batch b on n images, as <against>" or the differences, from both training.json."""
+    hm, ha = _training(model).get("hyperparameters", {}), _training(against).get("hyperparameters", {})
+    keys = ("steps", "batch", "lr", "dataset_size", "ema", "min_snr")
+    if not hm:
+        return "training record not found"
+    own = f"{hm.get('steps')} steps of batch {hm.get('batch')} on {hm.get('dataset_size')} rendered images"
+    diff = [k for k in keys if hm.get(k) != ha.get(k)]
+    if not diff:
+        return f"{own}, the same recipe and budget as `{against}`"
+    return own + f"; differs from `{against}` in " + ", ".join(f"{k} ({hm.get(k)} vs {ha.get(k)})" for k in diff)
+
+
 def section_or_halves(cfg: dict, cache: ModelCache, out: Path, full_model: str) -> dict:
     clf = features.load_classifier()
     data = world.make_dataset(np.random.default_rng([2025, 1]), cfg["ref_images"])
@@ -518,9 +539,7 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
     s = o["summary"]
     L += ["## 1. OR of two half-data models (paper: CIFAR-10, Table 1)", "",
           f"`shapes-half-a` (circles, squares) and `shapes-half-b` (triangles, crosses) against `{o['full_model']}` "
-          "(the same recipe, batch and number of training images on all four shapes, but a third of the steps: "
-          "1000 against each half's 3000, because one CPU was shared by eight jobs; "
-          "`python scripts/train_shapes_halves.py --half full --steps 1000`). "
+          f"({_budget(o['full_model'], 'shapes-half-a')}; `python scripts/train_shapes_halves.py --half full`). "
           f"{o['images_per_seed']} images per method and seed, seeds {o['seeds']}, {o['steps']} SDE steps; "
           f"reference: {o['ref_images']} renders of the training distribution. Mean ± sd over seeds. "
           f"Shapes FID: Frechet distance of the shapes classifier's features in the top {features.FD_COMPONENTS} principal "
@@ -550,8 +569,8 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
                   f"Model `{a['model']}`: the text-to-image recipe of `shapes-t2i` with two-part captions of seen pairs in "
                   "training (`python scripts/train_shapes_t2i.py --captions two-part`), so \"a circle and something red\" "
                   "and \"a circle that is red\" are sentences its tokenizer and text encoder know; none of the four pairs "
-                  "below was ever seen. It was trained for 1500 steps only (half of shapes-t2i's, on a CPU shared by "
-                  "eight jobs), and its shapes are lumpier: see the clean-shape column."]
+                  f"below was ever seen. Training: {_budget(a['model'], 'shapes-t2i')}; how clean its shapes are is in "
+                  "the clean-shape column."]
         else:
             L += [f"### `{a['model']}` (the bundled model: no two-part captions, its tokenizer splits \"and\")", "",
                   "The same table on the fully trained `shapes-t2i`, whose shapes are clean often enough for the "

@@ -203,6 +203,10 @@ class CachedExperts(ExpertSet):
     def num_forward_calls(self) -> int:  # type: ignore[override]
         return self.inner.num_forward_calls
 
+    @property
+    def prefers_finite_difference_jvp(self) -> bool:  # type: ignore[override]
+        return self.inner.prefers_finite_difference_jvp
+
     @num_forward_calls.setter
     def num_forward_calls(self, v: int) -> None:
         pass

@@ -217,6 +217,8 @@ class Branch:
 class NetworkExperts(ExpertSet):
     """Branches over one or more networks; one batched forward per network per step."""
 
+    prefers_finite_difference_jvp = True  # see ODEEstimator
+
     def __init__(self, networks: Sequence[Network], branches: Sequence[Branch], guidance: bool,
                  prediction_type: str | None = None, max_batch_size: int | None = None) -> None:
         if not branches:

@@ -237,31 +237,92 @@ class ODEEstimator(Estimator):
     probes: "exact" (d JVPs batched; default when d <= 64) or an int number of Rademacher
     probes for Hutchinson's trace estimator.
 
-    The divergence needs J_i z for each expert's network: one forward-mode JVP
-    (torch.func.jvp) over the experts' conditional rows only, whose primal output is the
-    step's prediction (no second forward). Where a network has no forward-mode derivative
-    the first call says so once (a warning) and every later step of that sampling call uses a
-    forward finite difference (fn(x + eps z) - fn(x)) / eps instead: one extra forward, the
-    memory of a forward, and an error of O(sqrt(machine epsilon)) relative, far below the
-    Hutchinson estimator's own noise.
+    The divergence needs J_i z for each expert's network. jvp chooses how, once per sampling
+    call (never per step):
+
+    "forward-mode"       one torch.func.jvp over the experts' conditional rows, whose primal
+                         output is the step's prediction (no second forward); exact to
+                         rounding. Where a network has no forward-mode derivative, the first
+                         step says so (a warning) and the call goes on with finite differences.
+    "finite-difference"  J z ~ (f(x + eps z) - f(x)) / eps, eps = sqrt(eps_model) (1 + mean |x|)
+                         with eps_model the machine epsilon of the network's dtype: f(x) is the
+                         step's own forward (every row, unconditional included, in one batch)
+                         and f(x + eps z) one more forward of the conditional rows. The memory of
+                         a forward, and a relative error of O(sqrt(eps_model)), far below the
+                         Hutchinson estimator's own noise at image sizes.
+    "auto" (default)     finite differences for network experts (ExpertSet.
+                         prefers_finite_difference_jvp: NetworkExperts), forward mode otherwise
+                         (analytic experts, the exact tests). Measured on a diffusers UNet at
+                         4x64x64 (benchmarks/speed.py, docs/performance.md): forward mode took
+                         about 10x the network time of a plain forward and 46x diffusers' peak
+                         memory, because fused attention kernels have no forward-mode
+                         derivative and the math kernel materialises every attention matrix.
     """
 
     name = "ode"
     integrators = (EulerODE, HeunODE)
     needs_divergence = True
+    JVP_MODES = ("auto", "forward-mode", "finite-difference")
 
-    def __init__(self, probes: int | str = "auto", exact_max_dim: int = 64) -> None:
+    def __init__(self, probes: int | str = "auto", exact_max_dim: int = 64, jvp: str = "auto") -> None:
         if not (probes in ("auto", "exact") or (isinstance(probes, int) and probes >= 1)):
             raise ValueError(f"probes must be 'auto', 'exact' or an int >= 1, got {probes!r}")
+        if jvp not in self.JVP_MODES:
+            raise ValueError(f"jvp must be one of {', '.join(self.JVP_MODES)}, got {jvp!r}")
         self.probes = probes
         self.exact_max_dim = exact_max_dim
+        self.jvp = jvp
         self.jvp_mode: str | None = None  # "forward-mode" or "finite-difference", chosen per call
+        self._forward_ok = False
 
     def begin(self) -> None:
         self.jvp_mode = None
+        self._forward_ok = False
+
+    def choose_jvp(self, experts: object) -> str:
+        """The call's JVP mode for these experts (see the class docstring); fixed at the first step."""
+        if self.jvp_mode is None:
+            if self.jvp != "auto":
+                self.jvp_mode = self.jvp
+            else:
+                fd = bool(getattr(experts, "prefers_finite_difference_jvp", False))
+                self.jvp_mode = "finite-difference" if fd else "forward-mode"
+        return self.jvp_mode
+
+    def divergence_fd(self, fn: Callable[[Tensor], Tensor], x: Tensor, primal: Tensor, c: StepCoefficients,
+                      at_next: bool, kind: str, generator: torch.Generator | None,
+                      model_dtype: torch.dtype) -> Tensor:
+        """div [B, M] of each expert's ODE velocity by forward finite differences of fn (x ->
+        conditional predictions [M, N, *S]) around its value `primal` [M, B, *S] at x: one
+        forward of P * B rows at x + eps z."""
+        probes, exact = self._probes(x, generator)
+        P, B = probes.shape[:2]
+        xr = x.repeat(P, *([1] * (x.dim() - 1))) if P > 1 else x
+        zr = probes.reshape(P * B, *x.shape[1:]).to(x)
+        eps = math.sqrt(torch.finfo(model_dtype).eps) * (1.0 + x.abs().mean())  # a device tensor: no host read
+        f1 = fn(torch.add(xr, zr * eps))
+        M = primal.shape[0]
+        jz = (f1.reshape(M, P, B, *x.shape[1:]) - primal[:, None]) / eps
+        return self._quadratic(jz.reshape(M, P * B, *x.shape[1:]), probes, exact, c, at_next, kind)
+
+    def _quadratic(self, jz: Tensor, probes: Tensor, exact: bool, c: StepCoefficients, at_next: bool,
+                   kind: str) -> Tensor:
+        """sum / mean over probes of <z, J_v z> = vx |z|^2 + vp <z, J_pred z>: [B, M]."""
+        P, B = probes.shape[:2]
+        M = jz.shape[0]
+        if at_next:
+            vx, vp = velocity_coefficients(kind, c.alpha_next, c.sigma_next, c.dalpha_next, c.dsigma_next)
+        else:
+            vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
+        zf = probes.reshape(1, P, B, -1).to(jz)
+        zjz = (jz.reshape(M, P, B, -1) * zf).sum(-1, dtype=_F64)  # [M, P, B]
+        zz = (zf * zf).sum(-1, dtype=_F64)  # [1, P, B]
+        quad = vx * zz + vp * zjz
+        red = quad.sum(1) if exact else quad.mean(1)
+        return red.T
 
     def _probes(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
-        B, d = x.shape[0], x[0].numel()
+        B, d = x.shape[0], math.prod(x.shape[1:])
         exact = self.probes == "exact" or (self.probes == "auto" and d <= self.exact_max_dim)
         if exact:
             eye = torch.eye(d, dtype=x.dtype, device=x.device)  # [d, d]
@@ -274,10 +335,10 @@ class ODEEstimator(Estimator):
         if self.jvp_mode != "finite-difference":
             try:
                 out = torch.func.jvp(fn, (x,), (z,))
-                self.jvp_mode = "forward-mode"
+                self.jvp_mode, self._forward_ok = "forward-mode", True
                 return out
             except (RuntimeError, NotImplementedError) as e:
-                if self.jvp_mode == "forward-mode":  # it worked earlier in this call: a real error
+                if self._forward_ok:  # it worked earlier in this call: a real error
                     raise
                 warnings.warn(f"the ODE estimator's forward-mode JVP is not available for this network "
                               f"({type(e).__name__}: {str(e)[:200]}); using a finite-difference JVP for "
@@ -297,16 +358,7 @@ class ODEEstimator(Estimator):
         primal, jz = self._jvp(fn, xr, zr)
         M = primal.shape[0]
         cond = primal.reshape(M, P, B, *x.shape[1:])[:, 0]
-        if at_next:
-            vx, vp = velocity_coefficients(kind, c.alpha_next, c.sigma_next, c.dalpha_next, c.dsigma_next)
-        else:
-            vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
-        zf = probes.reshape(1, P, B, -1).to(jz)
-        zjz = (jz.reshape(M, P, B, -1) * zf).sum(-1, dtype=_F64)  # [M, P, B]
-        zz = (zf * zf).sum(-1, dtype=_F64)  # [1, P, B]
-        quad = vx * zz + vp * zjz
-        red = quad.sum(1) if exact else quad.mean(1)
-        return cond, red.T
+        return cond, self._quadratic(jz, probes, exact, c, at_next, kind)
 
     def velocities(self, c: StepCoefficients, x: Tensor, preds: Tensor, kind: str, at_next: bool = False) -> Tensor:
         return velocity(c, x, preds.to(x.dtype), kind, at_next)

@@ -63,6 +63,9 @@ class ExpertSet:
     has_uncond: bool = False
     #: number of forward calls made so far (one batched call counts once)
     num_forward_calls: int = 0
+    #: the ODE estimator's JVP by finite differences rather than forward mode (ODEEstimator,
+    #: jvp="auto"): True for neural networks, where forward mode is slow and memory-hungry
+    prefers_finite_difference_jvp: bool = False
 
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         raise NotImplementedError

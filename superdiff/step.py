@@ -163,14 +163,26 @@ def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at
                             out.kind), None
 
     def fn(xx: Tensor) -> Tensor:
-        return experts.evaluate_conditional(xx.to(model_dtype), t, schedule).to(xx.dtype)
+        return _as(experts.evaluate_conditional(_as(xx, model_dtype), t, schedule), xx.dtype)
 
+    if estimator.choose_jvp(experts) == "finite-difference":
+        # the step's own forward (every row) is f(x); one more forward of the conditional rows
+        # at x + eps z gives the directional derivative (ODEEstimator.divergence_fd)
+        out, _ = _evaluate(experts, _NO_DIVERGENCE, x, t, at_next, c, schedule, model_dtype, generator)
+        return out, estimator.divergence_fd(fn, x, out.cond, c, at_next, out.kind, generator, model_dtype)
     cond, div = estimator.divergence_at(fn, x, c, at_next, experts.prediction_type, generator)
     uncond = None
     if experts.has_uncond:
         uncond = experts.evaluate_unconditional(x.to(model_dtype), t, schedule)
         uncond = None if uncond is None else uncond.to(x.dtype)
     return ExpertOutput(cond, uncond, experts.prediction_type), div
+
+
+class _NoDivergence:
+    needs_divergence = False
+
+
+_NO_DIVERGENCE = _NoDivergence()
 
 
 def _reference(operator: Operator, out: ExpertOutput, kind: str, x: Tensor, alpha: float, sigma: float) -> Tensor | None:

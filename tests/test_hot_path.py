@@ -191,3 +191,45 @@ def test_single_network_rows_and_gaussian_mixture_oracle_are_untouched():
     out = es.evaluate(x, t, sch)
     assert torch.equal(es.evaluate_conditional(x, t, sch), out.cond)
     assert torch.equal(es.evaluate_unconditional(x, t, sch), out.uncond)
+
+
+def _network_experts(rows: list):
+    """The two-mixture experts of _gmm behind diffusers_experts.NetworkExperts (one network,
+    conditions 0 / 1, a shared unconditional condition 2 = the first expert again)."""
+    from superdiff.diffusers_experts import Branch, Network, NetworkExperts
+
+    e = two_mixtures(3)
+    sch = schedules()["ve"]
+
+    def fn(x, t, cond):
+        rows.append((x.shape[0], torch._C._functorch.is_functorch_wrapped_tensor(x)))
+        k = cond["expert"]
+        return torch.cat([e[min(int(k[i]), 1)].predict(x[i:i + 1], t, sch) for i in range(x.shape[0])])
+
+    branches = [Branch(0, {"expert": torch.tensor([i])}, {"expert": torch.tensor([2])}, "u", f"e{i}") for i in (0, 1)]
+    return NetworkExperts([Network(fn, "epsilon")], branches, guidance=True), sch
+
+
+def test_network_experts_use_a_finite_difference_jvp_from_the_step_forward_and_agree_with_forward_mode():
+    """ODE estimator, jvp="auto" on network experts: the step's one forward of every row (2
+    experts + the shared unconditional, B each) is f(x), and one forward of the conditional
+    rows at x + eps z gives J z; no forward-mode AD. Log q agrees with forward mode."""
+    rows: list = []
+    es, sch = _network_experts(rows)
+    kw = dict(operator="and", integrator="euler", shape=(4, 3), guidance_scale=2.0, dtype=torch.float64,
+              progress=False)
+    est = ODEEstimator(probes=2)
+    fd = sample(es, sch, 4, estimator=est, generator=torch.Generator().manual_seed(0), **kw)
+    assert est.jvp_mode == "finite-difference"
+    assert rows == [(3 * 4, False), (2 * 2 * 4, False)] * 4  # (M + 1) B rows, then M * probes * B
+    rows.clear()
+    fwd_est = ODEEstimator(probes=2, jvp="forward-mode")
+    fwd = sample(es, sch, 4, estimator=fwd_est, generator=torch.Generator().manual_seed(0), **kw)
+    assert fwd_est.jvp_mode == "forward-mode" and rows[0] == (2 * 2 * 4, True)
+    assert torch.allclose(fd.samples, fwd.samples, atol=1e-5)
+    assert torch.allclose(fd.logq, fwd.logq, rtol=1e-4, atol=1e-3)
+
+
+def test_ode_estimator_rejects_an_unknown_jvp_mode():
+    with pytest.raises(ValueError, match="jvp must be one of"):
+        ODEEstimator(jvp="reverse")
