@@ -99,6 +99,10 @@ def open_page(browser, url: str, width: int = 1920, height: int = 1080):
     return page
 
 
+#: the settings import's file input (the page has others, e.g. the LoRA upload)
+SETTINGS_FILE = "input[type=file]:has(+ #settings-import)"  # gradio puts the input before its button
+
+
 def field(page, elem_id: str):
     return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
 
@@ -157,7 +161,7 @@ def test_studio_runs_and_in_chromium(studio_url, browser):
         assert (rec.prompts, rec.operator, rec.sampler, rec.steps, rec.seed) == (
             ["a circle", "something red"], "and", "ddpm", 8, 1), rec
         page.get_by_text("Settings JSON (export / import)").click()
-        page.locator("input[type=file]").first.set_input_files(str(pngs[0]))
+        page.locator(SETTINGS_FILE).first.set_input_files(str(pngs[0]))
         page.locator("#status").get_by_text(re.compile(r"^Settings loaded from")).wait_for(timeout=20_000)
         assert page.locator("#seed input").first.input_value() == "1"
         assert page.locator("#prompt-2 textarea, #prompt-2 input").first.input_value() == "something red"
@@ -191,7 +195,7 @@ def test_every_error_reaches_the_page(studio_url, browser, tmp_path):
             status_shows(page, "^Error: " + expected)
             status_shows(page, expected, where="#settings-msg")  # also under the buttons
         Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-        page.locator("input[type=file]").first.set_input_files(str(tmp_path / "plain.png"))
+        page.locator(SETTINGS_FILE).first.set_input_files(str(tmp_path / "plain.png"))
         status_shows(page, r"^Error: plain.png carries no superdiff parameters")
 
         field(page, "prompt-1").fill("a circle")

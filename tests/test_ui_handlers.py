@@ -334,3 +334,104 @@ def test_ui_cli_parser_and_light_import():
         build_parser().parse_args(["ui", "--max-concurrency", "0"])
     code = "import sys, superdiff.ui.cli; sys.exit(1 if 'gradio' in sys.modules else 0)"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+# ---- adapter (LoRA) pickers ---------------------------------------------------------------------
+def _bundled_lora() -> Path:
+    from superdiff.registry import BUNDLED_ROOT
+
+    f = Path(BUNDLED_ROOT) / "lora-orange" / "pytorch_lora_weights.safetensors"
+    if not f.is_file():
+        pytest.skip("lora-orange not built (scripts/train_shapes_lora.py)")
+    return f
+
+
+def test_each_prompt_row_picks_its_adapter_and_scale():
+    f = form(rows=3, prompts=["a circle", "a circle", "a square"], loras=["lora-orange", "lora-outline", ""],
+             lora_scales=[0.8, None, None])
+    comp, _ = H.parse_form(f)
+    assert comp.prompts == ["a circle", "a square"]
+    assert comp.adapters == [{"path": "lora-orange", "scale": 0.8, "prompt": "a circle"},
+                             {"path": "lora-outline", "scale": 1.0, "prompt": "a circle"},
+                             {"path": "base", "prompt": "a square", "scale": 1.0}]
+    # settings export / import: the adapters come back in the rows' pickers, not as prompt tags
+    back = H.form_from_composition(comp)
+    assert back["prompts"][:3] == ["a circle", "a circle", "a square"]
+    assert back["loras"][:3] == ["lora-orange", "lora-outline", ""] and back["lora_scales"][:2] == [0.8, 1.0]
+    assert H.composition_from_form(H.form_from_values(H.values_from_form(back))) == comp
+    # a picker and an A1111 tag mix across rows; no picker and no tag: no adapters at all
+    mixed, _ = H.parse_form({**f, "loras": ["", "lora-outline", ""], "prompts": [
+        "a circle <lora:lora-orange:0.8>", "a circle", "a square"]})
+    assert mixed == comp
+    assert H.parse_form(form(prompts=["a circle", "a square"]))[0].adapters == []
+    # the API names the pickers per row
+    assert H.API_NAMES[-2 * H.MAX_PROMPTS:] == (*(f"lora_{i}" for i in range(1, H.MAX_PROMPTS + 1)),
+                                                *(f"lora_scale_{i}" for i in range(1, H.MAX_PROMPTS + 1)))
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"prompts": ["a circle <lora:lora-outline>", "a square"], "loras": ["lora-orange", ""]},
+     "Prompts: row 1 names 2 adapters"),
+    ({"prompts": ["a circle", ""], "loras": ["", "lora-orange"]},
+     "Prompts: row 2 picks the LoRA 'lora-orange' but has no prompt"),
+    ({"loras": ["lora-orange", ""], "lora_scales": ["strong", None]}, "LoRA adapters: must be a number"),
+    ({"loras": ["lora-orange", ""], "lora_scales": ["inf", None]}, "LoRA adapters: row 1's LoRA scale must be"),
+])
+def test_adapter_picker_mistakes_are_explained(changes, expected):
+    with pytest.raises(ValueError) as e:
+        H.parse_form(form(**changes))
+    assert H.error_message(e.value).startswith(expected), H.error_message(e.value)
+
+
+def test_lora_uploads_take_only_safetensors_loras(tmp_path):
+    store = tmp_path / "loras"
+    for name, data in (("lora.bin", b"\0" * 64), ("lora.ckpt", b"\0" * 64), ("lora.pt", b"PK\3\4")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            H.store_lora_upload(tmp_path / name, store)
+        msg = H.error_message(e.value)
+        assert msg.startswith(f"LoRA adapters: {name} is not a .safetensors file") and "can run code" in msg
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"not a safetensors header")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        H.store_lora_upload(fake, store)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"unet.conv_in.weight": torch.zeros(2, 2)}, tmp_path / "weights.safetensors")
+    with pytest.raises(ValueError, match="holds no LoRA tensors"):
+        H.store_lora_upload(tmp_path / "weights.safetensors", store)
+    with pytest.raises(ValueError, match="no file received"):
+        H.store_lora_upload(None, store)
+    assert not store.exists() or not any(store.iterdir())  # nothing refused was kept
+    # a LoRA is stored under a safe adapter name (no dots, no spaces) and listed in the pickers
+    src = tmp_path / "my style.v2.safetensors"
+    src.write_bytes(_bundled_lora().read_bytes())
+    kept = H.store_lora_upload(src, store)
+    assert Path(kept) == store / "my-style-v2.safetensors"
+    assert H.store_lora_upload(src, store) == kept  # the same file again: the same entry
+    other = tmp_path / "up2" / "my style.v2.safetensors"
+    other.parent.mkdir()
+    save_file({"unet.a.lora_A.weight": torch.zeros(1, 2)}, other)
+    assert Path(H.store_lora_upload(other, store)).name == "my-style-v2-2.safetensors"
+    values = [v for _, v in H.lora_choices(store)]
+    assert values[:3] == ["", "lora-orange", "lora-outline"] and kept in values
+
+
+def test_an_uploaded_lora_runs_from_its_row_and_its_png_reproduces(cache, tmp_path):
+    store = tmp_path / "loras"
+    src = tmp_path / "orange.safetensors"
+    src.write_bytes(_bundled_lora().read_bytes())
+    kept = H.store_lora_upload(src, store)
+    comp, _ = H.parse_form(form(model="shapes-t2i", prompts=["a circle", "a circle"], loras=[kept, ""],
+                                lora_scales=[0.9, None], steps=2, num_images=1))
+    run_cache = ModelCache(allow_roots=[store], allow_hub=False)
+    (item,) = list(H.run_jobs([("AND", comp)], run_cache, tmp_path / "out"))[-1]
+    rec = read_png_composition(item.path)
+    assert [(a.get("name"), a["scale"]) for a in rec.adapters] == [("orange", 0.9), (None, 1.0)]
+    assert item.trace.expert_names == ["orange@0.9: a circle", "base: a circle"]
+    back, _ = H.parse_form(H.form_from_composition(H.load_settings_file(item.path)))
+    assert back.adapters[0]["path"] == kept and back.adapters[0]["scale"] == 0.9
+    # a studio without the upload folder among its roots refuses the file before running
+    with pytest.raises(ValueError, match="outside the allowed folders"):
+        list(H.run_jobs([("AND", comp)], cache, tmp_path / "refused"))

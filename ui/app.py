@@ -67,11 +67,18 @@ class Studio:
         self.cancels = H.CancelRegistry()
         self.queue = H.JobQueue(1)
         self.outputs = H.OutputDirs(out_root)
+        # uploaded LoRAs (safetensors only) live beside the outputs and may be loaded like allowed files
+        self.lora_dir = (self.outputs.root / "loras").resolve()
+        self.lora_dir.mkdir(parents=True, exist_ok=True)
+        self.cache.allow_roots = [*self.cache.allow_roots, self.lora_dir]
         self.max_steps = max_steps
         self.max_images = max_images
 
     def model_choices(self) -> list[str]:
         return H.model_choices(self.allow_roots)
+
+    def lora_choices(self) -> list[tuple[str, str]]:
+        return H.lora_choices(self.lora_dir)
 
 
 def _session(request: gr.Request | None) -> str:
@@ -109,8 +116,12 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                                                allow_custom_value=True, label="Extra models", scale=2,
                                                info="more checkpoints, one expert each")
                 model_info = gr.Markdown(H.describe_model(default.model, studio.cache), elem_id="model-info")
-                gr.Markdown("**Prompts** (one expert each) with optional weight (OR, average) or bias (OR)")
-                prompt_rows, prompts, weights, biases = [], [], [], []
+                gr.Markdown("**Prompts** (one expert each) with optional weight (OR, average) or bias (OR), and "
+                            "optionally a LoRA per row: the row's expert is the model with that adapter (or write "
+                            "A1111's `<lora:name:0.8>` in the prompt); once a row has a LoRA, rows without one are "
+                            "the base model")
+                prompt_rows, prompts, weights, biases, loras, lora_scales = [], [], [], [], [], []
+                lora_opts = studio.lora_choices()
                 for i in range(H.MAX_PROMPTS):
                     with gr.Row(visible=i < form0["rows"], elem_classes=["prompt-row"]) as row:
                         prompts.append(gr.Textbox(form0["prompts"][i], label=f"Prompt {i + 1}", scale=6,
@@ -119,10 +130,17 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                                                   placeholder="auto", max_lines=1, elem_id=f"weight-{i + 1}"))
                         biases.append(gr.Textbox(form0["biases"][i], label="bias", scale=1, min_width=70,
                                                  placeholder="0", max_lines=1, elem_id=f"bias-{i + 1}"))
+                        loras.append(gr.Dropdown(lora_opts, value=form0["loras"][i], label="LoRA", scale=2,
+                                                 min_width=110, allow_custom_value=True, elem_id=f"lora-{i + 1}"))
+                        lora_scales.append(gr.Number(form0["lora_scales"][i], label="LoRA scale", scale=1,
+                                                     min_width=70, placeholder="1", elem_id=f"lora-scale-{i + 1}"))
                     prompt_rows.append(row)
                 with gr.Row():
                     add_btn = gr.Button("+ Add prompt", size="sm", elem_id="add-prompt")
                     remove_btn = gr.Button("\u2212 Remove prompt", size="sm", elem_id="remove-prompt")
+                    lora_upload = gr.UploadButton("Upload LoRA (.safetensors)", file_types=[".safetensors"],
+                                                  size="sm", elem_id="lora-upload")
+                lora_msg = gr.Markdown("", elem_id="lora-msg")
                 with gr.Accordion("Formula and correctors", open=False):
                     compose = gr.Textbox(form0["compose"], label="Formula (replaces the prompts and the operator)",
                                          placeholder='("a circle" & "something red") | "a square":0.5',
@@ -193,7 +211,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                         export_btn = gr.Button("Export current settings", size="sm")
                         apply_btn = gr.Button("Apply JSON above", size="sm")
                         import_btn = gr.UploadButton("Import .json or .png", file_types=[".json", ".png"],
-                                                     size="sm")
+                                                     size="sm", elem_id="settings-import")
                     settings_msg = gr.Markdown("", elem_id="settings-msg")
                     settings_file = gr.File(label="settings file", visible=False, interactive=False)
             with gr.Column(scale=6, min_width=360):
@@ -223,7 +241,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             "width": width, "dtype": dtype, "compose": compose, "and_mode": and_mode, "corrector": corrector,
         }
         assert tuple(scalar_components) == H.FORM_SCALARS
-        form_components = [*scalar_components.values(), *prompts, *weights, *biases]
+        form_components = [*scalar_components.values(), *prompts, *weights, *biases, *loras, *lora_scales]
         # the scripted API (gradio_client): every input under its own name (H.API_NAMES)
         api_inputs = dict(zip(H.API_NAMES, form_components))
         op_groups = [or_group, and_group, single_group, joint_group]
@@ -257,6 +275,20 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         add_btn.click(add_row, rows_state, [rows_state, *prompt_rows], **ui_only)
         remove_btn.click(remove_row, rows_state, [rows_state, *prompt_rows], **ui_only)
         dice.click(lambda: random.randrange(0, 2**31 - 1), None, seed, **ui_only)
+
+        def upload_lora(path: str | None) -> list[Any]:
+            """A LoRA file for the rows' pickers: stored when it is a safetensors LoRA, refused otherwise."""
+            try:
+                stored = H.store_lora_upload(path, studio.lora_dir)
+            except Exception as e:  # noqa: BLE001
+                text = H.error_message(e)
+                gr.Warning(text)
+                return [f"**Error:** {text}"] + [gr.skip()] * len(loras)
+            opts = studio.lora_choices()
+            return [f"LoRA `{Path(stored).stem}` uploaded: pick it in a prompt row."] + \
+                [gr.update(choices=opts) for _ in loras]
+
+        lora_upload.upload(upload_lora, lora_upload, [lora_msg, *loras], **ui_only)
 
         def on_model(name: str, extras: list[str] | None) -> list[Any]:
             try:

@@ -34,14 +34,16 @@ __all__ = [
     "for_operator", "compare_methods", "check_limits", "check_model_fits", "settings_json", "settings_from_json", "load_settings_file",
     "default_allow_roots", "model_choices", "model_kind", "describe_model", "suggest_extra_models", "error_message",
     "CancelRegistry", "JobQueue", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
-    "compare_grid", "pick_trace_item", "API_NAMES", "formula_tree",
+    "compare_grid", "pick_trace_item", "API_NAMES", "formula_tree", "lora_choices", "store_lora_upload",
+    "NO_LORA",
 ]
 
 #: prompt rows the page holds (rows beyond the visible count are ignored)
 MAX_PROMPTS = 6
 MIN_PROMPTS = 1
 
-#: the scalar form fields, in the order app.py passes their values (then prompts, weights, biases)
+#: the scalar form fields, in the order app.py passes their values (then the per-row lists
+#: prompts, weights, biases, loras, lora_scales)
 FORM_SCALARS: tuple[str, ...] = (
     "model", "extra_models", "rows", "operator", "temperature", "lift", "clamp_mode", "clamp_lo", "clamp_hi",
     "single_expert", "joint_template", "estimator", "sampler", "steps", "guidance_scale", "negative_prompt",
@@ -52,7 +54,13 @@ FORM_SCALARS: tuple[str, ...] = (
 API_NAMES: tuple[str, ...] = (
     *("prompt_rows" if k == "rows" else k for k in FORM_SCALARS),
     *(f"prompt_{i + 1}" for i in range(MAX_PROMPTS)), *(f"weight_{i + 1}" for i in range(MAX_PROMPTS)),
-    *(f"bias_{i + 1}" for i in range(MAX_PROMPTS)))
+    *(f"bias_{i + 1}" for i in range(MAX_PROMPTS)), *(f"lora_{i + 1}" for i in range(MAX_PROMPTS)),
+    *(f"lora_scale_{i + 1}" for i in range(MAX_PROMPTS)))
+#: the per-row lists after FORM_SCALARS, in order, and the blank value of each
+ROW_FIELDS: tuple[tuple[str, Any], ...] = (("prompts", ""), ("weights", None), ("biases", None), ("loras", ""),
+                                           ("lora_scales", 1.0))
+#: the adapter picker's "no adapter" value (the row is the base model, or no adapters at all)
+NO_LORA = ""
 
 OPERATOR_LABELS: dict[str, str] = {
     "and": "AND (all prompts at once)",
@@ -76,7 +84,7 @@ FIELD_LABELS: dict[str, str] = {
     "kappa_clamp": "Kappa clamp", "single_index": "Single expert", "joint_template": "Joint template",
     "estimator": "Estimator", "sampler": "Sampler", "steps": "Steps", "guidance_scale": "Guidance scale",
     "negative_prompt": "Negative prompt", "seed": "Seed", "num_images": "Images", "height": "Height",
-    "width": "Width", "dtype": "Precision", "settings": "Settings",
+    "width": "Width", "dtype": "Precision", "settings": "Settings", "adapters": "LoRA adapters",
 }
 
 #: which optional Composition parameters each operator uses (the others are dropped)
@@ -99,15 +107,15 @@ assert set(OPERATOR_LABELS) == set(OPERATOR_CHOICES) == set(_APPLIES)
 # ---- form values <-> Composition --------------------------------------------------------------
 def form_from_values(values: Sequence[Any]) -> dict[str, Any]:
     """The form dict from the flat component values app.py passes: FORM_SCALARS, then
-    MAX_PROMPTS prompts, MAX_PROMPTS weights and MAX_PROMPTS biases."""
+    MAX_PROMPTS values of each per-row field (ROW_FIELDS: prompts, weights, biases, the
+    rows' adapter pickers and their scales)."""
     n = len(FORM_SCALARS)
-    if len(values) != n + 3 * MAX_PROMPTS:
-        raise ValueError(f"settings: expected {n + 3 * MAX_PROMPTS} form values, got {len(values)}")
+    want = n + len(ROW_FIELDS) * MAX_PROMPTS
+    if len(values) != want:
+        raise ValueError(f"settings: expected {want} form values, got {len(values)}")
     form = dict(zip(FORM_SCALARS, values[:n]))
-    rest = list(values[n:])
-    form["prompts"] = rest[:MAX_PROMPTS]
-    form["weights"] = rest[MAX_PROMPTS:2 * MAX_PROMPTS]
-    form["biases"] = rest[2 * MAX_PROMPTS:]
+    for k, (name, _) in enumerate(ROW_FIELDS):
+        form[name] = list(values[n + k * MAX_PROMPTS: n + (k + 1) * MAX_PROMPTS])
     return form
 
 
@@ -117,8 +125,10 @@ def values_from_form(form: Mapping[str, Any]) -> list[Any]:
         v = list(v or [])[:MAX_PROMPTS]
         return v + [fill] * (MAX_PROMPTS - len(v))
 
-    return [form.get(k) for k in FORM_SCALARS] + pad(form.get("prompts"), "") + pad(form.get("weights"), None) \
-        + pad(form.get("biases"), None)
+    out = [form.get(k) for k in FORM_SCALARS]
+    for name, blank in ROW_FIELDS:
+        out += pad(form.get(name), blank)
+    return out
 
 
 def _blank(v: Any) -> bool:
@@ -195,7 +205,8 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     weights = _row_values(list(form.get("weights") or []), expert_rows, n_experts, "weights")
     bias = _row_values(list(form.get("biases") or []), expert_rows, n_experts, "bias")
     operator = str(form.get("operator") or "and")
-    prompts, adapters = _row_adapters(prompts)
+    picks = _row_picks(form, prompts_in, prompts, expert_rows)
+    prompts, adapters = _row_adapters(prompts, picks)
     if any(_A1111_AND.search(p) for p in prompts):  # A1111's "a AND b:0.7": one expert per part
         from superdiff.a1111 import expand_prompt_syntax
 
@@ -326,12 +337,19 @@ def for_operator(comp: Composition, operator: str) -> Composition:
 def form_from_composition(comp: Composition) -> dict[str, Any]:
     """The form that parse_form turns back into `comp` (used by settings import)."""
     comp = comp.validated()
-    if comp.adapters:  # one row per adapter expert, the adapter as a <lora:...> tag
+    loras: list[str] = [NO_LORA] * MAX_PROMPTS
+    lora_scales: list[float] = [1.0] * MAX_PROMPTS
+    if comp.adapters:  # one row per adapter expert, its adapter in the row's picker
         from superdiff.compose import BASE_ADAPTER
 
-        rows_text = [p if a["path"] == BASE_ADAPTER else f"{p} <lora:{a['path']}:{a['scale']:g}>"
-                     for a in comp.adapters for p in ([a["prompt"]] if a.get("prompt") else comp.prompts)]
-        comp = Composition(**{**comp.to_dict(), "prompts": rows_text, "adapters": []})
+        rows = [(p, a) for a in comp.adapters for p in ([a["prompt"]] if a.get("prompt") else comp.prompts)]
+        if len(rows) > MAX_PROMPTS:
+            raise ValueError(f"prompts: the studio holds {MAX_PROMPTS} expert rows; this composition has "
+                             f"{len(rows)} adapter experts")
+        for i, (_, a) in enumerate(rows):
+            if a["path"] != BASE_ADAPTER:
+                loras[i], lora_scales[i] = a["path"], float(a.get("scale", 1.0))
+        comp = Composition(**{**comp.to_dict(), "prompts": [p for p, _ in rows], "adapters": []})
     n_rows_needed = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
     has_row_values = comp.weights is not None or comp.bias is not None
     rows = max(2, len(comp.prompts), n_rows_needed if has_row_values else 0)
@@ -358,6 +376,7 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
         "negative_prompt": comp.negative_prompt or "", "seed": comp.seed, "num_images": comp.num_images,
         "height": _fmt(comp.height), "width": _fmt(comp.width), "dtype": comp.dtype,
         "prompts": prompts, "weights": [_fmt(w) for w in weights], "biases": [_fmt(b) for b in biases],
+        "loras": loras, "lora_scales": lora_scales,
         "compose": comp.compose or "", "and_mode": comp.and_mode,
         "corrector": "" if comp.corrector is None else (comp.corrector if isinstance(comp.corrector, str)
                                                           else json.dumps(comp.corrector)),
@@ -602,27 +621,125 @@ _A1111_AND = re.compile(r"\bAND\b")
 _LORA_TAG = re.compile(r"<lora:([^<>]+)>")
 
 
-def _row_adapters(prompts: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(prompts without tags, adapters): a row "text <lora:NAME_OR_PATH[:SCALE]>" is the expert
-    "the model with that adapter, under text"; once any row names an adapter, a row without
-    one is the base model under its text. No tags: no adapters."""
+def _row_picks(form: Mapping[str, Any], prompts_in: list[Any], prompts: list[str],
+               expert_rows: list[int]) -> list[dict[str, Any] | None]:
+    """The adapter picked in each prompt row's picker ({"path", "scale"} or None), aligned with
+    `prompts`; a picker set on a row without a prompt is refused (it would be silently lost)."""
+    loras = list(form.get("loras") or [])
+    scales = list(form.get("lora_scales") or [])
+
+    def pick(r: int) -> dict[str, Any] | None:
+        v = loras[r] if r < len(loras) else None
+        if _blank(v) or str(v).strip() == NO_LORA:
+            return None
+        scale = _number(scales[r] if r < len(scales) else None, "adapters")
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"adapters: row {r + 1}'s LoRA scale must be a finite number, got {scales[r]!r}")
+        return {"path": str(v).strip(), "scale": 1.0 if scale is None else float(scale)}
+
+    for r in range(len(prompts_in)):
+        if _blank(prompts_in[r]) and pick(r) is not None:
+            raise ValueError(f"prompts: row {r + 1} picks the LoRA {str(loras[r]).strip()!r} but has no prompt; "
+                             "write the prompt it applies to, or set the picker back to none")
+    return [pick(r) for r in expert_rows[:len(prompts)]]
+
+
+def _row_adapters(prompts: list[str], picks: Sequence[dict[str, Any] | None] = ()
+                  ) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts without tags, adapters): a row "text <lora:NAME_OR_PATH[:SCALE]>", or a row
+    "text" whose picker names an adapter (`picks`, aligned with `prompts`), is the expert "the
+    model with that adapter, under text"; once any row has an adapter, a row without one is
+    the base model under its text. No tags and no picks: no adapters."""
     from superdiff.compose import BASE_ADAPTER, parse_lora
 
+    picks = list(picks) + [None] * (len(prompts) - len(picks))
     tags = [_LORA_TAG.findall(p) for p in prompts]
-    if not any(tags):
+    if not any(tags) and not any(picks):
         return prompts, []
     clean, adapters = [], []
-    for i, (p, t) in enumerate(zip(prompts, tags)):
-        if len(t) > 1:
-            raise ValueError(f"prompts: row {i + 1} names {len(t)} adapters; pick one adapter per expert row "
-                             "(another row for the other adapter)")
+    for i, (p, t, pk) in enumerate(zip(prompts, tags, picks)):
+        if len(t) + (pk is not None) > 1:
+            raise ValueError(f"prompts: row {i + 1} names {len(t) + (pk is not None)} adapters (tags "
+                             f"{', '.join(t) or 'none'}{', picker ' + pk['path'] if pk else ''}); pick one adapter "
+                             "per expert row (another row for the other adapter)")
         text = " ".join(_LORA_TAG.sub(" ", p).split())
         if not text:
             raise ValueError(f"prompts: row {i + 1} has an adapter but no prompt; write e.g. "
                              "'a circle <lora:lora-orange:0.8>'")
         clean.append(text)
-        adapters.append({**parse_lora(t[0].strip()), "prompt": text} if t else {"path": BASE_ADAPTER, "prompt": text})
+        if t:
+            adapters.append({**parse_lora(t[0].strip()), "prompt": text})
+        elif pk is not None:
+            adapters.append({**pk, "prompt": text})
+        else:
+            adapters.append({"path": BASE_ADAPTER, "prompt": text})
     return list(dict.fromkeys(clean)), adapters
+
+
+# ---- adapter pickers ------------------------------------------------------------------------
+#: the largest LoRA file the studio stores (a full SDXL LoRA at rank 128 is ~0.9 GB)
+MAX_LORA_BYTES = 2 << 30
+
+
+def bundled_adapters() -> list[str]:
+    """The bundled LoRA adapters (superdiff/bundled/lora-*)."""
+    from superdiff.pipelines.adapters import WEIGHT_NAMES
+    from superdiff.registry import BUNDLED_ROOT
+
+    return sorted(d.name for d in Path(BUNDLED_ROOT).glob("lora-*") if (d / WEIGHT_NAMES[0]).is_file())
+
+
+def lora_choices(upload_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """The rows' adapter picker: (label, value) for none, each bundled adapter, then each
+    uploaded .safetensors file (value: its stored path)."""
+    out = [("none", NO_LORA)] + [(f"{n} (bundled)", n) for n in bundled_adapters()]
+    if upload_dir is not None and Path(upload_dir).is_dir():
+        out += [(f"{p.stem} (uploaded)", str(p)) for p in sorted(Path(upload_dir).glob("*.safetensors"))]
+    return out
+
+
+def store_lora_upload(path: str | os.PathLike | None, upload_dir: str | os.PathLike) -> str:
+    """Keep an uploaded LoRA for the pickers and return its stored path. Only a .safetensors
+    file whose header reads and which holds LoRA tensors is kept (pickled .bin / .pt / .ckpt
+    files can run code when loaded: refused). The file name (its adapter name) is made safe;
+    another file under a taken name gets a numbered name, the same file again keeps its own."""
+    from superdiff.pipelines.adapters import file_sha256
+
+    if path is None or _blank(str(path)):
+        raise ValueError("adapters: no file received; choose a LoRA .safetensors file")
+    src = Path(path)
+    # a browser upload is named <temp>/<original name>; the original name is what the user sees
+    if src.suffix.lower() != ".safetensors":
+        raise ValueError(f"adapters: {src.name} is not a .safetensors file; the studio loads only safetensors "
+                         "LoRAs (pickled .bin/.pt/.ckpt files can run code when loaded). Convert it first, e.g. "
+                         "safetensors.torch.save_file(torch.load(f), 'lora.safetensors')")
+    if not src.is_file():
+        raise ValueError(f"adapters: {src.name}: the uploaded file is missing")
+    if src.stat().st_size > MAX_LORA_BYTES:
+        raise ValueError(f"adapters: {src.name} is larger than {MAX_LORA_BYTES >> 30} GB")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(src), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001  (any header error: not a safetensors file)
+        raise ValueError(f"adapters: {src.name} is not a readable safetensors file ({_first_line(str(e), 120)})") \
+            from None
+    if not any("lora" in k.lower() for k in keys):
+        raise ValueError(f"adapters: {src.name} holds no LoRA tensors ({len(keys)} tensors, none named lora_*): "
+                         "it is not a LoRA adapter")
+    dest = Path(upload_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", src.stem).strip("-") or "lora"
+    sha = file_sha256(src)
+    for k in range(1, 1000):
+        target = dest / (f"{stem}.safetensors" if k == 1 else f"{stem}-{k}.safetensors")
+        if not target.exists():
+            shutil.copyfile(src, target)
+            return str(target)
+        if file_sha256(target) == sha:
+            return str(target)
+    raise ValueError(f"adapters: too many uploads named {stem}")
 
 
 def _first_line(text: str, limit: int = 400) -> str:
