@@ -43,7 +43,7 @@ import torch
 __all__ = ["AdapterExpert", "AdapterSpec", "AdapterRouting", "METHODS", "ADAPTER_METHODS", "resolve_adapters",
            "load_adapters", "plan_adapter_experts", "route_branches", "adapter_forward", "routed_forward", "routed_unet_forward",
            "denoiser_of", "check_architecture",
-           "mixed_adapter_batch", "merged_adapters",
+           "mixed_adapter_batch", "merged_adapters", "weight_file",
            "file_sha256", "BASE"]
 
 #: The row label of "no adapter" in PEFT's mixed batches.
@@ -96,7 +96,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _weight_file(path: str | os.PathLike, safetensors_only: bool) -> Path:
+def weight_file(path: str | os.PathLike, safetensors_only: bool = False) -> Path:
+    """The LoRA weight file of an adapter entry: the file itself, the one weight file of a
+    folder (pytorch_lora_weights.safetensors), or a bundled adapter's; refused with the reason."""
     p = Path(path)
     if not p.exists():
         from superdiff.registry import BUNDLED_ROOT
@@ -163,7 +165,7 @@ def resolve_adapters(entries: Sequence[Any] | Any, safetensors_only: bool = Fals
             raise ValueError(f"adapter {k} ({e.path}): scale must be a number, got {e.scale!r}") from None
         if not torch.isfinite(torch.tensor(scale)):
             raise ValueError(f"adapter {k} ({e.path}): scale must be finite, got {scale}")
-        f = _weight_file(e.path, safetensors_only)
+        f = weight_file(e.path, safetensors_only)
         name = e.name or (f.parent.name if f.name in WEIGHT_NAMES else f.stem)
         if not name or name == BASE or "." in name:
             raise ValueError(f"adapter {k}: {name!r} cannot be an adapter name (no dots; not {BASE!r})")

@@ -12,6 +12,14 @@ with our own keys (operator and its parameters) after A1111's. The ``superdiff``
 stays the source of truth; the infotext is for A1111's PNG Info, ComfyUI-side readers and
 image browsers.
 
+LoRAs as A1111 writes them: each expert's prompt carries its adapter as ``<lora:name:scale>``
+(one prompt row per adapter expert, joined by ``AND``; the weight-merge and LoRA Switch
+methods, one expert with every adapter, write all tags in one prompt, which is what A1111
+itself does with several tags), and ``Lora hashes: "name: hash, ..."`` names each file by
+A1111's short LoRA hash (the first 12 hex digits of the sha256 of the safetensors file after
+its header, the kohya / additional-networks hash A1111 and Civitai look LoRAs up by).
+`adapters_from_infotext` reads them back.
+
 Prompt syntax: A1111 splits a prompt at the word ``AND`` (upper case) into sub-prompts,
 each with an optional ``:weight`` suffix, and *averages* their noise predictions
 (Composable Diffusion). `split_and_prompt` maps such a prompt to our experts (one per part,
@@ -25,7 +33,8 @@ import json
 import re
 from typing import Any, Sequence
 
-__all__ = ["infotext", "split_and_prompt", "expand_prompt_syntax", "SAMPLER_LABELS", "join_and_prompt"]
+__all__ = ["infotext", "split_and_prompt", "expand_prompt_syntax", "SAMPLER_LABELS", "join_and_prompt",
+           "lora_tag", "split_lora_tags", "lora_short_hash", "adapters_from_infotext"]
 
 #: our samplers under the names A1111 users read (the values identify them uniquely)
 SAMPLER_LABELS = {"sde": "Euler-Maruyama SDE", "ddpm": "DDPM", "ode": "ODE Euler", "euler": "Euler",
@@ -88,6 +97,120 @@ def join_and_prompt(prompts: Sequence[str], weights: Sequence[float] | None = No
     return " AND ".join(f"{p}:{_num(w)}" for p, w in zip(prompts, weights))
 
 
+#: A1111's LoRA tag: <lora:name:multiplier> (the multiplier optional, 1 by default)
+_LORA = re.compile(r"<lora:([^:<>]+)(?::([^:<>]+))?>")
+
+
+def lora_tag(name: str, scale: float = 1.0) -> str:
+    """'<lora:name:0.8>': the name as A1111 writes an alias (no ':' or ',')."""
+    return f"<lora:{_alias(name)}:{_num(float(scale))}>"
+
+
+def _alias(name: str) -> str:
+    return str(name).replace(":", "").replace(",", "")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """'a circle <lora:orange:0.8>' -> ('a circle', [('orange', 0.8)])."""
+    tags = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in _LORA.finditer(prompt)]
+    return " ".join(_LORA.sub(" ", prompt).split()), tags
+
+
+def lora_short_hash(path: str | Any) -> str:
+    """A1111's short LoRA hash of a safetensors file: sha256 of the bytes after the header
+    (the 8-byte header length and the JSON header, which holds metadata that tools rewrite),
+    first 12 hex digits."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            f.seek(8 + n)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()[:12]
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _adapter_hash(a: dict) -> str | None:
+    """The short hash of a composition's adapter file, or None when the file is not here or
+    is not the one recorded (sha256): a hash is written only for the file that was used."""
+    from .pipelines.adapters import file_sha256, weight_file
+
+    try:
+        f = weight_file(a["path"], safetensors_only=True)
+    except (ValueError, OSError):
+        return None
+    if a.get("sha256") and _full_sha(f, file_sha256) != a["sha256"]:
+        return None
+    return lora_short_hash(f)
+
+
+def _full_sha(f: Any, file_sha256: Any) -> str:
+    st = f.stat()
+    key = ("sha256", str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(f)
+    return _HASHES[key]
+
+
+def _expert_prompts(c: Any) -> tuple[list[str], dict[str, str]]:
+    """The experts' prompts with their LoRA tags, and {alias: short hash} of the files."""
+    from .compose import BASE_ADAPTER
+
+    ads = [a for a in c.adapters if a["path"] != BASE_ADAPTER]
+    hashes: dict[str, str] = {}
+    for a in ads:
+        h = _adapter_hash(a)
+        if h:
+            hashes.setdefault(_alias(_adapter_name(a)), h)
+    if c.operator in ("merge", "switch"):  # one expert with every adapter, as A1111 runs several tags
+        tags = " ".join(lora_tag(_adapter_name(a), a.get("scale", 1.0)) for a in ads)
+        return [f"{p} {tags}" for p in ([ads[0].get("prompt") or c.prompts[0]] if ads else c.prompts)], hashes
+    rows = []
+    for a in c.adapters:
+        for p in ([a["prompt"]] if a.get("prompt") else c.prompts):
+            rows.append(p if a["path"] == BASE_ADAPTER else f"{p} {lora_tag(_adapter_name(a), a.get('scale', 1.0))}")
+    return rows, hashes
+
+
+def _adapter_name(a: dict) -> str:
+    """The adapter's name: recorded once it ran, else as the pipeline will name it."""
+    from pathlib import Path
+
+    if a.get("name"):
+        return a["name"]
+    p = Path(a["path"])
+    return p.parent.name if p.name.startswith("pytorch_lora_weights") else p.stem
+
+
+def adapters_from_infotext(params: dict[str, str]) -> list[dict[str, Any]]:
+    """The LoRAs of parsed infotext (its "Prompt" and "Lora hashes" values), one per tag in
+    prompt order: {"name", "scale", "prompt" (the tag's prompt row without tags), "hash"
+    (A1111's short hash, or None)}. An expert row with several tags (weight merge) gives
+    one entry per tag, each with the same prompt."""
+    hashes = {}
+    for item in (params.get("Lora hashes") or "").split(","):
+        name, sep, h = item.partition(":")
+        if sep:
+            hashes[name.strip()] = h.strip()
+    out = []
+    prompt = params.get("Prompt") or ""
+    for part in _AND.split(prompt) if prompt else []:
+        m = _WEIGHT.match(part)
+        text, tags = split_lora_tags(m.group(1) if m else part)
+        out += [{"name": n, "scale": s, "prompt": text, "hash": hashes.get(n)} for n, s in tags]
+    return out
+
+
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
 
@@ -104,8 +227,11 @@ def infotext(record: Any, size: tuple[int, int] | None = None, version: str = ""
     from .compose import Composition
 
     c: Composition = record
-    weights = c.weights if c.operator in ("or", "average") and c.prompts else None
-    lines = [join_and_prompt(c.prompts, weights) if c.prompts else ""]
+    prompts, lora_hashes = _expert_prompts(c) if c.adapters else (list(c.prompts), {})
+    weights = c.weights if c.operator in ("or", "average") and prompts else None
+    if weights is not None and len(weights) != len(prompts):
+        weights = None
+    lines = [join_and_prompt(prompts, weights) if prompts else ""]
     if c.negative_prompt:
         lines.append(f"Negative prompt: {c.negative_prompt}")
     w, h = size if size is not None else (c.width, c.height)
@@ -121,6 +247,8 @@ def infotext(record: Any, size: tuple[int, int] | None = None, version: str = ""
         pairs.append(("Extra models", " | ".join(c.extra_models)))
     if c.weights is not None and weights is None:
         pairs.append(("Weights", c.weights))
+    if lora_hashes:
+        pairs.append(("Lora hashes", ", ".join(f"{k}: {v}" for k, v in lora_hashes.items())))
     for key, val in (("Bias", c.bias), ("Temperature", c.temperature), ("Lift", c.lift),
                      ("Kappa clamp", c.kappa_clamp), ("Joint template", c.joint_template),
                      ("Estimator", c.estimator)):

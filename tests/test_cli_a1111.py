@@ -213,3 +213,63 @@ def test_hub_ids_offline_say_the_hub_is_unreachable(monkeypatch):
     assert time.perf_counter() - t0 < 10  # not ~20 s of retries
     with pytest.raises(ValueError, match=r"hub ids are switched off: --no-hub"):
         ModelCache(allow_hub=False).resolve("someorg/some-model")
+
+
+# ---- LoRAs in the infotext, as A1111 writes them ---------------------------------------------------
+def _a1111_lora_hash(path: Path) -> str:
+    """A1111's short LoRA hash, computed here from its definition: the sha256 of the safetensors
+    file after its 8-byte header length and JSON header, first 12 hex digits."""
+    import hashlib
+
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+
+
+def _bundled_adapters():
+    from superdiff.registry import BUNDLED_ROOT
+
+    files = {n: Path(BUNDLED_ROOT) / n / "pytorch_lora_weights.safetensors" for n in ("lora-orange", "lora-outline")}
+    if not all(f.is_file() for f in files.values()):
+        pytest.skip("bundled LoRAs not built (scripts/train_shapes_lora.py)")
+    return files
+
+
+@pytest.mark.parametrize("operator", ["and", "merge"])
+def test_loras_are_written_as_a1111_tags_with_their_hashes_and_read_back(tmp_path, operator):
+    from superdiff.a1111 import adapters_from_infotext
+    from superdiff.compose import ModelCache, resolve_adapters
+
+    files = _bundled_adapters()
+    adapters = [{"path": "lora-orange", "scale": 0.8}, {"path": "lora-outline", "scale": 1.0}]
+    if operator == "and":  # adapter experts with their own prompts, and the base model under a third
+        adapters = [{**adapters[0], "prompt": "a circle"}, {**adapters[1], "prompt": "a circle"},
+                    {"path": "base", "prompt": "a square"}]
+    comp = Composition(prompts=["a circle", "a square"] if operator == "and" else ["a circle"], operator=operator,
+                       adapters=adapters, steps=3, seed=5, guidance_scale=4.0).validated()
+    comp, _ = resolve_adapters(comp, ModelCache())  # what a run records: each adapter's name and sha256
+    path = save_png(Image.new("RGB", (32, 32)), tmp_path / "x.png", comp)
+    with Image.open(path) as im:
+        text = im.text["parameters"]
+    p = parse_parameters(text)
+    want_hashes = {n: _a1111_lora_hash(f) for n, f in files.items()}
+    assert p["Lora hashes"] == ", ".join(f"{n}: {h}" for n, h in want_hashes.items())
+    if operator == "and":
+        assert p["Prompt"] == "a circle <lora:lora-orange:0.8> AND a circle <lora:lora-outline:1> AND a square"
+    else:  # one expert with both adapters: A1111's own several-tags prompt
+        assert p["Prompt"] == "a circle <lora:lora-orange:0.8> <lora:lora-outline:1>"
+    back = adapters_from_infotext(p)
+    assert [(a["name"], a["scale"], a["prompt"], a["hash"]) for a in back] == [
+        ("lora-orange", 0.8, "a circle", want_hashes["lora-orange"]),
+        ("lora-outline", 1.0, "a circle", want_hashes["lora-outline"])]
+    assert read_png_composition(path) == comp  # the JSON chunk stays the source of truth
+    # a record whose file is not the one recorded gets no hash (never a wrong one); tags stay
+    other = comp.replace(adapters=[{**comp.adapters[0], "sha256": "0" * 64}, *comp.adapters[1:]])
+    p2 = parse_parameters(_parameters(save_png(Image.new("RGB", (32, 32)), tmp_path / "y.png", other)))
+    assert p2["Lora hashes"] == f"lora-outline: {want_hashes['lora-outline']}"
+    assert [a["hash"] for a in adapters_from_infotext(p2)] == [None, want_hashes["lora-outline"]]
+
+
+def _parameters(path) -> str:
+    with Image.open(path) as im:
+        return im.text["parameters"]
