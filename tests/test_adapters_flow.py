@@ -233,6 +233,15 @@ def test_bad_adapters_are_refused_before_any_compute(family, tmp_path):
         same = transformer_lora(f["comps"]()["transformer"], tmp_path / "x" / "lora-a", 9, f["theirs"], ATTN)
         refused("two experts name the adapter 'lora-a'", adapters=[loras["a"], same])
         refused("not found", adapters=[str(tmp_path / "missing.safetensors")])
+        # a file that also replaces the network's own weights (a Flux Control LoRA's norms) would act
+        # on every row: refused, as is DoRA
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(loras["a"] / "pytorch_lora_weights.safetensors")
+        (tmp_path / "ctl").mkdir()
+        save_file({**sd, "transformer.transformer_blocks.0.attn.norm_q.weight": torch.ones(8)},
+                  tmp_path / "ctl" / "pytorch_lora_weights.safetensors")
+        refused("replace the network's own", adapters=[tmp_path / "ctl"], operator="single")
     finally:
         counter.close()
     assert counter.rows == []
