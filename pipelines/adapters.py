@@ -216,8 +216,15 @@ def check_architecture(pipe: Any, spec: AdapterSpec, state: Mapping[str, torch.T
     parts = sorted({k.split(".")[0] for k in state if not k.startswith(prefix + ".")})
     te = [p for p in parts if p.startswith("text_encoder")]
     other = [p for p in parts if p not in te]
+    unknown = [p for p in other if p not in _FAMILY]
+    if unknown:  # e.g. kohya keys that this pipeline's loader does not convert
+        example = next(k for k in state if k.split(".")[0] == unknown[0])
+        raise ValueError(f"adapter {spec.name!r} ({spec.file}) is not in a layout diffusers' "
+                         f"{type(pipe).__name__} loader maps to its components: keys such as {example!r} name "
+                         f"no {prefix} or text-encoder layer (a LoRA for another model, or a format diffusers "
+                         "converts only for other pipelines)")
     if other:
-        fam = " or ".join(_FAMILY.get(p, repr(p)) for p in other)
+        fam = " or ".join(_FAMILY[p] for p in other)
         raise ValueError(f"adapter {spec.name!r} ({spec.file}) was trained for another base architecture: its "
                          f"layers belong to {fam} ({', '.join(o + '.*' for o in other)}), this "
                          f"{type(pipe).__name__}'s network is {kind}; use a LoRA made for this model")

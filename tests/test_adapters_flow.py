@@ -242,6 +242,13 @@ def test_bad_adapters_are_refused_before_any_compute(family, tmp_path):
         save_file({**sd, "transformer.transformer_blocks.0.attn.norm_q.weight": torch.ones(8)},
                   tmp_path / "ctl" / "pytorch_lora_weights.safetensors")
         refused("replace the network's own", adapters=[tmp_path / "ctl"], operator="single")
+        # keys this pipeline's loader maps to none of its components (an SD3 kohya file, which diffusers
+        # does not convert for SD3; Flux's loader tries its kohya conversion and fails)
+        kohya = tmp_path / "kohya.safetensors"
+        save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(2, 32),
+                   "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 2)}, kohya)
+        refused("not in a layout diffusers' .* loader maps|is not a LoRA diffusers can read", adapters=[kohya],
+                operator="single")
     finally:
         counter.close()
     assert counter.rows == []
