@@ -411,7 +411,9 @@ class AdapterRouting:
 
 
 def adapter_forward(fn: Any, net: torch.nn.Module, routing: AdapterRouting) -> Any:
-    """Wrap a network fn(x, t, cond) so that each call runs the routed adapters (one forward)."""
+    """Wrap a network fn(x, t, cond) so that each call runs the routed adapters (one forward).
+    cond["adapter"] (the rows' adapter indices) stays on the CPU: reading it is no device sync.
+    fn's `set_grid` (the time inputs of a sampling grid, computed once) is kept."""
 
     def routed(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         rows = None
@@ -421,6 +423,8 @@ def adapter_forward(fn: Any, net: torch.nn.Module, routing: AdapterRouting) -> A
         with routing.context(net, rows, t, x.shape[0]):
             return fn(x, t, cond)
 
+    if hasattr(fn, "set_grid"):
+        routed.set_grid = fn.set_grid  # type: ignore[attr-defined]
     return routed
 
 
@@ -496,13 +500,12 @@ def route_branches(branches: Sequence[Any], plans: Sequence[Any], routing: Adapt
         if b.network != 0 or b.cond is None:
             out.append(b)
             continue
-        k = routing.index(p.adapter)
-        idx = torch.tensor([k])
+        idx = torch.tensor([routing.index(p.adapter)])  # on the CPU: never sent to the network
 
         def tag(c: Any) -> Any:
-            return None if c is None else {**c, "adapter": idx.to(next(iter(c.values())).device)}
+            return None if c is None else {**c, "adapter": idx}
 
-        key = None if b.uncond_key is None else (b.uncond_key, routing.names[k])
+        key = None if b.uncond_key is None else (b.uncond_key, routing.names[int(idx)])
         out.append(Branch(b.network, tag(b.cond), tag(b.uncond), key, b.name))
     return out
 

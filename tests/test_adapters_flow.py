@@ -111,6 +111,7 @@ def test_each_row_equals_a_forward_with_only_its_adapter(family):
     x, cond, fixed, div = _inputs(name, pipe, len(rows), gen(0))
     fn = transformer_forward(pipe.transformer, make_flow_schedule(pipe.scheduler.config, None), div, **fixed)
     routed = A.adapter_forward(fn, pipe.transformer, routing)
+    assert routed.set_grid == fn.set_grid  # the grid's time inputs are still computed once per call
     t = torch.tensor(0.6, dtype=torch.float64)
     with torch.no_grad():
         mixed = routed(x, t, {**cond, "adapter": torch.tensor(rows)})
