@@ -36,8 +36,8 @@ __all__ = ["METHODS", "make_operator", "run_method", "run_bench", "write_samples
 
 #: method name -> (operator name, parameters)
 METHODS: dict[str, tuple[str, dict]] = {
-    "A (helix model)": ("single", {"index": 0}),
-    "B (strand model)": ("single", {"index": 1}),
+    "A (helix model)": ("single", {"index": 0, "track_all": True}),  # the log q gap needs both experts
+    "B (strand model)": ("single", {"index": 1, "track_all": True}),
     "averaging (kappa=1/2)": ("average", {}),
     "SuperDiff OR, l=(0,0)": ("or", {"temperature": 1.0, "bias": [0.0, 0.0]}),
     "SuperDiff OR, l=(1,0)": ("or", {"temperature": 1.0, "bias": [1.0, 0.0]}),

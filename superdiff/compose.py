@@ -699,9 +699,9 @@ def _call_kwargs(c: Composition, kind: str, extras: list[str],
         if extras:
             kw["extra_transformers" if kind in FLOW_KINDS else "extra_unets"] = extras
         if c.adapters:
-            if kind not in ("sd", "sdxl"):
-                raise _fail("adapters", f"adapter (LoRA) experts run on Stable Diffusion 1.x/2.x and SDXL models; "
-                                        f"{c.model} is a {kind} model")
+            if kind not in ("sd", "sdxl") and kind not in FLOW_KINDS:
+                raise _fail("adapters", f"adapter (LoRA) experts run on Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux "
+                                        f"models; {c.model} is a {kind} model")
             kw["adapters"] = [{k: a[k] for k in ("path", "scale", "prompt", "name") if k in a} for a in c.adapters]
             kw["switch_every"] = c.switch_every
     if c.compose is not None or c.corrector is not None:

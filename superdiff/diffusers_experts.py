@@ -269,6 +269,21 @@ class NetworkExperts(ExpertSet):
         for s in self._sets.values():
             s.set_grid(times, device)
 
+    def subset(self, index: int) -> "NetworkExperts":
+        """Branch `index` alone: its conditional row and its unconditional row, in one forward of
+        the same network (the same batched-condition cache and forward-call counts)."""
+        import copy
+
+        sub = copy.copy(self)
+        sub.branches = [self.branches[index]]
+        sub._cond_row = [self._cond_row[index]]
+        sub._uncond_row = [self._uncond_row[index]]
+        sub.num_experts = 1
+        sub.has_uncond = self.guidance and sub._uncond_row[0] is not None
+        sub._shared_uncond = sub.has_uncond
+        sub._one_block = False
+        return sub
+
     @property
     def num_forward_calls(self) -> int:  # type: ignore[override]
         return sum(s.num_forward_calls for s in self._sets.values())

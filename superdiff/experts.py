@@ -75,6 +75,12 @@ class ExpertSet:
         step will pass as t): experts may precompute what they feed their networks at each one
         (superdiff.diffusers_experts.TimeInputs). Optional; the default does nothing."""
 
+    def subset(self, index: int) -> "ExpertSet | None":
+        """Expert `index` alone (with its own unconditional branch), sharing this set's networks
+        and forward-call counts, for operators that need only it ("single"); None when this
+        set cannot evaluate one expert without the others (then all are evaluated)."""
+        return None
+
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         """The experts' conditional predictions [M, B, *S] alone: what the ODE estimator's JVP
         differentiates (subclasses skip the unconditional rows, which it never uses)."""
@@ -124,6 +130,10 @@ class ExpertList(ExpertSet):
         self.has_uncond = uncond is not None
         self.num_forward_calls = 0
 
+    def subset(self, index: int) -> "ExpertList":
+        u = self.uncond[index] if isinstance(self.uncond, Sequence) else self.uncond
+        return _CountingView(self, ExpertList([self.experts[index]], u, self.prediction_type))
+
     def _one(self, e: Expert, x: Tensor, t: Tensor, schedule: Schedule, who: str) -> Tensor:
         out = _check_pred(e.predict(x, t, schedule), x, who)
         self.num_forward_calls += 1
@@ -143,6 +153,30 @@ class ExpertList(ExpertSet):
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         return ExpertOutput(self.evaluate_conditional(x, t, schedule), self.evaluate_unconditional(x, t, schedule),
                             self.prediction_type)
+
+
+class _CountingView(ExpertSet):
+    """A sub-set whose forward calls are added to its parent's count."""
+
+    def __init__(self, parent: ExpertSet, inner: ExpertSet) -> None:
+        self.parent, self.inner = parent, inner
+        self.prediction_type, self.num_experts, self.has_uncond = inner.prediction_type, inner.num_experts, inner.has_uncond
+        self.prefers_finite_difference_jvp = inner.prefers_finite_difference_jvp
+
+    def _counted(self, f: Callable[..., Any], *args: Any) -> Any:
+        n0 = self.inner.num_forward_calls
+        out = f(*args)
+        self.parent.num_forward_calls += self.inner.num_forward_calls - n0
+        return out
+
+    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+        return self._counted(self.inner.evaluate, x, t, schedule)
+
+    def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        return self._counted(self.inner.evaluate_conditional, x, t, schedule)
+
+    def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
+        return self._counted(self.inner.evaluate_unconditional, x, t, schedule)
 
 
 def _cat_conditions(conds: Sequence[Any], batch: int) -> Any:
@@ -217,6 +251,9 @@ class SharedNetworkExperts(ExpertSet):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         return _check_pred(out, xb, "the shared network").reshape(nb, *x.shape)
 
+    def subset(self, index: int) -> "ExpertSet":
+        return _RowsView(self, index)
+
     def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
         fn = getattr(self.fn, "set_grid", None)
         if fn is not None:
@@ -233,6 +270,37 @@ class SharedNetworkExperts(ExpertSet):
         if self.has_uncond:
             return ExpertOutput(out[:-1], out[-1], self.prediction_type)
         return ExpertOutput(out, None, self.prediction_type)
+
+
+class _RowsView(ExpertSet):
+    """Condition `index` of a SharedNetworkExperts (and its unconditional row): one forward of
+    those rows only, counted by the parent."""
+
+    def __init__(self, parent: SharedNetworkExperts, index: int) -> None:
+        self.parent, self.index = parent, index
+        self.prediction_type, self.num_experts, self.has_uncond = parent.prediction_type, 1, parent.has_uncond
+
+    @property
+    def num_forward_calls(self) -> int:  # type: ignore[override]
+        return self.parent.num_forward_calls
+
+    @num_forward_calls.setter
+    def num_forward_calls(self, value: int) -> None:
+        pass
+
+    def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        self.parent.set_grid(times, device)
+
+    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
+        rows = [self.index] + ([self.parent.num_experts] if self.has_uncond else [])
+        out = self.parent.evaluate_rows(x, t, rows)
+        return ExpertOutput(out[:1], out[1] if self.has_uncond else None, self.prediction_type)
+
+    def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        return self.parent.evaluate_rows(x, t, [self.index])
+
+    def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
+        return self.parent.evaluate_rows(x, t, [self.parent.num_experts])[0] if self.has_uncond else None
 
 
 def as_expert_set(experts: ExpertSet | Expert | Sequence[Expert]) -> ExpertSet:

@@ -305,17 +305,23 @@ class AverageOperator(Operator):
 
 
 class SingleOperator(Operator):
-    """Only expert `index` drives the sample (the others are still tracked)."""
+    """Only expert `index` drives the sample.
+
+    track_all=False (default): `sample` evaluates expert `index` alone (its conditional and
+    unconditional rows: the cost of the model by itself) and the other experts' log q is not
+    tracked (NaN in the trace). track_all=True: every expert is evaluated each step and its
+    log q tracked along the single expert's trajectory."""
 
     name = "single"
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self, index: int = 0, track_all: bool = False) -> None:
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValueError(f"single operator index must be an int >= 0, got {index!r}")
         self.index = index
+        self.track_all = bool(track_all)
 
     def params(self) -> dict[str, Any]:
-        return {"index": self.index}
+        return {"index": self.index, "track_all": self.track_all}
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)

@@ -24,7 +24,7 @@ from .correctors import split_corrected
 from .estimators import Estimator, check_pair, make_estimator
 from .experts import Expert, ExpertSet, as_expert_set
 from .integrators import Integrator, make_integrator
-from .operators import Operator, make_operator
+from .operators import Operator, SingleOperator, StepState, make_operator
 from .schedules import Schedule
 from .step import FiniteMonitor, Generator, StepOutput, randn, superdiff_step
 from .trace import Trace, stack_steps
@@ -196,12 +196,28 @@ def sample(
     if corr is not None:  # K particles per sample: rows b * K + k
         run = corr.start(es, x, logq, schedule, grid, op, generator, guidance_scale, model_dtype, dtype)
         es, x, logq, generator = run.experts, run.x, run.logq, run.row_generator
+    only = None  # "single": the selected expert alone goes through the network (SingleOperator)
+    if isinstance(op, SingleOperator) and not op.track_all and M > 1 and run is None:
+        sub = es.subset(op.index)
+        if sub is not None:
+            only, full_op, full_logq = op.index, op, logq
+            es, op, logq = sub, SingleOperator(0), logq[:, op.index:op.index + 1]
+            one_hot = full_op.kappa(StepState(full_logq, 0, n, None))
+
+            def widen_kappa(k1: Tensor) -> Tensor:
+                return one_hot
+
+            def widen(lq: Tensor) -> Tensor:
+                """[B, 1] log q of the selected expert -> [B, M], NaN for the experts not evaluated."""
+                w = torch.full((B, M), math.nan, dtype=_F64, device=lq.device)
+                w[:, only] = lq[:, 0]
+                return w
     # log q is never updated in place (each step makes a new tensor), so the trace keeps the
     # step's tensors themselves
     kappas, logqs = [], [logq]
     calls0 = es.num_forward_calls
     est.begin()
-    monitor = FiniteMonitor(M, x.device, est.name)
+    monitor = FiniteMonitor(es.num_experts, x.device, est.name, expert_ids=None if only is None else [only])
     # the grid's times as 0-d tensors, made once: the experts precompute what their networks
     # are fed at each (timestep, input scale) and every step passes these same tensors
     times = grid.unbind(0)
@@ -221,7 +237,8 @@ def sample(
         if run is not None:  # reweight / resample / MCMC moves (superdiff.correctors)
             x, logq = run.after_step(k, n, t, t_next, x, logq, so)
         if callback is not None:
-            new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, so.kappa, logq, so))
+            info_k, info_lq = (so.kappa, logq) if only is None else (widen_kappa(so.kappa), widen(logq))
+            new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, info_k, info_lq, so))
             if new_x is not None:  # a callback may replace the latents (diffusers' callback_on_step_end)
                 if not isinstance(new_x, torch.Tensor) or new_x.shape != x.shape:
                     raise ValueError(f"callback returned {type(new_x).__name__} "
@@ -229,6 +246,11 @@ def sample(
                                      f"of shape {tuple(x.shape)}")
                 x = new_x.to(device=x.device, dtype=x.dtype)
     monitor.check()  # the one host read of the loop: NaN/inf anywhere names its expert and step
+    if only is not None:  # back to all M experts: one-hot kappa, log q of the others not tracked
+        op = full_op
+        kappas = [widen_kappa(kappas[0])] * len(kappas)
+        logqs = [widen(v) for v in logqs]
+        logq = logqs[-1]
 
     extra: dict[str, Any] = {}
     if run is not None:  # one particle per sample, with the trace of its ancestry

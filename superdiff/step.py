@@ -93,9 +93,11 @@ class FiniteMonitor:
     naming the first source and step.
     """
 
-    def __init__(self, num_experts: int, device: torch.device | str, estimator: str = "estimator") -> None:
+    def __init__(self, num_experts: int, device: torch.device | str, estimator: str = "estimator",
+                 expert_ids: Sequence[int] | None = None) -> None:
         self.num_experts = num_experts
         self.estimator = estimator
+        self.expert_ids = list(expert_ids) if expert_ids is not None else None  # names in the errors
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, int, int]] = []  # (step, first source, number of sources)
         self.times: dict[int, tuple[float, float]] = {}
@@ -131,6 +133,7 @@ class FiniteMonitor:
         step, src = min(bad)
         t, tn = self.times.get(step, (float("nan"), float("nan")))
         if src < self.num_experts:
+            src = self.expert_ids[src] if self.expert_ids is not None else src
             raise ValueError(f"expert {src} returned non-finite values (NaN/inf) at step {step} "
                              f"(t={t:g}); check the model, its dtype and the schedule")
         if src == self.num_experts:

@@ -72,7 +72,8 @@ class Trace:
             "t": self.t.tolist(),
             "sigma": self.sigma.tolist(),
             "kappa": self.kappa.tolist(),
-            "logq": self.logq.tolist(),
+            # null where log q was not tracked (operator "single": the experts not evaluated)
+            "logq": np.where(np.isnan(self.logq), None, self.logq).tolist(),
             "expert_names": list(self.expert_names),
             "meta": self.meta,
         }
@@ -85,7 +86,7 @@ class Trace:
     def from_dict(cls, d: dict[str, Any]) -> "Trace":
         try:
             return cls(np.asarray(d["t"], dtype=np.float64), np.asarray(d["sigma"], dtype=np.float64),
-                       np.asarray(d["kappa"], dtype=np.float64), np.asarray(d["logq"], dtype=np.float64),
+                       np.asarray(d["kappa"], dtype=np.float64), np.asarray(d["logq"], dtype=np.float64),  # null -> nan
                        list(d.get("expert_names", [])), dict(d.get("meta", {})),
                        None if d.get("ess") is None else np.asarray(d["ess"], dtype=np.float64),
                        None if d.get("resampled") is None else np.asarray(d["resampled"], dtype=bool))

@@ -233,3 +233,26 @@ def test_network_experts_use_a_finite_difference_jvp_from_the_step_forward_and_a
 def test_ode_estimator_rejects_an_unknown_jvp_mode():
     with pytest.raises(ValueError, match="jvp must be one of"):
         ODEEstimator(jvp="reverse")
+
+
+def test_single_evaluates_only_its_expert_and_leaves_the_others_untracked():
+    """operator="single": the network sees expert i's conditional row and its unconditional row
+    only (2 B rows per step, not (M + 1) B); the sample equals that expert's own run; the
+    other experts' log q is NaN (not tracked). track_all=True evaluates and tracks them all."""
+    import math
+
+    from superdiff.operators import SingleOperator
+
+    rows: list = []
+    es, sch = _network_experts(rows)
+    kw = dict(integrator="em", estimator="ito", shape=(4, 3), guidance_scale=2.0, dtype=torch.float64, progress=False)
+    one = sample(es, sch, 5, operator=SingleOperator(1), generator=torch.Generator().manual_seed(3), **kw)
+    assert rows == [(2 * 4, False)] * 5 and one.trace.meta["forward_calls"] == 5
+    assert es.num_forward_calls == 5
+    assert math.isnan(one.trace.logq[-1, 0, 0]) and torch.isfinite(one.logq[:, 1]).all()
+    assert (one.trace.kappa[..., 1] == 1).all() and (one.trace.kappa[..., 0] == 0).all()
+    rows.clear()
+    full = sample(es, sch, 5, operator=SingleOperator(1, track_all=True), generator=torch.Generator().manual_seed(3), **kw)
+    assert rows == [(3 * 4, False)] * 5 and torch.isfinite(full.logq).all()
+    assert torch.allclose(one.samples, full.samples, atol=1e-12)
+    assert torch.allclose(one.logq[:, 1], full.logq[:, 1], atol=1e-9)
