@@ -316,10 +316,10 @@ class ODEEstimator(Estimator):
             vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
         zf = probes.reshape(1, P, B, -1).to(jz)
         zjz = (jz.reshape(M, P, B, -1) * zf).sum(-1, dtype=_F64)  # [M, P, B]
-        zz = (zf * zf).sum(-1, dtype=_F64)  # [1, P, B]
-        quad = vx * zz + vp * zjz
-        red = quad.sum(1) if exact else quad.mean(1)
-        return red.T
+        # |z|^2 is known: 1 for a basis vector, d for a Rademacher probe
+        zz = 1.0 if exact else float(zf.shape[-1])
+        red = zjz.sum(1) if exact else zjz.mean(1)  # [M, B]
+        return torch.add(red * vp, vx * zz * (P if exact else 1)).T
 
     def _probes(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
         B, d = x.shape[0], math.prod(x.shape[1:])

@@ -139,15 +139,33 @@ def project_capped_simplex(k: Tensor, lo: float, hi: float) -> Tensor:
     M = k.shape[-1]
     if not (M * lo <= 1.0 <= M * hi):
         raise ValueError(f"kappa clamp [{lo}, {hi}] admits no weights summing to one for {M} experts")
-    bp = torch.sort(torch.cat([lo - k, hi - k], -1), -1).values  # [B, 2M]
-    S = torch.clamp(k[..., None, :] + bp[..., :, None], lo, hi).sum(-1)  # [B, 2M]
-    j = torch.clamp((S < 1.0).sum(-1, keepdim=True), 1, 2 * M - 1)  # S[j - 1] < 1 <= S[j]
-    b0, b1 = bp.gather(-1, j - 1), bp.gather(-1, j)
-    s0, s1 = S.gather(-1, j - 1), S.gather(-1, j)
-    den = s1 - s0
-    tau = b0 + torch.where(den > 0, (1.0 - s0) / torch.where(den > 0, den, 1.0), 0.0) * (b1 - b0)
-    feasible = ((k >= lo) & (k <= hi)).all(-1, keepdim=True) & ((k.sum(-1, keepdim=True) - 1.0).abs() <= 1e-12)
-    return torch.where(feasible, k, torch.clamp(k + tau, lo, hi))
+    if M == 2:
+        return _project_pair(k, lo, hi)
+    return _project_sorted(k, lo, hi)
+
+
+def _project_pair(k: Tensor, lo: float, hi: float) -> Tensor:
+    """M = 2: the feasible set is the segment {(u, 1 - u): max(lo, 1 - hi) <= u <= min(hi, 1 - lo)}
+    of the line k_1 + k_2 = 1, so the projection is the orthogonal projection onto the line,
+    u = (k_1 - k_2 + 1) / 2, clamped to the segment."""
+    u = (torch.sub(k[..., :1], k[..., 1:]) + 1.0).mul(0.5).clamp(max(lo, 1.0 - hi), min(hi, 1.0 - lo))
+    return torch.cat([u, 1.0 - u], -1)
+
+
+def _project_sorted(k: Tensor, lo: float, hi: float) -> Tensor:
+    """Any M: tau from the sorted breakpoints (see project_capped_simplex)."""
+    M = k.shape[-1]
+    bp = torch.cat([lo - k, hi - k], -1).sort(-1).values  # [B, 2M]
+    S = (k.unsqueeze(-2) + bp.unsqueeze(-1)).clamp(lo, hi).sum(-1)  # [B, 2M]
+    j = (S < 1.0).sum(-1, keepdim=True).clamp(1, 2 * M - 1)  # S[j - 1] < 1 <= S[j]
+    idx = torch.cat([j - 1, j], -1)
+    b01, s01 = bp.gather(-1, idx), S.gather(-1, idx)  # [B, 2]: the segment crossing 1
+    b0, s0 = b01[..., :1], s01[..., :1]
+    db, ds = torch.diff(b01, dim=-1), torch.diff(s01, dim=-1)
+    up = ds > 0
+    tau = torch.addcmul(b0, torch.where(up, (1.0 - s0) / torch.where(up, ds, 1.0), 0.0), db)
+    off = (k - k.clamp(lo, hi)).abs().amax(-1, keepdim=True) + (k.sum(-1, keepdim=True) - 1.0).abs()
+    return torch.where(off <= 1e-12, k, (k + tau).clamp(lo, hi))
 
 
 _BASES: dict[tuple[int, str], Tensor] = {}
@@ -161,6 +179,16 @@ def _sum_zero_basis(m: int, device: torch.device) -> Tensor:
         P = torch.eye(m, dtype=_F64) - 1.0 / m
         _BASES[key] = torch.linalg.qr(P[:, : m - 1])[0].to(device)
     return _BASES[key]
+
+
+_EYES: dict[tuple[int, str], Tensor] = {}
+
+
+def _eye(m: int, device: torch.device) -> Tensor:
+    key = (m, str(device))
+    if key not in _EYES:
+        _EYES[key] = torch.eye(m, dtype=_F64, device=device)
+    return _EYES[key]
 
 
 def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float = 1e-3,
@@ -177,28 +205,30 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     sqrt(floor) ||A|| (scores agreeing to about 1%) is treated as agreement. Non-finite rows
     fall back to equal weights.
     """
-    A = A.to(_F64)
-    b = b.to(_F64)
+    A = A if A.dtype == _F64 else A.to(_F64)
+    b = b if b.dtype == _F64 else b.to(_F64)
     Bn, M = b.shape
-    eq = torch.full((Bn, M), 1.0 / M, dtype=_F64, device=b.device)
     if M == 1:
-        return eq
+        return torch.ones((Bn, 1), dtype=_F64, device=b.device)
     c = b if offsets is None else b - offsets.to(b)
-    Q = _sum_zero_basis(M, b.device)  # [M, M-1]
+    Q, eye = _sum_zero_basis(M, b.device), _eye(M - 1, b.device)  # [M, M-1], [M-1, M-1]
     AQ = A @ Q  # [B, M, M-1]
     PAQ = AQ - AQ.mean(-2, keepdim=True)
-    r0 = A.sum(-1) / M + c  # residual at equal weights, [B, M]
+    r0 = torch.add(c, A.sum(-1), alpha=1.0 / M)  # residual at equal weights, [B, M]
     Pr0 = r0 - r0.mean(-1, keepdim=True)
-    rho = ridge * (AQ**2).mean((-1, -2)) + floor * (A**2).mean((-1, -2)) + torch.finfo(_F64).tiny  # [B]
-    H = PAQ.transpose(-1, -2) @ PAQ + rho[:, None, None] * torch.eye(M - 1, dtype=_F64, device=b.device)
-    g = -(PAQ.transpose(-1, -2) @ Pr0[..., None])
-    # H is symmetric positive definite (rho > 0): Cholesky and two triangular solves, which,
-    # unlike linalg.solve / solve_ex, read nothing back to the host; bad rows are caught below
-    L = torch.linalg.cholesky_ex(H)[0]
-    z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, g, upper=False), upper=True)[..., 0]
-    k = eq + z @ Q.T
-    bad = ~torch.isfinite(k).all(-1, keepdim=True)
-    return torch.where(bad, eq, k)
+    rho = torch.add(AQ.square().mean((-1, -2)) * ridge, A.square().mean((-1, -2)), alpha=floor) \
+        + torch.finfo(_F64).tiny  # [B]
+    PAQt = PAQ.mT
+    H = torch.baddbmm(rho[:, None, None] * eye, PAQt, PAQ)  # [B, M-1, M-1]
+    g = PAQt @ Pr0.unsqueeze(-1)  # minus the gradient at z = 0
+    if M == 2:
+        z = g / H  # [B, 1, 1]: one unknown
+    else:
+        # H is symmetric positive definite (rho > 0): Cholesky, which, unlike linalg.solve /
+        # solve_ex, reads nothing back to the host; bad rows are caught below
+        z = torch.cholesky_solve(g, torch.linalg.cholesky_ex(H)[0])
+    k = torch.sub(1.0 / M, (Q @ z).squeeze(-1))  # kappa = 1/M + Q z with z = -H^-1 g
+    return torch.where(torch.isfinite(k).all(-1, keepdim=True), k, 1.0 / M)
 
 
 class AndOperator(Operator):

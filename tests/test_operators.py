@@ -155,6 +155,22 @@ def test_capped_simplex_projection():
         project_capped_simplex(k, 0.5, 0.9)
 
 
+def test_capped_simplex_projection_of_two_weights_is_the_general_projection():
+    """M = 2 takes a closed form (project onto k_1 + k_2 = 1, clamp on the segment); it equals
+    the sort-based projection for any input, feasible or not, and is closest among feasible points."""
+    from superdiff.operators import _project_sorted
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(500, 2, generator=g, dtype=torch.float64) * 3
+    for lo, hi in [(-1.0, 2.0), (0.0, 1.0), (0.2, 0.8), (-0.5, 0.6)]:
+        p = project_capped_simplex(k, lo, hi)
+        torch.testing.assert_close(p, _project_sorted(k, lo, hi), rtol=0, atol=1e-12)
+        u = torch.linspace(max(lo, 1 - hi), min(hi, 1 - lo), 201, dtype=torch.float64)
+        cand = torch.stack([u, 1 - u], -1)  # feasible points
+        best = ((k[:, None] - cand[None]) ** 2).sum(-1).min(-1).values
+        assert (((k - p) ** 2).sum(-1) <= best + 1e-12).all()
+
+
 def test_single_operator_reproduces_the_experts_own_sampler_exactly():
     e1, e2 = two_mixtures(3)
     for integ in ["em", "ddpm", "euler", "heun"]:
