@@ -76,7 +76,7 @@ class TimeInputs:
         if not times:
             self._grid = {}
             return
-        g = torch.stack([torch.as_tensor(t, dtype=torch.float64).reshape(()) for t in times]).cpu()
+        g = torch.stack(list(times)).to(device="cpu", dtype=torch.float64).reshape(-1)
         with torch.no_grad():
             mt = self.schedule.model_time(g).to(torch.float32)  # float32 first, as diffusers' timesteps
             if self.divisor != 1.0:
@@ -338,6 +338,13 @@ class NetworkExperts(ExpertSet):
         return ExpertOutput(cond, self._uncond(got, cond), self.prediction_type)
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        if self._one_block:  # rows 0..M-1 of the one network: already [M, B, *S]
+            n = self.branches[0].network
+            o = self._sets[n].evaluate_rows(x, t, range(self.num_experts))
+            kind = self.networks[n].prediction_type
+            if kind != self.prediction_type:
+                o = convert(o, kind, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
+            return o
         got = self._rows(x, t, schedule, self._cond_row)
         return torch.stack([got[r] for r in self._cond_row])
 

@@ -361,7 +361,7 @@ class ODEEstimator(Estimator):
         return cond, self._quadratic(jz, probes, exact, c, at_next, kind)
 
     def velocities(self, c: StepCoefficients, x: Tensor, preds: Tensor, kind: str, at_next: bool = False) -> Tensor:
-        return velocity(c, x, preds.to(x.dtype), kind, at_next)
+        return velocity(c, x, preds if preds.dtype == x.dtype else preds.to(x.dtype), kind, at_next)
 
     def rate(self, ctx: StepContext, x: Tensor, at_next: bool, preds: Tensor,
              predict_fn: Callable[[Tensor], Tensor] | None, u: Tensor, div: Tensor | None = None) -> Tensor:
@@ -431,8 +431,15 @@ class NullEstimator(Estimator):
         raise ValueError("estimator 'none' cannot drive the AND operator, which needs log-density "
                          "changes; use 'kernel', 'ito' or 'ode'")
 
+    def begin(self) -> None:
+        self._zero = None
+
     def delta(self, ctx, x_next, **kw):
-        return _zeros(ctx)
+        """Zeros [B, M], made once per call (nothing updates them in place)."""
+        z = getattr(self, "_zero", None)
+        if z is None or z.shape != (ctx.x.shape[0], ctx.cond.shape[0]) or z.device != ctx.x.device:
+            z = self._zero = _zeros(ctx)
+        return z
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {

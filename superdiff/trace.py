@@ -174,4 +174,4 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
 
 def stack_steps(values: list[torch.Tensor]) -> np.ndarray:
     """[steps, ...] float64 array of per-step tensors (one stack on their device, one copy back)."""
-    return torch.stack([v.detach() for v in values]).to(device="cpu", dtype=torch.float64).numpy()
+    return torch.stack(values).detach().to(device="cpu", dtype=torch.float64).numpy()
