@@ -377,12 +377,15 @@ class ODEEstimator(Estimator):
             _, div = self.divergence_at(predict_fn, x, c, at_next, ctx.kind, ctx.generator)
         return -div - ctx.dot(s, v - u.to(x.dtype)[None]).T
 
+    def _sv(self, ctx: StepContext) -> Tensor:
+        """<s_i, v_i> [M, B] at (x, t), once per step (linear model and delta share it)."""
+        return ctx.dot_cached("sv", lambda: ctx.scores, lambda: self.velocities(ctx.c, ctx.x, ctx.cond, ctx.kind))
+
     def linear(self, ctx):
-        v = self.velocities(ctx.c, ctx.x, ctx.cond, ctx.kind)
-        s = ctx.scores
-        div = self._div(ctx)
-        cst = (-ctx.h) * (-div - ctx.dot(s, v).T) - ctx.dot(s, ctx.x).T
-        return s, cst
+        # -h rate at (x, t) with u = (x' - x) / (-h):  h (div_i + <s_i, v_i>) + <s_i, x'> - <s_i, x>
+        xs = ctx.dot_cached("xs", lambda: ctx.x, lambda: ctx.scores)
+        cst = torch.add(self._div(ctx), self._sv(ctx).T) * ctx.h - xs.T
+        return ctx.scores, cst
 
     def _div(self, ctx: StepContext) -> Tensor:
         if ctx.divergence is None:
@@ -395,14 +398,16 @@ class ODEEstimator(Estimator):
         """Euler: -h * rate(x, t, u), u = (x' - x)/(t' - t). Heun: the trapezoid of the rates at
         (x, t) and at the Euler point (x_e, t'), each with the velocity actually used there."""
         x_first = x_next if heun is None else heun.x_euler
-        u0 = (x_first.to(ctx.x.dtype) - ctx.x) / (-ctx.h)
-        v = self.velocities(ctx.c, ctx.x, ctx.cond, ctx.kind)
-        r0 = -self._div(ctx) - ctx.dot(ctx.scores, v - u0[None]).T
+        x_first = x_first if x_first.dtype == ctx.x.dtype else x_first.to(ctx.x.dtype)
+        # -h r0 with r0 = -div - <s, v - u0>, u0 = (x_first - x) / (-h):
+        #   h (div + <s, v>) + <s, x_first> - <s, x>   (linear's model at x' = x_first)
+        xs = ctx.dot_cached("xs", lambda: ctx.x, lambda: ctx.scores)
+        d0 = torch.add(self._div(ctx), self._sv(ctx).T) * ctx.h + (ctx.dot(ctx.scores, x_first) - xs).T
         if heun is None:
-            return -ctx.h * r0
+            return d0
         r1 = self.rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,
                        heun.divergence)
-        return -ctx.h * 0.5 * (r0 + r1)
+        return 0.5 * d0 - (0.5 * ctx.h) * r1
 
 
 @dataclass
