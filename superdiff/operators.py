@@ -224,9 +224,11 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     if M == 2:
         z = g / H  # [B, 1, 1]: one unknown
     else:
-        # H is symmetric positive definite (rho > 0): Cholesky, which, unlike linalg.solve /
-        # solve_ex, reads nothing back to the host; bad rows are caught below
-        z = torch.cholesky_solve(g, torch.linalg.cholesky_ex(H)[0])
+        # H is symmetric positive definite (rho > 0): Cholesky and two triangular solves, which,
+        # unlike linalg.solve / solve_ex / cholesky_solve, read nothing back to the host; bad
+        # rows are caught below
+        L = torch.linalg.cholesky_ex(H)[0]
+        z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, g, upper=False), upper=True)
     k = torch.sub(1.0 / M, (Q @ z).squeeze(-1))  # kappa = 1/M + Q z with z = -H^-1 g
     return torch.where(torch.isfinite(k).all(-1, keepdim=True), k, 1.0 / M)
 

@@ -41,12 +41,15 @@ def _syncs(run) -> int:
 
 
 @pytest.mark.parametrize("schedule", ["ve", "vp"])
-@pytest.mark.parametrize("integrator,estimator,operator", [
-    ("em", "ito", "and"), ("em", "kernel", "or"), ("ddpm", "kernel", "and"),
-    ("euler", "ode", "and"), ("heun", "ode", "and"), ("euler", "none", "average")])
-def test_no_host_read_inside_the_sampling_loop(schedule, integrator, estimator, operator):
+@pytest.mark.parametrize("integrator,estimator,operator,num_experts", [
+    ("em", "ito", "and", 2), ("em", "kernel", "or", 2), ("ddpm", "kernel", "and", 2),
+    ("euler", "ode", "and", 2), ("heun", "ode", "and", 2), ("euler", "none", "average", 2),
+    ("em", "ito", "and", 3)])  # three experts: the AND solve's Cholesky path and sorted projection
+def test_no_host_read_inside_the_sampling_loop(schedule, integrator, estimator, operator, num_experts):
     sch = schedules()[schedule]
     experts = two_mixtures(6)
+    if num_experts == 3:
+        experts = [*experts, GaussianMixtureExpert(torch.full((1, 6), 0.5, dtype=torch.float64), 0.5)]
 
     def run(n):
         return lambda: sample(experts, sch, n, operator=operator, estimator=estimator, integrator=integrator,
