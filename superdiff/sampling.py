@@ -32,7 +32,7 @@ from .trace import Trace, stack_steps
 Tensor = torch.Tensor
 _F64 = torch.float64
 
-__all__ = ["SampleOutput", "StepInfo", "sample", "prior_log_prob", "DEFAULT_ESTIMATOR", "default_estimator",
+__all__ = ["SampleOutput", "StepInfo", "sample", "prior_log_prob", "probe_generator", "DEFAULT_ESTIMATOR", "default_estimator",
            "DEFAULT_INTEGRATOR", "default_integrator"]
 
 #: chosen from benchmarks/estimator_accuracy (README; flow rows: docs/flow.md): with
@@ -78,6 +78,19 @@ class StepInfo:
     kappa: Tensor  # [B, M]
     logq: Tensor  # [B, M] after the step
     output: StepOutput
+
+
+def probe_generator(generator: Generator) -> torch.Generator | None:
+    """The generator of the ODE estimator's random probes for one call. With one generator per
+    sample (diffusers' convention) the probes, shared by the batch, come from a generator seeded
+    from the first one's seed (nothing is drawn from the per-sample generators, whose streams
+    stay as they are), so a call with seeded generators is reproducible; one generator is used
+    as it is; None uses torch's global generator."""
+    if isinstance(generator, (list, tuple)) and generator:
+        g0 = generator[0]
+        seed = (g0.initial_seed() * 6364136223846793005 + 1442695040888963407) % (2**63)
+        return torch.Generator(device=g0.device).manual_seed(seed)
+    return generator if isinstance(generator, torch.Generator) else None
 
 
 def prior_log_prob(x: Tensor, schedule: Schedule, t: Any = None) -> Tensor:
@@ -223,12 +236,13 @@ def sample(
     times = grid.unbind(0)
     es.set_grid(times, x.device)
     tracks = est.name != "none"
+    probes = probe_generator(generator)
     t0 = time.perf_counter()
     for k in tqdm(range(n), desc="superdiff", disable=not progress, leave=False):
         t, t_next = times[k], times[k + 1]
         so = superdiff_step(es, schedule, integ, op, est, x, t, t_next, logq, k, n, generator,
                             guidance_scale, noise_dtype=dtype, model_dtype=model_dtype,
-                            coefficients=coefs[k], monitor=monitor)
+                            coefficients=coefs[k], monitor=monitor, probe_generator=probes)
         x = so.x_next
         if tracks:
             logq = logq + so.delta_logq

@@ -216,9 +216,12 @@ def superdiff_step(
     *,
     coefficients: StepCoefficients | None = None,
     monitor: FiniteMonitor | None = None,
+    probe_generator: torch.Generator | None = None,
 ) -> StepOutput:
     """Advance x [B, *S] from t to t_next; see the module docstring.
 
+    probe_generator: draws the ODE estimator's Hutchinson probes when `generator` is a list
+    (sampling.probe_generator); otherwise the one generator does.
     coefficients: this step's schedule scalars (superdiff.coefficients.grid_coefficients, as
     `sample` passes them); computed and checked here when not given. monitor: where non-finite
     values are recorded; without one, they are checked (one host read) before returning.
@@ -230,7 +233,8 @@ def superdiff_step(
     own = monitor is None
     if own:
         monitor = FiniteMonitor(experts.num_experts, x.device, estimator.name)
-    gen1 = generator if isinstance(generator, torch.Generator) else None
+    # the estimator's random probes: the call's one generator, else the per-call probe generator
+    gen1 = generator if isinstance(generator, torch.Generator) else probe_generator
     out, div = _evaluate(experts, estimator, x, t, False, c, schedule, model_dtype, gen1)
     monitor.experts(out, step, c.t, c.t_next)
     kind = out.kind

@@ -259,3 +259,22 @@ def test_single_evaluates_only_its_expert_and_leaves_the_others_untracked():
     assert rows == [(3 * 4, False)] * 5 and torch.isfinite(full.logq).all()
     assert torch.allclose(one.samples, full.samples, atol=1e-12)
     assert torch.allclose(one.logq[:, 1], full.logq[:, 1], atol=1e-9)
+
+
+def test_hutchinson_probes_follow_the_per_sample_generators_not_the_global_rng():
+    """One generator per sample (diffusers' convention): the ODE estimator's random probes come
+    from a generator seeded from the first one, so two calls with the same seeds agree whatever
+    torch's global generator did in between, and other seeds give other probes."""
+    rows: list = []
+    es, sch = _network_experts(rows)
+    kw = dict(operator="and", integrator="euler", shape=(2, 3), guidance_scale=2.0, dtype=torch.float64,
+              progress=False)
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        gens = [torch.Generator().manual_seed(seed + b) for b in range(2)]
+        return sample(es, sch, 4, estimator=ODEEstimator(probes=1), generator=gens, **kw).logq
+
+    a, b, c = run(0, 1), run(0, 2), run(5, 1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
