@@ -39,7 +39,7 @@ def build_operator(operator: str | Operator, num_experts: int, *, weights: Seque
     and:     lift (scalar for 2 experts: offsets (lift, 0); or one per expert) / offsets,
              kappa_clamp ((lo, hi); False disables; None keeps the default), ridge, feedback
     average: weights (default 1/N; negative = NOT)
-    single:  operator_kwargs={"index": i}
+    single:  operator_kwargs={"index": i} (optionally "track_all": True)
     """
     if isinstance(operator, Operator):
         given = [k for k, v in dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
