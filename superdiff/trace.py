@@ -134,20 +134,25 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
     steps_k = np.arange(trace.num_steps)
     steps_q = np.arange(trace.num_steps + 1)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # experts whose log q was not tracked (operator "single" evaluates one expert) are NaN:
+    # then each tracked curve is drawn relative to its own start instead of the experts' mean
+    all_tracked = not np.isnan(trace.logq).any()
     for c, b in enumerate(idx):
         ak, aq = axes[0, c], axes[1, c]
-        rel = trace.logq[:, b, :] - trace.logq[:, b, :].mean(-1, keepdims=True)
+        lq = trace.logq[:, b, :]
+        rel = lq - lq.mean(-1, keepdims=True) if all_tracked else lq - lq[:1]
         for i, name in enumerate(names):
             col = colors[i % len(colors)]
             ak.plot(steps_k, trace.kappa[:, b, i], color=col, label=name, lw=1.4)
-            aq.plot(steps_q, rel[:, i], color=col, label=name, lw=1.4)
+            untracked = bool(np.isnan(lq[:, i]).all())
+            aq.plot(steps_q, rel[:, i], color=col, label=name + (" (not tracked)" if untracked else ""), lw=1.4)
         ak.set_title(f"sample {b}", fontsize=10)
         ak.axhline(0, color="0.8", lw=0.6, zorder=0)
         aq.axhline(0, color="0.8", lw=0.6, zorder=0)
         aq.set_xlabel("step")
         if c == 0:
             ak.set_ylabel("kappa")
-            aq.set_ylabel("log q - mean (nats)")
+            aq.set_ylabel("log q - mean (nats)" if all_tracked else "log q - log q at step 0 (nats)")
         if trace.ess is not None:
             ae = axes[2, c]
             ae.plot(steps_k, trace.ess[:, b], color="0.25", lw=1.4, label="ESS / K")

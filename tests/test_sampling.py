@@ -40,6 +40,27 @@ def test_trace_shapes_round_trip_and_plot(tmp_path):
         Trace.from_dict(json.loads('{"t": []}'))
 
 
+def test_single_operator_trace_keeps_untracked_experts_as_nan_through_json_and_plot(tmp_path):
+    """operator "single" runs one expert: the others' log q is NaN, null in the JSON (strict
+    JSON, no NaN literal), NaN again after loading, and the plot still draws the tracked one."""
+    from superdiff.operators import SingleOperator
+
+    out = sample(two_mixtures(2), schedules()["vp"], 6, operator=SingleOperator(1), shape=(3, 2),
+                 generator=torch.Generator().manual_seed(0), progress=False)
+    tr = out.trace
+    assert np.isnan(tr.logq[:, :, 0]).all() and np.isfinite(tr.logq[:, :, 1]).all()
+    path = tr.save(tmp_path / "t.json")
+    assert "NaN" not in path.read_text() and "null" in path.read_text()
+    back = Trace.load(path)
+    assert np.array_equal(np.isnan(back.logq), np.isnan(tr.logq))
+    assert np.allclose(back.logq[:, :, 1], tr.logq[:, :, 1])
+    fig = tr.plot(None, samples=1)
+    lines = fig.axes[1].get_lines()
+    tracked = [ln for ln in lines if ln.get_label() == "expert 1"]
+    assert tracked and np.isfinite(tracked[0].get_ydata()).all()
+    assert any("not tracked" in ln.get_label() for ln in lines)
+
+
 def test_callback_sees_every_step_and_may_replace_latents():
     seen = []
 
