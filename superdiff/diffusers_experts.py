@@ -323,14 +323,20 @@ class NetworkExperts(ExpertSet):
             return got[self._uncond_row[0]]
         return torch.stack([got[u] if u is not None else cond[i] for i, u in enumerate(self._uncond_row)])
 
+    def _block(self, x: Tensor, t: Tensor, schedule: Schedule, rows: int) -> Tensor:
+        """The first `rows` rows of the one network (the one-block layout), [rows, B, *S] in the
+        common kind."""
+        n = self.branches[0].network
+        o = self._sets[n].evaluate_rows(x, t, range(rows))
+        kind = self.networks[n].prediction_type
+        if kind != self.prediction_type:
+            o = convert(o, kind, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
+        return o
+
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         if self._one_block:
-            n = self.branches[0].network
             M = self.num_experts
-            o = self._sets[n].evaluate_rows(x, t, range(M + self.has_uncond))  # [M (+1), B, *S]
-            kind = self.networks[n].prediction_type
-            if kind != self.prediction_type:
-                o = convert(o, kind, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
+            o = self._block(x, t, schedule, M + self.has_uncond)  # [M (+1), B, *S]
             return ExpertOutput(o[:M], o[M] if self.has_uncond else None, self.prediction_type)
         unc_rows = [u for u in self._uncond_row if u is not None] if self.has_uncond else []
         got = self._rows(x, t, schedule, self._cond_row + unc_rows)
@@ -339,12 +345,7 @@ class NetworkExperts(ExpertSet):
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         if self._one_block:  # rows 0..M-1 of the one network: already [M, B, *S]
-            n = self.branches[0].network
-            o = self._sets[n].evaluate_rows(x, t, range(self.num_experts))
-            kind = self.networks[n].prediction_type
-            if kind != self.prediction_type:
-                o = convert(o, kind, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
-            return o
+            return self._block(x, t, schedule, self.num_experts)
         got = self._rows(x, t, schedule, self._cond_row)
         return torch.stack([got[r] for r in self._cond_row])
 

@@ -153,39 +153,37 @@ class StepOutput:
     cond: Tensor  # [M, B, *S] each expert's own prediction at (x, t)
 
 
+def _forward(experts: ExpertSet, x: Tensor, t: Tensor, schedule: Schedule, model_dtype: torch.dtype) -> ExpertOutput:
+    """Every row (conditional and unconditional) in one forward, back in x's dtype."""
+    out = experts.evaluate(_as(x, model_dtype), t, schedule)
+    if out.cond.dtype == x.dtype and (out.uncond is None or out.uncond.dtype == x.dtype):
+        return out
+    return ExpertOutput(_as(out.cond, x.dtype), None if out.uncond is None else _as(out.uncond, x.dtype), out.kind)
+
+
 def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at_next: bool,
               c: StepCoefficients, schedule: Schedule, model_dtype: torch.dtype,
               generator: torch.Generator | None) -> tuple[ExpertOutput, Tensor | None]:
     """The experts at (x, t) and, when the estimator needs it, the divergence of each expert's
-    ODE velocity there ([B, M]) from the same network pass (the JVP's primal output)."""
+    ODE velocity there ([B, M]): by finite differences around the step's own forward, or from
+    the primal output of one forward-mode JVP (ODEEstimator.choose_jvp)."""
     if not estimator.needs_divergence:
-        out = experts.evaluate(_as(x, model_dtype), t, schedule)
-        if out.cond.dtype == x.dtype and (out.uncond is None or out.uncond.dtype == x.dtype):
-            return out, None
-        return ExpertOutput(_as(out.cond, x.dtype), None if out.uncond is None else _as(out.uncond, x.dtype),
-                            out.kind), None
+        return _forward(experts, x, t, schedule, model_dtype), None
 
     def fn(xx: Tensor) -> Tensor:
         return _as(experts.evaluate_conditional(_as(xx, model_dtype), t, schedule), xx.dtype)
 
     if estimator.choose_jvp(experts) == "finite-difference":
         # the step's own forward (every row) is f(x); one more forward of the conditional rows
-        # at x + eps z gives the directional derivative (ODEEstimator.divergence_fd)
-        out, _ = _evaluate(experts, _NO_DIVERGENCE, x, t, at_next, c, schedule, model_dtype, generator)
+        # at x + eps z gives the directional derivative
+        out = _forward(experts, x, t, schedule, model_dtype)
         return out, estimator.divergence_fd(fn, x, out.cond, c, at_next, out.kind, generator, model_dtype)
     cond, div = estimator.divergence_at(fn, x, c, at_next, experts.prediction_type, generator)
     uncond = None
     if experts.has_uncond:
-        uncond = experts.evaluate_unconditional(x.to(model_dtype), t, schedule)
-        uncond = None if uncond is None else uncond.to(x.dtype)
+        uncond = experts.evaluate_unconditional(_as(x, model_dtype), t, schedule)
+        uncond = None if uncond is None else _as(uncond, x.dtype)
     return ExpertOutput(cond, uncond, experts.prediction_type), div
-
-
-class _NoDivergence:
-    needs_divergence = False
-
-
-_NO_DIVERGENCE = _NoDivergence()
 
 
 def _reference(operator: Operator, out: ExpertOutput, kind: str, x: Tensor, alpha: float, sigma: float) -> Tensor | None:
