@@ -215,10 +215,7 @@ def sample(
         if sub is not None:
             only, full_op, full_logq = op.index, op, logq
             es, op, logq = sub, SingleOperator(0), logq[:, op.index:op.index + 1]
-            one_hot = full_op.kappa(StepState(full_logq, 0, n, None))
-
-            def widen_kappa(k1: Tensor) -> Tensor:
-                return one_hot
+            one_hot = full_op.kappa(StepState(full_logq, 0, n, None))  # [B, M], every step
 
             def widen(lq: Tensor) -> Tensor:
                 """[B, 1] log q of the selected expert -> [B, M], NaN for the experts not evaluated."""
@@ -251,7 +248,7 @@ def sample(
         if run is not None:  # reweight / resample / MCMC moves (superdiff.correctors)
             x, logq = run.after_step(k, n, t, t_next, x, logq, so)
         if callback is not None:
-            info_k, info_lq = (so.kappa, logq) if only is None else (widen_kappa(so.kappa), widen(logq))
+            info_k, info_lq = (so.kappa, logq) if only is None else (one_hot, widen(logq))
             new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, info_k, info_lq, so))
             if new_x is not None:  # a callback may replace the latents (diffusers' callback_on_step_end)
                 if not isinstance(new_x, torch.Tensor) or new_x.shape != x.shape:
@@ -262,7 +259,7 @@ def sample(
     monitor.check()  # the one host read of the loop: NaN/inf anywhere names its expert and step
     if only is not None:  # back to all M experts: one-hot kappa, log q of the others not tracked
         op = full_op
-        kappas = [widen_kappa(kappas[0])] * len(kappas)
+        kappas = [one_hot] * len(kappas)
         logqs = [widen(v) for v in logqs]
         logq = logqs[-1]
 
