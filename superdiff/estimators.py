@@ -328,8 +328,10 @@ class ODEEstimator(Estimator):
             eye = torch.eye(d, dtype=x.dtype, device=x.device)  # [d, d]
             return eye[:, None, :].expand(d, B, d).reshape(d, B, *x.shape[1:]), True
         n = 1 if self.probes == "auto" else int(self.probes)
-        z = torch.randint(0, 2, (n, *x.shape), generator=generator, device=x.device).to(x.dtype) * 2 - 1
-        return z, False
+        # drawn on the generator's device (a CPU generator with CUDA latents, as in diffusers), then moved
+        dev = generator.device if generator is not None else x.device
+        z = torch.randint(0, 2, (n, *x.shape), generator=generator, device=dev).to(device=x.device, dtype=x.dtype)
+        return z * 2 - 1, False
 
     def _jvp(self, fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         if self.jvp_mode != "finite-difference":
@@ -400,9 +402,9 @@ class ODEEstimator(Estimator):
         x_first = x_next if heun is None else heun.x_euler
         x_first = x_first if x_first.dtype == ctx.x.dtype else x_first.to(ctx.x.dtype)
         # -h r0 with r0 = -div - <s, v - u0>, u0 = (x_first - x) / (-h):
-        #   h (div + <s, v>) + <s, x_first> - <s, x>   (linear's model at x' = x_first)
-        xs = ctx.dot_cached("xs", lambda: ctx.x, lambda: ctx.scores)
-        d0 = torch.add(self._div(ctx), self._sv(ctx).T) * ctx.h + (ctx.dot(ctx.scores, x_first) - xs).T
+        #   h (div + <s, v>) + <s, x_first - x>   (linear's model at x' = x_first; the increment
+        #   is formed before the inner product, which would otherwise cancel two large ones)
+        d0 = torch.add(self._div(ctx), self._sv(ctx).T) * ctx.h + ctx.dot(ctx.scores, x_first - ctx.x).T
         if heun is None:
             return d0
         r1 = self.rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,

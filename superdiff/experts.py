@@ -130,7 +130,9 @@ class ExpertList(ExpertSet):
         self.has_uncond = uncond is not None
         self.num_forward_calls = 0
 
-    def subset(self, index: int) -> "ExpertList":
+    def subset(self, index: int) -> "ExpertSet | None":
+        if type(self) is not ExpertList:  # a subclass may evaluate differently: evaluate all
+            return None
         u = self.uncond[index] if isinstance(self.uncond, Sequence) else self.uncond
         return _CountingView(self, ExpertList([self.experts[index]], u, self.prediction_type))
 
@@ -162,6 +164,14 @@ class _CountingView(ExpertSet):
         self.parent, self.inner = parent, inner
         self.prediction_type, self.num_experts, self.has_uncond = inner.prediction_type, inner.num_experts, inner.has_uncond
         self.prefers_finite_difference_jvp = inner.prefers_finite_difference_jvp
+
+    @property
+    def num_forward_calls(self) -> int:  # type: ignore[override]
+        return self.parent.num_forward_calls
+
+    @num_forward_calls.setter
+    def num_forward_calls(self, value: int) -> None:
+        pass
 
     def _counted(self, f: Callable[..., Any], *args: Any) -> Any:
         n0 = self.inner.num_forward_calls

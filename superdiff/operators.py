@@ -329,11 +329,11 @@ class AverageOperator(Operator):
         (callers never modify kappa in place)."""
         B, M = state.logq.shape
         key = (B, M, state.logq.device)
-        if getattr(self, "_kappa_key", None) != key or state.step == 0:
+        cached = getattr(self, "_cached", None)  # (key, kappa), replaced as one object
+        if cached is None or cached[0] != key or state.step == 0:
             w = torch.full((M,), 1.0 / M, dtype=_F64) if self.weights is None else self.weights
-            self._kappa = w.to(state.logq.device)[None].expand(B, M).clone()
-            self._kappa_key = key
-        return self._kappa
+            cached = self._cached = (key, w.to(state.logq.device)[None].expand(B, M).clone())
+        return cached[1]
 
 
 class SingleOperator(Operator):
@@ -364,11 +364,12 @@ class SingleOperator(Operator):
         """One-hot [B, M], built on the first step of a call and reused (as AverageOperator)."""
         B, M = state.logq.shape
         key = (B, M, state.logq.device)
-        if getattr(self, "_kappa_key", None) != key or state.step == 0:
+        cached = getattr(self, "_cached", None)  # (key, kappa), replaced as one object
+        if cached is None or cached[0] != key or state.step == 0:
             k = torch.zeros(B, M, dtype=_F64, device=state.logq.device)
             k[:, self.index] = 1.0
-            self._kappa, self._kappa_key = k, key
-        return self._kappa
+            cached = self._cached = (key, k)
+        return cached[1]
 
 
 OPERATORS: dict[str, type[Operator]] = {

@@ -69,7 +69,10 @@ class SampleOutput:
 
 @dataclass
 class StepInfo:
-    """Passed to `callback` after every step."""
+    """Passed to `callback` after every step. kappa and logq are the tensors the trace keeps (and
+    kappa may be reused by the next step): read them, do not modify them in place. Under the
+    operator "single" (one expert evaluated) kappa and logq are widened to all M experts, while
+    `output` is that one expert's step."""
 
     step: int
     t: float
@@ -201,7 +204,7 @@ def sample(
     if logq_init is None:
         logq = prior_log_prob(x, schedule, grid[0])[:, None].expand(B, M).clone()
     else:
-        logq = torch.as_tensor(logq_init, dtype=_F64, device=x.device)
+        logq = torch.as_tensor(logq_init, dtype=_F64, device=x.device).clone()  # never the caller's tensor
         if logq.shape != (B, M):
             raise ValueError(f"logq_init must have shape [B, M] = [{B}, {M}], got {tuple(logq.shape)}")
 

@@ -261,6 +261,38 @@ def test_single_evaluates_only_its_expert_and_leaves_the_others_untracked():
     assert torch.allclose(one.logq[:, 1], full.logq[:, 1], atol=1e-9)
 
 
+def test_single_on_independent_experts_counts_only_its_own_calls():
+    """ExpertList under "single": one call of the chosen expert per step, counted in the trace."""
+    from superdiff.operators import SingleOperator
+
+    kw = dict(shape=(4, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64, progress=False)
+    one = sample(two_mixtures(3), schedules()["vp"], 10, operator=SingleOperator(1), **kw)
+    assert one.trace.meta["forward_calls"] == 10
+    kw["generator"] = torch.Generator().manual_seed(0)
+    both = sample(two_mixtures(3), schedules()["vp"], 10, operator=SingleOperator(1, track_all=True), **kw)
+    assert both.trace.meta["forward_calls"] == 20
+    assert torch.equal(one.samples, both.samples)
+
+
+def test_hutchinson_probes_are_drawn_on_the_generators_device(monkeypatch):
+    """A CPU generator with latents elsewhere (diffusers' usual CUDA setup, where torch refuses a
+    CPU generator for a CUDA draw) draws the probes on the generator's device and moves them to
+    the latents' (here the meta device, which every torch build has)."""
+    seen = []
+    randint = torch.randint
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs.get("device"), kwargs.get("generator")))
+        return randint(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", recording)
+    est = ODEEstimator(probes=2)
+    g = torch.Generator().manual_seed(0)
+    z, exact = est._probes(torch.zeros(3, 70, device="meta"), g)
+    assert seen == [(torch.device("cpu"), g)]
+    assert z.device.type == "meta" and z.shape == (2, 3, 70) and not exact
+
+
 def test_hutchinson_probes_follow_the_per_sample_generators_not_the_global_rng():
     """One generator per sample (diffusers' convention): the ODE estimator's random probes come
     from a generator seeded from the first one, so two calls with the same seeds agree whatever
