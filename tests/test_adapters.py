@@ -211,20 +211,9 @@ def test_bad_adapters_are_refused_before_any_compute(pipe, loras, tmp_path, requ
 
 def lora_for(unet, out_dir, seed, pipeline_cls, rank=2, targets=("to_q", "to_v", "conv1")):
     """A random LoRA for an in-memory UNet (its copy is adapted, the UNet itself is untouched)."""
-    import copy
+    from _lora import random_network_lora
 
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    u = copy.deepcopy(unet)
-    u.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in u.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(u))
-    return out_dir
+    return random_network_lora(unet, out_dir, seed, pipeline_cls, targets, "unet_lora_layers", rank=rank)
 
 
 def test_sdxl_adapter_experts(tmp_path):

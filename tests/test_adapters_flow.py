@@ -11,8 +11,6 @@ saved with diffusers' save_lora_weights, so the pipelines load them through the 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -24,6 +22,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 from superdiff.pipelines import SuperDiffFluxPipeline, SuperDiffStableDiffusion3Pipeline  # noqa: E402
 from superdiff.pipelines import adapters as A  # noqa: E402
 from superdiff.pipelines._testing import tiny_flux_components, tiny_sd3_components, tiny_sd_unet  # noqa: E402
+from _lora import random_network_lora  # noqa: E402
 from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
 
 SIZE = dict(height=16, width=16, max_sequence_length=16)
@@ -44,18 +43,8 @@ FAMILIES = {
 
 def transformer_lora(transformer, out_dir, seed, pipeline_cls, targets, rank=2):
     """A random LoRA for an in-memory transformer (a copy is adapted), saved as diffusers saves one."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    t = copy.deepcopy(transformer)
-    t.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in t.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pipeline_cls.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(t))
-    return out_dir
+    return random_network_lora(transformer, out_dir, seed, pipeline_cls, targets, "transformer_lora_layers",
+                               rank=rank, alpha=2 * rank)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
