@@ -225,6 +225,9 @@ def test_queue_cancel_random_seed_and_compare_grid(studio_url, browser):
             set_number(page, "steps", 15)
         set_number(a, "seed", -1)
         set_number(a, "num-images", 2)
+        # long enough (seconds, the studio's step limit) that b is still queued when it cancels:
+        # at 15 steps the sampler now finishes before the cancel click lands
+        set_number(a, "steps", 200)
         a.locator("#generate").click()
         status_shows(a, r"^Running AND")
         b.locator("#generate").click()  # the only slot is busy: b waits and says so
