@@ -43,7 +43,8 @@ Tensor = torch.Tensor
 _F64 = torch.float64
 
 __all__ = ["StepContext", "Estimator", "ItoEstimator", "KernelEstimator", "ODEEstimator",
-           "ESTIMATORS", "make_estimator", "check_pair", "divergence", "HeunStage", "NullEstimator"]
+           "ESTIMATORS", "make_estimator", "check_pair", "divergence", "HeunStage", "NullEstimator",
+           "rademacher", "fd_step"]
 
 
 def _log(v: float) -> float:
@@ -223,6 +224,34 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, exact:
     return red.T
 
 
+_BIT_SHIFTS: dict[str, Tensor] = {}
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
+               device: torch.device | str) -> Tensor:
+    """Independent +-1 entries with probability 1/2 each (Hutchinson's probes).
+
+    Drawn as 62 random bits per int64 word (randint over [0, 2^62) is exactly uniform) and
+    unpacked with one shift and one mask: a third of the time of one integer draw per entry.
+    Drawn on the generator's device (a CPU generator with CUDA latents, diffusers' usual
+    setup), then moved to `device`."""
+    n = math.prod(shape)
+    dev = generator.device if generator is not None else torch.device(device)
+    key = str(dev)
+    if key not in _BIT_SHIFTS:
+        _BIT_SHIFTS[key] = torch.arange(62, dtype=torch.int64, device=dev)
+    words = torch.randint(0, 2 ** 62, (-(-n // 62), 1), generator=generator, device=dev)
+    bits = words.bitwise_right_shift(_BIT_SHIFTS[key]).bitwise_and_(1).reshape(-1)[:n].reshape(shape)
+    return bits.to(device=device, dtype=dtype).mul_(2).sub_(1)
+
+
+def fd_step(model_dtype: torch.dtype, alpha: float, sigma: float) -> float:
+    """The finite-difference step sqrt(machine eps of the network's dtype) (1 + sqrt(alpha^2 +
+    sigma^2)): the classic sqrt(eps) relative step, scaled by the typical size of an entry of
+    x_t = alpha x0 + sigma eps for unit-scale data (a Python number: no tensor op, no host read)."""
+    return math.sqrt(torch.finfo(model_dtype).eps) * (1.0 + math.sqrt(alpha * alpha + sigma * sigma))
+
+
 def _finite_difference_jvp(fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     """(fn(x), (fn(x + eps z) - fn(x)) / eps): one extra forward, no autograd. eps =
     sqrt(machine epsilon) (1 + mean |x|) (a device tensor: nothing is read back)."""
@@ -294,32 +323,42 @@ class ODEEstimator(Estimator):
                       model_dtype: torch.dtype) -> Tensor:
         """div [B, M] of each expert's ODE velocity by forward finite differences of fn (x ->
         conditional predictions [M, N, *S]) around its value `primal` [M, B, *S] at x: one
-        forward of P * B rows at x + eps z."""
+        forward of P * B rows at x + eps z, eps = fd_step(...) (a Python number)."""
         probes, exact = self._probes(x, generator)
         P, B = probes.shape[:2]
-        xr = x.repeat(P, *([1] * (x.dim() - 1))) if P > 1 else x
-        zr = probes.reshape(P * B, *x.shape[1:]).to(x)
-        eps = math.sqrt(torch.finfo(model_dtype).eps) * (1.0 + x.abs().mean())  # a device tensor: no host read
-        f1 = fn(torch.add(xr, zr * eps))
+        xr = torch.cat([x] * P) if P > 1 else x
+        zr = probes.reshape(P * B, *x.shape[1:])
+        alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
+        eps = fd_step(model_dtype, alpha, sigma)
+        f1 = fn(torch.add(xr, zr, alpha=eps))
         M = primal.shape[0]
-        jz = (f1.reshape(M, P, B, *x.shape[1:]) - primal[:, None]) / eps
-        return self._quadratic(jz.reshape(M, P * B, *x.shape[1:]), probes, exact, c, at_next, kind)
+        diff = f1.reshape(M, P, B, -1) - primal.reshape(M, 1, B, -1)  # eps J z
+        zjz = (diff * probes.reshape(1, P, B, -1)).sum(-1, dtype=_F64)  # eps <z, J z>, [M, P, B]
+        return self._reduce(zjz, exact, x.shape, c, at_next, kind, 1.0 / eps)
 
     def _quadratic(self, jz: Tensor, probes: Tensor, exact: bool, c: StepCoefficients, at_next: bool,
                    kind: str) -> Tensor:
         """sum / mean over probes of <z, J_v z> = vx |z|^2 + vp <z, J_pred z>: [B, M]."""
         P, B = probes.shape[:2]
         M = jz.shape[0]
+        zjz = (jz.reshape(M, P, B, -1) * probes.reshape(1, P, B, -1).to(jz)).sum(-1, dtype=_F64)  # [M, P, B]
+        return self._reduce(zjz, exact, probes.shape[1:], c, at_next, kind, 1.0)
+
+    @staticmethod
+    def _reduce(zjz: Tensor, exact: bool, shape: torch.Size, c: StepCoefficients, at_next: bool, kind: str,
+                scale: float) -> Tensor:
+        """[B, M] from scale <z, J_pred z> [M, P, B]: the sum (basis probes) or mean (Hutchinson)
+        over probes of vx |z|^2 + vp <z, J_pred z>, |z|^2 being 1 for a basis vector and d for a
+        Rademacher probe (two ops on [M, B] once the probe axis is reduced)."""
         if at_next:
             vx, vp = velocity_coefficients(kind, c.alpha_next, c.sigma_next, c.dalpha_next, c.dsigma_next)
         else:
             vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
-        zf = probes.reshape(1, P, B, -1).to(jz)
-        zjz = (jz.reshape(M, P, B, -1) * zf).sum(-1, dtype=_F64)  # [M, P, B]
-        # |z|^2 is known: 1 for a basis vector, d for a Rademacher probe
-        zz = 1.0 if exact else float(zf.shape[-1])
-        red = zjz.sum(1) if exact else zjz.mean(1)  # [M, B]
-        return torch.add(red * vp, vx * zz * (P if exact else 1)).T
+        P = zjz.shape[1]
+        red = zjz[:, 0] if P == 1 else zjz.sum(1)  # [M, B]
+        if exact:  # the trace: sum over the d basis vectors, each |z|^2 = 1
+            return torch.add(red * (vp * scale), vx * P).T
+        return torch.add(red * (vp * scale / P), vx * math.prod(shape[1:])).T
 
     def _probes(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
         B, d = x.shape[0], math.prod(x.shape[1:])
@@ -328,10 +367,7 @@ class ODEEstimator(Estimator):
             eye = torch.eye(d, dtype=x.dtype, device=x.device)  # [d, d]
             return eye[:, None, :].expand(d, B, d).reshape(d, B, *x.shape[1:]), True
         n = 1 if self.probes == "auto" else int(self.probes)
-        # drawn on the generator's device (a CPU generator with CUDA latents, as in diffusers), then moved
-        dev = generator.device if generator is not None else x.device
-        z = torch.randint(0, 2, (n, *x.shape), generator=generator, device=dev).to(device=x.device, dtype=x.dtype)
-        return z * 2 - 1, False
+        return rademacher((n, *x.shape), generator, x.dtype, x.device), False
 
     def _jvp(self, fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         if self.jvp_mode != "finite-difference":
@@ -383,11 +419,16 @@ class ODEEstimator(Estimator):
         """<s_i, v_i> [M, B] at (x, t), once per step (linear model and delta share it)."""
         return ctx.dot_cached("sv", lambda: ctx.scores, lambda: self.velocities(ctx.c, ctx.x, ctx.cond, ctx.kind))
 
+    def _hdsv(self, ctx: StepContext) -> Tensor:
+        """h (div_i + <s_i, v_i>) [B, M] at (x, t), once per step (linear model and delta share it)."""
+        if "hdsv" not in ctx._cache:
+            ctx._cache["hdsv"] = torch.add(self._div(ctx), self._sv(ctx).T).mul_(ctx.h)
+        return ctx._cache["hdsv"]
+
     def linear(self, ctx):
         # -h rate at (x, t) with u = (x' - x) / (-h):  h (div_i + <s_i, v_i>) + <s_i, x'> - <s_i, x>
         xs = ctx.dot_cached("xs", lambda: ctx.x, lambda: ctx.scores)
-        cst = torch.add(self._div(ctx), self._sv(ctx).T) * ctx.h - xs.T
-        return ctx.scores, cst
+        return ctx.scores, self._hdsv(ctx) - xs.T
 
     def _div(self, ctx: StepContext) -> Tensor:
         if ctx.divergence is None:
@@ -404,7 +445,7 @@ class ODEEstimator(Estimator):
         # -h r0 with r0 = -div - <s, v - u0>, u0 = (x_first - x) / (-h):
         #   h (div + <s, v>) + <s, x_first - x>   (linear's model at x' = x_first; the increment
         #   is formed before the inner product, which would otherwise cancel two large ones)
-        d0 = torch.add(self._div(ctx), self._sv(ctx).T) * ctx.h + ctx.dot(ctx.scores, x_first - ctx.x).T
+        d0 = self._hdsv(ctx) + ctx.dot(ctx.scores, x_first - ctx.x).T
         if heun is None:
             return d0
         r1 = self.rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,

@@ -246,7 +246,7 @@ class SharedNetworkExperts(ExpertSet):
         B = x.shape[0]
         rows = tuple(rows)
         nb = len(rows)
-        xb = x if nb == 1 else x.repeat(nb, *([1] * (x.dim() - 1)))  # [row 0 | row 1 | ...], each B
+        xb = x if nb == 1 else torch.cat([x] * nb)  # [row 0 | row 1 | ...], each B (cat: a third of repeat's time)
         key = (rows, B)
         if key not in self._batched:  # the conditions never change: concatenate them once
             conds = self.conditions + [self.uncond_condition]

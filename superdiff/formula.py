@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .operators import Operator, StepState, project_capped_simplex, solve_and
+from .operators import Operator, StepState, solve_and
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -531,9 +531,7 @@ def _eval(node: Node, ctx: _Ctx) -> _Val:
     if torch.any(co != 0):
         frac = (1.0 / ctx.num_steps) + (ctx.feedback * ctx.step / ctx.num_steps)
         off = (co * frac)[None].expand(B, -1)
-    lam = solve_and(Ap, bp, off, ctx.ridge, ctx.floor)
-    if ctx.clamp is not None:
-        lam = project_capped_simplex(lam, *ctx.clamp)
+    lam = solve_and(Ap, bp, off, ctx.ridge, ctx.floor, ctx.clamp)
     if with_scores:
         raise ValueError("a SuperDiff AND node has no density, so it has no Feynman-Kac potential")
     return _Val(torch.einsum("bc,bcm->bm", lam, K), Q.mean(-1), D.mean(1))

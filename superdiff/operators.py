@@ -137,11 +137,15 @@ def project_capped_simplex(k: Tensor, lo: float, hi: float) -> Tensor:
     crosses 1 (exact, no iteration, no host read). Rows already feasible come back unchanged.
     """
     M = k.shape[-1]
-    if not (M * lo <= 1.0 <= M * hi):
-        raise ValueError(f"kappa clamp [{lo}, {hi}] admits no weights summing to one for {M} experts")
+    _check_clamp(M, lo, hi)
     if M == 2:
         return _project_pair(k, lo, hi)
     return _project_sorted(k, lo, hi)
+
+
+def _check_clamp(M: int, lo: float, hi: float) -> None:
+    if not (M * lo <= 1.0 <= M * hi):
+        raise ValueError(f"kappa clamp [{lo}, {hi}] admits no weights summing to one for {M} experts")
 
 
 def _project_pair(k: Tensor, lo: float, hi: float) -> Tensor:
@@ -192,7 +196,7 @@ def _eye(m: int, device: torch.device) -> Tensor:
 
 
 def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float = 1e-3,
-              floor: float = 1e-8) -> Tensor:
+              floor: float = 1e-8, clamp: tuple[float, float] | None = None) -> Tensor:
     """kappa [B, M] with sum 1 making b + A kappa - offsets equal across experts (least squares).
 
     Parametrise kappa = 1/M + Q z with Q an orthonormal basis of {sum = 0} and minimise
@@ -203,15 +207,29 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     by rounding (fp16 networks): then A Q itself is rounding noise and so is the relative
     ridge. The absolute floor adds floor * mean(A^2): a differential authority ||P A Q|| below
     sqrt(floor) ||A|| (scores agreeing to about 1%) is treated as agreement. Non-finite rows
-    fall back to equal weights.
+    fall back to equal weights. clamp=(lo, hi): the result projected onto {sum 1, lo <= kappa_i
+    <= hi} (project_capped_simplex).
+
+    Two experts (the common case) take the closed form of the same problem (`_solve_pair`).
     """
     A = A if A.dtype == _F64 else A.to(_F64)
     b = b if b.dtype == _F64 else b.to(_F64)
     Bn, M = b.shape
+    if clamp is not None:
+        _check_clamp(M, *clamp)
     if M == 1:
         return torch.ones((Bn, 1), dtype=_F64, device=b.device)
     c = b if offsets is None else b - offsets.to(b)
-    Q, eye = _sum_zero_basis(M, b.device), _eye(M - 1, b.device)  # [M, M-1], [M-1, M-1]
+    if M == 2:
+        return _solve_pair(A, c, ridge, floor, clamp)
+    k = _solve_general(A, c, ridge, floor)
+    return k if clamp is None else _project_sorted(k, *clamp)
+
+
+def _solve_general(A: Tensor, c: Tensor, ridge: float, floor: float) -> Tensor:
+    """solve_and for any M (no clamp): the regularised least squares in the sum-zero basis."""
+    M = c.shape[-1]
+    Q, eye = _sum_zero_basis(M, c.device), _eye(M - 1, c.device)  # [M, M-1], [M-1, M-1]
     AQ = A @ Q  # [B, M, M-1]
     PAQ = AQ - AQ.mean(-2, keepdim=True)
     r0 = torch.add(c, A.sum(-1), alpha=1.0 / M)  # residual at equal weights, [B, M]
@@ -221,16 +239,55 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     PAQt = PAQ.mT
     H = torch.baddbmm(rho[:, None, None] * eye, PAQt, PAQ)  # [B, M-1, M-1]
     g = PAQt @ Pr0.unsqueeze(-1)  # minus the gradient at z = 0
-    if M == 2:
-        z = g / H  # [B, 1, 1]: one unknown
-    else:
-        # H is symmetric positive definite (rho > 0): Cholesky and two triangular solves, which,
-        # unlike linalg.solve / solve_ex / cholesky_solve, read nothing back to the host; bad
-        # rows are caught below
-        L = torch.linalg.cholesky_ex(H)[0]
-        z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, g, upper=False), upper=True)
+    # H is symmetric positive definite (rho > 0): Cholesky and two triangular solves, which,
+    # unlike linalg.solve / solve_ex / cholesky_solve, read nothing back to the host; bad
+    # rows are caught below
+    L = torch.linalg.cholesky_ex(H)[0]
+    z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, g, upper=False), upper=True)
     k = torch.sub(1.0 / M, (Q @ z).squeeze(-1))  # kappa = 1/M + Q z with z = -H^-1 g
     return torch.where(torch.isfinite(k).all(-1, keepdim=True), k, 1.0 / M)
+
+
+_PAIR_MAPS: dict[tuple[str, float, float], tuple[Tensor, ...]] = {}
+
+
+def _pair_maps(device: torch.device, ridge: float, floor: float) -> tuple[Tensor, ...]:
+    """The constants of _solve_pair, once per device and (ridge, floor)."""
+    key = (str(device), ridge, floor)
+    if key not in _PAIR_MAPS:
+        def t(v: Any) -> Tensor:
+            return torch.tensor(v, dtype=_F64, device=device)
+
+        _PAIR_MAPS[key] = (
+            # rows: A11, A12, A21, A22, c1, c2; columns: D, R, e1, e2
+            t([[1, 0.5, 1, 0], [-1, 0.5, -1, 0], [-1, -0.5, 0, 1], [1, -0.5, 0, -1], [0, 1, 0, 0], [0, -1, 0, 0]]),
+            # (D^2, R^2, e1^2, e2^2, A11^2, A12^2, A21^2, A22^2) -> D^2 + 4 rho
+            t([1, 0, ridge, ridge, floor, floor, floor, floor]),
+            t(4 * torch.finfo(_F64).tiny), t(0.5), t([0.0, 1.0]), t([1.0, -1.0]))
+    return _PAIR_MAPS[key]
+
+
+def _solve_pair(A: Tensor, c: Tensor, ridge: float, floor: float, clamp: tuple[float, float] | None) -> Tensor:
+    """solve_and for M = 2 in closed form. With Q = (1, -1) / sqrt 2, the one unknown's normal
+    equation gives
+
+        kappa_1 = 1/2 - D R / (D^2 + 4 rho),   kappa_2 = 1 - kappa_1
+        D = A11 - A12 - A21 + A22,   R = c1 - c2 + (A11 + A12 - A21 - A22) / 2
+        4 rho = ridge (e1^2 + e2^2) + floor sum_ij A_ij^2 + 4 tiny,   e_i = A_i1 - A_i2
+
+    and the capped-simplex projection of (kappa_1, 1 - kappa_1) is a clamp of kappa_1 to
+    [max(lo, 1 - hi), min(hi, 1 - lo)] (see _project_pair): eleven ops on [B, <= 8] tensors
+    where the general path takes forty."""
+    lin, den_w, tiny, half, e1, d12 = _pair_maps(c.device, ridge, floor)
+    Af = A.reshape(c.shape[0], 4)
+    L = torch.cat([Af, c], -1) @ lin  # [B, 4]: D, R, e1, e2
+    den = torch.addmv(tiny, torch.cat([L.square(), Af.square()], -1), den_w)[:, None]  # D^2 + 4 rho
+    k1 = torch.addcdiv(half, L[:, :1] * L[:, 1:2], den, value=-1.0)
+    k1 = torch.nan_to_num(k1, nan=0.5, posinf=0.5, neginf=0.5)  # non-finite rows: equal weights
+    if clamp is not None:
+        lo, hi = clamp
+        k1 = k1.clamp(max(lo, 1.0 - hi), min(hi, 1.0 - lo))
+    return torch.addcmul(e1, k1, d12)  # (kappa_1, 1 - kappa_1)
 
 
 class AndOperator(Operator):
@@ -288,19 +345,19 @@ class AndOperator(Operator):
     def kappa(self, state: StepState) -> Tensor:
         if state.linear_model is None:
             raise ValueError("the AND operator needs the step's linear model; use it through superdiff.sample")
+        B, M = state.logq.shape
+        if M == 1:  # one expert: kappa = 1 whatever the step does (no linear model needed)
+            return torch.ones((B, 1), dtype=_F64, device=state.logq.device)
         A, b = state.linear_model()
         if self.feedback:
-            b = b + self.feedback * state.logq.to(b)
+            b = torch.add(b, state.logq.to(b), alpha=self.feedback)
         off = None
         if self.offsets is not None:
             # target after this step: log q_i - l_i (k + 1) / N equal; the per-step share is
             # l_i / N, plus (with feedback) the part of the schedule not yet reached
             frac = (1.0 / state.num_steps) + (self.feedback * state.step / state.num_steps)
             off = (self.offsets * frac).to(b.device)[None].expand_as(b)
-        k = solve_and(A, b, off, self.ridge, self.floor)
-        if self.clamp is not None:
-            k = project_capped_simplex(k, *self.clamp)
-        return k
+        return solve_and(A, b, off, self.ridge, self.floor, self.clamp)
 
 
 class AverageOperator(Operator):

@@ -75,9 +75,8 @@ def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
 
     ref=None: the weights sum to one (an affine operator) and the rest term is dropped.
     In the predictions' dtype (kappa is cast to it)."""
-    shape = (kappa.shape[1], kappa.shape[0], *([1] * (preds.dim() - 2)))
-    k = kappa.T.to(preds.dtype).reshape(shape)
-    out = (k * preds).sum(0)
+    # one bmm: [B, 1, M] by [B, M, d]
+    out = torch.bmm(kappa.to(preds.dtype)[:, None], preds.flatten(2).transpose(0, 1)).reshape(preds.shape[1:])
     if ref is None:
         return out
     rest = (1.0 - kappa.sum(-1)).to(preds.dtype).reshape(-1, *([1] * (preds.dim() - 2)))
@@ -253,8 +252,8 @@ def superdiff_step(
         props = integrator.mean_c(c, x, preds, kind)  # [M, B, *S]: x' if expert j alone drove the step
         if noise is not None:
             props = props + noise
-        # A[b, i, j] = <x'_j[b], W_i[b]>, float64
-        A = torch.einsum("jbd,ibd->bij", props.flatten(2).to(_F64), W.flatten(2).to(_F64))
+        # A[b, i, j] = <x'_j[b], W_i[b]>: one float64 bmm of [B, M, d] by [B, d, M]
+        A = torch.bmm(W.flatten(2).transpose(0, 1).to(_F64), props.flatten(2).permute(1, 2, 0).to(_F64))
         return A, b
 
     kappa = operator.kappa(StepState(logq.to(_F64), step, num_steps,
