@@ -70,6 +70,10 @@ class StepContext:
     #: [B, M] divergence of each expert's ODE velocity at (x, t), when the sampler computed it
     #: together with the experts' forward (ODEEstimator.divergence_at)
     divergence: Tensor | None = None
+    #: [B, M] b + A kappa: the estimator's linear model at the step's kappa, when the operator
+    #: used it and the step is affine in kappa (then x' = sum_j kappa_j x'_j exactly, and an
+    #: estimator whose model is exact may take its Delta log q from it without an inner product)
+    linear_value: Tensor | None = None
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -176,6 +180,8 @@ class ItoEstimator(Estimator):
             return KernelEstimator().delta(ctx, x_next)
         if not ctx.variance > 0:  # the noise-free final denoise: log q at sigma = 0 is not tracked
             return _zeros(ctx)
+        if ctx.linear_value is not None and math.isfinite(ctx.c.f) and math.isfinite(ctx.c.g2):
+            return ctx.linear_value  # formula_linear at the step's kappa: the same formula, exactly
         return ctx.dot(x_next.to(ctx.x.dtype) - ctx.x, ctx.scores).T + self._c(ctx)
 
 
@@ -415,20 +421,18 @@ class ODEEstimator(Estimator):
             _, div = self.divergence_at(predict_fn, x, c, at_next, ctx.kind, ctx.generator)
         return -div - ctx.dot(s, v - u.to(x.dtype)[None]).T
 
-    def _sv(self, ctx: StepContext) -> Tensor:
-        """<s_i, v_i> [M, B] at (x, t), once per step (linear model and delta share it)."""
-        return ctx.dot_cached("sv", lambda: ctx.scores, lambda: self.velocities(ctx.c, ctx.x, ctx.cond, ctx.kind))
-
-    def _hdsv(self, ctx: StepContext) -> Tensor:
-        """h (div_i + <s_i, v_i>) [B, M] at (x, t), once per step (linear model and delta share it)."""
-        if "hdsv" not in ctx._cache:
-            ctx._cache["hdsv"] = torch.add(self._div(ctx), self._sv(ctx).T).mul_(ctx.h)
-        return ctx._cache["hdsv"]
+    def _hv_minus_x(self, ctx: StepContext) -> Tensor:
+        """h v_i - x [M, B, *S] at (x, t) (v_i = vx x + vp pred_i: one affine map), once per step."""
+        if "hv-x" not in ctx._cache:
+            c = ctx.c
+            vx, vp = velocity_coefficients(ctx.kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
+            ctx._cache["hv-x"] = affine(ctx.x, c.h * vx - 1.0, ctx.cond, c.h * vp)
+        return ctx._cache["hv-x"]
 
     def linear(self, ctx):
-        # -h rate at (x, t) with u = (x' - x) / (-h):  h (div_i + <s_i, v_i>) + <s_i, x'> - <s_i, x>
-        xs = ctx.dot_cached("xs", lambda: ctx.x, lambda: ctx.scores)
-        return ctx.scores, self._hdsv(ctx) - xs.T
+        # -h rate at (x, t) with u = (x' - x) / (-h):  h div_i + <s_i, h v_i - x> + <s_i, x'>
+        # (one inner product over the latent for h <s_i, v_i> - <s_i, x>)
+        return ctx.scores, torch.add(ctx.dot(ctx.scores, self._hv_minus_x(ctx)).T, self._div(ctx), alpha=ctx.h)
 
     def _div(self, ctx: StepContext) -> Tensor:
         if ctx.divergence is None:
@@ -443,9 +447,12 @@ class ODEEstimator(Estimator):
         x_first = x_next if heun is None else heun.x_euler
         x_first = x_first if x_first.dtype == ctx.x.dtype else x_first.to(ctx.x.dtype)
         # -h r0 with r0 = -div - <s, v - u0>, u0 = (x_first - x) / (-h):
-        #   h (div + <s, v>) + <s, x_first - x>   (linear's model at x' = x_first; the increment
-        #   is formed before the inner product, which would otherwise cancel two large ones)
-        d0 = self._hdsv(ctx) + ctx.dot(ctx.scores, x_first - ctx.x).T
+        #   h div + <s, h v + (x_first - x)>   (linear's model at x' = x_first; the increment is
+        #   formed before the inner product, which would otherwise cancel two large ones)
+        if ctx.linear_value is not None:  # linear()'s model at x' = x_first, which it is exact for
+            d0 = ctx.linear_value
+        else:
+            d0 = torch.add(ctx.dot(ctx.scores, self._hv_minus_x(ctx) + x_first).T, self._div(ctx), alpha=ctx.h)
         if heun is None:
             return d0
         r1 = self.rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,

@@ -67,7 +67,7 @@ def guided(out: ExpertOutput, guidance_scale: float) -> Tensor:
     shared u [B, *S] broadcasts over the expert axis)."""
     if out.uncond is None:
         return out.cond
-    return torch.add(out.uncond, out.cond - out.uncond, alpha=guidance_scale)
+    return torch.lerp(out.uncond, out.cond, guidance_scale)  # u + w (c - u) in one op
 
 
 def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
@@ -247,6 +247,8 @@ def superdiff_step(
     if integrator.stochastic and var > 0:
         noise = _as(randn(x.shape, generator, noise_dtype, x.device), x.dtype) * math.sqrt(var)
 
+    model: list[tuple[Tensor, Tensor]] = []
+
     def linear_model() -> tuple[Tensor, Tensor]:
         W, b = estimator.linear(ctx)
         props = integrator.mean_c(c, x, preds, kind)  # [M, B, *S]: x' if expert j alone drove the step
@@ -254,10 +256,16 @@ def superdiff_step(
             props = props + noise
         # A[b, i, j] = <x'_j[b], W_i[b]>: one float64 bmm of [B, M, d] by [B, d, M]
         A = torch.bmm(W.flatten(2).transpose(0, 1).to(_F64), props.flatten(2).permute(1, 2, 0).to(_F64))
+        model.append((A, b))
         return A, b
 
     kappa = operator.kappa(StepState(logq.to(_F64), step, num_steps,
                                      linear_model if operator.needs_linear_model else None))
+    if model and operator.affine:
+        # the step is affine in kappa (x' = sum_j kappa_j x'_j): the linear model at the chosen
+        # kappa is Delta log q (up to the common term) of the step actually taken, one [B, M] op
+        A, b = model[0]
+        ctx.linear_value = torch.baddbmm(b.unsqueeze(-1), A, kappa.unsqueeze(-1)).squeeze(-1)
     ref = _reference(operator, out, kind, x, c.alpha, c.sigma)
     pred = combine(preds, kappa, ref)
     x_next = integrator.mean_c(c, x, pred, kind)

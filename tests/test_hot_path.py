@@ -310,3 +310,25 @@ def test_hutchinson_probes_follow_the_per_sample_generators_not_the_global_rng()
     a, b, c = run(0, 1), run(0, 2), run(5, 1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("integrator,estimator", [("euler", "ode"), ("heun", "ode"), ("em", "ito")])
+def test_and_takes_delta_log_q_from_its_linear_model_and_it_equals_the_inner_product(monkeypatch, dtype,
+                                                                                      integrator, estimator):
+    """Under AND the step is affine in kappa, so b + A kappa is the realised step's Delta log q
+    for the estimators whose linear model is exact (ODE, Ito): reusing it gives the log q of the
+    inner product <s_i, x' - x> that the same estimators compute without a linear model."""
+    from superdiff.estimators import StepContext
+
+    kw = dict(operator="and", integrator=integrator, estimator=estimator, shape=(16, 3), dtype=dtype,
+              progress=False)
+    reused = sample(two_mixtures(3), schedules()["vp"], 12, generator=torch.Generator().manual_seed(0), **kw)
+    seen = []
+    monkeypatch.setattr(StepContext, "linear_value", property(lambda self: None, lambda self, v: seen.append(v)))
+    direct = sample(two_mixtures(3), schedules()["vp"], 12, generator=torch.Generator().manual_seed(0), **kw)
+    assert len(seen) > 12 and any(v is not None for v in seen)  # the step did offer it
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(reused.samples, direct.samples, rtol=tol, atol=tol)  # AND's feedback reads log q
+    torch.testing.assert_close(reused.logq, direct.logq, rtol=tol, atol=tol)
+    assert not torch.equal(reused.logq, torch.zeros_like(reused.logq))
