@@ -157,42 +157,38 @@ def _project_pair(k: Tensor, lo: float, hi: float) -> Tensor:
 
 
 def _project_sorted(k: Tensor, lo: float, hi: float) -> Tensor:
-    """Any M: tau from the sorted breakpoints (see project_capped_simplex)."""
-    M = k.shape[-1]
-    bp = torch.cat([lo - k, hi - k], -1).sort(-1).values  # [B, 2M]
-    S = (k.unsqueeze(-2) + bp.unsqueeze(-1)).clamp(lo, hi).sum(-1)  # [B, 2M]
-    j = (S < 1.0).sum(-1, keepdim=True).clamp(1, 2 * M - 1)  # S[j - 1] < 1 <= S[j]
-    idx = torch.cat([j - 1, j], -1)
-    b01, s01 = bp.gather(-1, idx), S.gather(-1, idx)  # [B, 2]: the segment crossing 1
-    b0, s0 = b01[..., :1], s01[..., :1]
-    db, ds = torch.diff(b01, dim=-1), torch.diff(s01, dim=-1)
-    up = ds > 0
-    tau = torch.addcmul(b0, torch.where(up, (1.0 - s0) / torch.where(up, ds, 1.0), 0.0), db)
-    off = (k - k.clamp(lo, hi)).abs().amax(-1, keepdim=True) + (k.sum(-1, keepdim=True) - 1.0).abs()
-    return torch.where(off <= 1e-12, k, (k + tau).clamp(lo, hi))
+    """Any M: tau from the sorted breakpoints (see project_capped_simplex), in about 15 ops:
+    S at every breakpoint, the segment crossing 1 found by searchsorted (S is non-decreasing),
+    tau interpolated on it. Rows already feasible come back unchanged up to rounding."""
+    Bn, M = k.shape
+    lohi, one, shift = _const(("project", str(k.device), lo, hi, Bn), lambda: (
+        torch.tensor([[lo], [hi]], dtype=_F64, device=k.device),
+        torch.ones(Bn, 1, dtype=_F64, device=k.device), torch.tensor([[-1, 0]], device=k.device)))
+    bp = (lohi - k.unsqueeze(-2)).reshape(Bn, 2 * M).sort(-1).values  # [B, 2M]: lo - k_i, hi - k_i
+    S = (k.unsqueeze(-2) + bp.unsqueeze(-1)).clamp(lo, hi).sum(-1)  # [B, 2M]: S at each breakpoint
+    j = torch.searchsorted(S, one).clamp_(1, 2 * M - 1)  # S[j - 1] < 1 <= S[j]
+    bs = torch.stack([bp, S], 1).gather(-1, (j + shift).unsqueeze(1).expand(Bn, 2, 2))  # [B, 2, 2]
+    d = torch.diff(bs, dim=-1)  # [B, 2, 1]: the segment's db, dS
+    b0, s0, db, ds = bs[:, 0, :1], bs[:, 1, :1], d[:, 0], d[:, 1]
+    tau = torch.where(ds > 0, torch.addcmul(b0, (1.0 - s0) / ds, db), b0)  # dS = 0: S = 1 on the whole segment
+    return (k + tau).clamp_(lo, hi)
 
 
-_BASES: dict[tuple[int, str], Tensor] = {}
+_CONSTANTS: dict[tuple, Any] = {}
 
 
-def _sum_zero_basis(m: int, device: torch.device) -> Tensor:
-    """Orthonormal basis [m, m - 1] of {sum = 0} (QR of the centring matrix), once per size
-    (a plain dict, which torch.compile traces, rather than functools.lru_cache)."""
-    key = (m, str(device))
-    if key not in _BASES:
-        P = torch.eye(m, dtype=_F64) - 1.0 / m
-        _BASES[key] = torch.linalg.qr(P[:, : m - 1])[0].to(device)
-    return _BASES[key]
+def _const(key: tuple, make: Callable[[], Any]) -> Any:
+    """Constant tensors of the solvers, made once per key (a plain dict, which torch.compile
+    traces, rather than functools.lru_cache)."""
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = make()
+    return _CONSTANTS[key]
 
 
-_EYES: dict[tuple[int, str], Tensor] = {}
-
-
-def _eye(m: int, device: torch.device) -> Tensor:
-    key = (m, str(device))
-    if key not in _EYES:
-        _EYES[key] = torch.eye(m, dtype=_F64, device=device)
-    return _EYES[key]
+def _sum_zero_basis(m: int) -> Tensor:
+    """Orthonormal basis [m, m - 1] of {sum = 0} (QR of the centring matrix), float64 on the CPU."""
+    P = torch.eye(m, dtype=_F64) - 1.0 / m
+    return torch.linalg.qr(P[:, : m - 1])[0]
 
 
 def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float = 1e-3,
@@ -226,45 +222,58 @@ def solve_and(A: Tensor, b: Tensor, offsets: Tensor | None = None, ridge: float 
     return k if clamp is None else _project_sorted(k, *clamp)
 
 
+def _general_maps(M: int, device: torch.device, ridge: float, floor: float) -> tuple[Tensor, ...]:
+    """The constants of _solve_general, once per (M, device, ridge, floor)."""
+    def make() -> tuple[Tensor, ...]:
+        Q = _sum_zero_basis(M)
+        Qx = torch.zeros(M + 1, M, dtype=_F64)  # [A | c] @ Qx = [A Q | A 1/M + c]
+        Qx[:M, : M - 1], Qx[:M, M - 1], Qx[M, M - 1] = Q, 1.0 / M, 1.0
+        P = torch.eye(M, dtype=_F64) - 1.0 / M  # the centring projector
+        # rho = ridge mean((A Q)^2) + floor mean(A^2) as weights on the squares of [A Q | A]
+        w = torch.cat([torch.full((M - 1,), ridge / (M * (M - 1)), dtype=_F64),
+                       torch.full((M,), floor / (M * M), dtype=_F64)]).repeat(M)
+        out = (Qx, P, w, torch.eye(M - 1, dtype=_F64), torch.tensor(torch.finfo(_F64).tiny, dtype=_F64),
+               torch.full((1, M), 1.0 / M, dtype=_F64), -Q.T.contiguous())
+        return tuple(t.to(device) for t in out)
+
+    return _const(("general", M, str(device), ridge, floor), make)
+
+
 def _solve_general(A: Tensor, c: Tensor, ridge: float, floor: float) -> Tensor:
-    """solve_and for any M (no clamp): the regularised least squares in the sum-zero basis."""
-    M = c.shape[-1]
-    Q, eye = _sum_zero_basis(M, c.device), _eye(M - 1, c.device)  # [M, M-1], [M-1, M-1]
-    AQ = A @ Q  # [B, M, M-1]
-    PAQ = AQ - AQ.mean(-2, keepdim=True)
-    r0 = torch.add(c, A.sum(-1), alpha=1.0 / M)  # residual at equal weights, [B, M]
-    Pr0 = r0 - r0.mean(-1, keepdim=True)
-    rho = torch.add(AQ.square().mean((-1, -2)) * ridge, A.square().mean((-1, -2)), alpha=floor) \
-        + torch.finfo(_F64).tiny  # [B]
-    PAQt = PAQ.mT
-    H = torch.baddbmm(rho[:, None, None] * eye, PAQt, PAQ)  # [B, M-1, M-1]
-    g = PAQt @ Pr0.unsqueeze(-1)  # minus the gradient at z = 0
+    """solve_and for any M (no clamp): the regularised least squares in the sum-zero basis,
+    kappa = 1/M - Q H^-1 g with H = (P A Q)^T P A Q + rho I and g = (P A Q)^T P r0, r0 = c + A 1/M
+    (about 15 ops: both blocks from one product with [A | c], H and g from one more)."""
+    Bn, M = c.shape
+    Qx, P, w, eye, tiny, mean, neg_qt = _general_maps(M, c.device, ridge, floor)
+    Y = torch.cat([A, c.unsqueeze(-1)], -1) @ Qx  # [B, M, M]: [A Q | r0]
+    T = P @ Y  # [P A Q | P r0]
+    rho = torch.addmv(tiny, torch.cat([Y[..., :-1], A], -1).square().reshape(Bn, -1), w)  # [B]
+    G = T[..., :-1].mT @ T  # [B, M-1, M]: [H - rho I | g]
+    H = torch.addcmul(G[..., :-1], rho[:, None, None], eye)
     # H is symmetric positive definite (rho > 0): Cholesky and two triangular solves, which,
     # unlike linalg.solve / solve_ex / cholesky_solve, read nothing back to the host; bad
     # rows are caught below
     L = torch.linalg.cholesky_ex(H)[0]
-    z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, g, upper=False), upper=True)
-    k = torch.sub(1.0 / M, (Q @ z).squeeze(-1))  # kappa = 1/M + Q z with z = -H^-1 g
-    return torch.where(torch.isfinite(k).all(-1, keepdim=True), k, 1.0 / M)
-
-
-_PAIR_MAPS: dict[tuple[str, float, float], tuple[Tensor, ...]] = {}
+    z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, G[..., -1:], upper=False), upper=True)
+    k = torch.addmm(mean, z.squeeze(-1), neg_qt)  # 1/M - Q z
+    s = k.sum(-1, keepdim=True)
+    return torch.where((s - s) == 0, k, 1.0 / M)  # a row with any non-finite entry: equal weights
 
 
 def _pair_maps(device: torch.device, ridge: float, floor: float) -> tuple[Tensor, ...]:
     """The constants of _solve_pair, once per device and (ridge, floor)."""
-    key = (str(device), ridge, floor)
-    if key not in _PAIR_MAPS:
+    def make() -> tuple[Tensor, ...]:
         def t(v: Any) -> Tensor:
             return torch.tensor(v, dtype=_F64, device=device)
 
-        _PAIR_MAPS[key] = (
+        return (
             # rows: A11, A12, A21, A22, c1, c2; columns: D, R, e1, e2
             t([[1, 0.5, 1, 0], [-1, 0.5, -1, 0], [-1, -0.5, 0, 1], [1, -0.5, 0, -1], [0, 1, 0, 0], [0, -1, 0, 0]]),
             # (D^2, R^2, e1^2, e2^2, A11^2, A12^2, A21^2, A22^2) -> D^2 + 4 rho
             t([1, 0, ridge, ridge, floor, floor, floor, floor]),
             t(4 * torch.finfo(_F64).tiny), t(0.5), t([0.0, 1.0]), t([1.0, -1.0]))
-    return _PAIR_MAPS[key]
+
+    return _const(("pair", str(device), ridge, floor), make)
 
 
 def _solve_pair(A: Tensor, c: Tensor, ridge: float, floor: float, clamp: tuple[float, float] | None) -> Tensor:

@@ -145,6 +145,26 @@ def test_solve_and_exact_for_well_posed_systems_and_equal_for_singular():
     assert torch.allclose(k2, torch.full_like(k2, 0.5))
 
 
+def test_two_expert_and_closed_form_is_the_general_solve_then_projection():
+    """M = 2 takes a closed form for the solve and the clamp; it equals the general path (the
+    regularised least squares, then the sort-based projection) for ridge/floor/clamp choices,
+    badly scaled systems included, and non-finite rows still fall back to equal weights."""
+    from superdiff.operators import _project_sorted, _solve_general, _solve_pair
+
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(2000, 2, 2, generator=g, dtype=torch.float64)
+    A = A * torch.rand(2000, 1, 1, generator=g, dtype=torch.float64).mul(8).sub(4).exp()
+    c = torch.randn(2000, 2, generator=g, dtype=torch.float64) * 3
+    for ridge, floor in [(1e-3, 1e-8), (0.5, 0.1)]:
+        general = _solve_general(A, c, ridge, floor)
+        torch.testing.assert_close(_solve_pair(A, c, ridge, floor, None), general, rtol=1e-9, atol=1e-9)
+        for lo, hi in [(-1.0, 2.0), (0.2, 0.8)]:
+            torch.testing.assert_close(_solve_pair(A, c, ridge, floor, (lo, hi)),
+                                       _project_sorted(general, lo, hi), rtol=1e-9, atol=1e-9)
+    bad = torch.tensor([[[float("nan"), 1.0], [0.0, 1.0]], [[float("inf"), 1.0], [0.0, -1.0]]], dtype=torch.float64)
+    assert torch.equal(solve_and(bad, torch.zeros(2, 2, dtype=torch.float64)), torch.full((2, 2), 0.5, dtype=torch.float64))
+
+
 def test_capped_simplex_projection():
     k = torch.tensor([[5.0, -3.0, -1.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
     p = project_capped_simplex(k, -1.0, 2.0)
