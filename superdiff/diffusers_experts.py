@@ -337,7 +337,8 @@ class NetworkExperts(ExpertSet):
         if self._one_block:
             M = self.num_experts
             o = self._block(x, t, schedule, M + self.has_uncond)  # [M (+1), B, *S]
-            return ExpertOutput(o[:M], o[M] if self.has_uncond else None, self.prediction_type)
+            return ExpertOutput(o[:M], o[M] if self.has_uncond else None, self.prediction_type,
+                                o if self.has_uncond else None)
         unc_rows = [u for u in self._uncond_row if u is not None] if self.has_uncond else []
         got = self._rows(x, t, schedule, self._cond_row + unc_rows)
         cond = torch.stack([got[r] for r in self._cond_row])

@@ -410,6 +410,11 @@ class ODEEstimator(Estimator):
     def rate(self, ctx: StepContext, x: Tensor, at_next: bool, preds: Tensor,
              predict_fn: Callable[[Tensor], Tensor] | None, u: Tensor, div: Tensor | None = None) -> Tensor:
         """d/dt log q_i at (x, t) (t_next when at_next) moving with velocity u: [B, M]."""
+        return -self._neg_rate(ctx, x, at_next, preds, predict_fn, u, div)
+
+    def _neg_rate(self, ctx: StepContext, x: Tensor, at_next: bool, preds: Tensor,
+                  predict_fn: Callable[[Tensor], Tensor] | None, u: Tensor, div: Tensor | None = None) -> Tensor:
+        """div_i + <s_i, v_i - u> = -d/dt log q_i (see rate)."""
         c = ctx.c
         v = self.velocities(c, x, preds, ctx.kind, at_next)  # [M, B, *S]
         a, s_ = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
@@ -419,7 +424,7 @@ class ODEEstimator(Estimator):
             if predict_fn is None:
                 raise ValueError("the ODE estimator needs the experts' predictions as a function of x (predict_fn)")
             _, div = self.divergence_at(predict_fn, x, c, at_next, ctx.kind, ctx.generator)
-        return -div - ctx.dot(s, v - u.to(x.dtype)[None]).T
+        return torch.add(ctx.dot(s, v.sub_(u.to(x.dtype))).T, div)
 
     def _hv_minus_x(self, ctx: StepContext) -> Tensor:
         """h v_i - x [M, B, *S] at (x, t) (v_i = vx x + vp pred_i: one affine map), once per step."""
@@ -455,9 +460,10 @@ class ODEEstimator(Estimator):
             d0 = torch.add(ctx.dot(ctx.scores, self._hv_minus_x(ctx) + x_first).T, self._div(ctx), alpha=ctx.h)
         if heun is None:
             return d0
-        r1 = self.rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,
-                       heun.divergence)
-        return 0.5 * d0 - (0.5 * ctx.h) * r1
+        # the trapezoid (-h r0 - h r1) / 2 with -h r0 = d0
+        neg_r1 = self._neg_rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,
+                                heun.divergence)
+        return torch.add(d0, neg_r1, alpha=ctx.h).mul_(0.5)
 
 
 @dataclass

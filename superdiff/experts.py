@@ -53,6 +53,9 @@ class ExpertOutput:
     cond: Tensor  # [M, B, *S]
     uncond: Tensor | None  # [B, *S] (shared) or [M, B, *S] (per expert) or None
     kind: str
+    #: [M + 1, B, *S] when cond and a shared uncond are views of this one tensor (one forward
+    #: of every row): the step's finite check sums it in one op
+    stacked: Tensor | None = None
 
 
 class ExpertSet:
@@ -278,7 +281,7 @@ class SharedNetworkExperts(ExpertSet):
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         out = self.evaluate_rows(x, t, range(self.num_experts + self.has_uncond))
         if self.has_uncond:
-            return ExpertOutput(out[:-1], out[-1], self.prediction_type)
+            return ExpertOutput(out[:-1], out[-1], self.prediction_type, out)
         return ExpertOutput(out, None, self.prediction_type)
 
 
@@ -304,7 +307,8 @@ class _RowsView(ExpertSet):
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         rows = [self.index] + ([self.parent.num_experts] if self.has_uncond else [])
         out = self.parent.evaluate_rows(x, t, rows)
-        return ExpertOutput(out[:1], out[1] if self.has_uncond else None, self.prediction_type)
+        return ExpertOutput(out[:1], out[1] if self.has_uncond else None, self.prediction_type,
+                            out if self.has_uncond else None)
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         return self.parent.evaluate_rows(x, t, [self.index])

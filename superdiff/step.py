@@ -108,6 +108,9 @@ class FiniteMonitor:
     def experts(self, out: ExpertOutput, step: int, t: float, t_next: float) -> None:
         """One op per tensor: the sum over all but the expert axis (a 0-d sum for a shared uncond)."""
         self.times[step] = (t, t_next)
+        if out.stacked is not None:  # [experts | shared uncond] in one tensor: one sum
+            self._record(0, out.stacked.sum(dim=tuple(range(1, out.stacked.dim()))), step)
+            return
         self._record(0, out.cond.sum(dim=tuple(range(1, out.cond.dim()))), step)
         if out.uncond is not None:
             u = out.uncond
@@ -157,6 +160,9 @@ def _forward(experts: ExpertSet, x: Tensor, t: Tensor, schedule: Schedule, model
     out = experts.evaluate(_as(x, model_dtype), t, schedule)
     if out.cond.dtype == x.dtype and (out.uncond is None or out.uncond.dtype == x.dtype):
         return out
+    if out.stacked is not None:
+        s = _as(out.stacked, x.dtype)
+        return ExpertOutput(s[:-1], s[-1], out.kind, s)
     return ExpertOutput(_as(out.cond, x.dtype), None if out.uncond is None else _as(out.uncond, x.dtype), out.kind)
 
 
@@ -279,9 +285,9 @@ def superdiff_step(
         monitor.experts(out2, step, c.t, c.t_next)
         ref2 = None if ref is None else _reference(operator, out2, kind, x_e, c.alpha_next, c.sigma_next)
         pred2 = combine(guided(out2, guidance_scale), kappa, ref2)
-        x_next = integrator.correct_c(c, x, pred, pred2, x_e, kind)
-        heun = HeunStage(x_e, out2.cond, predict_fn_at(t_next), velocity(c, x_e, pred2, kind, at_next=True),
-                         divergence=div2)
+        v_next = velocity(c, x_e, pred2, kind, at_next=True)
+        x_next = integrator.correct_v(c, x, x_e, v_next)
+        heun = HeunStage(x_e, out2.cond, predict_fn_at(t_next), v_next, divergence=div2)
 
     delta = estimator.delta(ctx, x_next, heun=heun)
     if estimator.needs_check:
