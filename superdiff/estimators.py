@@ -258,12 +258,10 @@ def fd_step(model_dtype: torch.dtype, alpha: float, sigma: float) -> float:
     return math.sqrt(torch.finfo(model_dtype).eps) * (1.0 + math.sqrt(alpha * alpha + sigma * sigma))
 
 
-def _finite_difference_jvp(fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """(fn(x), (fn(x + eps z) - fn(x)) / eps): one extra forward, no autograd. eps =
-    sqrt(machine epsilon) (1 + mean |x|) (a device tensor: nothing is read back)."""
+def _finite_difference_jvp(fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(fn(x), (fn(x + eps z) - fn(x)) / eps): one extra forward, no autograd."""
     y = fn(x)
-    eps = math.sqrt(torch.finfo(x.dtype).eps) * (1.0 + x.abs().mean())
-    return y, (fn(x + eps * z) - y) / eps
+    return y, (fn(torch.add(x, z, alpha=eps)) - y) / eps
 
 
 class ODEEstimator(Estimator):
@@ -279,7 +277,7 @@ class ODEEstimator(Estimator):
                          output is the step's prediction (no second forward); exact to
                          rounding. Where a network has no forward-mode derivative, the first
                          step says so (a warning) and the call goes on with finite differences.
-    "finite-difference"  J z ~ (f(x + eps z) - f(x)) / eps, eps = sqrt(eps_model) (1 + mean |x|)
+    "finite-difference"  J z ~ (f(x + eps z) - f(x)) / eps, eps = sqrt(eps_model) (1 + sqrt(alpha^2 + sigma^2))
                          with eps_model the machine epsilon of the network's dtype: f(x) is the
                          step's own forward (every row, unconditional included, in one batch)
                          and f(x + eps z) one more forward of the conditional rows. The memory of
@@ -375,7 +373,7 @@ class ODEEstimator(Estimator):
         n = 1 if self.probes == "auto" else int(self.probes)
         return rademacher((n, *x.shape), generator, x.dtype, x.device), False
 
-    def _jvp(self, fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _jvp(self, fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         if self.jvp_mode != "finite-difference":
             try:
                 out = torch.func.jvp(fn, (x,), (z,))
@@ -388,7 +386,7 @@ class ODEEstimator(Estimator):
                               f"({type(e).__name__}: {str(e)[:200]}); using a finite-difference JVP for "
                               "this sampling call", RuntimeWarning, stacklevel=3)
                 self.jvp_mode = "finite-difference"
-        return _finite_difference_jvp(fn, x, z)
+        return _finite_difference_jvp(fn, x, z, eps)
 
     def divergence_at(self, fn: Callable[[Tensor], Tensor], x: Tensor, c: StepCoefficients, at_next: bool, kind: str,
                       generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -399,7 +397,8 @@ class ODEEstimator(Estimator):
         P, B = probes.shape[:2]
         xr = x.unsqueeze(0).expand(P, *x.shape).reshape(P * B, *x.shape[1:])
         zr = probes.reshape(P * B, *x.shape[1:]).to(x)
-        primal, jz = self._jvp(fn, xr, zr)
+        alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
+        primal, jz = self._jvp(fn, xr, zr, fd_step(x.dtype, alpha, sigma))
         M = primal.shape[0]
         cond = primal.reshape(M, P, B, *x.shape[1:])[:, 0]
         return cond, self._quadratic(jz, probes, exact, c, at_next, kind)

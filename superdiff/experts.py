@@ -258,8 +258,11 @@ class SharedNetworkExperts(ExpertSet):
         step = self.max_batch_size or nb * B
         outs = []
         for lo in range(0, nb * B, step):
-            sl = slice(lo, min(lo + step, nb * B))
-            outs.append(self.fn(xb[sl], t, cb if step >= nb * B else _slice_condition(cb, sl)))
+            if step >= nb * B:  # one call: no slicing
+                outs.append(self.fn(xb, t, cb))
+            else:
+                sl = slice(lo, min(lo + step, nb * B))
+                outs.append(self.fn(xb[sl], t, _slice_condition(cb, sl)))
             self.num_forward_calls += 1
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         return _check_pred(out, xb, "the shared network").reshape(nb, *x.shape)
