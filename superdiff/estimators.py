@@ -230,25 +230,26 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, exact:
     return red.T
 
 
-_BIT_SHIFTS: dict[str, Tensor] = {}
+_SIGN_TABLES: dict[tuple[str, torch.dtype], Tensor] = {}
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
                device: torch.device | str) -> Tensor:
     """Independent +-1 entries with probability 1/2 each (Hutchinson's probes).
 
-    Drawn as 62 random bits per int64 word (randint over [0, 2^62) is exactly uniform) and
-    unpacked with one shift and one mask: a third of the time of one integer draw per entry.
-    Drawn on the generator's device (a CPU generator with CUDA latents, diffusers' usual
-    setup), then moved to `device`."""
+    One random byte per 8 entries, looked up in a [256, 8] table of the +-1 patterns of its
+    bits (one index_select): about 60% of the time of one integer draw per entry. The bytes
+    are drawn on the generator's device (a CPU generator with CUDA latents, diffusers' usual
+    setup) and moved to `device`."""
     n = math.prod(shape)
-    dev = generator.device if generator is not None else torch.device(device)
-    key = str(dev)
-    if key not in _BIT_SHIFTS:
-        _BIT_SHIFTS[key] = torch.arange(62, dtype=torch.int64, device=dev)
-    words = torch.randint(0, 2 ** 62, (-(-n // 62), 1), generator=generator, device=dev)
-    bits = words.bitwise_right_shift(_BIT_SHIFTS[key]).bitwise_and_(1).reshape(-1)[:n].reshape(shape)
-    return bits.to(device=device, dtype=dtype).mul_(2).sub_(1)
+    device = torch.device(device)
+    key = (str(device), dtype)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (bits * 2 - 1).to(device=device, dtype=dtype)
+    dev = generator.device if generator is not None else device
+    byte = torch.randint(0, 256, (-(-n // 8),), generator=generator, device=dev)
+    return _SIGN_TABLES[key].index_select(0, byte.to(device)).reshape(-1)[:n].reshape(shape)
 
 
 def fd_step(model_dtype: torch.dtype, alpha: float, sigma: float) -> float:
