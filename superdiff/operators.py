@@ -134,7 +134,8 @@ def project_capped_simplex(k: Tensor, lo: float, hi: float) -> Tensor:
     The projection is clip(k + tau, lo, hi) with tau the root of S(tau) = sum_i clip(k_i +
     tau, lo, hi) = 1. S is piecewise linear and non-decreasing with breakpoints lo - k_i and
     hi - k_i: evaluate it at the sorted breakpoints and interpolate on the segment that
-    crosses 1 (exact, no iteration, no host read). Rows already feasible come back unchanged.
+    crosses 1 (exact, no iteration, no host read). Rows already feasible come back unchanged
+    (up to rounding for three or more experts).
     """
     M = k.shape[-1]
     _check_clamp(M, lo, hi)
