@@ -210,6 +210,8 @@ class HeunODE(EulerODE):
 
     def correct_c(self, c: StepCoefficients, x: Tensor, pred: Tensor, pred_next: Tensor, x_euler: Tensor,
                   kind: str) -> Tensor:
+        """Heun's corrected x': x_euler must be the Euler point of pred (mean_c), which is how
+        pred enters (h v0 = x - x_euler; see correct_v)."""
         return self.correct_v(c, x, x_euler, velocity(c, x_euler, pred_next, kind, at_next=True))
 
     @staticmethod
