@@ -407,14 +407,10 @@ class ODEEstimator(Estimator):
     def velocities(self, c: StepCoefficients, x: Tensor, preds: Tensor, kind: str, at_next: bool = False) -> Tensor:
         return velocity(c, x, preds if preds.dtype == x.dtype else preds.to(x.dtype), kind, at_next)
 
-    def rate(self, ctx: StepContext, x: Tensor, at_next: bool, preds: Tensor,
-             predict_fn: Callable[[Tensor], Tensor] | None, u: Tensor, div: Tensor | None = None) -> Tensor:
-        """d/dt log q_i at (x, t) (t_next when at_next) moving with velocity u: [B, M]."""
-        return -self._neg_rate(ctx, x, at_next, preds, predict_fn, u, div)
-
     def _neg_rate(self, ctx: StepContext, x: Tensor, at_next: bool, preds: Tensor,
                   predict_fn: Callable[[Tensor], Tensor] | None, u: Tensor, div: Tensor | None = None) -> Tensor:
-        """div_i + <s_i, v_i - u> = -d/dt log q_i (see rate)."""
+        """div_i + <s_i, v_i - u> [B, M]: minus d/dt log q_i at (x, t) (t_next when at_next)
+        moving with velocity u."""
         c = ctx.c
         v = self.velocities(c, x, preds, ctx.kind, at_next)  # [M, B, *S]
         a, s_ = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)

@@ -149,11 +149,16 @@ def _check_clamp(M: int, lo: float, hi: float) -> None:
         raise ValueError(f"kappa clamp [{lo}, {hi}] admits no weights summing to one for {M} experts")
 
 
+def _pair_bounds(lo: float, hi: float) -> tuple[float, float]:
+    """The range of kappa_1 on {(kappa_1, 1 - kappa_1): lo <= kappa_i <= hi}."""
+    return max(lo, 1.0 - hi), min(hi, 1.0 - lo)
+
+
 def _project_pair(k: Tensor, lo: float, hi: float) -> Tensor:
     """M = 2: the feasible set is the segment {(u, 1 - u): max(lo, 1 - hi) <= u <= min(hi, 1 - lo)}
     of the line k_1 + k_2 = 1, so the projection is the orthogonal projection onto the line,
     u = (k_1 - k_2 + 1) / 2, clamped to the segment."""
-    u = (torch.sub(k[..., :1], k[..., 1:]) + 1.0).mul(0.5).clamp(max(lo, 1.0 - hi), min(hi, 1.0 - lo))
+    u = (torch.sub(k[..., :1], k[..., 1:]) + 1.0).mul(0.5).clamp(*_pair_bounds(lo, hi))
     return torch.cat([u, 1.0 - u], -1)
 
 
@@ -295,8 +300,7 @@ def _solve_pair(A: Tensor, c: Tensor, ridge: float, floor: float, clamp: tuple[f
     k1 = torch.addcdiv(half, L[:, :1] * L[:, 1:2], den, value=-1.0)
     k1 = torch.nan_to_num(k1, nan=0.5, posinf=0.5, neginf=0.5)  # non-finite rows: equal weights
     if clamp is not None:
-        lo, hi = clamp
-        k1 = k1.clamp(max(lo, 1.0 - hi), min(hi, 1.0 - lo))
+        k1 = k1.clamp(*_pair_bounds(*clamp))
     return torch.addcmul(e1, k1, d12)  # (kappa_1, 1 - kappa_1)
 
 
