@@ -207,6 +207,10 @@ class CachedExperts(ExpertSet):
     def prefers_finite_difference_jvp(self) -> bool:  # type: ignore[override]
         return self.inner.prefers_finite_difference_jvp
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:  # type: ignore[override]
+        return self.inner.compute_dtype
+
     @num_forward_calls.setter
     def num_forward_calls(self, v: int) -> None:
         pass

@@ -121,23 +121,31 @@ class _NetworkFn:
         self.times = times
         self._call = call
         self._dtype: torch.dtype | None = None
+        self._dtype_read = False
 
     def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
         self.times.set_grid(times, device)
-        self._dtype = None
+        self._dtype, self._dtype_read = None, False
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The network's dtype (what its inputs are cast to), read once per sampling call; None
+        for a module without one."""
+        if not self._dtype_read:
+            self._dtype, self._dtype_read = getattr(self.module, "dtype", None), True
+        return self._dtype
 
     def __call__(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         ts, scale = self.times(t, x.device)
-        if self._dtype is None:
-            self._dtype = getattr(self.module, "dtype", None) or x.dtype
+        dtype = self.compute_dtype or x.dtype
         if _differentiated(x):
             # the ODE estimator's Jacobian-vector products: fused attention kernels (flash,
             # memory-efficient) have no forward-mode / double-backward derivative; math has
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel([SDPBackend.MATH]):
-                return self._call(x, ts, scale, cond, self._dtype)
-        return self._call(x, ts, scale, cond, self._dtype)
+                return self._call(x, ts, scale, cond, dtype)
+        return self._call(x, ts, scale, cond, dtype)
 
 
 def unet_forward(unet: torch.nn.Module, schedule: Schedule,
@@ -287,6 +295,14 @@ class NetworkExperts(ExpertSet):
     @property
     def num_forward_calls(self) -> int:  # type: ignore[override]
         return sum(s.num_forward_calls for s in self._sets.values())
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:  # type: ignore[override]
+        """The coarsest dtype among the networks that report one (TimeInputs-wrapped diffusers
+        modules do; a plain fn does not)."""
+        known = [d for d in (getattr(net.fn, "compute_dtype", None) for net in self.networks)
+                 if isinstance(d, torch.dtype) and d.is_floating_point]
+        return max(known, key=lambda d: torch.finfo(d).eps) if known else None
 
     @num_forward_calls.setter
     def num_forward_calls(self, value: int) -> None:  # ExpertSet's class attribute default

@@ -69,6 +69,10 @@ class ExpertSet:
     #: the ODE estimator's JVP by finite differences rather than forward mode (ODEEstimator,
     #: jvp="auto"): True for neural networks, where forward mode is slow and memory-hungry
     prefers_finite_difference_jvp: bool = False
+    #: the dtype the networks compute in, when known (an fp16 UNet fed float32 latents computes
+    #: in float16): the finite-difference JVP sizes its step for the coarser of this and the
+    #: dtype the experts are fed. None: they compute in what they are fed
+    compute_dtype: torch.dtype | None = None
 
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         raise NotImplementedError
@@ -167,6 +171,10 @@ class _CountingView(ExpertSet):
         self.parent, self.inner = parent, inner
         self.prediction_type, self.num_experts, self.has_uncond = inner.prediction_type, inner.num_experts, inner.has_uncond
         self.prefers_finite_difference_jvp = inner.prefers_finite_difference_jvp
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:  # type: ignore[override]
+        return self.inner.compute_dtype
 
     @property
     def num_forward_calls(self) -> int:  # type: ignore[override]

@@ -166,6 +166,11 @@ def _forward(experts: ExpertSet, x: Tensor, t: Tensor, schedule: Schedule, model
     return ExpertOutput(_as(out.cond, x.dtype), None if out.uncond is None else _as(out.uncond, x.dtype), out.kind)
 
 
+def _coarser(a: torch.dtype, b: torch.dtype | None) -> torch.dtype:
+    """The floating dtype with the larger machine epsilon (a when b is None)."""
+    return a if b is None or torch.finfo(b).eps <= torch.finfo(a).eps else b
+
+
 def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at_next: bool,
               c: StepCoefficients, schedule: Schedule, model_dtype: torch.dtype,
               generator: torch.Generator | None) -> tuple[ExpertOutput, Tensor | None]:
@@ -180,9 +185,11 @@ def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at
 
     if estimator.choose_jvp(experts) == "finite-difference":
         # the step's own forward (every row) is f(x); one more forward of the conditional rows
-        # at x + eps z gives the directional derivative
+        # at x + eps z gives the directional derivative, eps sized for the coarser of the dtype
+        # the experts are fed and the one their networks compute in
         out = _forward(experts, x, t, schedule, model_dtype)
-        return out, estimator.divergence_fd(fn, x, out.cond, c, at_next, out.kind, generator, model_dtype)
+        fd_dtype = _coarser(model_dtype, experts.compute_dtype)
+        return out, estimator.divergence_fd(fn, x, out.cond, c, at_next, out.kind, generator, fd_dtype)
     cond, div = estimator.divergence_at(fn, x, c, at_next, experts.prediction_type, generator)
     uncond = None
     if experts.has_uncond:

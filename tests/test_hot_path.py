@@ -332,3 +332,47 @@ def test_and_takes_delta_log_q_from_its_linear_model_and_it_equals_the_inner_pro
     torch.testing.assert_close(reused.samples, direct.samples, rtol=tol, atol=tol)  # AND's feedback reads log q
     torch.testing.assert_close(reused.logq, direct.logq, rtol=tol, atol=tol)
     assert not torch.equal(reused.logq, torch.zeros_like(reused.logq))
+
+
+class _LinearUNet(torch.nn.Module):
+    """eps_hat(x) = x W^T over the flattened latent, computed in the module's dtype (a diffusers
+    UNet's call signature and `dtype` property)."""
+
+    def __init__(self, W: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.W = torch.nn.Parameter(W.to(dtype), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W.dtype
+
+    def forward(self, x, t, return_dict=False, **kw):
+        return ((x.flatten(1) @ self.W.T).reshape(x.shape),)
+
+
+@pytest.mark.parametrize("net_dtype", [torch.float16, torch.bfloat16])
+def test_finite_difference_step_is_sized_for_the_dtype_the_network_computes_in(net_dtype):
+    """An fp16 / bf16 network fed float32 latents (model_dtype float32): the finite-difference
+    step must be sized for the network's own rounding, or x + eps z rounds back to x and the
+    divergence loses its network term. With exact (basis) probes on a linear network fed c_in x
+    the estimate is vx d + vp c_in tr(W), up to the network dtype's rounding."""
+    from superdiff.coefficients import grid_coefficients, velocity_coefficients
+    from superdiff.diffusers_experts import Branch, Network, NetworkExperts, unet_forward
+    from superdiff.step import _evaluate
+
+    d = 6
+    W = torch.eye(d) * 0.5 + 0.05 * torch.randn(d, d, generator=torch.Generator().manual_seed(0))
+    sch = schedules()["ve"]
+    es = NetworkExperts([Network(unet_forward(_LinearUNet(W, net_dtype), sch), "epsilon")], [Branch(0, None)],
+                        guidance=False)
+    assert es.compute_dtype == net_dtype
+    grid = sch.grid(4)
+    c = grid_coefficients(sch, grid)[1]
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(1)) * 2.0
+    est = ODEEstimator(probes="exact")
+    _, div = _evaluate(es, est, x, grid[1], False, c, sch, torch.float32, None)
+    vx, vp = velocity_coefficients("epsilon", c.alpha, c.sigma, c.dalpha, c.dsigma)
+    c_in = float(sch.input_scale(grid[1]))  # the network sees c_in x
+    want = vx * d + vp * c_in * float(torch.diagonal(W.to(net_dtype).float()).sum())
+    assert est.jvp_mode == "finite-difference"
+    assert torch.allclose(div[:, 0], torch.full((3,), want, dtype=div.dtype), rtol=0.05), (div, want)
