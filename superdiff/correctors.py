@@ -226,42 +226,24 @@ class CachedExperts(ExpertSet):
     def prime(self, x: Tensor, t: Tensor, out: ExpertOutput) -> None:
         self._primed = (x.detach().clone(), float(t), out)
 
-    def _take_primed(self, x: Tensor, t: Tensor) -> ExpertOutput | None:
-        """The primed evaluation when it is at (x, t); the priming is used up either way."""
-        if self._primed is None:
-            return None
-        px, pt, pout = self._primed
-        self._primed = None
-        try:
-            hit = float(t) == pt and px.shape == x.shape and px.dtype == x.dtype and torch.equal(px, x)
-        except Exception:  # e.g. dual tensors inside a JVP
-            hit = False
-        return pout if hit else None
-
-    def _remember(self, x: Tensor, t: Tensor, out: ExpertOutput) -> None:
+    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule, *args: Any, **kwargs: Any) -> ExpertOutput:
+        out = None
+        if self._primed is not None and not args and not kwargs:
+            px, pt, pout = self._primed
+            try:
+                hit = float(t) == pt and px.shape == x.shape and px.dtype == x.dtype and torch.equal(px, x)
+            except Exception:  # e.g. dual tensors inside a JVP
+                hit = False
+            if hit:
+                out = pout
+            self._primed = None
+        if out is None:
+            out = self.inner.evaluate(x, t, schedule, *args, **kwargs)
         try:
             self.last = (x.detach(), float(t), out)
         except Exception:
             self.last = None
-
-    def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule, *args: Any, **kwargs: Any) -> ExpertOutput:
-        out = None if args or kwargs else self._take_primed(x, t)
-        if out is None:
-            out = self.inner.evaluate(x, t, schedule, *args, **kwargs)
-        self._remember(x, t, out)
         return out
-
-    def evaluate_with_shift(self, x: Tensor, x_shift: Tensor, t: Tensor, schedule: Schedule) -> tuple[ExpertOutput, Tensor]:
-        """The primed evaluation when it is at (x, t) (then only the shifted rows are computed),
-        else the inner set's one forward; `last` is the evaluation at x either way (not the
-        shifted point's)."""
-        out = self._take_primed(x, t)
-        if out is not None:
-            shifted = self.inner.evaluate_conditional(x_shift, t, schedule)
-        else:
-            out, shifted = self.inner.evaluate_with_shift(x, x_shift, t, schedule)
-        self._remember(x, t, out)
-        return out, shifted
 
 
 # --------------------------------------------------------------------------------------------

@@ -342,17 +342,12 @@ class NetworkExperts(ExpertSet):
     def _block(self, x: Tensor, t: Tensor, schedule: Schedule, rows: int) -> Tensor:
         """The first `rows` rows of the one network (the one-block layout), [rows, B, *S] in the
         common kind."""
-        return self._blocks(t, schedule, [(x, rows)])[0]
-
-    def _blocks(self, t: Tensor, schedule: Schedule, blocks: Sequence[tuple[Tensor, int]]) -> list[Tensor]:
-        """_block for several (x, rows) blocks in one forward of the one network."""
         n = self.branches[0].network
-        outs = self._sets[n].evaluate_blocks(t, [(x, range(rows)) for x, rows in blocks])
+        o = self._sets[n].evaluate_rows(x, t, range(rows))
         kind = self.networks[n].prediction_type
         if kind != self.prediction_type:
-            a, s = schedule.alpha(t), schedule.sigma(t)
-            outs = [convert(o, kind, self.prediction_type, x, a, s) for o, (x, _) in zip(outs, blocks)]
-        return outs
+            o = convert(o, kind, self.prediction_type, x, schedule.alpha(t), schedule.sigma(t))
+        return o
 
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         if self._one_block:
@@ -364,14 +359,6 @@ class NetworkExperts(ExpertSet):
         got = self._rows(x, t, schedule, self._cond_row + unc_rows)
         cond = torch.stack([got[r] for r in self._cond_row])
         return ExpertOutput(cond, self._uncond(got, cond), self.prediction_type)
-
-    def evaluate_with_shift(self, x: Tensor, x_shift: Tensor, t: Tensor, schedule: Schedule) -> tuple[ExpertOutput, Tensor]:
-        if not self._one_block:
-            return super().evaluate_with_shift(x, x_shift, t, schedule)
-        M = self.num_experts
-        o, shifted = self._blocks(t, schedule, [(x, M + self.has_uncond), (x_shift, M)])
-        return ExpertOutput(o[:M], o[M] if self.has_uncond else None, self.prediction_type,
-                            o if self.has_uncond else None), shifted
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         if self._one_block:  # rows 0..M-1 of the one network: already [M, B, *S]

@@ -279,14 +279,11 @@ class ODEEstimator(Estimator):
                          rounding. Where a network has no forward-mode derivative, the first
                          step says so (a warning) and the call goes on with finite differences.
     "finite-difference"  J z ~ (f(x + eps z) - f(x)) / eps, eps = sqrt(eps_model) (1 + sqrt(alpha^2 + sigma^2))
-                         with eps_model the machine epsilon of the coarser of the dtype the
-                         experts are fed and the one their networks compute in
-                         (ExpertSet.compute_dtype): the step's one forward carries every row at
-                         x (f(x), unconditional included) and the conditional rows at x + eps z
-                         (ExpertSet.evaluate_with_shift; `fd_point`, then `divergence_fd`). The
-                         memory of a forward of (2M + 1) B rows for Hutchinson's one probe
-                         (max_batch_size bounds it), and a relative error of O(sqrt(eps_model)),
-                         far below the Hutchinson estimator's own noise at image sizes.
+                         with eps_model the machine epsilon of the network's dtype: f(x) is the
+                         step's own forward (every row, unconditional included, in one batch)
+                         and f(x + eps z) one more forward of the conditional rows. The memory of
+                         a forward, and a relative error of O(sqrt(eps_model)), far below the
+                         Hutchinson estimator's own noise at image sizes.
     "auto" (default)     finite differences for network experts (ExpertSet.
                          prefers_finite_difference_jvp: NetworkExperts), forward mode otherwise
                          (analytic experts, the exact tests). Measured on a diffusers UNet at
@@ -326,30 +323,23 @@ class ODEEstimator(Estimator):
                 self.jvp_mode = "finite-difference" if fd else "forward-mode"
         return self.jvp_mode
 
-    def fd_point(self, x: Tensor, c: StepCoefficients, at_next: bool, generator: torch.Generator | None,
-                 dtype: torch.dtype) -> "FDPoint":
-        """Where the finite-difference JVP evaluates the conditional rows: x + eps z for the
-        step's probes z [P, B, *S] ([P * B, *S]), eps = fd_step(dtype, ...) (a Python number).
-        The sampler sends these rows through the same forward as the step's own rows at x
-        (ExpertSet.evaluate_with_shift) and hands the result to `divergence_fd`."""
+    def divergence_fd(self, fn: Callable[[Tensor], Tensor], x: Tensor, primal: Tensor, c: StepCoefficients,
+                      at_next: bool, kind: str, generator: torch.Generator | None,
+                      model_dtype: torch.dtype) -> Tensor:
+        """div [B, M] of each expert's ODE velocity by forward finite differences of fn (x ->
+        conditional predictions [M, N, *S]) around its value `primal` [M, B, *S] at x: one
+        forward of P * B rows at x + eps z, eps = fd_step(...) (a Python number)."""
         probes, exact = self._probes(x, generator)
         P, B = probes.shape[:2]
         xr = torch.cat([x] * P) if P > 1 else x
+        zr = probes.reshape(P * B, *x.shape[1:])
         alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
-        eps = fd_step(dtype, alpha, sigma)
-        return FDPoint(torch.add(xr, probes.reshape(P * B, *x.shape[1:]), alpha=eps), probes, exact, eps)
-
-    def divergence_fd(self, point: "FDPoint", shifted: Tensor, primal: Tensor, c: StepCoefficients, at_next: bool,
-                      kind: str) -> Tensor:
-        """div [B, M] of each expert's ODE velocity by forward finite differences: the
-        conditional predictions `shifted` [M, P * B, *S] at point.x and `primal` [M, B, *S] at x
-        give eps J z = f(x + eps z) - f(x)."""
-        probes = point.probes
-        P, B = probes.shape[:2]
+        eps = fd_step(model_dtype, alpha, sigma)
+        f1 = fn(torch.add(xr, zr, alpha=eps))
         M = primal.shape[0]
-        diff = shifted.reshape(M, P, B, -1) - primal.reshape(M, 1, B, -1)  # eps J z
+        diff = f1.reshape(M, P, B, -1) - primal.reshape(M, 1, B, -1)  # eps J z
         zjz = (diff * probes.reshape(1, P, B, -1)).sum(-1, dtype=_F64)  # eps <z, J z>, [M, P, B]
-        return self._reduce(zjz, point.exact, primal.shape[1:], c, at_next, kind, 1.0 / point.eps)
+        return self._reduce(zjz, exact, x.shape, c, at_next, kind, 1.0 / eps)
 
     def _quadratic(self, jz: Tensor, probes: Tensor, exact: bool, c: StepCoefficients, at_next: bool,
                    kind: str) -> Tensor:
@@ -470,16 +460,6 @@ class ODEEstimator(Estimator):
         neg_r1 = self._neg_rate(ctx, heun.x_euler.to(ctx.x.dtype), True, heun.cond, heun.predict_fn, heun.velocity,
                                 heun.divergence)
         return torch.add(d0, neg_r1, alpha=ctx.h).mul_(0.5)
-
-
-@dataclass
-class FDPoint:
-    """The finite-difference JVP's evaluation point (ODEEstimator.fd_point)."""
-
-    x: Tensor  # [P * B, *S]: x + eps z, probe-major
-    probes: Tensor  # [P, B, *S]
-    exact: bool  # basis probes (sum) rather than Hutchinson's (mean)
-    eps: float
 
 
 @dataclass

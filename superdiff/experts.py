@@ -97,12 +97,6 @@ class ExpertSet:
         """The unconditional branch alone ([B, *S] shared or [M, B, *S]); None without one."""
         return self.evaluate(x, t, schedule).uncond if self.has_uncond else None
 
-    def evaluate_with_shift(self, x: Tensor, x_shift: Tensor, t: Tensor, schedule: Schedule) -> tuple[ExpertOutput, Tensor]:
-        """(evaluate(x), evaluate_conditional(x_shift)): every row at x and the conditional rows
-        at x_shift [B', *S] (the finite-difference JVP's point). The default makes the two calls;
-        a set whose rows share one network sends both through one forward."""
-        return self.evaluate(x, t, schedule), self.evaluate_conditional(x_shift, t, schedule)
-
     def __len__(self) -> int:
         return self.num_experts
 
@@ -205,9 +199,6 @@ class _CountingView(ExpertSet):
     def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
         return self._counted(self.inner.evaluate_unconditional, x, t, schedule)
 
-    def evaluate_with_shift(self, x: Tensor, x_shift: Tensor, t: Tensor, schedule: Schedule) -> tuple[ExpertOutput, Tensor]:
-        return self._counted(self.inner.evaluate_with_shift, x, x_shift, t, schedule)
-
 
 def _cat_conditions(conds: Sequence[Any], batch: int) -> Any:
     """Concatenate per-branch conditions along dim 0, broadcasting batch-1 entries to `batch`."""
@@ -226,16 +217,6 @@ def _cat_conditions(conds: Sequence[Any], batch: int) -> Any:
     if isinstance(first, Mapping):
         return {k: _cat_conditions([c[k] for c in conds], batch) for k in first}
     raise ValueError(f"conditions must be tensors or dicts of tensors, got {type(first).__name__}")
-
-
-def _join_conditions(parts: Sequence[Any]) -> Any:
-    """Already-batched conditions (tensors or dicts of tensors) concatenated along dim 0."""
-    first = parts[0]
-    if len(parts) == 1 or first is None:
-        return first
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(parts), 0)
-    return {k: _join_conditions([p[k] for p in parts]) for k in first}
 
 
 def _slice_condition(cond: Any, sl: slice) -> Any:
@@ -273,35 +254,26 @@ class SharedNetworkExperts(ExpertSet):
     def evaluate_rows(self, x: Tensor, t: Tensor, rows: Sequence[int]) -> Tensor:
         """The network under the given rows [len(rows), B, *S] (row i < N: condition i; row N:
         the unconditional one), in one forward call (chunked by max_batch_size)."""
-        return self.evaluate_blocks(t, [(x, rows)])[0]
-
-    def evaluate_blocks(self, t: Tensor, blocks: Sequence[tuple[Tensor, Sequence[int]]]) -> list[Tensor]:
-        """Several (x, rows) blocks, each x [B_k, *S] under its rows, in ONE forward call
-        (chunked by max_batch_size): [len(rows_k), B_k, *S] per block."""
-        blocks = [(x, tuple(rows)) for x, rows in blocks]
-        key = tuple((rows, x.shape[0]) for x, rows in blocks)
-        xs = [x for x, rows in blocks for _ in rows]  # [row 0 | row 1 | ...] per block
-        xb = xs[0] if len(xs) == 1 else torch.cat(xs)  # (cat: a third of repeat's time)
+        B = x.shape[0]
+        rows = tuple(rows)
+        nb = len(rows)
+        xb = x if nb == 1 else torch.cat([x] * nb)  # [row 0 | row 1 | ...], each B (cat: a third of repeat's time)
+        key = (rows, B)
         if key not in self._batched:  # the conditions never change: concatenate them once
             conds = self.conditions + [self.uncond_condition]
-            self._batched[key] = _join_conditions([_cat_conditions([conds[r] for r in rows], B) for rows, B in key])
+            self._batched[key] = _cat_conditions([conds[r] for r in rows], B)
         cb = self._batched[key]
-        n = xb.shape[0]
-        step = self.max_batch_size or n
+        step = self.max_batch_size or nb * B
         outs = []
-        for lo in range(0, n, step):
-            if step >= n:  # one call: no slicing
+        for lo in range(0, nb * B, step):
+            if step >= nb * B:  # one call: no slicing
                 outs.append(self.fn(xb, t, cb))
             else:
-                sl = slice(lo, min(lo + step, n))
+                sl = slice(lo, min(lo + step, nb * B))
                 outs.append(self.fn(xb[sl], t, _slice_condition(cb, sl)))
             self.num_forward_calls += 1
-        out = _check_pred(outs[0] if len(outs) == 1 else torch.cat(outs, 0), xb, "the shared network")
-        if len(blocks) == 1:
-            x, rows = blocks[0]
-            return [out.reshape(len(rows), *x.shape)]
-        sizes = [len(rows) * x.shape[0] for x, rows in blocks]
-        return [o.reshape(len(rows), *x.shape) for o, (x, rows) in zip(out.split(sizes), blocks)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        return _check_pred(out, xb, "the shared network").reshape(nb, *x.shape)
 
     def subset(self, index: int) -> "ExpertSet":
         return _RowsView(self, index)
@@ -318,17 +290,10 @@ class SharedNetworkExperts(ExpertSet):
         return self.evaluate_rows(x, t, [self.num_experts])[0] if self.has_uncond else None
 
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
-        return self._output(self.evaluate_rows(x, t, range(self.num_experts + self.has_uncond)))
-
-    def _output(self, out: Tensor) -> ExpertOutput:
+        out = self.evaluate_rows(x, t, range(self.num_experts + self.has_uncond))
         if self.has_uncond:
             return ExpertOutput(out[:-1], out[-1], self.prediction_type, out)
         return ExpertOutput(out, None, self.prediction_type)
-
-    def evaluate_with_shift(self, x: Tensor, x_shift: Tensor, t: Tensor, schedule: Schedule) -> tuple[ExpertOutput, Tensor]:
-        M = self.num_experts
-        out, shifted = self.evaluate_blocks(t, [(x, range(M + self.has_uncond)), (x_shift, range(M))])
-        return self._output(out), shifted
 
 
 class _RowsView(ExpertSet):
@@ -358,12 +323,6 @@ class _RowsView(ExpertSet):
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         return self.parent.evaluate_rows(x, t, [self.index])
-
-    def evaluate_with_shift(self, x: Tensor, x_shift: Tensor, t: Tensor, schedule: Schedule) -> tuple[ExpertOutput, Tensor]:
-        rows = [self.index] + ([self.parent.num_experts] if self.has_uncond else [])
-        out, shifted = self.parent.evaluate_blocks(t, [(x, rows), (x_shift, [self.index])])
-        return ExpertOutput(out[:1], out[1] if self.has_uncond else None, self.prediction_type,
-                            out if self.has_uncond else None), shifted
 
     def evaluate_unconditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor | None:
         return self.parent.evaluate_rows(x, t, [self.parent.num_experts])[0] if self.has_uncond else None

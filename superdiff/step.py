@@ -157,17 +157,13 @@ class StepOutput:
 
 def _forward(experts: ExpertSet, x: Tensor, t: Tensor, schedule: Schedule, model_dtype: torch.dtype) -> ExpertOutput:
     """Every row (conditional and unconditional) in one forward, back in x's dtype."""
-    return _back(experts.evaluate(_as(x, model_dtype), t, schedule), x.dtype)
-
-
-def _back(out: ExpertOutput, dtype: torch.dtype) -> ExpertOutput:
-    """out in dtype (the sampling dtype), without an op where it already is."""
-    if out.cond.dtype == dtype and (out.uncond is None or out.uncond.dtype == dtype):
+    out = experts.evaluate(_as(x, model_dtype), t, schedule)
+    if out.cond.dtype == x.dtype and (out.uncond is None or out.uncond.dtype == x.dtype):
         return out
     if out.stacked is not None:
-        s = _as(out.stacked, dtype)
+        s = _as(out.stacked, x.dtype)
         return ExpertOutput(s[:-1], s[-1], out.kind, s)
-    return ExpertOutput(_as(out.cond, dtype), None if out.uncond is None else _as(out.uncond, dtype), out.kind)
+    return ExpertOutput(_as(out.cond, x.dtype), None if out.uncond is None else _as(out.uncond, x.dtype), out.kind)
 
 
 def _coarser(a: torch.dtype, b: torch.dtype | None) -> torch.dtype:
@@ -184,17 +180,16 @@ def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at
     if not estimator.needs_divergence:
         return _forward(experts, x, t, schedule, model_dtype), None
 
-    if estimator.choose_jvp(experts) == "finite-difference":
-        # f(x) for every row and f(x + eps z) for the conditional rows in ONE forward (eps sized
-        # for the coarser of the dtype the experts are fed and the one their networks compute
-        # in); their difference is eps J z
-        point = estimator.fd_point(x, c, at_next, generator, _coarser(model_dtype, experts.compute_dtype))
-        out, shifted = experts.evaluate_with_shift(_as(x, model_dtype), _as(point.x, model_dtype), t, schedule)
-        out = _back(out, x.dtype)
-        return out, estimator.divergence_fd(point, _as(shifted, x.dtype), out.cond, c, at_next, out.kind)
     def fn(xx: Tensor) -> Tensor:
         return _as(experts.evaluate_conditional(_as(xx, model_dtype), t, schedule), xx.dtype)
 
+    if estimator.choose_jvp(experts) == "finite-difference":
+        # the step's own forward (every row) is f(x); one more forward of the conditional rows
+        # at x + eps z gives the directional derivative, eps sized for the coarser of the dtype
+        # the experts are fed and the one their networks compute in
+        out = _forward(experts, x, t, schedule, model_dtype)
+        fd_dtype = _coarser(model_dtype, experts.compute_dtype)
+        return out, estimator.divergence_fd(fn, x, out.cond, c, at_next, out.kind, generator, fd_dtype)
     cond, div = estimator.divergence_at(fn, x, c, at_next, experts.prediction_type, generator)
     uncond = None
     if experts.has_uncond:

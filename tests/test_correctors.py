@@ -367,31 +367,3 @@ def test_string_specs():
     assert c.particles == 8 and c.mcmc == "hmc"
     assert make_corrector("none") is None and make_corrector(None) is None
     assert make_corrector("smc").particles == 4
-
-
-def test_cached_experts_hand_over_a_primed_evaluation_with_the_shifted_rows():
-    """CachedExperts.evaluate_with_shift: a priming at (x, t) (the MCMC end point) is used and
-    only the shifted conditional rows are computed; otherwise the inner set's one forward.
-    `last` (the FK potentials' evaluation) is the one at x, never the shifted point's."""
-    from superdiff.correctors import CachedExperts
-
-    calls = []
-
-    def fn(x, t, cond):
-        calls.append(x.shape[0])
-        return torch.tanh(x * cond[:, None])
-
-    inner = SharedNetworkExperts(fn, [torch.tensor([1.0]), torch.tensor([2.0])], "epsilon",
-                                 uncond_condition=torch.tensor([0.5]))
-    ce = CachedExperts(inner)
-    sch, t = VE, torch.tensor(1.0)
-    x, x2 = torch.randn(3, 4), torch.randn(3, 4)
-    ref = inner.evaluate(x, t, sch)
-    calls.clear()
-    ce.prime(x, t, ref)
-    out, shifted = ce.evaluate_with_shift(x, x2, t, sch)
-    assert out is ref and calls == [2 * 3] and torch.equal(shifted, inner.evaluate_conditional(x2, t, sch))
-    assert ce.last[2] is ref and torch.equal(ce.last[0], x)
-    calls.clear()
-    out, shifted = ce.evaluate_with_shift(x2, x, t, sch)  # the priming is used up: one forward
-    assert calls == [3 * 3 + 2 * 3] and torch.equal(ce.last[0], x2) and torch.equal(out.cond, inner.evaluate(x2, t, sch).cond)

@@ -69,46 +69,6 @@ def test_shared_network_experts_make_one_batched_call_per_chunk():
     assert calls == [4, 4, 2] and es2.num_forward_calls == 3
 
 
-@pytest.mark.parametrize("max_batch_size", [None, 7])
-def test_evaluate_with_shift_is_the_two_evaluations_in_one_forward(max_batch_size):
-    """ExpertSet.evaluate_with_shift(x, x2) = (evaluate(x), evaluate_conditional(x2)) with x2 of
-    another batch size (P * B rows), in one forward (or max_batch_size chunks across the two
-    blocks); dict conditions; the one-row view ("single") and NetworkExperts' one-block layout
-    alike, and its fallback for experts over two networks."""
-    from superdiff.diffusers_experts import Branch, Network, NetworkExperts
-
-    calls = []
-
-    def fn(x, t, cond):  # a row-wise non-linear map of (x, its condition)
-        calls.append(x.shape[0])
-        return torch.tanh(x * cond["a"][:, None]) + cond["b"][:, None]
-
-    conds = [{"a": torch.tensor([1.0]), "b": torch.tensor([0.5])}, {"a": torch.tensor([2.0]), "b": torch.tensor([-1.0])}]
-    unc = {"a": torch.tensor([0.5]), "b": torch.tensor([0.0])}
-    sch, t = schedules()["ve"], torch.tensor(1.0)
-    x, x2 = torch.randn(3, 4), torch.randn(6, 4)  # B = 3, P * B = 6
-    es = SharedNetworkExperts(fn, conds, "epsilon", uncond_condition=unc, max_batch_size=max_batch_size)
-    out, shifted = es.evaluate_with_shift(x, x2, t, sch)
-    total = 3 * 3 + 2 * 6
-    assert calls == ([total] if max_batch_size is None else [7, 7, 7]) and es.num_forward_calls == len(calls)
-    ref, ref2 = es.evaluate(x, t, sch), es.evaluate_conditional(x2, t, sch)
-    assert torch.equal(out.cond, ref.cond) and torch.equal(out.uncond, ref.uncond) and torch.equal(shifted, ref2)
-    assert shifted.shape == (2, 6, 4) and torch.equal(out.stacked, torch.cat([out.cond, out.uncond[None]]))
-    one = es.subset(1)
-    o1, s1 = one.evaluate_with_shift(x, x2, t, sch)
-    assert torch.equal(o1.cond[0], ref.cond[1]) and torch.equal(o1.uncond, ref.uncond) and torch.equal(s1[0], ref2[1])
-    calls.clear()
-    branches = [Branch(0, c, unc, "u", f"e{i}") for i, c in enumerate(conds)]
-    ne = NetworkExperts([Network(fn, "epsilon")], branches, guidance=True, max_batch_size=max_batch_size)
-    o, sh = ne.evaluate_with_shift(x, x2, t, sch)
-    assert len(calls) == (1 if max_batch_size is None else 3)
-    assert torch.equal(o.cond, ref.cond) and torch.equal(o.uncond, ref.uncond) and torch.equal(sh, ref2)
-    two = NetworkExperts([Network(fn, "epsilon"), Network(fn, "epsilon")],
-                         [Branch(0, conds[0], unc, "u", "e0"), Branch(1, conds[1], unc, "u", "e1")], guidance=True)
-    o, sh = two.evaluate_with_shift(x, x2, t, sch)
-    assert torch.allclose(o.cond, ref.cond) and torch.allclose(o.uncond, ref.uncond) and torch.allclose(sh, ref2)
-
-
 def test_expert_list_converts_to_one_kind_and_checks_shapes():
     sch = schedules()["vp"]
     e_eps, e_x0 = GaussianMixtureExpert([[1.0, 0.0]], 0.5), GaussianMixtureExpert([[1.0, 0.0]], 0.5, prediction_type="sample")
