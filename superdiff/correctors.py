@@ -226,6 +226,11 @@ class CachedExperts(ExpertSet):
     def prime(self, x: Tensor, t: Tensor, out: ExpertOutput) -> None:
         self._primed = (x.detach().clone(), float(t), out)
 
+    def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """The inner set's conditional rows alone (the ODE estimator's JVP point): neither the
+        priming nor `last` (the evaluation at the step's own x) is touched."""
+        return self.inner.evaluate_conditional(x, t, schedule)
+
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule, *args: Any, **kwargs: Any) -> ExpertOutput:
         out = None
         if self._primed is not None and not args and not kwargs:

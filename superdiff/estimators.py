@@ -279,8 +279,10 @@ class ODEEstimator(Estimator):
                          rounding. Where a network has no forward-mode derivative, the first
                          step says so (a warning) and the call goes on with finite differences.
     "finite-difference"  J z ~ (f(x + eps z) - f(x)) / eps, eps = sqrt(eps_model) (1 + sqrt(alpha^2 + sigma^2))
-                         with eps_model the machine epsilon of the network's dtype: f(x) is the
-                         step's own forward (every row, unconditional included, in one batch)
+                         with eps_model the machine epsilon of the coarser of the dtype the
+                         experts are fed and the one their networks compute in
+                         (ExpertSet.compute_dtype): f(x) is the step's own forward (every row,
+                         unconditional included, in one batch)
                          and f(x + eps z) one more forward of the conditional rows. The memory of
                          a forward, and a relative error of O(sqrt(eps_model)), far below the
                          Hutchinson estimator's own noise at image sizes.

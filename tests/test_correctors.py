@@ -367,3 +367,32 @@ def test_string_specs():
     assert c.particles == 8 and c.mcmc == "hmc"
     assert make_corrector("none") is None and make_corrector(None) is None
     assert make_corrector("smc").particles == 4
+
+
+def test_cached_experts_send_the_jvp_rows_to_the_inner_set_alone():
+    """CachedExperts.evaluate_conditional (the ODE estimator's finite-difference point): only
+    the inner set's conditional rows go through the network (no unconditional rows), and
+    neither the priming (the MCMC end point, for the next step's own evaluation) nor `last`
+    (the evaluation at the step's x) changes."""
+    from superdiff.correctors import CachedExperts
+
+    calls = []
+
+    def fn(x, t, cond):
+        calls.append(x.shape[0])
+        return torch.tanh(x * cond[:, None])
+
+    inner = SharedNetworkExperts(fn, [torch.tensor([1.0]), torch.tensor([2.0])], "epsilon",
+                                 uncond_condition=torch.tensor([0.5]))
+    ce = CachedExperts(inner)
+    t = torch.tensor(1.0)
+    x, x2 = torch.randn(3, 4), torch.randn(3, 4)
+    ref = inner.evaluate(x, t, VE)
+    calls.clear()
+    ce.prime(x, t, ref)
+    shifted = ce.evaluate_conditional(x2, t, VE)
+    assert calls == [2 * 3] and torch.equal(shifted, inner.evaluate_conditional(x2, t, VE))
+    assert ce.last is None
+    calls.clear()
+    assert ce.evaluate(x, t, VE) is ref and calls == []  # the priming is still there
+    assert ce.last[2] is ref
