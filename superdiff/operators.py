@@ -273,8 +273,9 @@ def _pair_maps(device: torch.device, ridge: float, floor: float) -> tuple[Tensor
             return torch.tensor(v, dtype=_F64, device=device)
 
         return (
-            # rows: A11, A12, A21, A22, c1, c2; columns: D, R, e1, e2
-            t([[1, 0.5, 1, 0], [-1, 0.5, -1, 0], [-1, -0.5, 0, 1], [1, -0.5, 0, -1], [0, 1, 0, 0], [0, -1, 0, 0]]),
+            # rows: A11, A12, A21, A22, c1, c2; columns: D, R, e1, e2, A11, A12, A21, A22
+            t([[1, 0.5, 1, 0, 1, 0, 0, 0], [-1, 0.5, -1, 0, 0, 1, 0, 0], [-1, -0.5, 0, 1, 0, 0, 1, 0],
+               [1, -0.5, 0, -1, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0, 0, 0], [0, -1, 0, 0, 0, 0, 0, 0]]),
             # (D^2, R^2, e1^2, e2^2, A11^2, A12^2, A21^2, A22^2) -> D^2 + 4 rho
             t([1, 0, ridge, ridge, floor, floor, floor, floor]),
             t(4 * torch.finfo(_F64).tiny), t(0.5), t([0.0, 1.0]), t([1.0, -1.0]))
@@ -291,12 +292,12 @@ def _solve_pair(A: Tensor, c: Tensor, ridge: float, floor: float, clamp: tuple[f
         4 rho = ridge (e1^2 + e2^2) + floor sum_ij A_ij^2 + 4 tiny,   e_i = A_i1 - A_i2
 
     and the capped-simplex projection of (kappa_1, 1 - kappa_1) is a clamp of kappa_1 to
-    [max(lo, 1 - hi), min(hi, 1 - lo)] (see _project_pair): eleven ops on [B, <= 8] tensors
-    where the general path takes forty."""
+    [max(lo, 1 - hi), min(hi, 1 - lo)] (see _project_pair): nine ops on [B, <= 8] tensors
+    where the general path takes thirty."""
     lin, den_w, tiny, half, e1, d12 = _pair_maps(c.device, ridge, floor)
     Af = A.reshape(c.shape[0], 4)
-    L = torch.cat([Af, c], -1) @ lin  # [B, 4]: D, R, e1, e2
-    den = torch.addmv(tiny, torch.cat([L.square(), Af.square()], -1), den_w)[:, None]  # D^2 + 4 rho
+    L = torch.cat([Af, c], -1) @ lin  # [B, 8]: D, R, e1, e2 and A itself
+    den = torch.addmv(tiny, L.square(), den_w)[:, None]  # D^2 + 4 rho
     k1 = torch.addcdiv(half, L[:, :1] * L[:, 1:2], den, value=-1.0)
     k1 = torch.nan_to_num(k1, nan=0.5, posinf=0.5, neginf=0.5)  # non-finite rows: equal weights
     if clamp is not None:
