@@ -387,13 +387,16 @@ def measure_case(bench: Bench, case: Case, steps: int, reps: int, count_steps: t
             per[impl] += bench.time_steps(impl, case, steps)
     # the same calls with the network stubbed out (NetworkTimer.stub): the time around it alone
     stub: dict[str, list[tuple[float, float, float, float]]] = {"diffusers": [], "ours": []}
+    faults = {"diffusers": 0, "ours": 0}  # minor page faults of the process over the stub calls
     bench.timer.stub = True
     try:
         for impl in ("diffusers", "ours"):
             bench.time_steps(impl, case, 3)
         for _ in range(STUB_REPS):
             for impl in ("diffusers", "ours"):
+                f0 = _minor_faults()
                 stub[impl] += bench.time_steps(impl, case, STUB_STEPS)
+                faults[impl] += _minor_faults() - f0
         bench.check_stub_outputs()
     finally:
         bench.timer.stub = False
@@ -418,11 +421,23 @@ def measure_case(bench: Bench, case: Case, steps: int, reps: int, count_steps: t
             # the stub's microseconds
             "stub_outside_ms": 1e3 * statistics.median((r[2] - r[3]) if cpu else (r[0] - r[1]) for r in stub[impl]),
             "stub_samples": len(stub[impl]),
+            # minor page faults per step over the stub calls (setup included, spread over
+            # their steps): fresh pages the allocator maps for the step's temporaries
+            "stub_faults_per_step": faults[impl] / (STUB_STEPS * STUB_REPS),
         }
     res["outside_ratio"] = res["ours"]["outside_ms"] / max(res["diffusers"]["outside_ms"], 1e-9)
     res["stub_outside_ratio"] = res["ours"]["stub_outside_ms"] / max(res["diffusers"]["stub_outside_ms"], 1e-9)
     res["target_outside_ratio"] = case.target
     return res
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the resource module is missing)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _iqr(v: list[float]) -> list[float]:
@@ -565,16 +580,19 @@ def markdown(doc: dict[str, Any]) -> str:
              "`stub` = the same calls with the network replaced by a stub returning a fixed tensor "
              f"({STUB_STEPS} steps x {STUB_REPS} calls): the time around the network measured directly, not as "
              "the small difference of two large numbers (on a CPU the real network's figure moves by tens of "
-             "percent from run to run). Ratios are ours / diffusers'. Target (issue 16): outside ratio <= 1.5 "
+             "percent from run to run). `faults` = minor page faults per step during the stub calls: pages the "
+             "allocator maps afresh for the step's temporaries, whose count for the same code swings with glibc's "
+             "dynamic mmap/trim thresholds (a cause of the run-to-run spread). Ratios are ours / diffusers'. "
+             "Target (issue 16): outside ratio <= 1.5 "
              "without an estimator, <= 3 with one (shown for both measurements); syncs <= 2 per step; memory "
              "ratio <= 1.1 (2 on the ODE-estimator path).",
              ""]
     if not doc.get("gpu_available"):
         lines += ["No GPU was available to this run: CPU figures only.", ""]
     lines += ["| case | rows | network ms (diffusers / ours) | outside ms (d / ours) | ratio | outside ms, stub "
-              "(d / ours) | ratio, stub | target | syncs/step (d / ours) | aten ops/step (d / ours) | peak MB (d / ours) "
-              "| mem ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(d / ours) | ratio, stub | faults/step, stub (d / ours) | target | syncs/step (d / ours) "
+              "| aten ops/step (d / ours) | peak MB (d / ours) | mem ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         d, o = r["diffusers"], r["ours"]
         mem = r.get("memory_mb")
@@ -587,6 +605,10 @@ def markdown(doc: dict[str, Any]) -> str:
             ok += ", stub " + ("met" if r["stub_outside_ratio"] <= tgt else "NOT met")
         else:
             stub = "- | -"
+        if "stub_faults_per_step" in o:
+            stub += f" | {d['stub_faults_per_step']:.1f} / {o['stub_faults_per_step']:.1f}"
+        else:
+            stub += " | -"
         lines.append(f"| {r['key']} | {r['case']['experts'] + 1} | {d['network_ms']:.1f} / {o['network_ms']:.1f} "
                      f"| {d['outside_ms']:.2f} / {o['outside_ms']:.2f} | {r['outside_ratio']:.1f} | {stub} "
                      f"| {tgt:g} ({ok}) | {d['syncs_per_step']:g} / {o['syncs_per_step']:g} "
