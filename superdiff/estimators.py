@@ -392,16 +392,17 @@ class ODEEstimator(Estimator):
         return _finite_difference_jvp(fn, x, z, eps)
 
     def divergence_at(self, fn: Callable[[Tensor], Tensor], x: Tensor, c: StepCoefficients, at_next: bool, kind: str,
-                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None, fd_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(predictions [M, B, *S], div [B, M]) from ONE JVP of fn (x -> the experts' conditional
         predictions [M, N, *S]): the primal output is the predictions at x; the velocity
-        v_i = vx x + vp pred_i is affine, so <z, J_v z> = vx |z|^2 + vp <z, J_pred z>."""
+        v_i = vx x + vp pred_i is affine, so <z, J_v z> = vx |z|^2 + vp <z, J_pred z>.
+        fd_dtype: the dtype the finite-difference fallback's step is sized for (default x's)."""
         probes, exact = self._probes(x, generator)
         P, B = probes.shape[:2]
         xr = x.unsqueeze(0).expand(P, *x.shape).reshape(P * B, *x.shape[1:])
         zr = probes.reshape(P * B, *x.shape[1:]).to(x)
         alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
-        primal, jz = self._jvp(fn, xr, zr, fd_step(x.dtype, alpha, sigma))
+        primal, jz = self._jvp(fn, xr, zr, fd_step(fd_dtype or x.dtype, alpha, sigma))
         M = primal.shape[0]
         cond = primal.reshape(M, P, B, *x.shape[1:])[:, 0]
         return cond, self._quadratic(jz, probes, exact, c, at_next, kind)

@@ -183,14 +183,13 @@ def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at
     def fn(xx: Tensor) -> Tensor:
         return _as(experts.evaluate_conditional(_as(xx, model_dtype), t, schedule), xx.dtype)
 
+    fd_dtype = _coarser(model_dtype, experts.compute_dtype)  # what a finite difference's step is sized for
     if estimator.choose_jvp(experts) == "finite-difference":
         # the step's own forward (every row) is f(x); one more forward of the conditional rows
-        # at x + eps z gives the directional derivative, eps sized for the coarser of the dtype
-        # the experts are fed and the one their networks compute in
+        # at x + eps z gives the directional derivative
         out = _forward(experts, x, t, schedule, model_dtype)
-        fd_dtype = _coarser(model_dtype, experts.compute_dtype)
         return out, estimator.divergence_fd(fn, x, out.cond, c, at_next, out.kind, generator, fd_dtype)
-    cond, div = estimator.divergence_at(fn, x, c, at_next, experts.prediction_type, generator)
+    cond, div = estimator.divergence_at(fn, x, c, at_next, experts.prediction_type, generator, fd_dtype)
     uncond = None
     if experts.has_uncond:
         uncond = experts.evaluate_unconditional(_as(x, model_dtype), t, schedule)

@@ -334,9 +334,20 @@ def test_and_takes_delta_log_q_from_its_linear_model_and_it_equals_the_inner_pro
     assert not torch.equal(reused.logq, torch.zeros_like(reused.logq))
 
 
+class _NoForwardAD(torch.autograd.Function):  # an old-style Function: no forward-mode derivative
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
 class _LinearUNet(torch.nn.Module):
     """eps_hat(x) = x W^T over the flattened latent, computed in the module's dtype (a diffusers
-    UNet's call signature and `dtype` property)."""
+    UNet's call signature and `dtype` property), through a Function without a forward-mode
+    derivative (so that jvp="forward-mode" falls back to a finite difference)."""
 
     def __init__(self, W: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
@@ -347,15 +358,17 @@ class _LinearUNet(torch.nn.Module):
         return self.W.dtype
 
     def forward(self, x, t, return_dict=False, **kw):
-        return ((x.flatten(1) @ self.W.T).reshape(x.shape),)
+        return ((_NoForwardAD.apply(x).flatten(1) @ self.W.T).reshape(x.shape),)
 
 
+@pytest.mark.parametrize("jvp", ["auto", "forward-mode"])
 @pytest.mark.parametrize("net_dtype", [torch.float16, torch.bfloat16])
-def test_finite_difference_step_is_sized_for_the_dtype_the_network_computes_in(net_dtype):
+def test_finite_difference_step_is_sized_for_the_dtype_the_network_computes_in(net_dtype, jvp):
     """An fp16 / bf16 network fed float32 latents (model_dtype float32): the finite-difference
     step must be sized for the network's own rounding, or x + eps z rounds back to x and the
     divergence loses its network term. With exact (basis) probes on a linear network fed c_in x
-    the estimate is vx d + vp c_in tr(W), up to the network dtype's rounding."""
+    the estimate is vx d + vp c_in tr(W), up to the network dtype's rounding. Also for the
+    finite-difference fallback of jvp="forward-mode" on a network without forward-mode AD."""
     from superdiff.coefficients import grid_coefficients, velocity_coefficients
     from superdiff.diffusers_experts import Branch, Network, NetworkExperts, unet_forward
     from superdiff.step import _evaluate
@@ -369,8 +382,12 @@ def test_finite_difference_step_is_sized_for_the_dtype_the_network_computes_in(n
     grid = sch.grid(4)
     c = grid_coefficients(sch, grid)[1]
     x = torch.randn(3, d, generator=torch.Generator().manual_seed(1)) * 2.0
-    est = ODEEstimator(probes="exact")
-    _, div = _evaluate(es, est, x, grid[1], False, c, sch, torch.float32, None)
+    est = ODEEstimator(probes="exact", jvp=jvp)
+    if jvp == "forward-mode":
+        with pytest.warns(RuntimeWarning, match="finite-difference"):
+            _, div = _evaluate(es, est, x, grid[1], False, c, sch, torch.float32, None)
+    else:
+        _, div = _evaluate(es, est, x, grid[1], False, c, sch, torch.float32, None)
     vx, vp = velocity_coefficients("epsilon", c.alpha, c.sigma, c.dalpha, c.dsigma)
     c_in = float(sch.input_scale(grid[1]))  # the network sees c_in x
     want = vx * d + vp * c_in * float(torch.diagonal(W.to(net_dtype).float()).sum())
