@@ -104,15 +104,6 @@ def test_finite_difference_fallback_is_chosen_once_per_call_and_agrees_with_forw
     sch = schedules()["ve"]
     e1, e2 = two_mixtures(3)
 
-    class NoJvp(torch.autograd.Function):  # an old-style Function: no forward-mode derivative
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g
-
     class NoForwardMode:
         prediction_type = "epsilon"
 
@@ -120,7 +111,7 @@ def test_finite_difference_fallback_is_chosen_once_per_call_and_agrees_with_forw
             self.e = e
 
         def predict(self, x, t, schedule):
-            return self.e.predict(NoJvp.apply(x), t, schedule)
+            return self.e.predict(_NoForwardAD.apply(x), t, schedule)
 
     kw = dict(operator="or", estimator=ODEEstimator(probes="exact"), integrator="euler", shape=(4, 3),
               generator=torch.Generator().manual_seed(0), dtype=torch.float64, progress=False)
