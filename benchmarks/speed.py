@@ -31,8 +31,13 @@ Per step, for every case:
             allocated on a GPU
 
 Cases: SD-size latents (4x64x64) on a UNet with random weights built from a small config
-("sd64"), and the bundled shapes-t2i model; every sampler/estimator at N = 2; N = 1..6 on
-three paths. Writes results.json, results.md and speed.png under --out.
+("sd64"), and the bundled shapes-t2i model; every sampler/estimator at N = 1..6 on sd64 and
+at N = 2 on shapes-t2i. `--model sd15` runs instead an SD 1.5-size UNet (860M parameters,
+random weights from SD 1.5's UNet config) at N = 2 (batch 3, the GPU target's), where the
+table also gives the share of the step spent outside the network (target: at most 3% in
+fp16 on a GPU). `--dtype float16` runs the networks in half precision and `--attention`
+picks the UNet's attention processor (sdpa, math, xformers). Writes results.json,
+results.md and speed.png under --out.
 """
 
 from __future__ import annotations
@@ -89,15 +94,36 @@ class Case:
         return self.experts + 1
 
     @property
+    def gpu_share_target(self) -> float | None:
+        """Issue 16's GPU target: outside the network at most 3% of the step, SD 1.5-size UNet, batch 3."""
+        return 0.03 if self.model == "sd15" and self.experts == 2 else None
+
+    @property
     def target(self) -> float:
         """Issue 16: outside-network time at most 1.5x diffusers' without an estimator, 3x with one."""
         return 1.5 if self.estimator == "none" else 3.0
 
 
-def cases(quick: bool = False) -> list[Case]:
-    paths = [("sde", "ito", "and"), ("sde", "kernel", "and"), ("ddpm", "kernel", "and"),
-             ("euler", "ode", "and"), ("heun", "ode", "and"), ("sde", "none", "average"),
-             ("euler", "none", "average")]
+MODELS = ("sd64", "shapes-t2i", "sd15")
+
+
+def cases(quick: bool = False, model: str | None = None) -> list[Case]:
+    """The default suite (sd64 at N = 1..6 and shapes-t2i at N = 2), or one model's cases:
+    sd15 at N = 2 only (its batch of 3 is the GPU target's)."""
+    if model == "sd15":
+        paths = _PATHS if not quick else [_PATHS[i] for i in (0, 3, 6)]
+        return [Case("sd15", *p, 2) for p in paths]
+    out = _default_cases(quick)
+    return out if model is None else [c for c in out if c.model == model]
+
+
+_PATHS = [("sde", "ito", "and"), ("sde", "kernel", "and"), ("ddpm", "kernel", "and"),
+          ("euler", "ode", "and"), ("heun", "ode", "and"), ("sde", "none", "average"),
+          ("euler", "none", "average")]
+
+
+def _default_cases(quick: bool) -> list[Case]:
+    paths = _PATHS
     if quick:
         return [Case("sd64", *p, 2) for p in (paths[0], paths[3], paths[6])]
     out = [Case("sd64", *p, 2) for p in paths]
@@ -137,9 +163,53 @@ def sd64_components(seed: int = 0) -> dict[str, Any]:
     return dict(vae=vae, text_encoder=te, tokenizer=tiny_tokenizer(max_length=12), unet=unet, scheduler=sched)
 
 
+def sd15_components(seed: int = 0) -> dict[str, Any]:
+    """An SD 1.5-size UNet (SD 1.5's UNet config: 860M parameters, 4x64x64 latents) with random
+    weights, and sd64's tiny VAE and scheduler with a one-layer text encoder of SD 1.5's width
+    (768, its cross-attention size): the network is what the GPU target is about."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    comps = sd64_components(seed)
+    torch.manual_seed(seed)
+    comps["unet"] = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+    torch.manual_seed(seed)
+    comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=768, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=1, vocab_size=100, max_position_embeddings=16)).eval()
+    return comps
+
+
+def set_attention(unet: torch.nn.Module, attention: str) -> None:
+    """The UNet's attention processor: "default" (diffusers' choice), "sdpa"
+    (torch's scaled_dot_product_attention), "math" (plain matmul-softmax-matmul) or "xformers"."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attention == "default":
+        return
+    if attention == "sdpa":
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif attention == "math":
+        unet.set_attn_processor(AttnProcessor())
+    elif attention == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # not installed, or no kernel for this device
+            raise SystemExit(f"--attention xformers: {type(e).__name__}: {e}; install xformers (the GPU extra) "
+                             "or use --attention sdpa") from e
+    else:
+        raise ValueError(f"unknown attention {attention!r}; use default, sdpa, math or xformers")
+
+
 def load_components(model: str) -> dict[str, Any]:
     if model == "sd64":
         return sd64_components()
+    if model == "sd15":
+        return sd15_components()
     from diffusers import StableDiffusionPipeline
 
     from superdiff.registry import bundled_model_path
@@ -225,7 +295,8 @@ class StepClock:
 class Bench:
     """Both pipelines on shared components, one per-step batch layout per case."""
 
-    def __init__(self, model: str, device: torch.device) -> None:
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                 attention: str = "default") -> None:
         from diffusers import StableDiffusionPipeline
 
         from superdiff.pipelines import SuperDiffStableDiffusionPipeline
@@ -233,7 +304,8 @@ class Bench:
         comps = load_components(model)
         self.device = device
         for m in ("unet", "vae", "text_encoder"):
-            comps[m].to(device)
+            comps[m].to(device=device, dtype=dtype)
+        set_attention(comps["unet"], attention)
         self.timer = NetworkTimer(comps["unet"], device)
         self.clock = StepClock()
         self.ours = SuperDiffStableDiffusionPipeline(**comps, requires_safety_checker=False)
@@ -428,6 +500,10 @@ def measure_case(bench: Bench, case: Case, steps: int, reps: int, count_steps: t
     res["outside_ratio"] = res["ours"]["outside_ms"] / max(res["diffusers"]["outside_ms"], 1e-9)
     res["stub_outside_ratio"] = res["ours"]["stub_outside_ms"] / max(res["diffusers"]["stub_outside_ms"], 1e-9)
     res["target_outside_ratio"] = case.target
+    for impl in ("diffusers", "ours"):  # the share of the step outside the network
+        res[impl]["outside_share"] = res[impl]["outside_ms"] / max(res[impl]["step_ms"], 1e-9)
+    if case.gpu_share_target is not None:
+        res["target_gpu_share"] = case.gpu_share_target
     return res
 
 
@@ -445,23 +521,24 @@ def _iqr(v: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
-def memory_child(model: str, keys: list[str], steps: int, device: str) -> dict[str, dict[str, float]]:
+def memory_child(model: str, keys: list[str], steps: int, device: str, dtype: str = "float32",
+                 attention: str = "default") -> dict[str, dict[str, float]]:
     """Peak memory per case, diffusers and ours alternating, in a fresh process (see module doc)."""
     if not keys:
         return {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, __file__, "--memory-child", model, "--steps", str(steps), "--device", device,
-           "--cases", ",".join(keys)]
+           "--cases", ",".join(keys), "--dtype", dtype, "--attention", attention]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_main(model: str, keys: list[str], steps: int, device: str) -> None:
+def _memory_main(model: str, keys: list[str], steps: int, device: str, dtype: torch.dtype, attention: str) -> None:
     torch.set_num_threads(1)
-    bench = Bench(model, torch.device(device))
-    by_key = {c.key: c for c in cases(False) + cases(True)}
+    bench = Bench(model, torch.device(device), dtype, attention)
+    by_key = {c.key: c for c in all_cases()}
     res = {}
     for k in keys:
         case = by_key[k]
@@ -473,6 +550,11 @@ def _memory_main(model: str, keys: list[str], steps: int, device: str) -> None:
                 vals[impl].append(bench.memory(impl, case, steps))
         res[k] = {impl: min(v) for impl, v in vals.items()}
     print(json.dumps(res))
+
+
+def all_cases() -> list[Case]:
+    """Every case any option selects (for --cases)."""
+    return list(dict.fromkeys(cases(False) + cases(True) + cases(False, "sd15")))
 
 
 def device_label(device: torch.device) -> str:
@@ -490,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     ap.add_argument("--cases", default=None, help="comma-separated case keys (default: all)")
+    ap.add_argument("--model", default=None, choices=MODELS,
+                    help="one model's cases (default: sd64 and shapes-t2i; sd15: the SD 1.5-size UNet at N = 2)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="the networks' dtype (default float32)")
+    ap.add_argument("--attention", default="default", choices=("default", "sdpa", "math", "xformers"),
+                    help="the UNet's attention processor (default: diffusers' choice)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--label", default=None, help="name of the results (default: the device type)")
     ap.add_argument("--resume", action="store_true", help="keep the cases already in partial_<label>.json")
@@ -502,18 +590,18 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     tlog.set_verbosity_error()  # the tiny tokenizer truncates prompts: expected, not news
+    dtype = getattr(torch, args.dtype)
     if args.memory_child:
-        _memory_main(args.memory_child, args.cases.split(","), args.steps, args.device)
+        _memory_main(args.memory_child, args.cases.split(","), args.steps, args.device, dtype, args.attention)
         return 0
     if args.steps < 3:
         raise ValueError(f"--steps must be >= 3 (the first step is not timed), got {args.steps}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    todo = cases(args.quick)
+    todo = cases(args.quick, args.model)
     if args.cases:
         want = set(args.cases.split(","))
-        todo = [c for c in cases(False) + cases(True) if c.key in want]
-        todo = list(dict.fromkeys(todo))
+        todo = [c for c in all_cases() if c.key in want]
         if not todo:
             raise ValueError(f"no case matches {args.cases!r}; keys look like {cases(True)[0].key!r}")
     reps = 1 if args.quick else args.reps
@@ -531,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=len(todo), desc="speed cases")
     for model in dict.fromkeys(c.model for c in todo):
         mcases = [c for c in todo if c.model == model]
-        bench = Bench(model, device)
+        bench = Bench(model, device, dtype, args.attention)
         for c in mcases:
             if c.key in done:
                 results.append(done[c.key])
@@ -546,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"syncs {r['ours']['syncs_per_step']:.1f} vs {r['diffusers']['syncs_per_step']:.1f}")
         if not args.no_memory:
             mem = memory_child(model, [c.key for c in mcases if "memory_mb" not in done.get(c.key, {})],
-                               args.steps, args.device)
+                               args.steps, args.device, args.dtype, args.attention)
             for r in results:
                 if r["key"] in mem:
                     m = mem[r["key"]]
@@ -559,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_label(device),
         "gpu_available": torch.cuda.is_available(),
         "torch": torch.__version__,
+        "dtype": args.dtype,
+        "attention": args.attention,
         "steps_per_call": args.steps,
         "reps": reps,
         "seconds": time.time() - t_start,
@@ -585,14 +675,15 @@ def markdown(doc: dict[str, Any]) -> str:
              "dynamic mmap/trim thresholds (a cause of the run-to-run spread). Ratios are ours / diffusers'. "
              "Target (issue 16): outside ratio <= 1.5 "
              "without an estimator, <= 3 with one (shown for both measurements); syncs <= 2 per step; memory "
-             "ratio <= 1.1 (2 on the ODE-estimator path).",
-             ""]
+             "ratio <= 1.1 (2 on the ODE-estimator path); on a GPU, outside the network at most 3% of the step "
+             "for the SD 1.5-size UNet (sd15) in fp16 at batch 3 (`outside %`).",
+             "", f"Networks in {doc.get('dtype', 'float32')}, attention: {doc.get('attention', 'default')}.", ""]
     if not doc.get("gpu_available"):
         lines += ["No GPU was available to this run: CPU figures only.", ""]
     lines += ["| case | rows | network ms (diffusers / ours) | outside ms (d / ours) | ratio | outside ms, stub "
-              "(d / ours) | ratio, stub | faults/step, stub (d / ours) | target | syncs/step (d / ours) "
-              "| aten ops/step (d / ours) | peak MB (d / ours) | mem ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(d / ours) | ratio, stub | faults/step, stub (d / ours) | target | outside % of step (d / ours) "
+              "| syncs/step (d / ours) | aten ops/step (d / ours) | peak MB (d / ours) | mem ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         d, o = r["diffusers"], r["ours"]
         mem = r.get("memory_mb")
@@ -609,9 +700,14 @@ def markdown(doc: dict[str, Any]) -> str:
             stub += f" | {d['stub_faults_per_step']:.1f} / {o['stub_faults_per_step']:.1f}"
         else:
             stub += " | -"
+        share = "-"
+        if "outside_share" in o:
+            share = f"{100 * d['outside_share']:.1f} / {100 * o['outside_share']:.1f}"
+            if r.get("target_gpu_share") is not None and doc.get("gpu_available"):
+                share += " (3%: " + ("met" if o["outside_share"] <= r["target_gpu_share"] else "NOT met") + ")"
         lines.append(f"| {r['key']} | {r['case']['experts'] + 1} | {d['network_ms']:.1f} / {o['network_ms']:.1f} "
                      f"| {d['outside_ms']:.2f} / {o['outside_ms']:.2f} | {r['outside_ratio']:.1f} | {stub} "
-                     f"| {tgt:g} ({ok}) | {d['syncs_per_step']:g} / {o['syncs_per_step']:g} "
+                     f"| {tgt:g} ({ok}) | {share} | {d['syncs_per_step']:g} / {o['syncs_per_step']:g} "
                      f"| {d['aten_ops_per_step']:g} / {o['aten_ops_per_step']:g} | {mtxt} | {mr} |")
     lines += ["", f"Reproduce: `{doc['command']}` ({doc['seconds'] / 60:.1f} min)."]
     return "\n".join(lines) + "\n"

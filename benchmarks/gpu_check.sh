@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 16's GPU measurements in one prepared run, sized for a 15-minute device lease
+# (about 6 minutes on one H100): see docs/performance.md, "On a GPU".
+#
+#   bash benchmarks/gpu_check.sh            # on a machine with CUDA, from the repo root
+#
+# 1. the SD 1.5-size UNet (random weights, 860M parameters) in fp16 with SDPA attention,
+#    every sampler/estimator at N = 2 (batch 3): the 3%-of-the-step target and the rest;
+# 2. the same three quick paths with the math attention (no fused kernel) and, when
+#    installed, xformers;
+# 3. the quick sd64 cases in float32 (the CPU table's layout, on the GPU).
+# Results go to benchmarks/results/speed/ (labels gpu-*); where the device tool's $OUT is
+# set they are also packed into $OUT/gpu_results.tar.gz (it returns at most 8 files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEST=${RESULTS_DIR:-benchmarks/results/speed}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# packages the machine lacks (diffusers, on the lent machines) travel as wheels in .whl
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+"$PY" -c "import torch, diffusers; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())"
+run() { "$PY" benchmarks/speed.py --device cuda --out "$DEST" "$@"; }
+run --model sd15 --dtype float16 --attention sdpa --steps 6 --reps 2 --label gpu-sd15-fp16-sdpa
+run --model sd15 --dtype float16 --attention math --quick --steps 6 --label gpu-sd15-fp16-math
+if "$PY" -c "import xformers" 2> /dev/null; then
+    run --model sd15 --dtype float16 --attention xformers --quick --steps 6 --label gpu-sd15-fp16-xformers
+else
+    echo "xformers is not installed: its run is skipped (the package's gpu extra, pip install 'superdiff[gpu]', adds it)"
+fi
+run --quick --steps 4 --label gpu-sd64
+if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu_results.tar.gz" -C "$DEST" $(cd "$DEST" && ls -- *gpu-* 2> /dev/null | grep -v '^partial_')
+fi
