@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16's GPU measurements in one prepared run, sized for a 15-minute device lease
-# (about 6 minutes on one H100): see docs/performance.md, "On a GPU".
+# (estimated at about 6 minutes on one H100; not yet run on one): see docs/performance.md, "On a GPU".
 #
 #   bash benchmarks/gpu_check.sh            # on a machine with CUDA, from the repo root
 #
