@@ -36,7 +36,7 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 
 from .estimators import NullEstimator  # noqa: F401  (re-exported for the pipelines)
-from .experts import ExpertOutput, ExpertSet, SharedNetworkExperts
+from .experts import ExpertOutput, ExpertSet, SharedNetworkExperts, coarsest_dtype
 from .predictions import check_kind, convert
 from .schedules import Schedule
 
@@ -300,9 +300,7 @@ class NetworkExperts(ExpertSet):
     def compute_dtype(self) -> torch.dtype | None:  # type: ignore[override]
         """The coarsest dtype among the networks that report one (TimeInputs-wrapped diffusers
         modules do; a plain fn does not)."""
-        known = [d for d in (getattr(net.fn, "compute_dtype", None) for net in self.networks)
-                 if isinstance(d, torch.dtype) and d.is_floating_point]
-        return max(known, key=lambda d: torch.finfo(d).eps) if known else None
+        return coarsest_dtype(*(getattr(net.fn, "compute_dtype", None) for net in self.networks))
 
     @num_forward_calls.setter
     def num_forward_calls(self, value: int) -> None:  # ExpertSet's class attribute default

@@ -224,10 +224,16 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, exact:
         _, jz = torch.func.jvp(fn, (xr,), (zr,))
     except (RuntimeError, NotImplementedError):  # no forward-mode AD for some op: double-backward
         _, jz = torch.autograd.functional.jvp(fn, xr, zr)
-    M = jz.shape[0]
-    quad = (jz.reshape(M, P, B, -1) * probes.reshape(1, P, B, -1).to(jz)).sum(-1, dtype=_F64)  # [M, P, B]
+    quad = _probe_products(jz, probes)  # [M, P, B]
     red = quad.sum(1) if exact else quad.mean(1)
     return red.T
+
+
+def _probe_products(jz: Tensor, probes: Tensor) -> Tensor:
+    """<z_p, (J z)_p> [M, P, B] (float64 sums) from jz [M, P * B, *S] (probe-major rows, or
+    already [M, P, B, ...]) and the probes [P, B, *S]."""
+    P, B = probes.shape[:2]
+    return (jz.reshape(jz.shape[0], P, B, -1) * probes.reshape(1, P, B, -1).to(jz)).sum(-1, dtype=_F64)
 
 
 _SIGN_TABLES: dict[tuple[str, torch.dtype], Tensor] = {}
@@ -327,29 +333,26 @@ class ODEEstimator(Estimator):
 
     def divergence_fd(self, fn: Callable[[Tensor], Tensor], x: Tensor, primal: Tensor, c: StepCoefficients,
                       at_next: bool, kind: str, generator: torch.Generator | None,
-                      model_dtype: torch.dtype) -> Tensor:
+                      fd_dtype: torch.dtype) -> Tensor:
         """div [B, M] of each expert's ODE velocity by forward finite differences of fn (x ->
         conditional predictions [M, N, *S]) around its value `primal` [M, B, *S] at x: one
-        forward of P * B rows at x + eps z, eps = fd_step(...) (a Python number)."""
+        forward of P * B rows at x + eps z, eps = fd_step(fd_dtype, ...) (a Python number)."""
         probes, exact = self._probes(x, generator)
         P, B = probes.shape[:2]
         xr = torch.cat([x] * P) if P > 1 else x
         zr = probes.reshape(P * B, *x.shape[1:])
         alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
-        eps = fd_step(model_dtype, alpha, sigma)
+        eps = fd_step(fd_dtype, alpha, sigma)
         f1 = fn(torch.add(xr, zr, alpha=eps))
         M = primal.shape[0]
         diff = f1.reshape(M, P, B, -1) - primal.reshape(M, 1, B, -1)  # eps J z
-        zjz = (diff * probes.reshape(1, P, B, -1)).sum(-1, dtype=_F64)  # eps <z, J z>, [M, P, B]
-        return self._reduce(zjz, exact, x.shape, c, at_next, kind, 1.0 / eps)
+        return self._quadratic(diff, probes, exact, c, at_next, kind, 1.0 / eps)
 
     def _quadratic(self, jz: Tensor, probes: Tensor, exact: bool, c: StepCoefficients, at_next: bool,
-                   kind: str) -> Tensor:
-        """sum / mean over probes of <z, J_v z> = vx |z|^2 + vp <z, J_pred z>: [B, M]."""
-        P, B = probes.shape[:2]
-        M = jz.shape[0]
-        zjz = (jz.reshape(M, P, B, -1) * probes.reshape(1, P, B, -1).to(jz)).sum(-1, dtype=_F64)  # [M, P, B]
-        return self._reduce(zjz, exact, probes.shape[1:], c, at_next, kind, 1.0)
+                   kind: str, scale: float = 1.0) -> Tensor:
+        """sum / mean over probes of <z, J_v z> = vx |z|^2 + vp <z, J_pred z>: [B, M], with
+        J_pred z = scale jz (scale = 1 / eps for a finite difference's eps J z)."""
+        return self._reduce(_probe_products(jz, probes), exact, probes.shape[1:], c, at_next, kind, scale)
 
     @staticmethod
     def _reduce(zjz: Tensor, exact: bool, shape: torch.Size, c: StepCoefficients, at_next: bool, kind: str,

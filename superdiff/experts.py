@@ -58,6 +58,12 @@ class ExpertOutput:
     stacked: Tensor | None = None
 
 
+def coarsest_dtype(*dtypes: torch.dtype | None) -> torch.dtype | None:
+    """The floating dtype with the largest machine epsilon among those given (None ignored)."""
+    known = [d for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
+    return max(known, key=lambda d: torch.finfo(d).eps) if known else None
+
+
 class ExpertSet:
     """M experts evaluated together; subclasses implement `evaluate`."""
 

@@ -30,7 +30,7 @@ import torch
 
 from .coefficients import StepCoefficients, step_coefficients
 from .estimators import Estimator, HeunStage, StepContext
-from .experts import ExpertOutput, ExpertSet
+from .experts import ExpertOutput, ExpertSet, coarsest_dtype
 from .integrators import HeunODE, Integrator, velocity
 from .operators import Operator, StepState
 from .predictions import null_prediction
@@ -166,11 +166,6 @@ def _forward(experts: ExpertSet, x: Tensor, t: Tensor, schedule: Schedule, model
     return ExpertOutput(_as(out.cond, x.dtype), None if out.uncond is None else _as(out.uncond, x.dtype), out.kind)
 
 
-def _coarser(a: torch.dtype, b: torch.dtype | None) -> torch.dtype:
-    """The floating dtype with the larger machine epsilon (a when b is None)."""
-    return a if b is None or torch.finfo(b).eps <= torch.finfo(a).eps else b
-
-
 def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at_next: bool,
               c: StepCoefficients, schedule: Schedule, model_dtype: torch.dtype,
               generator: torch.Generator | None) -> tuple[ExpertOutput, Tensor | None]:
@@ -183,7 +178,7 @@ def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at
     def fn(xx: Tensor) -> Tensor:
         return _as(experts.evaluate_conditional(_as(xx, model_dtype), t, schedule), xx.dtype)
 
-    fd_dtype = _coarser(model_dtype, experts.compute_dtype)  # what a finite difference's step is sized for
+    fd_dtype = coarsest_dtype(model_dtype, experts.compute_dtype)  # what a finite difference's step is sized for
     if estimator.choose_jvp(experts) == "finite-difference":
         # the step's own forward (every row) is f(x); one more forward of the conditional rows
         # at x + eps z gives the directional derivative
