@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .operators import Operator, StepState, solve_and
+from .operators import Operator, StepState, _const, solve_and
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -501,7 +501,10 @@ def _eval(node: Node, ctx: _Ctx) -> _Val:
     K = torch.stack([v.kappa for v in kids], 1)  # [B, C, M]
     Q = torch.stack([v.logq for v in kids], 1)  # [B, C]
     D = torch.stack([v.D for v in kids], 1)
-    co = torch.as_tensor(node.coeffs, dtype=_F64, device=logq.device)
+    # the node's coefficients on the device once (a tensor made from Python numbers on a GPU
+    # is a blocking copy, each step); their values are read from the Python tuple
+    co = _const(("formula-coeffs", node.coeffs, str(logq.device)),
+                lambda: torch.as_tensor(node.coeffs, dtype=_F64, device=logq.device))
     S = torch.stack([v.score for v in kids], 0) if with_scores else None  # [C, B, D]
     Gk = torch.stack([v.G for v in kids], 1) if with_scores else None  # [B, C]
     if node.op == "or":
@@ -528,7 +531,7 @@ def _eval(node: Node, ctx: _Ctx) -> _Val:
     if ctx.feedback:
         bp = bp + ctx.feedback * Q
     off = None
-    if torch.any(co != 0):
+    if any(c != 0 for c in node.coeffs):  # not torch.any(co != 0): a host read every step
         frac = (1.0 / ctx.num_steps) + (ctx.feedback * ctx.step / ctx.num_steps)
         off = (co * frac)[None].expand(B, -1)
     lam = solve_and(Ap, bp, off, ctx.ridge, ctx.floor, ctx.clamp)

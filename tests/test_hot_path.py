@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from superdiff.estimators import ODEEstimator
 from superdiff.experts import ExpertList, GaussianMixtureExpert, SharedNetworkExperts
+from superdiff.formula import FormulaOperator
 from superdiff.sampling import sample
 
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::masked_select"}
@@ -54,6 +55,21 @@ def test_no_host_read_inside_the_sampling_loop(schedule, integrator, estimator, 
     def run(n):
         return lambda: sample(experts, sch, n, operator=operator, estimator=estimator, integrator=integrator,
                               shape=(3, 6), generator=torch.Generator().manual_seed(0), progress=False)
+
+    per_step = (_syncs(run(8)) - _syncs(run(4))) / 4
+    assert per_step == 0, f"{per_step} host reads per step"
+
+
+@pytest.mark.parametrize("text", ['"a" & "b"', '("a" | "b"):0.5 & "b"', '"a" | "b":2'])
+def test_formula_operators_make_no_host_read_inside_the_sampling_loop(text):
+    """A formula's SuperDiff AND node (with and without offsets log w) and its OR node read
+    nothing back per step: the node's coefficients are looked at in Python, not on the device."""
+    op = FormulaOperator(text, ["a", "b"])
+
+    def run(n):
+        return lambda: sample(two_mixtures(6), schedules()["ve"], n, operator=op, estimator="ito",
+                              integrator="em", shape=(3, 6), generator=torch.Generator().manual_seed(0),
+                              progress=False)
 
     per_step = (_syncs(run(8)) - _syncs(run(4))) / 4
     assert per_step == 0, f"{per_step} host reads per step"
