@@ -35,8 +35,17 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def _coef(c: Any, like: Tensor) -> Tensor:
-    return torch.as_tensor(c, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+def _coef(c: Any, like: Tensor) -> float | Tensor:
+    """alpha or sigma as an operand for tensors like `like`: a Python number stays a number, and a
+    0-d tensor stays where it is (a 0-d CPU tensor is a scalar operand of a GPU tensor, read on
+    the host; moving it to the GPU would be a blocking copy every step). Only a tensor of
+    per-sample values goes to like's device and dtype."""
+    if isinstance(c, (int, float)):
+        return float(c)
+    c = torch.as_tensor(c)
+    if c.dim() == 0 and c.device.type == "cpu":
+        return c
+    return c.to(device=like.device, dtype=like.dtype)
 
 
 def to_eps_x0(pred: Tensor, kind: str, x: Tensor, alpha: Any, sigma: Any) -> tuple[Tensor, Tensor]:
@@ -48,7 +57,7 @@ def to_eps_x0(pred: Tensor, kind: str, x: Tensor, alpha: Any, sigma: Any) -> tup
     if kind == "sample":
         return (x - a * pred) / s, pred
     if kind == "v_prediction":
-        r = torch.sqrt(a * a + s * s)
+        r = (a * a + s * s) ** 0.5
         av, bv = a / r, s / r
         return bv * x / r + av * pred, av * x / r - bv * pred
     # flow velocity u = eps - x0 of x = (1 - t) x0 + t eps
@@ -64,7 +73,7 @@ def from_eps_x0(eps: Tensor, x0: Tensor, kind: str, x: Tensor, alpha: Any, sigma
     if kind == "sample":
         return x0
     if kind == "v_prediction":
-        r = torch.sqrt(a * a + s * s)
+        r = (a * a + s * s) ** 0.5
         return (a * eps - s * x0) / r
     return eps - x0
 
