@@ -217,8 +217,8 @@ class HeunODE(EulerODE):
     @staticmethod
     def correct_v(c: StepCoefficients, x: Tensor, x_euler: Tensor, v_next: Tensor) -> Tensor:
         """x - h/2 (v0 + v1) with h v0 = x - x_euler (the Euler predictor that made x_euler):
-        (x + x_euler - h v1) / 2, three ops and no second evaluation of v0."""
-        return torch.add(x, x_euler).sub_(v_next, alpha=c.h).mul_(0.5)
+        the midpoint of x and x_euler - h v1, two ops and no second evaluation of v0."""
+        return torch.lerp(x, torch.add(x_euler, v_next, alpha=-c.h), 0.5)
 
     def correct(self, schedule, x, t, t_next, pred, pred_next, x_euler, kind):
         return self.correct_c(step_coefficients(schedule, t, t_next), x, pred, pred_next, x_euler, kind)
