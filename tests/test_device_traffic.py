@@ -1,0 +1,129 @@
+"""What a sampling call sends between host and accelerator per step (issue 16: at most 2 host
+syncs per step on every path), measured without an accelerator.
+
+The pipelines run on PyTorch's meta device, which stands in for a GPU: tensors there have
+shapes but no data. A dispatch mode counts every host read of a meta tensor (`.item()`,
+`bool(t)`, `.tolist()`, a copy back to the CPU; it answers them with a dummy value) and every
+copy from the CPU onto the meta device, which on a GPU blocks the host unless the memory is
+pinned (`torch.tensor(...)` of Python numbers, a CPU tensor `.to(device)`). The CPU profiler
+of test_hot_path cannot see such copies. Per step = (count at 8 steps - count at 4) / 4, so
+set-up and the one read after the loop cancel.
+
+Expected per step, diffusers' conventions included: the SDE and DDPM steps copy their noise,
+drawn with the caller's CPU generator, onto the device (1, as diffusers' own schedulers);
+the ODE estimator copies its Hutchinson probes' random bytes (1 per evaluation: Euler 1,
+Heun 2); nothing is read back. Before the prediction conversions kept alpha and sigma as
+scalars, a flow model under weights that do not sum to one made 3 copies a step (alpha, and
+sigma twice), and a formula's SuperDiff AND node read its offsets back every step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("diffusers")
+
+from superdiff.operators import AverageOperator  # noqa: E402
+from superdiff.pipelines import SuperDiffStableDiffusion3Pipeline, SuperDiffStableDiffusionPipeline  # noqa: E402
+from superdiff.pipelines._testing import tiny_sd3_components, tiny_sd_components  # noqa: E402
+from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
+
+_F = torch.ops.aten
+
+
+class StandInDevice(TorchDispatchMode):
+    """Counts host reads of meta tensors and CPU -> meta copies (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _F._local_scalar_dense.default and args[0].device.type == "meta":
+            self.reads += 1
+            return {torch.bool: True}.get(args[0].dtype, 1)
+        if func is _F._to_copy.default and args[0].device.type == "meta" and str(kwargs.get("device")) == "cpu":
+            self.reads += 1  # a copy back to the host: ones (finite, True) stand in for the data
+            return torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        out = func(*args, **kwargs)
+        if func is _F._to_copy.default:
+            src, dst = args[0], out
+        elif func is _F.copy_.default:
+            dst, src = args[0], args[1]
+        else:
+            return out
+        self.copies += src.device.type == "cpu" and dst.device.type == "meta"
+        return out
+
+
+def _on_meta(pipe):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to("meta")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return _on_meta(SuperDiffStableDiffusionPipeline(**tiny_sd_components(0)))
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return _on_meta(SuperDiffStableDiffusion3Pipeline(**tiny_sd3_components(0)))
+
+
+def _per_step(call) -> tuple[float, float]:
+    """(host reads, copies to the device) per step; after one call that fills the process's
+    caches (the probes' sign table, the solvers' constants: made once per device)."""
+    with torch.no_grad(), StandInDevice():
+        call(2)
+    counts = []
+    for steps in (4, 8):
+        with torch.no_grad(), StandInDevice() as mode:
+            call(steps)
+        counts.append((mode.reads, mode.copies))
+    (r4, c4), (r8, c8) = counts
+    return (r8 - r4) / 4, (c8 - c4) / 4
+
+
+@pytest.mark.parametrize("sampler,estimator,operator,copies", [
+    ("sde", "ito", "and", 1), ("sde", "kernel", "or", 1), ("ddpm", "kernel", "and", 1),
+    ("euler", "ode", "and", 1), ("heun", "ode", "and", 2), ("euler", "none", "average", 0),
+    ("sde", "ito", AverageOperator([1.0, -0.5]), 1)])  # weights not summing to one: the null prediction
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_sd_pipeline_step_reads_nothing_back_and_copies_only_its_random_draws(sd, sampler, estimator, operator,
+                                                                              copies, guidance_scale):
+    def call(steps):
+        sd(["a circle", "something red"], num_inference_steps=steps, height=64, width=64, output_type="latent",
+           generator=gen(0), guidance_scale=guidance_scale, operator=operator, sampler=sampler, estimator=estimator)
+
+    assert _per_step(call) == (0, copies)
+
+
+@pytest.mark.parametrize("sampler,estimator,operator,copies", [
+    ("sde", "ito", "and", 1), ("euler", "ode", "and", 1), ("euler", "none", AverageOperator([1.0, -0.5]), 0)])
+def test_flow_pipeline_step_reads_nothing_back_and_copies_only_its_random_draws(sd3, sampler, estimator, operator,
+                                                                                copies):
+    """Flow predictions under weights that do not sum to one are completed with the null
+    prediction, which converts with alpha and sigma: scalars, not copies to the device."""
+    def call(steps):
+        sd3(["a circle", "something red"], num_inference_steps=steps, height=16, width=16, max_sequence_length=16,
+            output_type="latent", generator=gen(0), guidance_scale=1.0, operator=operator, sampler=sampler,
+            estimator=estimator)
+
+    assert _per_step(call) == (0, copies)
+
+
+def test_formula_step_reads_nothing_back(sd):
+    def call(steps):
+        sd(compose='("a circle" | "something red"):0.5 & "a square"', num_inference_steps=steps, height=64,
+           width=64, output_type="latent", generator=gen(0), guidance_scale=5.0, sampler="sde")
+
+    assert _per_step(call) == (0, 1)
