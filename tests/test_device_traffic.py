@@ -13,8 +13,8 @@ Expected per step, diffusers' conventions included: the SDE and DDPM steps copy 
 drawn with the caller's CPU generator, onto the device (1, as diffusers' own schedulers);
 the ODE estimator copies its Hutchinson probes' random bytes (1 per evaluation: Euler 1,
 Heun 2); nothing is read back. Before the prediction conversions kept alpha and sigma as
-scalars, a flow model under weights that do not sum to one made 3 copies a step (alpha, and
-sigma twice), and a formula's SuperDiff AND node read its offsets back every step.
+scalars, a flow model under weights that do not sum to one made 3 copies a step (alpha and
+sigma made device tensors), and a formula's SuperDiff AND node read its offsets back every step.
 """
 
 from __future__ import annotations
