@@ -658,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"results_{label}.json").write_text(json.dumps(doc, indent=1))
     (out / f"results_{label}.md").write_text(markdown(doc))
     plot(doc, out / f"speed_{label}.png")
+    partial.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(markdown(doc))
     return 0
 
