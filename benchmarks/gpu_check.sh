@@ -16,13 +16,20 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEST=${RESULTS_DIR:-benchmarks/results/speed}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+SITE=${SITE:-/tmp/site}
 # packages the machine lacks (diffusers, on the lent machines) travel as wheels in .whl
 if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-"$PY" -c "import torch, diffusers; assert torch.cuda.is_available(), 'no CUDA device'; \
+# this package itself: pyproject maps pipelines/ to superdiff.pipelines (and ui/, protein/), so
+# the source tree on PYTHONPATH is not enough; where it is not installed, it is (no network:
+# setuptools from the machine, no dependencies)
+export PYTHONPATH=$SITE:${PYTHONPATH:-}
+if ! "$PY" -c "import superdiff.pipelines" 2> /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .
+fi
+"$PY" -c "import torch, diffusers, superdiff.pipelines; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())"
 run() { "$PY" benchmarks/speed.py --device cuda --out "$DEST" "$@"; }
 run --model sd15 --dtype float16 --attention sdpa --steps 6 --reps 2 --label gpu-sd15-fp16-sdpa
