@@ -378,8 +378,14 @@ class Bench:
         if self.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         HostReads.n = 0
-        with torch.no_grad(), torch.profiler.profile(activities=acts) as prof, HostReads():
-            fn()
+        # the timer's own torch.cuda.synchronize() around each forward (there for the timings)
+        # would count as a sync of the step's: off while counting
+        timer_sync, timer.sync = timer.sync, False
+        try:
+            with torch.no_grad(), torch.profiler.profile(activities=acts) as prof, HostReads():
+                fn()
+        finally:
+            timer.sync = timer_sync
         return count_events(prof.events(), self.device.type == "cuda") | {"host_reads": HostReads.n}
 
     def memory(self, impl: str, case: Case, steps: int) -> float:
