@@ -10,7 +10,8 @@
 #    installed, xformers;
 # 3. the quick sd64 cases in float32 (the CPU table's layout, on the GPU).
 # Results go to benchmarks/results/speed/ (labels gpu-*); where the device tool's $OUT is
-# set they are also packed into $OUT/gpu_results.tar.gz (it returns at most 8 files).
+# set they are also packed into $OUT/gpu_results.tar.gz after every run (the tool returns at
+# most 8 files, and what is under $OUT when a command is stopped at its time limit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -31,7 +32,19 @@ if ! "$PY" -c "import superdiff.pipelines" 2> /dev/null; then
 fi
 "$PY" -c "import torch, diffusers, superdiff.pipelines; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())"
-run() { "$PY" benchmarks/speed.py --device cuda --out "$DEST" "$@"; }
+# after every run, what exists so far goes into $OUT (a run stopped by the lease's time limit
+# still returns the finished runs, and the per-case partial_*.json of the one it stopped in)
+pack() {
+    local files
+    files=$(cd "$DEST" && ls -- *gpu-* 2> /dev/null || true)
+    if [ -n "${OUT:-}" ] && [ -n "$files" ]; then
+        tar czf "$OUT/gpu_results.tar.gz" -C "$DEST" $files
+    fi
+}
+run() {  # a failed run is reported and the next one goes on
+    "$PY" benchmarks/speed.py --device cuda --out "$DEST" "$@" || echo "gpu_check: this run failed: $*" >&2
+    pack
+}
 run --model sd15 --dtype float16 --attention sdpa --steps 6 --reps 2 --label gpu-sd15-fp16-sdpa
 run --model sd15 --dtype float16 --attention math --quick --steps 6 --label gpu-sd15-fp16-math
 if "$PY" -c "import xformers" 2> /dev/null; then
@@ -40,6 +53,3 @@ else
     echo "xformers is not installed: its run is skipped (the package's gpu extra, pip install 'superdiff[gpu]', adds it)"
 fi
 run --quick --steps 4 --label gpu-sd64
-if [ -n "${OUT:-}" ]; then
-    tar czf "$OUT/gpu_results.tar.gz" -C "$DEST" $(cd "$DEST" && ls -- *gpu-* 2> /dev/null | grep -v '^partial_')
-fi
