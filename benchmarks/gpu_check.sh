@@ -25,12 +25,16 @@ fi
 # this package itself: pyproject maps pipelines/ to superdiff.pipelines (and ui/, protein/), so
 # the source tree on PYTHONPATH is not enough; where it is not installed, it is (no network:
 # setuptools from the machine, no dependencies)
+# (imports are checked from outside the tree: `python -c` puts the working directory first on
+# sys.path, where superdiff/ would shadow the installed package; speed.py itself starts from
+# benchmarks/, as it does here)
 export PYTHONPATH=$SITE:${PYTHONPATH:-}
-if ! "$PY" -c "import superdiff.pipelines" 2> /dev/null; then
+pyc() { (cd "${TMPDIR:-/tmp}" && "$PY" -c "$1"); }
+if ! pyc "import superdiff.pipelines" 2> /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
         --target "$SITE" .
 fi
-"$PY" -c "import torch, diffusers, superdiff.pipelines; assert torch.cuda.is_available(), 'no CUDA device'; \
+pyc "import torch, diffusers, superdiff.pipelines; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())"
 # after every run, what exists so far goes into $OUT (a run stopped by the lease's time limit
 # still returns the finished runs, and the per-case partial_*.json of the one it stopped in)
@@ -47,7 +51,7 @@ run() {  # a failed run is reported and the next one goes on
 }
 run --model sd15 --dtype float16 --attention sdpa --steps 6 --reps 2 --label gpu-sd15-fp16-sdpa
 run --model sd15 --dtype float16 --attention math --quick --steps 6 --label gpu-sd15-fp16-math
-if "$PY" -c "import xformers" 2> /dev/null; then
+if pyc "import xformers" 2> /dev/null; then
     run --model sd15 --dtype float16 --attention xformers --quick --steps 6 --label gpu-sd15-fp16-xformers
 else
     echo "xformers is not installed: its run is skipped (the package's gpu extra, pip install 'superdiff[gpu]', adds it)"
