@@ -797,8 +797,8 @@ def _json_keys_to_int(res: dict) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="the quick mode (< 10 min on 2 cores; the default)")
     g.add_argument("--full", action="store_true", help="the full mode (what the README cites)")

@@ -569,8 +569,8 @@ def device_label(device: torch.device) -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     ap.add_argument("--quick", action="store_true", help="three cases, fewer repetitions (a smoke run)")
     ap.add_argument("--steps", type=int, default=6, help="steps per timed call (default 6)")

@@ -36,11 +36,12 @@ def _report(args: argparse.Namespace) -> int:
     for flag in ("out", "sections", "and_model", "full_model"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-    return load_benchmark("report").main(argv + (["--skip-existing"] if args.skip_existing else []))
+    return load_benchmark("report").main(argv + (["--skip-existing"] if args.skip_existing else []),
+                                         prog="superdiff bench report")
 
 
 def _speed(args: argparse.Namespace) -> int:
-    return load_benchmark("speed").main(list(args.speed_args))
+    return load_benchmark("speed").main(list(args.speed_args), prog="superdiff bench speed")
 
 
 def add_parser(sub) -> None:

@@ -78,3 +78,15 @@ def test_plot_of_a_gpu_run_writes_an_image(tmp_path):
     out = tmp_path / "speed_gpu.png"
     speed.plot(_gpu_doc(), out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cli_names_itself_in_the_benchmark_usage(capsys):
+    """`superdiff bench speed --help` says how it was called, not `__main__.py`."""
+    import argparse
+
+    from superdiff.bench_cli import _speed
+
+    with pytest.raises(SystemExit) as done:
+        _speed(argparse.Namespace(speed_args=["--help"]))
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: superdiff bench speed ")
