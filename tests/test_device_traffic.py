@@ -21,44 +21,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers")
 
 from superdiff.operators import AverageOperator  # noqa: E402
 from superdiff.pipelines import SuperDiffStableDiffusion3Pipeline, SuperDiffStableDiffusionPipeline  # noqa: E402
 from superdiff.pipelines._testing import tiny_sd3_components, tiny_sd_components  # noqa: E402
+from _device import StandInDevice  # noqa: E402
 from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
-
-_F = torch.ops.aten
-
-
-class StandInDevice(TorchDispatchMode):
-    """Counts host reads of meta tensors and CPU -> meta copies (see the module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-        self.copies = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _F._local_scalar_dense.default and args[0].device.type == "meta":
-            self.reads += 1
-            return {torch.bool: True}.get(args[0].dtype, 1)
-        if func is _F._to_copy.default and args[0].device.type == "meta" and str(kwargs.get("device")) == "cpu":
-            self.reads += 1  # a copy back to the host: ones (finite, True) stand in for the data
-            return torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
-        out = func(*args, **kwargs)
-        if func is _F._to_copy.default:
-            src, dst = args[0], out
-        elif func is _F.copy_.default:
-            dst, src = args[0], args[1]
-        else:
-            return out
-        self.copies += src.device.type == "cpu" and dst.device.type == "meta"
-        return out
-
 
 def _on_meta(pipe):
     for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _device import StandInDevice
 from superdiff.predictions import KINDS, convert, null_prediction, to_eps_x0, to_score
 
 
@@ -56,25 +56,6 @@ def test_null_prediction_has_zero_score_and_unknown_kinds_are_refused():
         convert(x, "score-ish", "epsilon", x, 1.0, 1.0)
 
 
-class _CopiesToDevice(TorchDispatchMode):
-    """Counts copies from the CPU onto another device (on a GPU: a blocking copy each)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default:
-            src, dst = args[0], out
-        elif func is torch.ops.aten.copy_.default:
-            dst, src = args[0], args[1]
-        else:
-            return out
-        self.n += src.device.type == "cpu" and dst.device.type != "cpu"
-        return out
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("scalar", [float, lambda v: torch.tensor(v, dtype=torch.float64)])
 def test_scalar_alpha_sigma_are_not_copied_to_the_latents_device(kind, scalar):
@@ -84,10 +65,11 @@ def test_scalar_alpha_sigma_are_not_copied_to_the_latents_device(kind, scalar):
     x = torch.randn(2, 3, dtype=torch.float64)
     pred = torch.randn(2, 3, dtype=torch.float64)
     a, s = scalar(0.8), scalar(0.6)
-    with _CopiesToDevice() as copies:
+    with StandInDevice() as device:
         outs = [convert(pred.to("meta"), kind, to, x.to("meta"), a, s) for to in KINDS]
         outs += [to_score(pred.to("meta"), kind, x.to("meta"), a, s), null_prediction(kind, x.to("meta"), a, s)]
-    assert copies.n == 2 * (len(KINDS) + 1) + 1  # the test's own pred.to / x.to, nothing else
+    assert device.copies == 2 * (len(KINDS) + 1) + 1  # the test's own pred.to / x.to, nothing else
+    assert device.reads == 0
     assert all(o.device.type == "meta" and o.shape == x.shape for o in outs)
     for to in KINDS:
         ref = convert(pred, kind, to, x, torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64))
