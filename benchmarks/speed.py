@@ -109,27 +109,22 @@ MODELS = ("sd64", "shapes-t2i", "sd15")
 
 def cases(quick: bool = False, model: str | None = None) -> list[Case]:
     """The default suite (sd64 at N = 1..6 and shapes-t2i at N = 2), or one model's cases:
-    sd15 at N = 2 only (its batch of 3 is the GPU target's)."""
+    sd15 at N = 2 only (its batch of 3 is the GPU target's). quick: the three _QUICK paths at N = 2."""
+    paths = [_PATHS[i] for i in _QUICK] if quick else _PATHS
     if model == "sd15":
-        paths = _PATHS if not quick else [_PATHS[i] for i in (0, 3, 6)]
         return [Case("sd15", *p, 2) for p in paths]
-    out = _default_cases(quick)
+    out = [Case("sd64", *p, 2) for p in paths]
+    if not quick:
+        out += [Case("sd64", *p, n) for p in paths for n in range(1, 7) if n != 2]  # N = 1..6, every path
+        out += [Case("shapes-t2i", *p, 2) for p in paths]
     return out if model is None else [c for c in out if c.model == model]
 
 
 _PATHS = [("sde", "ito", "and"), ("sde", "kernel", "and"), ("ddpm", "kernel", "and"),
           ("euler", "ode", "and"), ("heun", "ode", "and"), ("sde", "none", "average"),
           ("euler", "none", "average")]
-
-
-def _default_cases(quick: bool) -> list[Case]:
-    paths = _PATHS
-    if quick:
-        return [Case("sd64", *p, 2) for p in (paths[0], paths[3], paths[6])]
-    out = [Case("sd64", *p, 2) for p in paths]
-    out += [Case("sd64", *p, n) for p in paths for n in range(1, 7) if n != 2]  # N = 1..6, every path
-    out += [Case("shapes-t2i", *p, 2) for p in paths]
-    return out
+#: the quick run's paths: an SDE estimator, the ODE estimator, no estimator
+_QUICK = (0, 3, 6)
 
 
 # --------------------------------------------------------------------------------------
