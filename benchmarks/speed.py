@@ -32,7 +32,9 @@ Per step, for every case:
 
 Cases: SD-size latents (4x64x64) on a UNet with random weights built from a small config
 ("sd64"), and the bundled shapes-t2i model; every sampler/estimator at N = 1..6 on sd64 and
-at N = 2 on shapes-t2i. `--model sd15` runs instead an SD 1.5-size UNet (860M parameters,
+at N = 2 on shapes-t2i; and sd64 at N = 4 and 6 with `max_batch_size=3` for ours (keys ending
+in /mb3: the UNet rows in chunks of 3, so that peak memory stays put as N grows, while
+diffusers runs its whole batch). `--model sd15` runs instead an SD 1.5-size UNet (860M parameters,
 random weights from SD 1.5's UNet config) at N = 2 (batch 3, the GPU target's), where the
 table also gives the share of the step spent outside the network (target: at most 3% in
 fp16 on a GPU). `--dtype float16` runs the networks in half precision and `--attention`
@@ -83,10 +85,13 @@ class Case:
     estimator: str  # ito | kernel | ode | none
     operator: str  # and | average | or
     experts: int  # N prompts
+    #: ours only: at most this many UNet rows per forward (diffusers' pipeline runs its whole batch)
+    max_batch_size: int | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.sampler}+{self.estimator}/{self.operator}/N{self.experts}"
+        mb = "" if self.max_batch_size is None else f"/mb{self.max_batch_size}"
+        return f"{self.model}/{self.sampler}+{self.estimator}/{self.operator}/N{self.experts}{mb}"
 
     @property
     def rows(self) -> int:
@@ -117,6 +122,8 @@ def cases(quick: bool = False, model: str | None = None) -> list[Case]:
     if not quick:
         out += [Case("sd64", *p, n) for p in paths for n in range(1, 7) if n != 2]  # N = 1..6, every path
         out += [Case("shapes-t2i", *p, 2) for p in paths]
+        # peak memory bounded by max_batch_size as N grows: 5 and 7 rows in chunks of 3
+        out += [Case("sd64", *_PATHS[i], n, CHUNKED_ROWS) for i in _CHUNKED for n in (4, 6)]
     return out if model is None else [c for c in out if c.model == model]
 
 
@@ -125,6 +132,9 @@ _PATHS = [("sde", "ito", "and"), ("sde", "kernel", "and"), ("ddpm", "kernel", "a
           ("euler", "none", "average")]
 #: the quick run's paths: an SDE estimator, the ODE estimator, no estimator
 _QUICK = (0, 3, 6)
+#: paths also run with max_batch_size=CHUNKED_ROWS (an SDE estimator; the ODE estimator, whose
+#: finite-difference forward is chunked too)
+_CHUNKED, CHUNKED_ROWS = (0, 3), 3
 
 
 # --------------------------------------------------------------------------------------
@@ -319,7 +329,8 @@ class Bench:
                       generator=gen)
         if impl == "ours":
             return lambda: self.ours(PROMPTS[: case.experts], guidance_scale=GUIDANCE, operator=case.operator,
-                                     sampler=case.sampler, estimator=case.estimator, **common)
+                                     sampler=case.sampler, estimator=case.estimator,
+                                     max_batch_size=case.max_batch_size, **common)
         import diffusers
 
         self.theirs.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULER[case.sampler]).from_config(self.scheduler_config)
@@ -721,8 +732,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = doc["results"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    res = [r for r in doc["results"] if r["case"].get("max_batch_size") is None]  # time: whole batches
+    chunked = [r for r in doc["results"] if r["case"].get("max_batch_size") is not None and "memory_mb" in r]
+    fig, axes = plt.subplots(1, 3 if chunked else 2, figsize=(19 if chunked else 13, 4.8))
     n2 = [r for r in res if r["case"]["experts"] == 2]
     labels = [r["key"].replace("/N2", "") for r in n2]
     y = range(len(n2))
@@ -754,10 +766,37 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_title("scaling with N (sd64, 4x64x64 latents)")
     if paths:
         ax.legend(fontsize=7)
+    if chunked:
+        _plot_chunked_memory(axes[2], doc["results"], chunked)
     fig.suptitle(f"SuperDiff vs diffusers: {doc['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_chunked_memory(ax: Any, results: list[dict[str, Any]], chunked: list[dict[str, Any]]) -> None:
+    """Peak memory against N for each path that has max_batch_size cases: ours with the whole
+    batch, ours with max_batch_size, diffusers (its whole batch)."""
+
+    def path(r: dict[str, Any]) -> tuple:
+        c = r["case"]
+        return c["model"], c["sampler"], c["estimator"], c["operator"]
+
+    for p in dict.fromkeys(path(r) for r in chunked):
+        whole = sorted((r for r in results if path(r) == p and r["case"].get("max_batch_size") is None
+                        and "memory_mb" in r), key=lambda r: r["case"]["experts"])
+        parts = sorted((r for r in chunked if path(r) == p), key=lambda r: r["case"]["experts"])
+        mb = parts[0]["case"]["max_batch_size"]
+        line = ax.plot([r["case"]["experts"] for r in whole], [r["memory_mb"]["ours"] for r in whole], "o-",
+                       label=f"SuperDiff {p[1]}+{p[2]}")[0]
+        ax.plot([r["case"]["experts"] for r in parts], [r["memory_mb"]["ours"] for r in parts], "s:",
+                color=line.get_color(), label=f"SuperDiff {p[1]}+{p[2]}, max_batch_size={mb}")
+        ax.plot([r["case"]["experts"] for r in whole], [r["memory_mb"]["diffusers"] for r in whole], "x--",
+                color=line.get_color(), alpha=0.6, label=f"diffusers ({DIFFUSERS_SCHEDULER[p[1]].replace('DiscreteScheduler', '')})")
+    ax.set_xlabel("experts N (UNet rows per image: N + 1)")
+    ax.set_ylabel("peak memory of a call (MB)")
+    ax.set_title("peak memory with and without max_batch_size")
+    ax.legend(fontsize=7)
 
 
 if __name__ == "__main__":

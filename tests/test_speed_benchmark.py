@@ -90,3 +90,54 @@ def test_the_cli_names_itself_in_the_benchmark_usage(capsys):
         _speed(argparse.Namespace(speed_args=["--help"]))
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith("usage: superdiff bench speed ")
+
+
+def test_the_chunked_cases_run_ours_with_max_batch_size_and_keep_the_other_keys():
+    full = speed.cases()
+    keys = [c.key for c in full]
+    assert len(keys) == len(set(keys))
+    chunked = [c for c in full if c.max_batch_size is not None]
+    assert {(c.sampler, c.estimator, c.experts) for c in chunked} == {
+        ("sde", "ito", 4), ("sde", "ito", 6), ("euler", "ode", 4), ("euler", "ode", 6)}
+    assert all(c.key.endswith(f"/N{c.experts}/mb3") and c.rows > 3 for c in chunked)  # more rows than one chunk
+    assert "sd64/sde+ito/and/N4" in keys  # the whole-batch case keeps its key
+    assert set(keys) <= {c.key for c in speed.all_cases()}  # --cases finds every case
+    assert not any(c.max_batch_size for c in speed.cases(quick=True))
+
+    calls = []
+
+    class Fake:
+        size = 512
+        ours = staticmethod(lambda *a, **kw: calls.append(kw))
+
+    speed.Bench.run(Fake(), "ours", chunked[0], 3)()
+    speed.Bench.run(Fake(), "ours", full[0], 3)()
+    assert [kw["max_batch_size"] for kw in calls] == [3, None]
+
+
+def test_plot_shows_peak_memory_with_and_without_max_batch_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = json.loads((REPO / "benchmarks/results/speed/results_cpu.json").read_text())
+    whole = [r for r in doc["results"] if r["key"] in ("sd64/sde+ito/and/N4", "sd64/sde+ito/and/N6")]
+    assert len(whole) == 2
+    for r in whole:
+        c = copy.deepcopy(r)
+        c["case"]["max_batch_size"] = 3
+        c["key"] += "/mb3"
+        c["memory_mb"]["ours"] = 7.0
+        doc["results"].append(c)
+    out = tmp_path / "speed_cpu.png"
+    speed.plot(doc, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig, ax = plt.subplots()
+    chunked = [r for r in doc["results"] if r["case"].get("max_batch_size")]
+    speed._plot_chunked_memory(ax, doc["results"], chunked)
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+    plt.close(fig)
+    assert lines["SuperDiff sde+ito, max_batch_size=3"] == [7.0, 7.0]
+    assert len(lines["SuperDiff sde+ito"]) == 6 and len(lines["diffusers (EulerAncestral)"]) == 6  # N = 1..6
