@@ -133,3 +133,32 @@ def test_demo_writes_its_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert summary["and"]["mode_fractions"]["top (shared)"] > 0.85
     assert 0.35 < summary["or"]["mode_fractions"]["top (shared)"] < 0.65
+
+
+@pytest.mark.parametrize("integrator, estimator, calls", [("em", "ito", 1), ("ddpm", "kernel", 1), ("euler", "fd", 2),
+                                                         ("heun", "fd", 4)])
+def test_a_steps_network_output_is_freed_before_the_next_forward(integrator, estimator, calls):
+    """Peak memory: while the network runs, nothing of an earlier step's forward is kept (the
+    loop drops the step's output, which holds the prediction and the network's whole batch)."""
+    import weakref
+
+    from superdiff.estimators import ODEEstimator
+    from superdiff.experts import SharedNetworkExperts
+
+    if estimator == "fd":  # the network pipelines' JVP: a second forward of the conditional rows
+        estimator = ODEEstimator(jvp="finite-difference")
+    outputs: list[weakref.ref] = []
+    alive: list[int] = []
+
+    def fn(x, t, cond):  # rows [expert 0 | expert 1 | uncond]: a different linear map per row
+        alive.append(sum(r() is not None for r in outputs))
+        y = x * cond[:, None] + 0.1 * t.to(x.dtype)
+        outputs.append(weakref.ref(y))
+        return y
+
+    es = SharedNetworkExperts(fn, [torch.tensor([0.5]), torch.tensor([0.8])], "epsilon",
+                              uncond_condition=torch.tensor([0.6]))
+    sample(es, schedules()["ve"], 4, operator="and", integrator=integrator, estimator=estimator,
+           guidance_scale=2.0, shape=(2, 8), generator=torch.Generator().manual_seed(0), progress=False)
+    firsts = alive[::calls]  # the first forward of each step (Heun's last step is Euler: 2 calls)
+    assert len(firsts) == 4 and firsts == [0, 0, 0, 0], alive
