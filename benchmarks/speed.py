@@ -736,6 +736,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     chunked = [r for r in doc["results"] if r["case"].get("max_batch_size") is not None and "memory_mb" in r]
     fig, axes = plt.subplots(1, 3 if chunked else 2, figsize=(19 if chunked else 13, 4.8))
     n2 = [r for r in res if r["case"]["experts"] == 2]
+    title = "N = 2 experts (3 UNet rows per image)"
+    if not n2:  # a --cases selection without N = 2: every case it ran
+        n2, title = res, "every case of this run"
     labels = [r["key"].replace("/N2", "") for r in n2]
     y = range(len(n2))
     ax = axes[0]
@@ -745,7 +748,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("time per step outside the network (ms, log)")
-    ax.set_title("N = 2 experts (3 UNet rows per image)")
+    ax.set_title(title)
     ax.legend()
     ax = axes[1]
     paths = sorted({(r["case"]["model"], r["case"]["sampler"], r["case"]["estimator"]) for r in res

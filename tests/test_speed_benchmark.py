@@ -123,6 +123,7 @@ def test_plot_shows_peak_memory_with_and_without_max_batch_size(tmp_path):
     import matplotlib.pyplot as plt
 
     doc = json.loads((REPO / "benchmarks/results/speed/results_cpu.json").read_text())
+    doc["results"] = [r for r in doc["results"] if not r["case"].get("max_batch_size")]
     whole = [r for r in doc["results"] if r["key"] in ("sd64/sde+ito/and/N4", "sd64/sde+ito/and/N6")]
     assert len(whole) == 2
     for r in whole:
@@ -141,3 +142,13 @@ def test_plot_shows_peak_memory_with_and_without_max_batch_size(tmp_path):
     plt.close(fig)
     assert lines["SuperDiff sde+ito, max_batch_size=3"] == [7.0, 7.0]
     assert len(lines["SuperDiff sde+ito"]) == 6 and len(lines["diffusers (EulerAncestral)"]) == 6  # N = 1..6
+
+
+def test_plot_of_a_run_without_an_n2_case_writes_an_image(tmp_path):
+    """`--cases` may select cases at other N only (the first panel then shows every case)."""
+    pytest.importorskip("matplotlib")
+    doc = json.loads((REPO / "benchmarks/results/speed/results_cpu.json").read_text())
+    doc["results"] = [r for r in doc["results"] if r["key"] == "sd64/sde+ito/and/N3"]
+    out = tmp_path / "speed_cpu.png"
+    speed.plot(doc, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
