@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -751,12 +752,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_title(title)
     ax.legend()
     ax = axes[1]
-    paths = sorted({(r["case"]["model"], r["case"]["sampler"], r["case"]["estimator"]) for r in res
-                    if sum(1 for q in res if (q["case"]["model"], q["case"]["sampler"], q["case"]["estimator"])
-                           == (r["case"]["model"], r["case"]["sampler"], r["case"]["estimator"])) > 1})
+    counts = Counter(_path(r) for r in res)
+    paths = sorted(p for p, n in counts.items() if n > 1)  # paths measured at several N
     for m, s, e in paths:
-        rows = sorted((r for r in res if (r["case"]["model"], r["case"]["sampler"], r["case"]["estimator"]) == (m, s, e)),
-                      key=lambda r: r["case"]["experts"])
+        rows = sorted((r for r in res if _path(r) == (m, s, e)), key=lambda r: r["case"]["experts"])
         ns = [r["case"]["experts"] for r in rows]
         line = ax.plot(ns, [r["ours"]["outside_ms"] for r in rows], "o-", label=f"SuperDiff {s}+{e}")[0]
         ax.plot(ns, [r["diffusers"]["outside_ms"] for r in rows], "x--", color=line.get_color(),
@@ -777,18 +776,19 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _path(r: dict[str, Any]) -> tuple[str, str, str]:
+    """(model, sampler, estimator) of a result: the curves the plot draws against N."""
+    c = r["case"]
+    return c["model"], c["sampler"], c["estimator"]
+
+
 def _plot_chunked_memory(ax: Any, results: list[dict[str, Any]], chunked: list[dict[str, Any]]) -> None:
     """Peak memory against N for each path that has max_batch_size cases: ours with the whole
     batch, ours with max_batch_size, diffusers (its whole batch)."""
-
-    def path(r: dict[str, Any]) -> tuple:
-        c = r["case"]
-        return c["model"], c["sampler"], c["estimator"], c["operator"]
-
-    for p in dict.fromkeys(path(r) for r in chunked):
-        whole = sorted((r for r in results if path(r) == p and r["case"].get("max_batch_size") is None
+    for p in dict.fromkeys(_path(r) for r in chunked):
+        whole = sorted((r for r in results if _path(r) == p and r["case"].get("max_batch_size") is None
                         and "memory_mb" in r), key=lambda r: r["case"]["experts"])
-        parts = sorted((r for r in chunked if path(r) == p), key=lambda r: r["case"]["experts"])
+        parts = sorted((r for r in chunked if _path(r) == p), key=lambda r: r["case"]["experts"])
         mb = parts[0]["case"]["max_batch_size"]
         line = ax.plot([r["case"]["experts"] for r in whole], [r["memory_mb"]["ours"] for r in whole], "o-",
                        label=f"SuperDiff {p[1]}+{p[2]}")[0]
