@@ -599,10 +599,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
 
+    from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     tlog.set_verbosity_error()  # the tiny tokenizer truncates prompts: expected, not news
+    dlog.set_verbosity_error()  # (diffusers' pipelines say so too)
     dtype = getattr(torch, args.dtype)
     if args.memory_child:
         _memory_main(args.memory_child, args.cases.split(","), args.steps, args.device, dtype, args.attention)

@@ -5,6 +5,7 @@ checkout the package was installed from (`pip install -e .`), with the same opti
 
     superdiff bench report [--quick | --full] [--check] ...   = python benchmarks/report.py
     superdiff bench speed ARGS                                = python benchmarks/speed.py ARGS
+    superdiff bench breakdown ARGS                            = python benchmarks/step_breakdown.py ARGS
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def _speed(args: argparse.Namespace) -> int:
     return load_benchmark("speed").main(list(args.speed_args), prog="superdiff bench speed")
 
 
+def _breakdown(args: argparse.Namespace) -> int:
+    return load_benchmark("step_breakdown").main(list(args.breakdown_args), prog="superdiff bench breakdown")
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (run from a source checkout)")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -64,3 +69,8 @@ def add_parser(sub) -> None:
                              "step vs diffusers' own pipeline (= python benchmarks/speed.py ARGS)")
     s.add_argument("speed_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/speed.py")
     s.set_defaults(func=_speed)
+    b = bsub.add_parser("breakdown", add_help=False, prefix_chars="+",
+                        help="where a SuperDiff step's time outside the network goes, part by part "
+                             "(= python benchmarks/step_breakdown.py ARGS)")
+    b.add_argument("breakdown_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/step_breakdown.py")
+    b.set_defaults(func=_breakdown)

@@ -1,0 +1,106 @@
+"""benchmarks/step_breakdown.py: exclusive per-part time of a SuperDiff step. The bookkeeping is
+checked on a fake clock, the instrumentation on a real (bundled, small) pipeline run by the
+calls it counts per step and by leaving the library as it found it. Timings are not tested."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import step_breakdown as sb  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_parts_time_excludes_the_parts_it_calls_and_counts_only_while_active(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(sb.time, "perf_counter", clock)
+    parts = sb.Parts()
+
+    def leaf():
+        clock.now += 3.0
+
+    def middle():
+        clock.now += 2.0
+        inner()
+        clock.now += 1.0
+
+    inner = parts.wrap(leaf, "leaf")
+    outer = parts.wrap(middle, "middle")
+    outer()  # not active: nothing recorded
+    assert not parts.time
+    parts.active = True
+    outer()
+    outer()
+    assert parts.time == {"middle": 6.0, "leaf": 6.0}  # middle: 2 + 1 per call, leaf 3 per call
+    assert parts.calls == {"middle": 2, "leaf": 2}
+
+    def failing():
+        clock.now += 5.0
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        parts.wrap(failing, "leaf")()  # an exception still closes the part
+    assert parts.time["leaf"] == 11.0 and not parts._stack
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import os
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return sb.speed.Bench("shapes-t2i", torch.device("cpu"))
+
+
+def test_instrumenting_a_run_counts_each_part_per_step_and_restores_the_library(bench):
+    from superdiff import estimators, operators, sampling, step
+
+    before = (sampling.superdiff_step, step._evaluate, estimators.ODEEstimator.__dict__["divergence_fd"],
+              operators.solve_and, operators.AndOperator.__dict__["kappa"], bench.ours.unet.forward)
+    case = {c.key: c for c in sb.speed.all_cases()}["shapes-t2i/euler+ode/and/N2"]
+    res = sb.breakdown_case(bench, case, steps=3, reps=1)
+    after = (sampling.superdiff_step, step._evaluate, estimators.ODEEstimator.__dict__["divergence_fd"],
+             operators.solve_and, operators.AndOperator.__dict__["kappa"], bench.ours.unet.forward)
+    assert after == before
+    assert bench.ours.progress_bar is bench.clock and not bench.timer.stub
+    for mode in ("stub", "network"):
+        calls = res[f"{mode}_calls_per_step"]
+        # euler + ode with the finite-difference JVP: the step's forward and one more at x + eps z
+        assert calls["network"] == 2.0
+        assert calls["divergence"] == calls["probes"] == calls["AND solve"] == calls["linear model"] == 1.0
+        assert calls["AND proposals and A"] == 1.0 and calls["rest of the step"] == 1.0
+        assert "clamp projection" not in calls  # two experts: the clamp is inside the closed form
+        us = res[mode]
+        assert us["outside"] > 0 and us["diffusers_outside"] > 0
+        assert us["outside"] == pytest.approx(us["step"] - us["network"])
+    text = sb.markdown({"device": "cpu", "command": "x", "steps_per_call": 3, "reps": 1, "results": [res]})
+    assert "| AND solve (" in text and "| divergence (" in text and "clamp projection" not in text
+
+
+def test_an_unknown_case_key_is_refused_with_the_keys_format():
+    with pytest.raises(ValueError, match="keys look like"):
+        sb.main(["--cases", "sd64/euler+ode/and/N9", "--out", "/nonexistent"])
+
+
+def test_the_cli_runs_it_under_its_own_name(capsys):
+    import argparse
+
+    from superdiff.bench_cli import _breakdown
+
+    with pytest.raises(SystemExit) as done:
+        _breakdown(argparse.Namespace(breakdown_args=["--help"]))
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: superdiff bench breakdown ")
