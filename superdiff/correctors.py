@@ -147,13 +147,18 @@ def leaf_scores(out: ExpertOutput, x: Tensor, t: Tensor, schedule: Schedule, gui
 
 
 def composed_prediction(out: ExpertOutput, kappa: Tensor, guidance_scale: float, x: Tensor, t: Tensor,
-                        schedule: Schedule) -> Tensor:
-    """The combined prediction sum_i kappa_i p_i + (1 - sum kappa) ref of superdiff.step."""
+                        schedule: Schedule, affine: bool | None = None) -> Tensor:
+    """The combined prediction sum_i kappa_i p_i + (1 - sum kappa) ref of superdiff.step.
+
+    affine: whether kappa sums to one (the operator's `affine`, as the step reads it: no
+    reference term and no host read); None: decided from kappa itself (one host read)."""
     from .step import combine, guided
 
     preds = guided(out, guidance_scale)
     ref = None
-    if torch.any((1.0 - kappa.to(_F64).sum(-1)).abs() > 1e-12):
+    if affine is None:
+        affine = not bool(torch.any((1.0 - kappa.to(_F64).sum(-1)).abs() > 1e-12))
+    if not affine:
         if out.uncond is not None and out.uncond.dim() < out.cond.dim():
             ref = out.uncond
         else:
@@ -162,9 +167,9 @@ def composed_prediction(out: ExpertOutput, kappa: Tensor, guidance_scale: float,
 
 
 def composed_score(out: ExpertOutput, kappa: Tensor, guidance_scale: float, x: Tensor, t: Tensor,
-                   schedule: Schedule) -> Tensor:
+                   schedule: Schedule, affine: bool | None = None) -> Tensor:
     """Score of the composed prediction (the MCMC target's score), [B, *S] float64."""
-    pred = composed_prediction(out, kappa, guidance_scale, x, t, schedule)
+    pred = composed_prediction(out, kappa, guidance_scale, x, t, schedule, affine)
     return to_score(pred.to(_F64), out.kind, x.to(_F64), schedule.alpha(t), schedule.sigma(t))
 
 
@@ -224,7 +229,11 @@ class CachedExperts(ExpertSet):
         self.inner.set_grid(times, device)
 
     def prime(self, x: Tensor, t: Tensor, out: ExpertOutput) -> None:
-        self._primed = (x.detach().clone(), float(t), out)
+        """The next evaluate(x, t) returns `out` without a forward call. The tensor itself is kept
+        (with its version counter, which an in-place change moves on): the sampler passes the
+        same tensor to the next step, recognised without reading its values back; an equal copy
+        (e.g. converted to the network's dtype) is compared value by value (one host read)."""
+        self._primed = (x, x._version, float(t), out)
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         """The inner set's conditional rows alone (the ODE estimator's JVP point): neither the
@@ -234,9 +243,10 @@ class CachedExperts(ExpertSet):
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule, *args: Any, **kwargs: Any) -> ExpertOutput:
         out = None
         if self._primed is not None and not args and not kwargs:
-            px, pt, pout = self._primed
+            px, pv, pt, pout = self._primed
             try:
-                hit = float(t) == pt and px.shape == x.shape and px.dtype == x.dtype and torch.equal(px, x)
+                hit = float(t) == pt and px.shape == x.shape and px.dtype == x.dtype and (
+                    (x is px and x._version == pv) or (x is not px and torch.equal(px, x)))
             except Exception:  # e.g. dual tensors inside a JVP
                 hit = False
             if hit:
@@ -477,6 +487,7 @@ class CorrectorRun:
         self.schedule = schedule
         self.grid = grid
         self.operator = operator
+        self.affine = bool(getattr(operator, "affine", True))  # kappa sums to one (static, as the step reads it)
         self.guidance = float(guidance_scale)
         self.model_dtype = model_dtype
         self.noise_dtype = noise_dtype
@@ -507,6 +518,10 @@ class CorrectorRun:
         self.x0 = x.clone()
         self.experts = CachedExperts(experts) if cfg.active else experts
         self.logw = torch.zeros(B, K, dtype=_F64, device=x.device)
+        self._keep = torch.arange(K, device=x.device)[None].expand(B, K)  # each particle its own ancestor
+        self._offsets = (torch.arange(B, device=x.device) * K)[:, None]  # image b's rows start at b K
+        self._monitor: Any = None  # the sampler's FiniteMonitor during after_step
+        self._step = 0
         self.ancestry: list[Tensor | None] = []
         self.ess: list[Tensor] = []
         self.resampled: list[Tensor] = []
@@ -549,10 +564,13 @@ class CorrectorRun:
         return G
 
     def after_step(self, k: int, n: int, t: Tensor, t_next: Tensor, x: Tensor, logq: Tensor,
-                   step_out: Any) -> tuple[Tensor, Tensor]:
+                   step_out: Any, monitor: Any = None) -> tuple[Tensor, Tensor]:
         """Reweight, resample (inside the window) and move the particles after step k (t -> t_next).
-        x, logq: the state after the step. Returns the corrected (x, logq)."""
+        x, logq: the state after the step. Returns the corrected (x, logq). monitor: the
+        sampler's step.FiniteMonitor, where the MCMC evaluations' non-finite values are recorded
+        on the device (read once after the loop); without one they are checked here."""
         cfg, B, K = self.cfg, self.B, self.K
+        self._monitor, self._step = monitor, k
         idx = None
         if cfg.smc:
             G = self._increment(k, t, t_next, logq - step_out.delta_logq, step_out.kappa).reshape(B, K)
@@ -563,20 +581,25 @@ class CorrectorRun:
             ess = effective_sample_size(self.logw) / K
             progress = (k + 1) / n
             lo, hi = cfg.window
-            do = (ess < cfg.ess_threshold) & (lo <= progress <= hi)
-            if cfg.ess_threshold >= 1.0 and lo <= progress <= hi:
-                do = torch.ones_like(do)
+            inside = lo <= progress <= hi  # a Python bool: the window is a fraction of the steps
+            if not inside:
+                do = torch.zeros_like(ess, dtype=torch.bool)
+            elif cfg.ess_threshold >= 1.0:
+                do = torch.ones_like(ess, dtype=torch.bool)
+            else:
+                do = ess < cfg.ess_threshold
             self.ess.append(ess)
-            self.resampled.append(do.clone())
+            self.resampled.append(do)
             u = self._uniforms()  # one draw per image and step, used or not: images stay independent
-            if bool(do.any()):
+            if inside:
+                # images below the threshold take their resampled ancestors, the others keep
+                # their own particles (an identity gather): which ones is never read back
                 local = systematic_resample(self.logw, u)  # [B, K]
-                keep = torch.arange(K, device=x.device)[None].expand(B, K)
-                local = torch.where(do[:, None], local, keep)
-                idx = (local + (torch.arange(B, device=x.device) * K)[:, None]).reshape(-1)
-                x, logq = x[idx], logq[idx]
+                local = torch.where(do[:, None], local, self._keep)
+                idx = (local + self._offsets).reshape(-1)
+                x, logq = x.index_select(0, idx), logq.index_select(0, idx)
                 if self.momentum is not None:
-                    self.momentum = self.momentum[idx]
+                    self.momentum = self.momentum.index_select(0, idx)
                 self.logw = torch.where(do[:, None], torch.zeros_like(self.logw), self.logw)
         self.ancestry.append(idx)
         if cfg.mcmc is not None and float(self.schedule.sigma(t_next)) > 0:
@@ -585,19 +608,23 @@ class CorrectorRun:
         return x, logq
 
     def _uniforms(self) -> Tensor:
+        """One uniform per image [B], drawn with the image's generator (on the generator's device,
+        diffusers' convention) and placed with the particles."""
+        dev = self.logw.device
         if self.group_generators is not None:
-            return torch.cat([torch.rand(1, generator=g, dtype=_F64, device=g.device).cpu()
+            return torch.cat([torch.rand(1, generator=g, dtype=_F64, device=g.device).to(dev)
                               for g in self.group_generators])
         gen = self.generator
-        dev = gen.device if gen is not None else "cpu"
-        return torch.rand(self.B, generator=gen, dtype=_F64, device=dev).cpu()
+        return torch.rand(self.B, generator=gen, dtype=_F64, device=gen.device if gen is not None else dev).to(dev)
 
     # -- MCMC ---------------------------------------------------------------------------------
     def _eval(self, x: Tensor, t: Tensor) -> ExpertOutput:
         xm = x.to(self.model_dtype)
         out = self.experts.inner.evaluate(xm, t, self.schedule)
         self.extra_evals += 1
-        if not torch.isfinite(out.cond).all():
+        if self._monitor is not None:
+            self._monitor.corrector(out.cond, self._step)
+        elif not torch.isfinite(out.cond).all():
             raise ValueError(f"an expert returned non-finite values during the MCMC corrector at t={float(t):g}")
         return out
 
@@ -622,7 +649,7 @@ class CorrectorRun:
         out = self._eval(x, t)
         own = self._own(out, x, t)
         kap = self._kappa(k, n, logq, kappa)
-        S = composed_score(out, kap, self.guidance, x, t, sch)
+        S = composed_score(out, kap, self.guidance, x, t, sch, self.affine)
 
         def trapezoid(dx: Tensor, own0: Tensor, own1: Tensor) -> Tensor:
             return (dx[None] * 0.5 * (own0 + own1)).sum(dim=tuple(d + 1 for d in feat)).T  # [B, M]
@@ -637,7 +664,7 @@ class CorrectorRun:
                 logq = logq + trapezoid(x_new - x, own, own_new)
                 x, own = x_new, own_new
                 kap = self._kappa(k, n, logq, kappa)
-                S = composed_score(out, kap, self.guidance, x, t, sch)
+                S = composed_score(out, kap, self.guidance, x, t, sch, self.affine)
         else:  # unadjusted underdamped HMC
             delta = cfg.scale * sig
             gam = cfg.momentum_keep
@@ -653,12 +680,14 @@ class CorrectorRun:
                     own_new = self._own(out, x_new, t)
                     logq = logq + trapezoid(x_new - x, own, own_new)
                     kap = self._kappa(k, n, logq, kappa)
-                    S = composed_score(out, kap, self.guidance, x_new, t, sch)
+                    S = composed_score(out, kap, self.guidance, x_new, t, sch, self.affine)
                     p = p + 0.5 * delta * S
                     x, own = x_new, own_new
                 self.momentum = p
-        # the next step evaluates the experts at exactly this (x, t): hand it the evaluation
-        self.experts.prime(x.to(self.dtype).to(self.model_dtype), t, out)
+        # the next step evaluates the experts at exactly this (x, t): hand it the evaluation,
+        # primed with the very tensor it will be given (the loop's x when the dtypes agree)
+        x = x.to(self.dtype)
+        self.experts.prime(x if self.model_dtype == self.dtype else x.to(self.model_dtype), t, out)
         return x, logq
 
     # -- the end ------------------------------------------------------------------------------
@@ -674,7 +703,7 @@ class CorrectorRun:
                 extra["meta"] = {"corrector_evaluations": self.extra_evals}
             return x, logq, kappas, logqs, extra
         u = self._uniforms()  # one draw per image from its categorical(w) by inversion
-        c = torch.cumsum(torch.softmax(self.logw, -1), -1).cpu()
+        c = torch.cumsum(torch.softmax(self.logw, -1), -1)
         c[:, -1] = 1.0
         pick = torch.searchsorted(c, u[:, None], right=True)[:, 0].clamp_(max=K - 1)
         rows = pick.to(x.device) + torch.arange(B, device=x.device) * K

@@ -249,7 +249,7 @@ def sample(
         kappas.append(so.kappa)
         logqs.append(logq)
         if run is not None:  # reweight / resample / MCMC moves (superdiff.correctors)
-            x, logq = run.after_step(k, n, t, t_next, x, logq, so)
+            x, logq = run.after_step(k, n, t, t_next, x, logq, so, monitor=monitor)
         if callback is not None:
             info_k, info_lq = (so.kappa, logq) if only is None else (one_hot, widen(logq))
             new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, info_k, info_lq, so))

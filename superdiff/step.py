@@ -86,7 +86,8 @@ def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
 class FiniteMonitor:
     """Records on the device whether each source produced NaN/inf, and reads it once at the end.
 
-    Sources: experts 0..M-1, the unconditional branch, the estimator. Per step and source one
+    Sources: experts 0..M-1, the unconditional branch, the estimator, and the experts'
+    evaluations of an MCMC corrector after the step (superdiff.correctors). Per step and source one
     sum of its values is kept (a device tensor: nothing is read back; the sum is non-finite
     when a value is). `check` concatenates them, makes the one host read, and raises the error
     naming the first source and step.
@@ -119,6 +120,10 @@ class FiniteMonitor:
     def delta(self, delta: Tensor, step: int) -> None:
         self._record(self.num_experts + 1, delta.sum(), step)
 
+    def corrector(self, cond: Tensor, step: int) -> None:
+        """An MCMC corrector's evaluation of the experts at the end of step `step` (at t_next)."""
+        self._record(self.num_experts + 2, cond.sum(), step)
+
     def check(self) -> None:
         """Raise ValueError for the earliest non-finite value recorded (one host read)."""
         if not self._sums:
@@ -140,6 +145,9 @@ class FiniteMonitor:
                              f"(t={t:g}); check the model, its dtype and the schedule")
         if src == self.num_experts:
             raise ValueError(f"the unconditional branch returned non-finite values at step {step} (t={t:g})")
+        if src == self.num_experts + 2:
+            raise ValueError(f"an expert returned non-finite values during the MCMC corrector after step {step} "
+                             f"(t={tn:g}); lower the corrector's step_scale or check the model")
         raise ValueError(f"the {self.estimator!r} estimator produced non-finite log-density changes at "
                          f"step {step} (t={t:g} -> {tn:g}); the grid may reach a point "
                          "where this estimator is undefined (e.g. sigma = 0): end the grid at sigma_min "

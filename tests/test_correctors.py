@@ -318,6 +318,48 @@ def test_mcmc_costs_its_moves_in_network_evaluations():
     assert len(calls) == steps + 2 * (steps - 1)  # no moves after the final step to sigma = 0
 
 
+@pytest.mark.parametrize("bad_call,msg", [
+    (2, "during the MCMC corrector after step 0"),  # call 1: step 0; call 2: the move after it
+    (1, r"expert 0 returned non-finite values \(NaN/inf\) at step 0"),  # the step's own forward comes first
+])
+def test_a_non_finite_mcmc_evaluation_is_reported_after_the_loop_with_its_step(bad_call, msg):
+    """The MCMC moves record their evaluations on the sampler's monitor (no host read per
+    move); the one read after the loop names the earliest source: the corrector after step k
+    comes after step k's own experts, before step k + 1's."""
+    es, calls = _shared_net()
+    inner = es.fn
+
+    def fn(x, t, cond):
+        out = inner(x, t, cond)
+        return out * float("nan") if len(calls) == bad_call else out
+
+    es.fn = fn
+    with pytest.raises(ValueError, match=msg):
+        sample(es, VE, 4, operator=AverageOperator([1.0, 1.0]), integrator="em", shape=(2, 2),
+               generator=torch.Generator().manual_seed(0), dtype=F64, progress=False, corrector="ula")
+    assert len(calls) == 4 + 3  # the call ran to the end: the error comes from the one read after it
+
+
+def test_the_primed_mcmc_evaluation_is_found_by_the_tensor_or_by_its_values_but_not_after_a_change():
+    from superdiff.correctors import CachedExperts
+
+    es, calls = _shared_net()
+    ce = CachedExperts(es)
+    t = torch.tensor(1.0)
+    x = torch.randn(3, 2)
+    ref = es.evaluate(x, t, VE)
+    calls.clear()
+    ce.prime(x, t, ref)
+    assert ce.evaluate(x, t, VE) is ref and calls == []  # the same tensor: no values read
+    ce.prime(x, t, ref)
+    assert ce.evaluate(x.clone(), t, VE) is ref and calls == []  # an equal copy: compared by value
+    ce.prime(x, t, ref)
+    x.add_(1.0)  # changed in place after priming
+    assert ce.evaluate(x, t, VE) is not ref and len(calls) == 1
+    ce.prime(x, t, ref)
+    assert ce.evaluate(x, torch.tensor(0.5), VE) is not ref and len(calls) == 2  # another time
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec,msg", [

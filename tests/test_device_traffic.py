@@ -97,3 +97,23 @@ def test_formula_step_reads_nothing_back(sd):
            width=64, output_type="latent", generator=gen(0), guidance_scale=5.0, sampler="sde")
 
     assert _per_step(call) == (0, 1)
+
+
+@pytest.mark.parametrize("corrector,operator,copies", [
+    ("smc:2", "or", 2),  # the step's noise and one uniform per image (drawn every step, used or not)
+    ({"particles": 2, "ess_threshold": 1.0}, "or", 2),  # resampling at every step
+    ("ula", "and", 2),  # the step's noise and the move's
+    ("hmc", "or", 2),  # the step's noise and the momentum refresh (the leapfrog draws nothing)
+    ("smc:2+ula", "or", 3)])
+def test_correctors_read_nothing_back_inside_the_loop(sd, corrector, operator, copies):
+    """The SMC corrector decides which images resample on the device (the others take an
+    identity gather), the MCMC moves record their evaluations' non-finite values on the
+    sampler's monitor, the composed score knows from the operator whether kappa sums to one, and
+    the next step recognises the primed MCMC evaluation by the tensor itself. Before: SMC failed
+    on a device (its uniforms were moved to the CPU) and every MCMC evaluation read back twice."""
+    def call(steps):
+        sd(["a circle", "something red"], num_inference_steps=steps, height=64, width=64, output_type="latent",
+           generator=gen(0), guidance_scale=5.0, operator=operator, sampler="sde", estimator="ito",
+           corrector=corrector)
+
+    assert _per_step(call) == (0, copies)
