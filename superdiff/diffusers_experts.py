@@ -108,8 +108,27 @@ def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def network_input(x: Tensor, scale: float | Tensor, dtype: torch.dtype, repeats: int = 1) -> Tensor:
+    """The network's input rows [x | x | ...] (`repeats` copies of the batch x [B, *S]), each
+    multiplied by the input scale c_in and cast to the network's dtype, written in one op: the
+    replicated rows are never materialised unscaled (SharedNetworkExperts.evaluate_rows)."""
+    if repeats == 1:
+        return _as(_scaled(x, scale), dtype)
+    out = torch.empty((repeats * x.shape[0], *x.shape[1:]), dtype=dtype, device=x.device)
+    rows = x.unsqueeze(0).expand(repeats, *x.shape)
+    if isinstance(scale, float) and scale == 1.0:
+        out.view(repeats, *x.shape).copy_(rows)
+    else:
+        torch.mul(rows, scale if isinstance(scale, float) else scale.to(dtype=x.dtype), out=out.view(repeats, *x.shape))
+    return out
+
+
 class _NetworkFn:
     """fn(x, t, cond) for SharedNetworkExperts, with `set_grid` forwarded to its TimeInputs.
+
+    It builds its input rows itself (`replicates_rows`): fn(x [B, *S], t, cond, repeats=n)
+    evaluates the n B rows [x | ... | x] (one op for the copies, the input scale and the cast,
+    network_input), so that the caller does not materialise them first.
 
     The network's dtype is read once per sampling call (at `set_grid`, or at the first call):
     diffusers' `ModelMixin.dtype` walks every submodule, which costs more than the rest of a
@@ -123,6 +142,8 @@ class _NetworkFn:
         self._dtype: torch.dtype | None = None
         self._dtype_read = False
 
+    replicates_rows = True  # see SharedNetworkExperts.evaluate_rows
+
     def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
         self.times.set_grid(times, device)
         self._dtype, self._dtype_read = None, False
@@ -135,7 +156,7 @@ class _NetworkFn:
             self._dtype, self._dtype_read = getattr(self.module, "dtype", None), True
         return self._dtype
 
-    def __call__(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: Any, repeats: int = 1) -> Tensor:
         ts, scale = self.times(t, x.device)
         dtype = self.compute_dtype or x.dtype
         if _differentiated(x):
@@ -143,9 +164,11 @@ class _NetworkFn:
             # memory-efficient) have no forward-mode / double-backward derivative; math has
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
+            if repeats > 1:  # plain ops on traced tensors (no out=)
+                x, repeats = torch.cat([x] * repeats), 1
             with sdpa_kernel([SDPBackend.MATH]):
-                return self._call(x, ts, scale, cond, dtype)
-        return self._call(x, ts, scale, cond, dtype)
+                return self._call(x, ts, scale, cond, dtype, repeats)
+        return self._call(x, ts, scale, cond, dtype, repeats)
 
 
 def unet_forward(unet: torch.nn.Module, schedule: Schedule,
@@ -158,7 +181,7 @@ def unet_forward(unet: torch.nn.Module, schedule: Schedule,
     (TimeInputs: looked up, not computed, on a grid set by `sample`).
     """
 
-    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any, dtype: torch.dtype) -> Tensor:
+    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any, dtype: torch.dtype, repeats: int) -> Tensor:
         kw: dict[str, Any] = {}
         if cond is not None:
             if "encoder_hidden_states" in cond:
@@ -170,7 +193,7 @@ def unet_forward(unet: torch.nn.Module, schedule: Schedule,
                                            "time_ids": _as(cond["time_ids"], dtype)}
             if "class_labels" in cond:
                 kw["class_labels"] = cond["class_labels"]
-        out = unet(_as(_scaled(x, scale), dtype), ts, return_dict=False, **kw)[0]
+        out = unet(network_input(x, scale, dtype, repeats), ts, return_dict=False, **kw)[0]
         return _as(out, x.dtype)
 
     return _NetworkFn(unet, TimeInputs(schedule), call)
@@ -187,11 +210,12 @@ def transformer_forward(transformer: torch.nn.Module, schedule: Schedule, timest
     joint_attention_kwargs).
     """
 
-    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any, dtype: torch.dtype) -> Tensor:
+    def call(x: Tensor, ts: Tensor, scale: float | Tensor, cond: Any, dtype: torch.dtype, repeats: int) -> Tensor:
         kw: dict[str, Any] = dict(fixed)
         for k, v in (cond or {}).items():
             kw[k] = v if k == "guidance" else _as(v, dtype)
-        out = transformer(hidden_states=_as(x, dtype), timestep=ts.expand(x.shape[0]), return_dict=False, **kw)[0]
+        out = transformer(hidden_states=network_input(x, 1.0, dtype, repeats), timestep=ts.expand(repeats * x.shape[0]),
+                          return_dict=False, **kw)[0]
         return _as(out, x.dtype)
 
     return _NetworkFn(transformer, TimeInputs(schedule, timestep_divisor, scaled=False), call)

@@ -107,13 +107,15 @@ class ExpertSet:
         return self.num_experts
 
 
-def _check_pred(out: Tensor, x: Tensor, who: str) -> Tensor:
+def _check_pred(out: Tensor, x: Tensor, who: str, rows: int | None = None) -> Tensor:
+    """out, checked to have x's shape (rows: x's shape with that many rows instead)."""
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"{who} returned {type(out).__name__}, expected a tensor")
-    if out.shape != x.shape:
+    want = x.shape if rows is None else torch.Size((rows, *x.shape[1:]))
+    if out.shape != want:
         raise ValueError(
             f"{who} returned a prediction of shape {tuple(out.shape)} for x of shape "
-            f"{tuple(x.shape)}; experts must return the shape of their input"
+            f"{tuple(want)}; experts must return the shape of their input"
         )
     return out
 
@@ -238,7 +240,10 @@ class SharedNetworkExperts(ExpertSet):
 
     fn(x [N, *S], t (0-d float64), cond) -> [N, *S], where cond is the conditions of the N
     rows concatenated along dim 0 (tensors or dicts of tensors). Rows are laid out as
-    [expert 0 | expert 1 | ... | uncond], each block the whole batch B.
+    [expert 0 | expert 1 | ... | uncond], each block the whole batch B. A fn with
+    `replicates_rows = True` is called as fn(x [B, *S], t, cond, repeats=n) for the n B rows
+    [x | ... | x] and builds them itself (diffusers_experts.network_input: the copies, the
+    input scale and the cast in one op), when they go through one call (no max_batch_size split).
     """
 
     def __init__(self, fn: Callable[[Tensor, Tensor, Any], Tensor], conditions: Sequence[Any],
@@ -263,13 +268,17 @@ class SharedNetworkExperts(ExpertSet):
         B = x.shape[0]
         rows = tuple(rows)
         nb = len(rows)
-        xb = x if nb == 1 else torch.cat([x] * nb)  # [row 0 | row 1 | ...], each B (cat: a third of repeat's time)
         key = (rows, B)
         if key not in self._batched:  # the conditions never change: concatenate them once
             conds = self.conditions + [self.uncond_condition]
             self._batched[key] = _cat_conditions([conds[r] for r in rows], B)
         cb = self._batched[key]
         step = self.max_batch_size or nb * B
+        if nb > 1 and step >= nb * B and getattr(self.fn, "replicates_rows", False):
+            out = self.fn(x, t, cb, repeats=nb)  # it writes the rows [x | ... | x] into its input itself
+            self.num_forward_calls += 1
+            return _check_pred(out, x, "the shared network", rows=nb * B).reshape(nb, *x.shape)
+        xb = x if nb == 1 else torch.cat([x] * nb)  # [row 0 | row 1 | ...], each B (cat: a third of repeat's time)
         outs = []
         for lo in range(0, nb * B, step):
             if step >= nb * B:  # one call: no slicing

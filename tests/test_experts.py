@@ -69,6 +69,61 @@ def test_shared_network_experts_make_one_batched_call_per_chunk():
     assert calls == [4, 4, 2] and es2.num_forward_calls == 3
 
 
+class _Replicating:
+    """A network fn that builds its own input rows (fn.replicates_rows): records what it is given."""
+
+    replicates_rows = True
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, cond, repeats=1):
+        self.calls.append((x.shape[0], repeats))
+        rows = torch.cat([x] * repeats)
+        return rows * 0.1 + cond[:, None]
+
+
+def test_a_network_fn_that_replicates_its_rows_gets_the_batch_once_and_gives_the_same_predictions():
+    """The rows [x | ... | x] of one call are built by the network fn itself (unet_forward: one op
+    with the input scale), so the caller never materialises them: the fn gets x [B] and repeats;
+    split calls (max_batch_size) still get their slices of the materialised rows."""
+    conds = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0])]
+    x = torch.randn(5, 2)
+    t, sch = torch.tensor(1.0), schedules()["ve"]
+    fn = _Replicating()
+    out = SharedNetworkExperts(fn, conds, "epsilon", uncond_condition=torch.tensor([0.0])).evaluate(x, t, sch)
+    assert fn.calls == [(5, 4)]
+    ref = SharedNetworkExperts(lambda x, t, c: x * 0.1 + c[:, None], conds, "epsilon",
+                               uncond_condition=torch.tensor([0.0])).evaluate(x, t, sch)
+    assert torch.equal(out.cond, ref.cond) and torch.equal(out.uncond, ref.uncond)
+    fn.calls.clear()
+    SharedNetworkExperts(fn, conds, "epsilon", max_batch_size=4).evaluate(x, t, sch)
+    assert fn.calls == [(4, 1), (4, 1), (4, 1), (3, 1)]  # 15 materialised rows in slices
+    fn.calls.clear()
+    SharedNetworkExperts(fn, conds[:1], "epsilon").evaluate(x, t, sch)
+    assert fn.calls == [(5, 1)]  # one row block: x itself
+
+    def wrong(x, t, cond, repeats=1):
+        return x
+
+    wrong.replicates_rows = True
+    with pytest.raises(ValueError, match=r"shape \(5, 2\) for x of shape \(15, 2\)"):
+        SharedNetworkExperts(wrong, conds, "epsilon").evaluate(x, t, sch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 0.5, "tensor"])
+def test_network_input_is_the_scaled_replicated_rows_in_the_networks_dtype(dtype, scale):
+    from superdiff.diffusers_experts import network_input
+
+    x = torch.randn(2, 3, 4)
+    c = torch.tensor(0.25, dtype=torch.float64) if scale == "tensor" else scale
+    want = torch.cat([x] * 3) * (c.float() if scale == "tensor" else c)
+    got = network_input(x, c, dtype, 3)
+    assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, want.to(dtype))
+    assert torch.equal(network_input(x, c, dtype, 1), (x * (c.float() if scale == "tensor" else c)).to(dtype))
+
+
 def test_expert_list_converts_to_one_kind_and_checks_shapes():
     sch = schedules()["vp"]
     e_eps, e_x0 = GaussianMixtureExpert([[1.0, 0.0]], 0.5), GaussianMixtureExpert([[1.0, 0.0]], 0.5, prediction_type="sample")
