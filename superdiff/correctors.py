@@ -611,9 +611,10 @@ class CorrectorRun:
         """One uniform per image [B], drawn with the image's generator (on the generator's device,
         diffusers' convention) and placed with the particles."""
         dev = self.logw.device
-        if self.group_generators is not None:
-            return torch.cat([torch.rand(1, generator=g, dtype=_F64, device=g.device).to(dev)
-                              for g in self.group_generators])
+        gens = self.group_generators
+        if gens is not None:  # one draw per image's generator, joined where they live, moved once
+            on = gens[0].device if len({g.device for g in gens}) == 1 else dev
+            return torch.cat([torch.rand(1, generator=g, dtype=_F64, device=g.device).to(on) for g in gens]).to(dev)
         gen = self.generator
         return torch.rand(self.B, generator=gen, dtype=_F64, device=gen.device if gen is not None else dev).to(dev)
 

@@ -110,17 +110,15 @@ def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def network_input(x: Tensor, scale: float | Tensor, dtype: torch.dtype, repeats: int = 1) -> Tensor:
     """The network's input rows [x | x | ...] (`repeats` copies of the batch x [B, *S]), each
-    multiplied by the input scale c_in and cast to the network's dtype, written in one op: the
-    replicated rows are never materialised unscaled (SharedNetworkExperts.evaluate_rows)."""
+    multiplied by the input scale c_in, in the network's dtype. The scaled rows are written by
+    one op from a broadcast view of x: the copies are never materialised unscaled
+    (SharedNetworkExperts.evaluate_rows); without a scale they are one `cat`."""
     if repeats == 1:
         return _as(_scaled(x, scale), dtype)
-    out = torch.empty((repeats * x.shape[0], *x.shape[1:]), dtype=dtype, device=x.device)
-    rows = x.unsqueeze(0).expand(repeats, *x.shape)
     if isinstance(scale, float) and scale == 1.0:
-        out.view(repeats, *x.shape).copy_(rows)
-    else:
-        torch.mul(rows, scale if isinstance(scale, float) else scale.to(dtype=x.dtype), out=out.view(repeats, *x.shape))
-    return out
+        return _as(torch.cat([x] * repeats), dtype)
+    s = scale if isinstance(scale, float) else scale.to(dtype=x.dtype)
+    return _as(torch.mul(x.expand(repeats, *x.shape), s).flatten(0, 1), dtype)
 
 
 class _NetworkFn:
