@@ -520,8 +520,6 @@ class CorrectorRun:
         self.logw = torch.zeros(B, K, dtype=_F64, device=x.device)
         self._keep = torch.arange(K, device=x.device)[None].expand(B, K)  # each particle its own ancestor
         self._offsets = (torch.arange(B, device=x.device) * K)[:, None]  # image b's rows start at b K
-        self._monitor: Any = None  # the sampler's FiniteMonitor during after_step
-        self._step = 0
         self.ancestry: list[Tensor | None] = []
         self.ess: list[Tensor] = []
         self.resampled: list[Tensor] = []
@@ -570,7 +568,6 @@ class CorrectorRun:
         sampler's step.FiniteMonitor, where the MCMC evaluations' non-finite values are recorded
         on the device (read once after the loop); without one they are checked here."""
         cfg, B, K = self.cfg, self.B, self.K
-        self._monitor, self._step = monitor, k
         idx = None
         if cfg.smc:
             G = self._increment(k, t, t_next, logq - step_out.delta_logq, step_out.kappa).reshape(B, K)
@@ -603,7 +600,7 @@ class CorrectorRun:
                 self.logw = torch.where(do[:, None], torch.zeros_like(self.logw), self.logw)
         self.ancestry.append(idx)
         if cfg.mcmc is not None and float(self.schedule.sigma(t_next)) > 0:
-            x, logq = self._mcmc(k, n, t_next, x, logq, step_out.kappa)
+            x, logq = self._mcmc(k, n, t_next, x, logq, step_out.kappa, monitor)
             x = x.to(self.dtype)
         return x, logq
 
@@ -619,12 +616,14 @@ class CorrectorRun:
         return torch.rand(self.B, generator=gen, dtype=_F64, device=gen.device if gen is not None else dev).to(dev)
 
     # -- MCMC ---------------------------------------------------------------------------------
-    def _eval(self, x: Tensor, t: Tensor) -> ExpertOutput:
+    def _eval(self, x: Tensor, t: Tensor, k: int, monitor: Any) -> ExpertOutput:
+        """The experts at the MCMC point (x, t) after step k; non-finite values recorded on the
+        sampler's monitor (read after the loop), or checked here without one."""
         xm = x.to(self.model_dtype)
         out = self.experts.inner.evaluate(xm, t, self.schedule)
         self.extra_evals += 1
-        if self._monitor is not None:
-            self._monitor.corrector(out.cond, self._step)
+        if monitor is not None:
+            monitor.corrector(out.cond, k)
         elif not torch.isfinite(out.cond).all():
             raise ValueError(f"an expert returned non-finite values during the MCMC corrector at t={float(t):g}")
         return out
@@ -640,14 +639,15 @@ class CorrectorRun:
         sch = self.schedule
         return to_score(out.cond.to(_F64), out.kind, x, sch.alpha(t), sch.sigma(t))
 
-    def _mcmc(self, k: int, n: int, t: Tensor, x: Tensor, logq: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
+    def _mcmc(self, k: int, n: int, t: Tensor, x: Tensor, logq: Tensor, kappa: Tensor,
+              monitor: Any = None) -> tuple[Tensor, Tensor]:
         from .step import randn
 
         cfg, sch = self.cfg, self.schedule
         sig = float(sch.sigma(t))
         x = x.to(_F64)
         feat = tuple(range(1, x.dim()))
-        out = self._eval(x, t)
+        out = self._eval(x, t, k, monitor)
         own = self._own(out, x, t)
         kap = self._kappa(k, n, logq, kappa)
         S = composed_score(out, kap, self.guidance, x, t, sch, self.affine)
@@ -660,7 +660,7 @@ class CorrectorRun:
             for _ in range(cfg.mcmc_steps):
                 z = randn(x.shape, self.row_generator, self.noise_dtype, x.device).to(_F64)
                 x_new = ula_move(x, S, eps, z)
-                out = self._eval(x_new, t)
+                out = self._eval(x_new, t, k, monitor)
                 own_new = self._own(out, x_new, t)
                 logq = logq + trapezoid(x_new - x, own, own_new)
                 x, own = x_new, own_new
@@ -677,7 +677,7 @@ class CorrectorRun:
                 for _ in range(cfg.leapfrog):
                     p = p + 0.5 * delta * S
                     x_new = x + delta * p
-                    out = self._eval(x_new, t)
+                    out = self._eval(x_new, t, k, monitor)
                     own_new = self._own(out, x_new, t)
                     logq = logq + trapezoid(x_new - x, own, own_new)
                     kap = self._kappa(k, n, logq, kappa)
