@@ -92,7 +92,6 @@ class Parts:
                     self.time[label] += elapsed - frame[1]
                     self.calls[label] += 1
 
-        timed.__wrapped_part__ = label  # type: ignore[attr-defined]
         return timed
 
 
@@ -134,9 +133,7 @@ def instrument(bench: "speed.Bench", parts: Parts) -> Callable[[], None]:
 
             undo.append((cls, "kappa", inner))
             cls.kappa = parts.wrap(kappa, "operator")
-    net = bench.ours.unet
-    undo.append((net, "forward", net.forward))
-    net.forward = parts.wrap(net.forward, "network")
+    _patch(bench.ours.unet, "forward", parts, "network", undo)  # the instance's own (speed.NetworkTimer's)
 
     def restore() -> None:
         for owner, name, fn in reversed(undo):
