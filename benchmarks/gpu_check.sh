@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16's GPU measurements in one prepared run, sized for a 15-minute device lease
-# (estimated at about 6 minutes on one H100; not yet run on one): see docs/performance.md, "On a GPU".
+# (estimated at about 7 minutes on one H100; not yet run on one): see docs/performance.md, "On a GPU".
 #
 #   bash benchmarks/gpu_check.sh            # on a machine with CUDA, from the repo root
 #
@@ -8,7 +8,8 @@
 #    every sampler/estimator at N = 2 (batch 3): the 3%-of-the-step target and the rest;
 # 2. the same three quick paths with the math attention (no fused kernel) and, when
 #    installed, xformers;
-# 3. the quick sd64 cases in float32 (the CPU table's layout, on the GPU).
+# 3. the quick sd64 cases in float32 (the CPU table's layout, on the GPU);
+# 4. benchmarks/step_breakdown.py on three sd64 cases.
 # Results go to benchmarks/results/speed/ (labels gpu-*); where the device tool's $OUT is
 # set they are also packed into $OUT/gpu_results.tar.gz after every run (the tool returns at
 # most 8 files, and what is under $OUT when a command is stopped at its time limit).
@@ -57,3 +58,9 @@ else
     echo "xformers is not installed: its run is skipped (the package's gpu extra, pip install 'superdiff[gpu]', adds it)"
 fi
 run --quick --steps 4 --label gpu-sd64
+# 4. where the step's time goes, part by part (sd64, float32): on a GPU the parts' times are the
+#    host's launch work (the network's own time is synchronised by speed.py's timer)
+"$PY" benchmarks/step_breakdown.py --device cuda --out "$DEST" --label gpu-sd64 --steps 12 --reps 3 \
+    --cases sd64/euler+ode/and/N2,sd64/euler+ode/and/N3,sd64/sde+ito/and/N2 \
+    || echo "gpu_check: the breakdown failed" >&2
+pack
