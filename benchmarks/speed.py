@@ -596,15 +596,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep the cases already in partial_<label>.json")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import warnings
-
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    tlog.set_verbosity_error()  # the tiny tokenizer truncates prompts: expected, not news
-    dlog.set_verbosity_error()  # (diffusers' pipelines say so too)
+    quiet_libraries()
     dtype = getattr(torch, args.dtype)
     if args.memory_child:
         _memory_main(args.memory_child, args.cases.split(","), args.steps, args.device, dtype, args.attention)
@@ -676,6 +668,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     partial.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(markdown(doc))
     return 0
+
+
+def quiet_libraries() -> None:
+    """Offline hub lookups, and none of the libraries' expected chatter: the tiny tokenizer
+    truncates prompts (transformers and diffusers' pipelines say so), FutureWarnings."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
 
 
 def markdown(doc: dict[str, Any]) -> str:

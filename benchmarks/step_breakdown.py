@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
 import time
@@ -241,12 +240,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ValueError(f"--steps must be >= 3 (the first step is not counted), got {args.steps}")
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    tlog.set_verbosity_error()  # the tiny tokenizer truncates prompts: expected, not news
-    dlog.set_verbosity_error()  # (diffusers' pipelines say so too)
+    speed.quiet_libraries()
     torch.set_num_threads(args.threads)
     known = {c.key: c for c in speed.all_cases()}
     keys = [k for k in args.cases.split(",") if k]

@@ -600,8 +600,7 @@ class CorrectorRun:
                 self.logw = torch.where(do[:, None], torch.zeros_like(self.logw), self.logw)
         self.ancestry.append(idx)
         if cfg.mcmc is not None and float(self.schedule.sigma(t_next)) > 0:
-            x, logq = self._mcmc(k, n, t_next, x, logq, step_out.kappa, monitor)
-            x = x.to(self.dtype)
+            x, logq = self._mcmc(k, n, t_next, x, logq, step_out.kappa, monitor)  # x in the loop's dtype
         return x, logq
 
     def _uniforms(self) -> Tensor:
