@@ -201,7 +201,8 @@ class CachedExperts(ExpertSet):
         self.prediction_type = inner.prediction_type
         self.num_experts = inner.num_experts
         self.has_uncond = inner.has_uncond
-        self._primed: tuple[Tensor, float, ExpertOutput] | None = None
+        self._primed: tuple[Tensor, int, float, ExpertOutput] | None = None
+        self._source: tuple[Tensor, int, Tensor] | None = None  # (sampler's x, its version, primed copy)
         self.last: tuple[Tensor, float, ExpertOutput] | None = None
 
     @property
@@ -228,12 +229,20 @@ class CachedExperts(ExpertSet):
     def set_grid(self, times: Sequence[Tensor], device: Any = None) -> None:
         self.inner.set_grid(times, device)
 
-    def prime(self, x: Tensor, t: Tensor, out: ExpertOutput) -> None:
+    def prime(self, x: Tensor, t: Tensor, out: ExpertOutput, source: Tensor | None = None) -> None:
         """The next evaluate(x, t) returns `out` without a forward call. The tensor itself is kept
         (with its version counter, which an in-place change moves on): the sampler passes the
         same tensor to the next step, recognised without reading its values back; an equal copy
-        (e.g. converted to the network's dtype) is compared value by value (one host read)."""
+        is compared value by value (one host read). source: the sampler's own x when x is its
+        copy in the models' dtype; the step's `model_input(source, dtype)` then returns x itself."""
         self._primed = (x, x._version, float(t), out)
+        self._source = None if source is None or source is x else (source, source._version, x)
+
+    def model_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        src = self._source
+        if src is not None and x is src[0] and x._version == src[1] and src[2].dtype == dtype:
+            return src[2]
+        return super().model_input(x, dtype)
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         """The inner set's conditional rows alone (the ODE estimator's JVP point): neither the
@@ -251,7 +260,7 @@ class CachedExperts(ExpertSet):
                 hit = False
             if hit:
                 out = pout
-            self._primed = None
+            self._primed = self._source = None
         if out is None:
             out = self.inner.evaluate(x, t, schedule, *args, **kwargs)
         try:
@@ -687,7 +696,10 @@ class CorrectorRun:
         # the next step evaluates the experts at exactly this (x, t): hand it the evaluation,
         # primed with the very tensor it will be given (the loop's x when the dtypes agree)
         x = x.to(self.dtype)
-        self.experts.prime(x if self.model_dtype == self.dtype else x.to(self.model_dtype), t, out)
+        if self.model_dtype == self.dtype:
+            self.experts.prime(x, t, out)
+        else:  # the step will ask for x in the models' dtype (model_input): this very copy
+            self.experts.prime(x.to(self.model_dtype), t, out, source=x)
         return x, logq
 
     # -- the end ------------------------------------------------------------------------------

@@ -83,6 +83,13 @@ class ExpertSet:
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         raise NotImplementedError
 
+    def model_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """x as the step hands it to `evaluate`: in `dtype` (the models' dtype), without an op
+        when it already is. A set that primed an evaluation at a converted copy of the sampler's
+        x (superdiff.correctors.CachedExperts) returns that very copy, so that `evaluate`
+        recognises it by identity instead of comparing values (a host read)."""
+        return x if x.dtype == dtype else x.to(dtype)
+
     def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
         """Called by `sample` once before its loop with the grid's times (the 0-d tensors every
         step will pass as t): experts may precompute what they feed their networks at each one

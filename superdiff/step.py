@@ -165,7 +165,7 @@ class StepOutput:
 
 def _forward(experts: ExpertSet, x: Tensor, t: Tensor, schedule: Schedule, model_dtype: torch.dtype) -> ExpertOutput:
     """Every row (conditional and unconditional) in one forward, back in x's dtype."""
-    out = experts.evaluate(_as(x, model_dtype), t, schedule)
+    out = experts.evaluate(experts.model_input(x, model_dtype), t, schedule)
     if out.cond.dtype == x.dtype and (out.uncond is None or out.uncond.dtype == x.dtype):
         return out
     if out.stacked is not None:

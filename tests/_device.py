@@ -10,8 +10,8 @@ _F = torch.ops.aten
 
 
 class StandInDevice(TorchDispatchMode):
-    """Counts host reads of meta tensors (`.item()`, `bool(t)`, `.tolist()`, a copy back to the
-    CPU; answered with a dummy value: 1, True, ones) and copies from the CPU onto the meta device
+    """Counts host reads of meta tensors (`.item()`, `bool(t)`, `.tolist()`, `torch.equal`, a copy
+    back to the CPU; answered with a dummy value: 1, True, ones) and copies from the CPU onto the meta device
     (on a GPU, a copy the host waits for unless its memory is pinned)."""
 
     def __init__(self) -> None:
@@ -24,6 +24,9 @@ class StandInDevice(TorchDispatchMode):
         if func is _F._local_scalar_dense.default and args[0].device.type == "meta":
             self.reads += 1
             return {torch.bool: True}.get(args[0].dtype, 1)
+        if func is _F.equal.default and args[0].device.type == "meta":
+            self.reads += 1  # torch.equal answers a Python bool: the device waits for the comparison
+            return True
         if func is _F._to_copy.default and args[0].device.type == "meta" and str(kwargs.get("device")) == "cpu":
             self.reads += 1  # a copy back to the host: ones (finite, True) stand in for the data
             return torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)

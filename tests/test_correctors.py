@@ -360,6 +360,38 @@ def test_the_primed_mcmc_evaluation_is_found_by_the_tensor_or_by_its_values_but_
     assert ce.evaluate(x, torch.tensor(0.5), VE) is not ref and len(calls) == 2  # another time
 
 
+def test_the_primed_evaluation_at_a_copy_in_the_models_dtype_is_handed_over_by_identity():
+    """The MCMC end point is primed at its copy in the networks' dtype (an fp16 UNet, float32
+    latents); the step asks for exactly that copy (model_input) and evaluate recognises it by
+    identity: no value comparison, which on a GPU is a host read every step."""
+    from superdiff.correctors import CachedExperts
+
+    es, calls = _shared_net()
+    ce = CachedExperts(es)
+    t = torch.tensor(1.0)
+    x = torch.randn(3, 2, dtype=F64)  # the sampler's x
+    xm = x.to(torch.float32)  # the copy in the models' dtype the MCMC evaluation was made at
+    ref = es.evaluate(xm, t, VE)
+    calls.clear()
+    ce.prime(xm, t, ref, source=x)
+    got = ce.model_input(x, torch.float32)
+    assert got is xm
+    equal = torch.equal
+    try:
+        torch.equal = lambda *a: pytest.fail("the primed copy was compared by value")
+        assert ce.evaluate(got, t, VE) is ref and calls == []
+    finally:
+        torch.equal = equal
+    # used once: the next step converts afresh (a new tensor) and evaluates
+    assert ce.model_input(x, torch.float32) is not xm
+    ce.prime(xm, t, ref, source=x)
+    x.add_(1.0)  # the sampler's x changed after priming: a fresh conversion, a forward call
+    fresh = ce.model_input(x, torch.float32)
+    assert fresh is not xm and ce.evaluate(fresh, t, VE) is not ref and len(calls) == 1
+    ce.prime(xm, t, ref, source=x)
+    assert ce.model_input(x, torch.float16) is not xm  # another dtype asked for: converted afresh
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec,msg", [

@@ -117,3 +117,23 @@ def test_correctors_read_nothing_back_inside_the_loop(sd, corrector, operator, c
            corrector=corrector)
 
     assert _per_step(call) == (0, copies)
+
+
+@pytest.fixture(scope="module")
+def sd_fp16():
+    pipe = _on_meta(SuperDiffStableDiffusionPipeline(**tiny_sd_components(0)))
+    pipe.unet.to(dtype=torch.float16)
+    return pipe
+
+
+@pytest.mark.parametrize("corrector", ["ula", "hmc"])
+def test_an_fp16_network_with_float32_latents_reads_nothing_back_after_an_mcmc_move(sd_fp16, corrector):
+    """The move's end point is primed at its fp16 copy, which the next step is handed by
+    identity (CachedExperts.model_input): before, the step converted afresh and the primed
+    evaluation was found by comparing values, one host read per step."""
+    def call(steps):
+        sd_fp16(["a circle", "something red"], num_inference_steps=steps, height=64, width=64,
+                output_type="latent", generator=gen(0), guidance_scale=5.0, operator="or", sampler="sde",
+                estimator="ito", corrector=corrector)
+
+    assert _per_step(call) == (0, 2)
