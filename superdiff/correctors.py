@@ -202,7 +202,7 @@ class CachedExperts(ExpertSet):
         self.num_experts = inner.num_experts
         self.has_uncond = inner.has_uncond
         self._primed: tuple[Tensor, int, float, ExpertOutput] | None = None
-        self._source: tuple[Tensor, int, Tensor] | None = None  # (sampler's x, its version, primed copy)
+        self._source: tuple[Tensor, int] | None = None  # (sampler's x, its version) when _primed holds its copy
         self.last: tuple[Tensor, float, ExpertOutput] | None = None
 
     @property
@@ -236,12 +236,12 @@ class CachedExperts(ExpertSet):
         is compared value by value (one host read). source: the sampler's own x when x is its
         copy in the models' dtype; the step's `model_input(source, dtype)` then returns x itself."""
         self._primed = (x, x._version, float(t), out)
-        self._source = None if source is None or source is x else (source, source._version, x)
+        self._source = None if source is None or source is x else (source, source._version)
 
     def model_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        src = self._source
-        if src is not None and x is src[0] and x._version == src[1] and src[2].dtype == dtype:
-            return src[2]
+        src, primed = self._source, self._primed
+        if src is not None and x is src[0] and x._version == src[1] and primed[0].dtype == dtype:
+            return primed[0]
         return super().model_input(x, dtype)
 
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
