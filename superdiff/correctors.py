@@ -694,12 +694,11 @@ class CorrectorRun:
                     x, own = x_new, own_new
                 self.momentum = p
         # the next step evaluates the experts at exactly this (x, t): hand it the evaluation,
-        # primed with the very tensor it will be given (the loop's x when the dtypes agree)
+        # primed with the very tensor it will be given: its copy in the models' dtype, which the
+        # step asks for through model_input (the loop's x itself when the dtypes agree: `to`
+        # returns it, and prime keeps no source then)
         x = x.to(self.dtype)
-        if self.model_dtype == self.dtype:
-            self.experts.prime(x, t, out)
-        else:  # the step will ask for x in the models' dtype (model_input): this very copy
-            self.experts.prime(x.to(self.model_dtype), t, out, source=x)
+        self.experts.prime(x.to(self.model_dtype), t, out, source=x)
         return x, logq
 
     # -- the end ------------------------------------------------------------------------------
