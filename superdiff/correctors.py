@@ -707,7 +707,7 @@ class CorrectorRun:
         """One particle per image (drawn in proportion to its final weight) and the trace of its
         ancestry. Returns x [B], logq [B, M], kappas, logqs (per step, [B, M]) and the extra
         trace fields."""
-        B, K = self.B, self.K
+        K = self.K
         extra: dict[str, Any] = {}
         if K == 1:
             if self.cfg.mcmc is not None:
@@ -717,7 +717,7 @@ class CorrectorRun:
         c = torch.cumsum(torch.softmax(self.logw, -1), -1)
         c[:, -1] = 1.0
         pick = torch.searchsorted(c, u[:, None], right=True)[:, 0].clamp_(max=K - 1)
-        rows = pick.to(x.device) + torch.arange(B, device=x.device) * K
+        rows = pick + self._offsets[:, 0]  # pick is on the particles' device (the weights')
         x_out, logq_out = x[rows], logq[rows]
         n = len(kappas)
         k_sel: list[Tensor] = [None] * n  # type: ignore[list-item]
