@@ -205,6 +205,14 @@ class Composition:
         if c.estimator not in ESTIMATOR_CHOICES:
             raise _fail("estimator", f"unknown estimator {self.estimator!r}; choose one of "
                                      f"{', '.join(str(e) for e in ESTIMATOR_CHOICES[1:])} or leave it empty")
+        if c.estimator not in (None, "none"):  # the pair every pipeline refuses, refused before a model loads
+            from .estimators import check_pair, make_estimator
+            from .integrators import make_integrator
+
+            try:
+                check_pair(make_estimator(c.estimator), make_integrator(c.sampler))
+            except ValueError as e:
+                raise _fail("estimator", f"with sampler {c.sampler!r}: {e}") from None
         c.steps = _int(c.steps, "steps", 1, 10_000)
         c.num_images = _int(c.num_images, "num_images", 1, 10_000)
         c.seed = _int(c.seed, "seed", 0, 2**63 - 1)
