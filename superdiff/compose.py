@@ -274,6 +274,8 @@ class Composition:
                 raise _fail(name, f"{len(v)} values for {n_experts} experts "
                                   f"({len(c.prompts)} prompts + {len(c.extra_models)} extra models"
                                   + (f", {len(c.adapters)} adapters" if c.adapters else "") + ")")
+        if c.corrector is not None and c.operator != "joint" and c.operator not in ADAPTER_OPERATORS:
+            _check_corrector(c, n_experts if c.prompts else 1 + len(c.extra_models))
         return c
 
     def image_record(self, index: int) -> "Composition":
@@ -367,6 +369,27 @@ def _check_formula_fields(c: "Composition") -> None:
     if c.prompts and c.prompts != f.names:
         raise _fail("prompts", f"give either prompts or a compose formula; the formula's experts are {f.names}")
     c.prompts = list(f.names)
+
+
+def _check_corrector(c: "Composition", n_experts: int) -> None:
+    """The corrector against the operator and sampler, as every pipeline checks it
+    (Corrector.check: SMC needs a stochastic sampler and an operator with a target density),
+    before a model loads. Only the operator's kind and OR's temperature decide that."""
+    from .correctors import make_corrector
+    from .formula import FormulaOperator
+    from .integrators import make_integrator
+    from .operators import make_operator
+
+    if c.compose is not None:
+        op: Any = FormulaOperator(c.compose, and_mode=c.and_mode)
+        n_experts = op.formula.num_experts
+    else:
+        t = {"temperature": c.temperature} if c.operator == "or" and c.temperature is not None else {}
+        op = make_operator(c.operator, **t)
+    try:
+        make_corrector(c.corrector).check(op, make_integrator(c.sampler), max(n_experts, 1))
+    except ValueError as e:
+        raise _fail("corrector", str(e)) from None
 
 
 def _str_list(v: Any, name: str) -> list[str]:

@@ -17,6 +17,9 @@ from superdiff.registry import bundled_model_path
     ({"estimator": "magic"}, "estimator: unknown estimator 'magic'"),
     ({"estimator": "ode", "sampler": "sde"}, "estimator: with sampler 'sde': estimator 'ode' is not valid"),
     ({"estimator": "ito", "sampler": "euler"}, "use estimator 'none' or 'ode'"),
+    ({"operator": "and", "corrector": "smc:4"}, "corrector: SuperDiff's AND samples where the experts' densities"),
+    ({"compose": '"a" & "b"', "prompts": None, "corrector": "smc"}, "corrector: SuperDiff's AND samples"),
+    ({"operator": "or", "corrector": "smc:4", "sampler": "euler"}, "corrector: SMC (particles=4) needs a stochastic"),
     ({"estimator": "kernel", "sampler": "heun"}, "estimator: with sampler 'heun': estimator 'kernel' is not valid"),
     ({"steps": 0}, "steps: must be between 1"),
     ({"steps": 2.5}, "steps: must be an integer"),
@@ -35,6 +38,13 @@ def test_bad_fields_are_named(bad, needle):
     with pytest.raises(ValueError) as e:
         Composition.from_dict({"prompts": ["a circle", "something red"], **bad})
     assert needle in str(e.value)
+
+
+def test_a_corrector_with_a_target_density_is_accepted():
+    c = Composition.from_dict({"prompts": ["a circle", "something red"], "operator": "or", "corrector": "smc:4"})
+    assert c.corrector == "smc:4"
+    f = Composition.from_dict({"compose": '"a" & "b"', "and_mode": "product", "corrector": "smc:4"})
+    assert f.prompts == ["a", "b"]
 
 
 def test_round_trip_and_image_records():

@@ -246,7 +246,8 @@ def test_superdiff_formula_samples_like_the_and_operator():
 def test_composition_fields_compose_and_mode_corrector():
     from superdiff.compose import Composition
 
-    c = Composition.from_dict({"compose": '("a circle" & "something red") | "a square":0.5', "corrector": "smc:4"})
+    c = Composition.from_dict({"compose": '("a circle" & "something red") | "a square":0.5', "and_mode": "product",
+                               "corrector": "smc:4"})
     assert c.prompts == ["a circle", "something red", "a square"] and c.corrector == "smc:4"
     c = Composition.from_dict({"compose": '"a circle" & "something red"', "and_mode": "product",
                                "corrector": '{"particles": 2, "window": [0.2, 1.0]}'})
@@ -257,6 +258,7 @@ def test_composition_fields_compose_and_mode_corrector():
                    ({"compose": '"a" & "b"', "prompts": ["x"]}, "prompts: give either prompts or a compose formula"),
                    ({"compose": '"a" & "b"', "and_mode": "min"}, "and_mode: choose one of superdiff, product"),
                    ({"corrector": "smc:0"}, "corrector: particles K must be an int >= 1"),
+                   ({"compose": '"a" & "b"', "corrector": "smc:4"}, "corrector: SuperDiff's AND samples where"),
                    ({"corrector": {"particles": 4, "window": [0, 2]}}, "corrector: resampling window"),
                    ({"corrector": "{bad"}, "corrector: not a JSON object")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("[", r"\[")):
