@@ -64,7 +64,7 @@ class StepContext:
     kind: str
     #: x -> [M, B, *S] unguided predictions at time t (for JVPs); set by the sampler
     predict_fn: Callable[[Tensor], Tensor] | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None  # the probes' (one per sample)
     #: the step's schedule scalars (computed from schedule, t, t_next when not given)
     coefficients: StepCoefficients | None = None
     #: [B, M] divergence of each expert's ODE velocity at (x, t), when the sampler computed it
@@ -218,7 +218,7 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, exact:
     All probes go through ONE forward-mode JVP on a batch of P * B rows.
     """
     P, B = probes.shape[:2]
-    xr = x.unsqueeze(0).expand(P, *x.shape).reshape(P * B, *x.shape[1:])
+    xr = _probe_rows(x, P)
     zr = probes.reshape(P * B, *x.shape[1:]).to(x)
     try:
         _, jz = torch.func.jvp(fn, (xr,), (zr,))
@@ -227,6 +227,12 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, exact:
     quad = _probe_products(jz, probes)  # [M, P, B]
     red = quad.sum(1) if exact else quad.mean(1)
     return red.T
+
+
+def _probe_rows(x: Tensor, P: int) -> Tensor:
+    """x [B, *S] once per probe, probe-major [P * B, *S]: x itself for one probe, else a fresh
+    tensor (an expanded view would alias its rows at B = 1, which forward-mode AD refuses)."""
+    return x if P == 1 else torch.cat([x] * P)
 
 
 def _probe_products(jz: Tensor, probes: Tensor) -> Tensor:
@@ -332,14 +338,14 @@ class ODEEstimator(Estimator):
         return self.jvp_mode
 
     def divergence_fd(self, fn: Callable[[Tensor], Tensor], x: Tensor, primal: Tensor, c: StepCoefficients,
-                      at_next: bool, kind: str, generator: torch.Generator | None,
+                      at_next: bool, kind: str, generator: torch.Generator | list[torch.Generator] | None,
                       fd_dtype: torch.dtype) -> Tensor:
         """div [B, M] of each expert's ODE velocity by forward finite differences of fn (x ->
         conditional predictions [M, N, *S]) around its value `primal` [M, B, *S] at x: one
         forward of P * B rows at x + eps z, eps = fd_step(fd_dtype, ...) (a Python number)."""
         probes, exact = self._probes(x, generator)
         P, B = probes.shape[:2]
-        xr = torch.cat([x] * P) if P > 1 else x
+        xr = _probe_rows(x, P)
         zr = probes.reshape(P * B, *x.shape[1:])
         alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
         eps = fd_step(fd_dtype, alpha, sigma)
@@ -370,13 +376,17 @@ class ODEEstimator(Estimator):
             return torch.add(red * (vp * scale), vx * P).T
         return torch.add(red * (vp * scale / P), vx * math.prod(shape[1:])).T
 
-    def _probes(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
+    def _probes(self, x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> tuple[Tensor, bool]:
+        """[P, B, *S] probes: a basis (exact) or Rademacher draws, sample b's from generator[b]
+        when a list is given (sampling.probe_generator), else the batch's in one draw."""
         B, d = x.shape[0], math.prod(x.shape[1:])
         exact = self.probes == "exact" or (self.probes == "auto" and d <= self.exact_max_dim)
         if exact:
             eye = torch.eye(d, dtype=x.dtype, device=x.device)  # [d, d]
             return eye[:, None, :].expand(d, B, d).reshape(d, B, *x.shape[1:]), True
         n = 1 if self.probes == "auto" else int(self.probes)
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([rademacher((n, 1, *x.shape[1:]), g, x.dtype, x.device) for g in generator], 1), False
         return rademacher((n, *x.shape), generator, x.dtype, x.device), False
 
     def _jvp(self, fn: Callable[[Tensor], Tensor], x: Tensor, z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -395,14 +405,14 @@ class ODEEstimator(Estimator):
         return _finite_difference_jvp(fn, x, z, eps)
 
     def divergence_at(self, fn: Callable[[Tensor], Tensor], x: Tensor, c: StepCoefficients, at_next: bool, kind: str,
-                      generator: torch.Generator | None, fd_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | list[torch.Generator] | None, fd_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(predictions [M, B, *S], div [B, M]) from ONE JVP of fn (x -> the experts' conditional
         predictions [M, N, *S]): the primal output is the predictions at x; the velocity
         v_i = vx x + vp pred_i is affine, so <z, J_v z> = vx |z|^2 + vp <z, J_pred z>.
         fd_dtype: the dtype the finite-difference fallback's step is sized for (default x's)."""
         probes, exact = self._probes(x, generator)
         P, B = probes.shape[:2]
-        xr = x.unsqueeze(0).expand(P, *x.shape).reshape(P * B, *x.shape[1:])
+        xr = _probe_rows(x, P)
         zr = probes.reshape(P * B, *x.shape[1:]).to(x)
         alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
         primal, jz = self._jvp(fn, xr, zr, fd_step(fd_dtype or x.dtype, alpha, sigma))

@@ -83,17 +83,26 @@ class StepInfo:
     output: StepOutput
 
 
-def probe_generator(generator: Generator) -> torch.Generator | None:
-    """The generator of the ODE estimator's random probes for one call. With one generator per
-    sample (diffusers' convention) the probes, shared by the batch, come from a generator seeded
-    from the first one's seed (nothing is drawn from the per-sample generators, whose streams
-    stay as they are), so a call with seeded generators is reproducible; one generator is used
-    as it is; None uses torch's global generator."""
-    if isinstance(generator, (list, tuple)) and generator:
-        g0 = generator[0]
-        seed = (g0.initial_seed() * 6364136223846793005 + 1442695040888963407) % (2**63)
-        return torch.Generator(device=g0.device).manual_seed(seed)
-    return generator if isinstance(generator, torch.Generator) else None
+def probe_generator(generator: Generator) -> torch.Generator | list[torch.Generator] | None:
+    """The generator(s) of the ODE estimator's random probes for one call, seeded from the
+    call's generators (nothing is drawn from those, whose streams stay as they are).
+
+    One generator gives one probe generator (the batch's probes in one draw); a list (one per
+    sample, diffusers' convention) gives one per sample, drawing that sample's probes alone,
+    so that a batch equals separate calls with the same generators: sample b's probe
+    generator is seeded from its generator's initial seed and from how many earlier rows
+    share that same generator object (a generator repeated in the list, or an image's
+    particles, then draw in turn as the generator itself would). None: torch's global generator."""
+    if generator is None:
+        return None
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    out, seen = [], {}
+    for g in gens:
+        j = seen.get(id(g), 0)
+        seen[id(g)] = j + 1
+        seed = ((g.initial_seed() + 0x9E3779B97F4A7C15 * j) * 6364136223846793005 + 1442695040888963407) % (2**63)
+        out.append(torch.Generator(device=g.device).manual_seed(seed))
+    return out if isinstance(generator, (list, tuple)) else out[0]
 
 
 def prior_log_prob(x: Tensor, schedule: Schedule, t: Any = None) -> Tensor:

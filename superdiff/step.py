@@ -228,12 +228,12 @@ def superdiff_step(
     *,
     coefficients: StepCoefficients | None = None,
     monitor: FiniteMonitor | None = None,
-    probe_generator: torch.Generator | None = None,
+    probe_generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> StepOutput:
     """Advance x [B, *S] from t to t_next; see the module docstring.
 
-    probe_generator: draws the ODE estimator's Hutchinson probes when `generator` is a list
-    (sampling.probe_generator); otherwise the one generator does.
+    probe_generator: draws the ODE estimator's Hutchinson probes (sampling.probe_generator: one
+    per sample with a list of generators); without it the one generator does, if one was given.
     coefficients: this step's schedule scalars (superdiff.coefficients.grid_coefficients, as
     `sample` passes them); computed and checked here when not given. monitor: where non-finite
     values are recorded; without one, they are checked (one host read) before returning.
@@ -245,8 +245,9 @@ def superdiff_step(
     own = monitor is None
     if own:
         monitor = FiniteMonitor(experts.num_experts, x.device, estimator.name)
-    # the estimator's random probes: the call's one generator, else the per-call probe generator
-    gen1 = generator if isinstance(generator, torch.Generator) else probe_generator
+    # the estimator's random probes: the call's probe generator(s), else its one generator
+    gen1 = probe_generator if probe_generator is not None else (
+        generator if isinstance(generator, torch.Generator) else None)
     out, div = _evaluate(experts, estimator, x, t, False, c, schedule, model_dtype, gen1)
     monitor.experts(out, step, c.t, c.t_next)
     kind = out.kind

@@ -106,6 +106,32 @@ def test_jvp_divergence_is_exact_laplacian(d):
     assert torch.allclose(est, e.laplacian_log_prob(x, t, sch), atol=0.1 * float(spread) + 0.05)
 
 
+def test_a_batch_of_one_takes_forward_mode_like_any_batch():
+    """The probe rows of one sample are a fresh tensor, not an expanded view of it (which
+    forward-mode AD refuses to write through): B = 1 runs the exact JVP with no fallback
+    warning and gives its row of a batch of two exactly."""
+    import warnings
+
+    from superdiff.estimators import ODEEstimator
+    from superdiff.sampling import sample
+
+    lat = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for B in (2, 1):
+        est = ODEEstimator(jvp="forward-mode")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to finite differences warns
+            outs.append(sample(two_mixtures(3), schedules()["vp"], 6, operator="or", estimator=est,
+                               integrator="heun", latents=lat[:B], progress=False, dtype=torch.float64))
+        assert est.jvp_mode == "forward-mode"
+    assert torch.equal(outs[1].logq[0], outs[0].logq[0])
+    e = two_mixtures(3)[1]
+    t = torch.tensor(300.0, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)[:, None, :]
+    div1 = divergence(lambda xx: e.score(xx, t, schedules()["vp"])[None], lat[:1], eye, exact=True)
+    assert torch.allclose(div1[:, 0], e.laplacian_log_prob(lat[:1], t, schedules()["vp"]), rtol=1e-12)
+
+
 def test_ito_update_matches_reference_ve_formula():
     """VE form: Delta log q = -<dx, v>/s - |ds| ||v||^2 / s (superdiff-math.md 3a)."""
     from superdiff.estimators import ItoEstimator, StepContext
