@@ -251,23 +251,35 @@ def parse(text: str) -> Any:
     return _Parser(text).parse()
 
 
+def _weight_text(w: float) -> str:
+    """A weight as formula text that parses back to the same float (":g" where that is exact)."""
+    short = f"{w:g}"
+    return short if float(short) == w else repr(float(w))
+
+
 def unparse(node: Any) -> str:
-    """Formula text of a syntax tree (canonical spacing, parentheses everywhere needed)."""
-    w = "" if node.weight is None else f":{node.weight:g}"
+    """Formula text of a syntax tree (canonical spacing, parentheses everywhere needed):
+    parse(unparse(tree)) is the tree again (up to positions) for every tree parse can return.
+
+    An unweighted OR / AND is written bare, so it is parenthesised wherever it is an operand:
+    under NOT (which binds tighter than both) and as a child of another OR / AND (an AND
+    under an OR would not need them, but they keep nested groups of either kind apart)."""
+    w = "" if node.weight is None else f":{_weight_text(node.weight)}"
     if isinstance(node, Leaf):
         return '"' + node.text.replace("\\", "\\\\").replace('"', '\\"') + '"' + w
     if isinstance(node, Not):
-        inner = unparse(node.child)
+        inner = _operand(node.child)
         return f"~{inner}" if not w else f"(~{inner}){w}"
     sym = " | " if isinstance(node, Or) else " & "
-    parts = []
-    for c in node.children:
-        s = unparse(c)
-        if isinstance(c, (Or, And)) and c.weight is None:
-            s = f"({s})"
-        parts.append(s)
-    body = sym.join(parts)
+    body = sym.join(_operand(c) for c in node.children)
     return f"({body}){w}" if w else body
+
+
+def _operand(node: Any) -> str:
+    """unparse(node) as an operand of ~, & or |: a bare (unweighted) OR / AND in parentheses;
+    a leaf, a NOT and any weighted node are already atoms or unary terms."""
+    s = unparse(node)
+    return f"({s})" if isinstance(node, (Or, And)) and node.weight is None else s
 
 
 # --------------------------------------------------------------------------------------------

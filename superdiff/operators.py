@@ -99,13 +99,17 @@ class OrOperator(Operator):
             raise ValueError(f"temperature T must be >= 0 (inf allowed), got {temperature}")
         if bias is not None and weights is not None:
             raise ValueError("give either bias (log-weights) or weights, not both")
+        #: what the user gave, for messages: the bias is log(weights / sum weights) when weights were given
+        self._bias_from = "bias"
         if weights is not None:
             w = torch.as_tensor(weights, dtype=_F64)
             if not torch.all(w > 0):
                 raise ValueError(f"OR mixture weights must be positive, got {w.tolist()}")
             bias = torch.log(w / w.sum())
+            self._bias_from = "weights"
         self.temperature = t
         self.bias = None if bias is None else torch.as_tensor(bias, dtype=_F64)
+        self._bias_cache: tuple | None = None  # (bias, device, bias there): see _bias_on
 
     def params(self) -> dict[str, Any]:
         return {"temperature": self.temperature,
@@ -114,16 +118,33 @@ class OrOperator(Operator):
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)
         if self.bias is not None:
-            self.bias = _vector(self.bias, num_experts, "OR bias")
+            what = "OR mixture weights" if self._bias_from == "weights" else "OR bias"
+            self.bias = _vector(self.bias, num_experts, what)
+
+    def _bias_on(self, device: torch.device) -> Tensor | None:
+        """The bias on the step's device, copied there once (not a host-to-device copy a step)."""
+        if self.bias is None:
+            return None
+        cached = self._bias_cache
+        if cached is None or cached[0] is not self.bias or cached[1] != device:
+            cached = self._bias_cache = (self.bias, device, self.bias.to(device))
+        return cached[2]
 
     def kappa(self, state: StepState) -> Tensor:
         logq = state.logq.to(_F64)
         B, M = logq.shape
-        bias = None if self.bias is None else self.bias.to(logq.device)
+        bias = self._bias_on(logq.device)
         if math.isinf(self.temperature):
-            # argmax of log q, ties (e.g. the first step) broken by the bias, then by index
-            score = logq if bias is None else logq + 1e-9 * bias
-            return torch.nn.functional.one_hot(score.argmax(-1), M).to(_F64)
+            # argmax of log q, exact ties (e.g. the first step, every expert at the shared prior)
+            # broken by the bias, then by index. Lexicographic rather than argmax(log q + eps bias):
+            # at image sizes |log q| ~ 1e5..1e6, whose float64 spacing swallows any small eps bias
+            if bias is None:
+                idx = logq.argmax(-1)
+            else:
+                tied = logq == logq.amax(-1, keepdim=True)
+                # (a -inf bias, i.e. weight 0, still ranks above the experts not tied)
+                idx = torch.where(tied, bias.clamp_min(torch.finfo(_F64).min), -math.inf).argmax(-1)
+            return torch.nn.functional.one_hot(idx, M).to(_F64)
         logits = self.temperature * logq if self.temperature > 0 else torch.zeros_like(logq)
         return torch.softmax(logits if bias is None else logits + bias, dim=-1)
 

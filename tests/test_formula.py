@@ -47,6 +47,54 @@ def _strip(n):
     return (type(n).__name__, tuple(_strip(c) for c in n.children), n.weight)
 
 
+_TEXTS = ["a", "b", "c d", 'say "hi"', "back\\slash", "AND", "x:2 | y", ""]
+_WEIGHTS = [None, None, None, 0.5, 2.0, 1.0 / 3.0, 0.1 + 0.2, 1e-7, 123456.789]
+
+
+def _random_tree(rng, depth):
+    """A syntax tree as parse returns them: OR / AND with two or more children, any weights."""
+    kind = rng.choice(["leaf", "not", "or", "and"] if depth > 0 else ["leaf"])
+    w = rng.choice(_WEIGHTS)
+    if kind == "leaf":
+        return Leaf(rng.choice(_TEXTS), w)
+    if kind == "not":
+        return Not(_random_tree(rng, depth - 1), w)
+    kids = tuple(_random_tree(rng, depth - 1) for _ in range(rng.randint(2, 3)))
+    return (Or if kind == "or" else And)(kids, w)
+
+
+@pytest.mark.parametrize("tree,text", [
+    (And((Leaf("a"), Not(Or((Leaf("b"), Leaf("c")))))), '"a" & ~("b" | "c")'),
+    (And((Leaf("a"), Not(And((Leaf("b"), Leaf("c")))))), '"a" & ~("b" & "c")'),
+    (Not(Not(Or((Leaf("a"), Leaf("b"))))), '~~("a" | "b")'),
+    (Not(Or((Leaf("a"), Leaf("b")), 2.0)), '~("a" | "b"):2'),
+    (Or((Leaf("a"), Not(Leaf("b"), 0.5))), '"a" | (~"b"):0.5'),
+])
+def test_unparse_keeps_the_parentheses_of_a_negated_group(tree, text):
+    assert unparse(tree) == text
+    assert _strip(parse(text)) == _strip(tree)
+
+
+def test_unparse_round_trips_every_formula():
+    """parse(unparse(tree)) is the tree (and compiles to the same formula) for many nested trees:
+    negation of groups, weights anywhere (also ones ':g' would round), & inside |, | inside &."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(600):
+        tree = _random_tree(rng, rng.randint(1, 4))
+        text = unparse(tree)
+        assert _strip(parse(text)) == _strip(tree), text
+        try:
+            want = compile_formula(tree, and_mode="product")
+        except FormulaError:
+            with pytest.raises(FormulaError, match="negates everything"):
+                compile_formula(text, and_mode="product")
+            continue
+        got = compile_formula(want.text, and_mode="product")  # Formula.text is unparse(tree)
+        assert (got.root, got.names, got.reference) == (want.root, want.names, want.reference), text
+
+
 @pytest.mark.parametrize("text,column,expected", [
     ('("a" & "b"', 11, "unbalanced parentheses: expected ')' to close the '(' at column 1"),
     ('"a" & "b")', 10, "unbalanced parentheses: this ')' closes no '('"),

@@ -49,6 +49,68 @@ def test_or_large_temperature_assigns_each_sample_to_one_expert(temperature):
     assert near_a + near_b > 0.99 and 0.2 < near_a < 0.8
 
 
+@pytest.mark.parametrize("logq0", [0.0, -93.8, -3.7e5, -1e7])  # -3.7e5: the prior at d = 16 * 128 * 128
+def test_or_infinite_temperature_breaks_exact_ties_by_the_bias_at_any_scale(logq0):
+    """T = inf: each row follows its largest log q; among experts exactly tied for it the largest
+    bias wins, then the lowest index. A log q ahead by one rounding step still beats any bias."""
+    from superdiff.operators import StepState
+
+    ahead = float(np.nextafter(logq0, 1.0))
+    logq = torch.tensor([[logq0, logq0, logq0],  # three-way tie: the largest bias (expert 1)
+                         [logq0, logq0, logq0 - 1.0],  # experts 0, 1 tied, 1 has the larger bias
+                         [logq0, logq0 - 1.0, logq0],  # experts 0, 2 tied, 0 has the larger bias
+                         [ahead, logq0, logq0]], dtype=torch.float64)  # expert 0 ahead, despite its bias
+    op = OrOperator(float("inf"), weights=[0.3, 0.4, 0.3 - 1e-6])
+    op.validate(3)
+    k = op.kappa(StepState(logq, 0, 10))
+    assert k.tolist() == [[0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0]]
+    # without a bias (or with an equal one) ties go to the lowest index
+    for unbiased in (OrOperator(float("inf")), OrOperator(float("inf"), weights=[1, 1, 1])):
+        unbiased.validate(3)
+        assert unbiased.kappa(StepState(logq, 0, 10)).argmax(-1).tolist() == [0, 0, 0, 0]
+
+
+def test_or_infinite_temperature_first_step_follows_the_heavier_expert_at_image_size():
+    """The first step of an image-sized latent (d = 16 * 128 * 128): every expert is at the shared
+    prior log q (about -3.7e5), so the tie goes to the expert of the larger mixture weight."""
+    from superdiff.operators import StepState
+    from superdiff.sampling import prior_log_prob
+    from superdiff.schedules import RectifiedFlow
+
+    x = torch.randn(2, 16 * 128 * 128, generator=torch.Generator().manual_seed(0))
+    lq = prior_log_prob(x, RectifiedFlow(), 1.0)[:, None].expand(2, 2).clone()
+    for weights, want in (([0.49, 0.51], 1), ([0.51, 0.49], 0)):
+        op = OrOperator(float("inf"), weights=weights)
+        op.validate(2)
+        assert op.kappa(StepState(lq, 0, 10)).argmax(-1).tolist() == [want, want]
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), 1.0])
+def test_or_with_weights_steps_without_host_device_traffic(temperature):
+    """After the first step, OR's kappa reads nothing back and copies nothing onto the device
+    (the bias goes there once), on the stand-in accelerator of test_device_traffic."""
+    from _device import StandInDevice
+
+    from superdiff.operators import StepState
+
+    op = OrOperator(temperature, weights=[0.49, 0.51])
+    op.validate(2)
+    with StandInDevice() as mode:
+        logq = torch.zeros(2, 2, dtype=torch.float64, device="meta")
+        op.kappa(StepState(logq, 0, 10))
+        first = (mode.reads, mode.copies)
+        for step in range(1, 5):
+            op.kappa(StepState(logq, step, 10))
+        assert (mode.reads, mode.copies) == first
+
+
+def test_or_length_errors_name_the_argument_the_user_gave():
+    with pytest.raises(ValueError, match=r"OR mixture weights must have one entry per expert \(2\), got shape \(3,\)"):
+        OrOperator(weights=[1, 2, 3]).validate(2)
+    with pytest.raises(ValueError, match=r"OR bias must have one entry per expert \(2\), got shape \(3,\)"):
+        OrOperator(bias=[0.0, 0.0, 0.0]).validate(2)
+
+
 def test_or_zero_temperature_is_fixed_softmax_of_bias():
     e1, e2, *_ = _two_modes(2)
     out = sample([e1, e2], schedules()["ve"], 10, operator=OrOperator(temperature=0.0, weights=[1, 3]),
