@@ -723,12 +723,12 @@ class CorrectorRun:
         k_sel: list[Tensor] = [None] * n  # type: ignore[list-item]
         q_sel: list[Tensor] = [None] * (n + 1)  # type: ignore[list-item]
         pos = rows.clone()
-        for k in range(n - 1, -1, -1):
+        for k in range(n - 1, -1, -1):  # logqs[k + 1]: after step k's resampling and moves
+            q_sel[k + 1] = logqs[k + 1][pos]
             a = self.ancestry[k]
-            if a is not None:
+            if a is not None:  # back to the rows before step k's resampling
                 pos = a[pos]
             k_sel[k] = kappas[k][pos]
-            q_sel[k + 1] = logqs[k + 1][pos]
         q_sel[0] = logqs[0][pos]
         extra["ess"] = torch.stack(self.ess).cpu().numpy()  # [n, B] ESS / K
         extra["resampled"] = torch.stack(self.resampled).cpu().numpy()  # [n, B]

@@ -256,9 +256,9 @@ def sample(
         if tracks:
             logq = logq + so.delta_logq
         kappas.append(so.kappa)
-        logqs.append(logq)
         if run is not None:  # reweight / resample / MCMC moves (superdiff.correctors)
             x, logq = run.after_step(k, n, t, t_next, x, logq, so, monitor=monitor)
+        logqs.append(logq)  # after the corrector: the state the next step (and the callback) sees
         if callback is not None:
             info_k, info_lq = (so.kappa, logq) if only is None else (one_hot, widen(logq))
             new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, info_k, info_lq, so))

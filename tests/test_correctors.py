@@ -290,6 +290,26 @@ def test_particles_share_one_batched_forward_per_step_and_the_trace_round_trips(
     assert torch.allclose(out2.samples, out.samples, atol=1e-12)
 
 
+@pytest.mark.parametrize("corrector", [{"mcmc": "ula", "mcmc_steps": 2}, {"mcmc": "hmc", "mcmc_steps": 2},
+                                       {"particles": 3, "ess_threshold": 1.0, "mcmc": "ula"}])
+def test_the_trace_holds_log_q_after_each_steps_corrector(corrector):
+    """Trace.logq[k + 1] is the state the next step starts from, after step k's resampling and
+    MCMC moves (what the callback sees): its last entry is the output's log q, and with
+    particles each image's entry is one of its particles' at that step (its ancestor's)."""
+    B = 2
+    seen = []
+    out = sample([PA, PB], VE, 8, operator="or", integrator="em", shape=(B, 2), dtype=F64, progress=False,
+                 generator=[torch.Generator().manual_seed(i) for i in range(B)], corrector=corrector,
+                 callback=lambda info: seen.append(info.logq.clone()))
+    tr = out.trace
+    assert np.array_equal(tr.logq[-1], out.logq.numpy())
+    K = corrector.get("particles", 1)
+    for k, lq in enumerate(seen):
+        for b in range(B):
+            mine = torch.as_tensor(tr.logq[k + 1, b])
+            assert any(torch.equal(mine, row) for row in lq[b * K:(b + 1) * K]), (k, b)
+
+
 def test_window_and_clip_control_resampling():
     """No resampling outside the window; a clip of ~0 nats keeps every weight equal (ESS = K)."""
     kw = dict(operator=AverageOperator([1.0, 1.0]), integrator="em", shape=(3, 2), dtype=F64, progress=False,
