@@ -12,9 +12,10 @@
   choices, since SuperDiff reads only the noise schedule from the scheduler's config. An
   explicit ``sampler=`` always wins.
 - ``prompt_embeds`` / ``negative_prompt_embeds`` (and ``pooled_prompt_embeds`` /
-  ``negative_pooled_prompt_embeds`` for SDXL): one expert per row, for the SD and SDXL
-  pipelines; ``sigmas=`` (diffusers' custom Euler sigmas: n + 1 of them for n steps, ending
-  at the final sigma, usually 0) becomes our VE time grid.
+  ``negative_pooled_prompt_embeds`` for SDXL, given in pairs): one expert per row, for the SD
+  and SDXL pipelines (without ``negative_prompt_embeds``, a ``negative_prompt`` is encoded,
+  as in diffusers); ``sigmas=`` (diffusers' custom Euler sigmas: n + 1 of them for n steps,
+  ending at the final sigma, usually 0) becomes our VE time grid.
 - ``pipe._interrupt = True`` (``pipe.interrupt``) set in a callback stops after that step;
   the images are decoded from the latents reached, as in diffusers (see _mixin.py).
 - ``guidance_rescale`` (0 only), ``eta``, ``timesteps``, ``ip_adapter_*``, the legacy
@@ -133,6 +134,13 @@ def _take_conventions(pipe: Any, given: dict[str, Any], extra: dict[str, Any], c
         if kind == "sdxl" and "pooled_prompt_embeds" not in embeds:
             raise ValueError(f"{cls}: SDXL needs pooled_prompt_embeds= with prompt_embeds= (encode_prompt returns "
                              "both)")
+        if kind == "sdxl" and "negative_prompt_embeds" in embeds and "negative_pooled_prompt_embeds" not in embeds:
+            raise ValueError(f"{cls}: negative_prompt_embeds= needs negative_pooled_prompt_embeds= too (SDXL's "
+                             "negative branch takes both; encode_prompt returns them together), or give "
+                             "negative_prompt= instead")
+        if "negative_pooled_prompt_embeds" in embeds and "negative_prompt_embeds" not in embeds:
+            raise ValueError(f"{cls}: negative_pooled_prompt_embeds= needs negative_prompt_embeds= too "
+                             "(encode_prompt returns them together)")
         if given.get("operator") == "joint":
             raise ValueError(f"{cls}: the joint-prompt baseline joins prompt texts; it cannot take prompt_embeds")
     # pipe.scheduler swapped after loading
@@ -219,13 +227,16 @@ def _with_embeds(call: Callable, pipe: Any, given: dict[str, Any], embeds: dict[
         if ne.ndim != 3 or ne.shape[0] not in (1, n) or ne.shape[1:] != pe.shape[1:]:
             raise ValueError(f"negative_prompt_embeds: expected [1 or {n}, {pe.shape[1]}, {pe.shape[2]}], got "
                              f"{tuple(ne.shape)}")
-        npool = embeds.get("negative_pooled_prompt_embeds")
+        npool = embeds.get("negative_pooled_prompt_embeds")  # given with them for SDXL (_take_conventions)
+        if npool is not None and (pooled is None or npool.ndim != 2 or npool.shape[0] != ne.shape[0]
+                                  or npool.shape[1:] != pooled.shape[1:]):
+            raise ValueError(f"negative_pooled_prompt_embeds: expected [{ne.shape[0]}, {pooled.shape[1]}] (one "
+                             f"row per negative_prompt_embeds row), got {tuple(npool.shape)}")
         negatives = [f"<negative_prompt_embeds {i}>" for i in range(ne.shape[0])]
         for i, name in enumerate(negatives):
             table[name] = {"encoder_hidden_states": ne[i:i + 1]}
-            if pooled is not None:
-                table[name]["text_embeds"] = npool[i:i + 1] if npool is not None else \
-                    __import__("torch").zeros_like(pooled[:1])
+            if npool is not None:
+                table[name]["text_embeds"] = npool[i:i + 1]
         negatives = negatives if len(negatives) == n else negatives * n
     original = type(pipe)._encode_texts
 
@@ -242,7 +253,9 @@ def _with_embeds(call: Callable, pipe: Any, given: dict[str, Any], embeds: dict[
         return out
 
     pipe._encode_texts = encode
+    if negatives is not None:  # else the user's negative_prompt (if any) is encoded, as diffusers does
+        given = dict(given, negative_prompt=negatives)
     try:
-        return call(pipe, **dict(given, prompt=names, negative_prompt=negatives))
+        return call(pipe, **dict(given, prompt=names))
     finally:
         del pipe._encode_texts

@@ -11,7 +11,7 @@ import numpy as np
 from ._outputs import OUTPUT_TYPES
 
 __all__ = ["joint_prompt", "normalize_prompts", "normalize_negative_prompts", "apply_joint", "unique_keys",
-           "check_height_width", "check_common", "check_generator"]
+           "check_height_width", "check_unet_size", "check_common", "check_generator"]
 
 
 def joint_prompt(prompts: Sequence[str], template: str | None = None) -> str:
@@ -69,6 +69,31 @@ def check_height_width(height: int, width: int, factor: int, what: str = "the VA
             raise ValueError(f"`{name}` must be a positive int, got {v!r}")
     if height % factor or width % factor:
         raise ValueError(f"`height` and `width` must be divisible by {what} {factor}, got {height}x{width}")
+
+
+def unet_down_levels(unet: Any) -> int:
+    """Down-sampling levels of a UNet2DModel, whose skip connections need latents that are multiples
+    of 2**levels; 0 for other networks (UNet2DConditionModel takes any size: forward_upsample_size)."""
+    from diffusers import UNet2DModel
+
+    if not isinstance(unet, UNet2DModel):
+        return 0
+    blocks = getattr(unet, "down_blocks", None)
+    if blocks is not None:
+        return sum(getattr(b, "downsamplers", None) is not None for b in blocks)
+    return len(unet.config.block_out_channels) - 1
+
+
+def check_unet_size(unets: Sequence[tuple[str, Any]], height: int, width: int, factor: int) -> None:
+    """Refuse (before any compute) an image size a UNet2DModel among `unets` ((name, module) pairs)
+    cannot take: height and width must be multiples of the VAE factor times 2**(its down-sampling levels)."""
+    for name, unet in unets:
+        levels = unet_down_levels(unet)
+        m = factor * 2**levels
+        if height % m or width % m:
+            raise ValueError(f"`height` and `width` must be multiples of {m} for {name} (a UNet2DModel): the VAE "
+                             f"factor {factor} times 2**{levels} ({levels} down-sampling level(s)); got "
+                             f"{height}x{width}, e.g. use {-(-height // m) * m}x{-(-width // m) * m}")
 
 
 def check_common(num_inference_steps: Any, num_images_per_prompt: Any, output_type: str,

@@ -62,6 +62,24 @@ class SuperDiffPipelineMixin:
         """diffusers' flag: set `pipe._interrupt = True` in a callback to stop after that step."""
         return bool(self.__dict__.get("_interrupt", False))
 
+    # diffusers' call-state properties, set by each call (callbacks read them, e.g. PipelineCallback's
+    # cutoff_step_ratio reads num_timesteps); None before the first call
+    @property
+    def num_timesteps(self) -> int | None:
+        """Number of sampling steps of the current (or last) call."""
+        return self.__dict__.get("_num_timesteps")
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the current (or last) call, as given (Flux: the embedded guidance of a
+        guidance-distilled transformer, else true_cfg_scale)."""
+        return self.__dict__.get("_guidance_scale")
+
+    @property
+    def do_classifier_free_guidance(self) -> bool | None:
+        """Whether the current (or last) call guides against an unconditional branch (scale > 1)."""
+        return self.__dict__.get("_do_classifier_free_guidance")
+
     @property
     def _denoiser(self) -> torch.nn.Module:
         return getattr(self, self._denoiser_name)
@@ -70,11 +88,27 @@ class SuperDiffPipelineMixin:
         """Image sizes the latent space can take (the VAE factor; Flux also packs 2x2)."""
         check_height_width(height, width, self.vae_scale_factor)
 
+    def _latents_shape(self, batch: int, height: int, width: int) -> tuple[tuple[int, ...], str]:
+        """(shape of x_T, its layout in words): [B, C, H/f, W/f]."""
+        f = self.vae_scale_factor
+        c = self._denoiser.config.in_channels
+        return (batch, c, height // f, width // f), f"[batch, {c} channels, height/{f}, width/{f}]"
+
+    def _check_latents(self, latents: Any, batch: int, height: int, width: int) -> None:
+        """Given `latents` must have the shape of x_T for this batch and size (before any compute)."""
+        if latents is None:
+            return
+        shape, layout = self._latents_shape(batch, height, width)
+        got = tuple(getattr(latents, "shape", ()))
+        if got != shape:
+            raise ValueError(f"`latents` has shape {got}, but {height}x{width} images with a batch of {batch} "
+                             f"(num_images_per_prompt) take {shape}: {layout}; pass latents of that shape, or set "
+                             "num_images_per_prompt / height / width to match them")
+
     def _initial_latents(self, batch: int, height: int, width: int, latents: Tensor | None, generator: Any,
                          sigma0: float) -> Tensor:
         """x_T [B, C, H/f, W/f] drawn as diffusers draws it (or the given latents), times sigma0."""
-        shape = (batch, self._denoiser.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
+        shape, _ = self._latents_shape(batch, height, width)
         return prepare_latents(shape, generator, self._execution_device, self._denoiser.dtype, latents, sigma0)
 
     def _callback_inputs(self, callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> list[str]:
@@ -89,14 +123,19 @@ class SuperDiffPipelineMixin:
 
     def _check_call(self, height: int, width: int, num_inference_steps: Any, batch: Any, output_type: str,
                     guidance_scale: Any, max_batch_size: Any, generator: Any, sampler: str | Integrator,
-                    callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> tuple[list[str], Integrator]:
-        """The checks every pipeline makes before any compute; (callback tensor inputs, integrator)."""
+                    callback_on_step_end: Any, tensor_inputs: Sequence[str] | None,
+                    latents: Any = None) -> tuple[list[str], Integrator]:
+        """The checks every pipeline makes before any compute; (callback tensor inputs, integrator).
+        Records the call's guidance_scale (the `guidance_scale` property)."""
         self._size_check(height, width)
         callback_inputs = self._callback_inputs(callback_on_step_end, tensor_inputs)
         check_common(num_inference_steps, batch, output_type, callback_inputs, self._callback_tensor_inputs,
                      guidance_scale, max_batch_size)
         check_generator(generator, int(batch))
-        return callback_inputs, resolve_sampler(sampler, self.scheduler.config)
+        self._check_latents(latents, int(batch), height, width)
+        integrator = resolve_sampler(sampler, self.scheduler.config)
+        self._guidance_scale = guidance_scale
+        return callback_inputs, integrator
 
     @staticmethod
     def _apply_compose(prompt: Any, operator: Any, compose: str | None, and_mode: str = "superdiff"):
@@ -123,7 +162,10 @@ class SuperDiffPipelineMixin:
              time_grid: Any, grid_end: str, callback_on_step_end: Callable | None,
              callback_inputs: Sequence[str]) -> SampleOutput:
         """Draw the initial latents as diffusers does and sample; the trace records the
-        pipeline and the forward calls per network."""
+        pipeline and the forward calls per network. Sets num_timesteps and do_classifier_free_guidance
+        (the properties callbacks read)."""
+        self._num_timesteps = len(method.grid) - 1
+        self._do_classifier_free_guidance = bool(experts.has_uncond)
         x = self._initial_latents(batch, height, width, latents, generator, method.sigma0)
         out = self._superdiff_sample(experts, method.schedule, num_inference_steps, method.operator,
                                      method.estimator, method.integrator, x, generator, guidance_scale,

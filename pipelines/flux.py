@@ -104,10 +104,19 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
+    def _latents_shape(self, batch: int, height: int, width: int) -> tuple[tuple[int, ...], str]:
+        """(packed shape of x_1, its layout in words): [B, h/2 * w/2, 4 C], as diffusers' FluxPipeline."""
+        h, w = self._latent_hw(height, width)
+        c = self.transformer.config.in_channels // 4
+        f = self.vae_scale_factor
+        return ((batch, (h // 2) * (w // 2), 4 * c),
+                f"the packed shape [batch, (height/{2 * f}) * (width/{2 * f}) tokens, 4 x {c} channels] of diffusers' "
+                "FluxPipeline")
+
     def _initial_latents(self, batch: int, height: int, width: int, latents: torch.Tensor | None, generator: Any,
                          sigma0: float) -> torch.Tensor:
         """x_1 as diffusers' FluxPipeline draws it: randn [B, C, h, w], then packed to
-        [B, h/2 * w/2, 4C]; given `latents` are packed already."""
+        [B, h/2 * w/2, 4C]; given `latents` are packed already (their shape checked by _check_call)."""
         h, w = self._latent_hw(height, width)
         c = self.transformer.config.in_channels // 4
         device, dtype = self._execution_device, self.transformer.dtype
@@ -115,10 +124,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
             x = randn_tensor((batch, c, h, w), generator=generator, device=device, dtype=dtype)
             x = self._pack_latents(x, batch, c, h, w)
         else:
-            want = (batch, (h // 2) * (w // 2), 4 * c)
-            if tuple(latents.shape) != want:
-                raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected the packed shape {want} "
-                                 "(as diffusers' FluxPipeline: [B, h/2 * w/2, 4 C])")
+            self._check_latents(latents, batch, height, width)
             x = latents.to(device=device)
         return x * sigma0
 
@@ -246,8 +252,9 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         callback_inputs, integrator = self._check_call(
-            height, width, num_inference_steps, num_images_per_prompt, output_type, w, max_batch_size,
-            generator, sampler, callback_on_step_end, callback_on_step_end_tensor_inputs)
+            height, width, num_inference_steps, num_images_per_prompt, output_type,
+            embedded if embedded is not None else true_cfg_scale, max_batch_size, generator, sampler,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, latents=latents)
         B = int(num_images_per_prompt)
         base = C.NetworkPlan(self.transformer, C.transformer_info(self.transformer, self.scheduler.config,
                                                                   self.vae.config, "transformer"), "transformer")

@@ -200,7 +200,7 @@ class SuperDiffStableDiffusionPipeline(
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         callback_inputs, integrator = self._check_call(
             height, width, num_inference_steps, num_images_per_prompt, output_type, guidance_scale, max_batch_size, generator, sampler,
-            callback_on_step_end, callback_on_step_end_tensor_inputs)
+            callback_on_step_end, callback_on_step_end_tensor_inputs, latents=latents)
         B = int(num_images_per_prompt)
         text_dim = self.text_encoder.config.hidden_size if self.text_encoder is not None else \
             self.unet.config.cross_attention_dim
@@ -208,6 +208,7 @@ class SuperDiffStableDiffusionPipeline(
                                                        self.vae.config, "unet"), "unet")
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config, text_dim,
                                                  self.unet.dtype)
+        C.check_unet_size([(n.name, n.module) for n in networks], height, width, self.vae_scale_factor)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
         routing, specs = None, None
         if adapters is not None:

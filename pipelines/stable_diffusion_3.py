@@ -210,7 +210,7 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
         width = width or self.default_sample_size * self.vae_scale_factor
         callback_inputs, integrator = self._check_call(
             height, width, num_inference_steps, num_images_per_prompt, output_type, guidance_scale, max_batch_size,
-            generator, sampler, callback_on_step_end, callback_on_step_end_tensor_inputs)
+            generator, sampler, callback_on_step_end, callback_on_step_end_tensor_inputs, latents=latents)
         B = int(num_images_per_prompt)
         base = C.NetworkPlan(self.transformer, C.transformer_info(self.transformer, self.scheduler.config,
                                                                   self.vae.config, "transformer"), "transformer")

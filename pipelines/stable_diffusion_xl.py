@@ -156,12 +156,13 @@ class SuperDiffStableDiffusionXLPipeline(
         width = width or self.default_sample_size * self.vae_scale_factor
         callback_inputs, integrator = self._check_call(
             height, width, num_inference_steps, num_images_per_prompt, output_type, guidance_scale, max_batch_size,
-            generator, sampler, callback_on_step_end, callback_on_step_end_tensor_inputs)
+            generator, sampler, callback_on_step_end, callback_on_step_end_tensor_inputs, latents=latents)
         B = int(num_images_per_prompt)
         base = C.NetworkPlan(self.unet, C.network_info(self.unet, self.scheduler.config, None,
                                                        self.vae.config, "unet"), "unet")
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config,
                                                  self.unet.config.cross_attention_dim, self.unet.dtype)
+        C.check_unet_size([(n.name, n.module) for n in networks], height, width, self.vae_scale_factor)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
         routing, specs = None, None
         if adapters is not None:

@@ -150,6 +150,11 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
             nets.append(C.NetworkPlan(u, info, name))
         return nets
 
+    def _size_check(self, height: int, width: int) -> None:
+        """The VAE factor (1 in pixel space) times 2**(down-sampling levels) of every registered UNet."""
+        super()._size_check(height, width)
+        C.check_unet_size(self.unets, height, width, self.vae_scale_factor)
+
     # ------------------------------------------------------------------ sampling
     @C.diffusers_conventions
     @torch.no_grad()
@@ -199,7 +204,8 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
             class_labels: the labels for class-conditional UNets (one expert each).
             guidance_scale, null_class_label: classifier-free guidance for class-conditional
                 UNets trained with a null class (> 1 needs null_class_label).
-            height, width: sample size (default: unet.config.sample_size times the VAE factor).
+            height, width: sample size (default: unet.config.sample_size times the VAE factor);
+                multiples of the VAE factor times 2**(down-sampling levels) of every UNet.
             operator ... grid_end, max_batch_size, corrector, callback_on_step_end: as in
                 SuperDiffStableDiffusionPipeline.__call__.
             extra_unets: more UNet2DModel experts (modules, checkpoint paths / hub ids or
@@ -215,12 +221,13 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         width = width or sw * self.vae_scale_factor
         callback_inputs, integrator = self._check_call(
             height, width, num_inference_steps, B, output_type, guidance_scale, max_batch_size, generator, sampler,
-            callback_on_step_end, callback_on_step_end_tensor_inputs)
+            callback_on_step_end, callback_on_step_end_tensor_inputs, latents=latents)
         networks = self._check_registered()
         n_registered = len(networks)
         extras: list[C.UNetExpert] = []
         if extra_unets:
             networks, extras = self._with_extras(networks, extra_unets)
+            C.check_unet_size([(n.name, n.module) for n in networks], height, width, self.vae_scale_factor)
         if isinstance(class_labels, int) and not isinstance(class_labels, bool):
             class_labels = [class_labels]
         labels = None if class_labels is None else [int(c) for c in class_labels]

@@ -168,3 +168,193 @@ def test_sdxl_prompt_embeds_with_pooled():
     np.testing.assert_allclose(b.images, a.images, atol=1e-5)
     with pytest.raises(ValueError, match="SDXL needs pooled_prompt_embeds"):
         pipe(prompt_embeds=emb, **kw)
+
+
+def _sdxl_pipe():
+    from superdiff.pipelines._testing import tiny_sdxl_components
+
+    pipe = SuperDiffStableDiffusionXLPipeline(**tiny_sdxl_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _forward_counter(*modules):
+    """(list that grows by one per forward of any of `modules`, hook handles)."""
+    calls: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in modules if m is not None]
+    return calls, hooks
+
+
+def test_prompt_embeds_with_a_negative_prompt_text_encode_it(pipe):
+    """As diffusers: without negative_prompt_embeds, negative_prompt is encoded (one for all or one per row)."""
+    prompts = ["a red cat", "a dog"]
+    emb, _ = pipe.encode_prompt(prompts, torch.device("cpu"), 1, False)
+    kw = dict(guidance_scale=5.0, operator="and", **KW)
+    for neg in ("blurry", ["blurry", "a hat"]):
+        a = pipe(prompts, negative_prompt=neg, generator=gen(4), **kw).images
+        b = pipe(prompt_embeds=emb, negative_prompt=neg, generator=gen(4), **kw).images
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    plain = pipe(prompt_embeds=emb, generator=gen(4), **kw).images
+    assert np.abs(plain - b).max() > 1e-3  # the negative prompt was really used
+
+    xl = _sdxl_pipe()
+    emb, _, pooled, _ = xl.encode_prompt(prompt=prompts, device=torch.device("cpu"), num_images_per_prompt=1,
+                                         do_classifier_free_guidance=False)
+    kw = dict(guidance_scale=5.0, operator="or", num_inference_steps=2, output_type="np")
+    a = xl(prompts, negative_prompt="blurry", generator=gen(0), **kw).images
+    b = xl(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt="blurry", generator=gen(0), **kw).images
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_sdxl_negative_embeds_need_their_pooled_embeds_before_any_compute():
+    xl = _sdxl_pipe()
+    emb, neg, pooled, neg_pooled = xl.encode_prompt(prompt=["a red cat", "a dog"], device=torch.device("cpu"),
+                                                    num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                                    negative_prompt=["blurry", "blurry"])
+    kw = dict(guidance_scale=5.0, num_inference_steps=2, output_type="np")
+    calls, hooks = _forward_counter(xl.text_encoder, xl.text_encoder_2, xl.unet)
+    try:
+        with pytest.raises(ValueError, match=r"negative_prompt_embeds= needs negative_pooled_prompt_embeds= too"):
+            xl(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg, **kw)
+        with pytest.raises(ValueError, match=r"negative_pooled_prompt_embeds= needs negative_prompt_embeds= too"):
+            xl(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled, **kw)
+        with pytest.raises(ValueError, match=r"SDXL needs pooled_prompt_embeds="):
+            xl(prompt_embeds=emb, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled, **kw)
+        with pytest.raises(ValueError, match=r"negative_pooled_prompt_embeds: expected \[2, "):
+            xl(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+               negative_pooled_prompt_embeds=neg_pooled[:1], **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not calls
+
+
+def _deep_unet2d(seed=0, channels=3, levels=2):
+    """A UNet2DModel with `levels` down-sampling levels (latents must be multiples of 2**levels)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    n = levels + 1
+    return UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8,) * n,
+                       layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * n,
+                       up_block_types=("UpBlock2D",) * n).eval()
+
+
+def test_unet2d_sizes_its_unets_cannot_take_are_refused_before_any_compute():
+    from superdiff.pipelines._testing import tiny_unet2d, tiny_vae
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    deep = _deep_unet2d(0)
+    pixel = SuperDiffUNet2DPipeline.from_unets([deep, _deep_unet2d(1)], sched)
+    latent = SuperDiffUNet2DPipeline.from_unets([_deep_unet2d(0, 4), _deep_unet2d(1, 4)], sched, vae=tiny_vae(0))
+    shallow = SuperDiffUNet2DPipeline.from_unets([tiny_unet2d(0), tiny_unet2d(1)], sched)
+    for p in (pixel, latent, shallow):
+        p.set_progress_bar_config(disable=True)
+    calls, hooks = _forward_counter(deep, *[u for _, u in latent.unets])
+    kw = dict(num_inference_steps=2, output_type="np")
+    try:
+        with pytest.raises(ValueError, match=r"multiples of 4 for unet .*2\*\*2 .*got 10x8, e.g. use 12x8"):
+            pixel(height=10, width=8, **kw)  # 10 px: not a multiple of 2**2
+        with pytest.raises(ValueError, match=r"multiples of 8 for unet .*VAE factor 2 times 2\*\*2"):
+            latent(height=12, width=16, **kw)  # a multiple of the VAE factor, but 6x8 latents
+        with pytest.raises(ValueError, match=r"multiples of 4 for unet_3"):  # an extra UNet deeper than the pipe's
+            shallow(height=6, width=8, extra_unets=[deep], **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not calls
+    assert pixel(height=12, width=8, **kw).images.shape == (1, 12, 8, 3)
+    assert latent(height=16, width=8, **kw).images.shape == (1, 16, 8, 3)
+    assert shallow(height=6, width=8, **kw).images.shape == (1, 6, 8, 3)  # one level: multiples of 2
+
+
+def test_sd_unet2dcondition_takes_any_multiple_of_the_vae_factor(pipe):
+    # UNet2DConditionModel pads (forward_upsample_size): no UNet-level restriction
+    assert pipe("a red cat", height=18, width=14, generator=gen(0), **KW).images.shape == (1, 18, 14, 3)
+
+
+def test_callbacks_read_diffusers_call_state(pipe):
+    """num_timesteps, guidance_scale, do_classifier_free_guidance during a call, as diffusers' pipelines."""
+    from diffusers.callbacks import PipelineCallback
+
+    seen = []
+
+    def halfway_zero(p, i, t, kwargs):  # diffusers' callback docs' idiom
+        seen.append((p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance))
+        if i == int(p.num_timesteps * 0.5):
+            kwargs["latents"] = kwargs["latents"] * 0.0
+        return kwargs
+
+    class Cutoff(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            cutoff = self.config.cutoff_step_index or int(pipeline.num_timesteps * self.config.cutoff_step_ratio)
+            if step_index == cutoff:
+                callback_kwargs["latents"] = callback_kwargs["latents"] * 0.0
+            return callback_kwargs
+
+    out = pipe(["a red cat", "a dog"], guidance_scale=5.0, generator=gen(0), num_inference_steps=4,
+               output_type="latent", callback_on_step_end=halfway_zero)
+    assert seen == [(4, 5.0, True)] * 4
+    by_ratio = pipe(["a red cat", "a dog"], guidance_scale=5.0, generator=gen(0), num_inference_steps=4,
+                    output_type="latent", callback_on_step_end=Cutoff(cutoff_step_ratio=0.5))
+    by_index = pipe(["a red cat", "a dog"], guidance_scale=5.0, generator=gen(0), num_inference_steps=4,
+                    output_type="latent", callback_on_step_end=Cutoff(cutoff_step_ratio=None, cutoff_step_index=2))
+    torch.testing.assert_close(by_ratio.images, out.images)
+    torch.testing.assert_close(by_index.images, out.images)
+    assert pipe.num_timesteps == 4  # readable after the call, as in diffusers
+    seen.clear()
+    pipe("a red cat", guidance_scale=1.0, sigmas=[10.0, 4.0, 1.0, 0.0], callback_on_step_end=halfway_zero, **KW)
+    assert seen == [(3, 1.0, False)] * 3  # the steps of the sigmas, no unconditional branch
+
+
+def test_call_state_in_every_family():
+    from superdiff.pipelines._testing import tiny_flux_components, tiny_sd3_components, tiny_unet2d
+
+    def state(p, *args, **kw):
+        seen = []
+        p.set_progress_bar_config(disable=True)
+        p(*args, num_inference_steps=2, output_type="np", max_batch_size=None,
+          callback_on_step_end=lambda q, i, t, k: seen.append((q.num_timesteps, q.guidance_scale,
+                                                               q.do_classifier_free_guidance)) or k, **kw)
+        return seen[0]
+
+    assert state(_sdxl_pipe(), "a cat", guidance_scale=5.0) == (2, 5.0, True)
+    assert state(SuperDiffStableDiffusion3Pipeline(**tiny_sd3_components(0)), "a cat") == (2, 7.0, True)
+    flux = dict(height=16, width=16, max_sequence_length=16)
+    assert state(SuperDiffFluxPipeline(**tiny_flux_components(0, True)), "a cat", **flux) == (2, 3.5, False)
+    assert state(SuperDiffFluxPipeline(**tiny_flux_components(0, False)), "a cat", true_cfg_scale=3.0,
+                 **flux) == (2, 3.0, True)
+    u = SuperDiffUNet2DPipeline.from_unets([tiny_unet2d(0, num_class_embeds=3)], DDPMScheduler())
+    assert state(u, class_labels=[1], guidance_scale=2.0, null_class_label=2) == (2, 2.0, True)
+    assert state(u, class_labels=[1]) == (2, 1.0, False)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_wrong_shape_latents_are_refused_before_text_encoding(family):
+    from superdiff.pipelines._testing import tiny_flux_components, tiny_sd3_components
+
+    if family == "sd":
+        p, bad, want, kw = make_pipe(), torch.zeros(2, 4, 8, 8), r"\(1, 4, 8, 8\)", {}
+    elif family == "sdxl":
+        p, bad, want, kw = _sdxl_pipe(), torch.zeros(2, 4, 8, 8), r"\(1, 4, 8, 8\)", {}
+    elif family == "sd3":
+        p = SuperDiffStableDiffusion3Pipeline(**tiny_sd3_components(0))
+        bad, want, kw = torch.zeros(2, 4, 8, 8), r"\(1, 4, 8, 8\)", {}
+    else:
+        p = SuperDiffFluxPipeline(**tiny_flux_components(0))
+        bad, want, kw = torch.zeros(2, 16, 16), r"\(1, 16, 16\)", dict(height=16, width=16, max_sequence_length=16)
+    calls, hooks = _forward_counter(*[getattr(p, k, None) for k in ("text_encoder", "text_encoder_2",
+                                                                    "text_encoder_3")])
+    try:
+        with pytest.raises(ValueError, match=rf"`latents` has shape {tuple(bad.shape)}".replace("(", r"\(")
+                           .replace(")", r"\)") + rf".*batch of 1 \(num_images_per_prompt\) take {want}"):
+            p(["a red cat", "a dog"], latents=bad, num_inference_steps=2, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not calls
+    if family == "sd":  # the fix the message names: num_images_per_prompt to match the latents' rows
+        p.set_progress_bar_config(disable=True)
+        assert p(["a red cat", "a dog"], latents=bad, num_images_per_prompt=2, **KW).images.shape[0] == 2
