@@ -404,6 +404,10 @@ def make_corrector(spec: Any) -> Corrector | None:
         for part in spec.lower().replace(" ", "").split("+"):
             if part in ("", "none"):
                 continue
+            key = "particles" if part.split(":")[0] == "smc" else "mcmc" if part in MCMC_METHODS else None
+            if key in kw:
+                raise ValueError(f"bad corrector {spec!r}: give at most one {'smc' if key == 'particles' else 'MCMC'} "
+                                 "part (e.g. 'smc:8+ula')")
             if part == "smc":
                 kw["particles"] = 4
             elif part.startswith("smc:"):

@@ -26,7 +26,7 @@ from .experts import Expert, ExpertSet, as_expert_set
 from .integrators import Integrator, make_integrator
 from .operators import Operator, SingleOperator, StepState, make_operator
 from .schedules import Schedule
-from .step import FiniteMonitor, Generator, StepOutput, randn, superdiff_step
+from .step import FiniteMonitor, Generator, StepOutput, null_reference_error, randn, superdiff_step
 from .trace import Trace, stack_steps
 
 Tensor = torch.Tensor
@@ -180,6 +180,10 @@ def sample(
         grid = torch.as_tensor(timesteps, dtype=_F64).flatten()
         if len(grid) < 2 or not torch.all(grid[1:] < grid[:-1]):
             raise ValueError("timesteps must be a strictly decreasing grid of at least 2 times")
+        hi = schedule.time_limit
+        if not (float(grid[-1]) >= 0.0 and float(grid[0]) <= hi):
+            raise ValueError(f"timesteps run from {float(grid[0]):g} to {float(grid[-1]):g}, outside {schedule!r}'s "
+                             f"times [0, {hi:g}]; give times in that range (the last one 0 or above)")
     else:
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -196,8 +200,14 @@ def sample(
             f"the grid starts at t={float(grid[0]):g}, where alpha_t = 0 (pure noise), and these experts "
             "predict epsilon, which determines no x0_hat or velocity there; use experts that predict the "
             "flow velocity, x0 or v, or start the grid below that point")
+    if not op.affine and not es.has_uncond and float(schedule.alpha(grid[0])) == 0.0:
+        raise ValueError(null_reference_error(op.name, float(grid[0])))
 
     if latents is not None:
+        if not isinstance(latents, torch.Tensor) or latents.dim() < 2 or latents.numel() == 0:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            hint = "; for one sample add the batch axis: latents[None]" if getattr(latents, "dim", lambda: 2)() < 2 else ""
+            raise ValueError(f"latents must be a non-empty tensor [B, *S] (a batch axis first), got {got}{hint}")
         if shape is not None and tuple(shape) != tuple(latents.shape):
             raise ValueError(f"shape {tuple(shape)} does not match latents of shape {tuple(latents.shape)}")
         if not torch.isfinite(latents).all():

@@ -110,6 +110,11 @@ class Schedule:
     #: (Euler-Maruyama then takes posterior steps there; see integrators.EulerMaruyama)
     singular_noise_end: bool = False
 
+    @property
+    def time_limit(self) -> float:
+        """The largest time alpha_t and sigma_t are defined at (custom grids lie in [0, time_limit])."""
+        return self.t_max
+
     # --- marginal coefficients -------------------------------------------------------
     def alpha(self, t: Any) -> Tensor:
         raise NotImplementedError
@@ -321,6 +326,11 @@ class VESigma(Schedule):
         kw.update(overrides)
         return cls.from_betas(vp.betas.numpy(), **kw)
 
+    @property
+    def time_limit(self) -> float:
+        """t = sigma: defined for every sigma >= 0 (the network's conditioning is another matter)."""
+        return math.inf
+
     def alpha(self, t: Any) -> Tensor:
         return torch.ones_like(_t(t))
 
@@ -406,6 +416,11 @@ class RectifiedFlow(Schedule):
                   shift=config.get("shift", 1.0))
         kw.update(overrides)
         return cls(**kw)
+
+    @property
+    def time_limit(self) -> float:
+        """alpha_t = 1 - t: defined up to t = 1 (pure noise), whatever t_max."""
+        return 1.0
 
     def alpha(self, t: Any) -> Tensor:
         return 1.0 - _t(t)

@@ -40,7 +40,7 @@ Tensor = torch.Tensor
 _F64 = torch.float64
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
-__all__ = ["StepOutput", "FiniteMonitor", "superdiff_step", "guided", "combine", "randn"]
+__all__ = ["StepOutput", "FiniteMonitor", "superdiff_step", "guided", "combine", "randn", "null_reference_error"]
 
 def randn(shape: Sequence[int], generator: Generator, dtype: torch.dtype = torch.float32,
           device: torch.device | str | None = None) -> Tensor:
@@ -200,12 +200,24 @@ def _evaluate(experts: ExpertSet, estimator: Estimator, x: Tensor, t: Tensor, at
     return ExpertOutput(cond, uncond, experts.prediction_type), div
 
 
-def _reference(operator: Operator, out: ExpertOutput, kind: str, x: Tensor, alpha: float, sigma: float) -> Tensor | None:
-    """The prediction completing weights that need not sum to one (None for affine operators)."""
+def null_reference_error(operator: str, t: float) -> str:
+    return (f"operator {operator!r} weighs the experts with weights that need not sum to one, completed by "
+            f"the zero-score prediction, which is undefined at t={t:g}, where alpha_t = 0 (pure noise), "
+            "without a shared unconditional branch: start the grid below that point (e.g. timesteps from "
+            "0.999, RectifiedFlow(t_max=0.999)), use weights that sum to one, or add a shared unconditional "
+            "branch (classifier-free guidance)")
+
+
+def _reference(operator: Operator, out: ExpertOutput, kind: str, x: Tensor, alpha: float, sigma: float,
+               t: float) -> Tensor | None:
+    """The prediction completing weights that need not sum to one (None for affine operators):
+    the shared unconditional prediction, else the zero-score one (undefined at alpha = 0)."""
     if operator.affine:
         return None
     if out.uncond is not None and out.uncond.dim() < out.cond.dim():
         return out.uncond
+    if alpha == 0.0 and kind != "epsilon":
+        raise ValueError(null_reference_error(operator.name, t))
     return null_prediction(kind, x, alpha, sigma)
 
 
@@ -282,7 +294,7 @@ def superdiff_step(
         # kappa is Delta log q (up to the common term) of the step actually taken, one [B, M] op
         A, b = model[0]
         ctx.linear_value = torch.baddbmm(b.unsqueeze(-1), A, kappa.unsqueeze(-1)).squeeze(-1)
-    ref = _reference(operator, out, kind, x, c.alpha, c.sigma)
+    ref = _reference(operator, out, kind, x, c.alpha, c.sigma, c.t)
     pred = combine(preds, kappa, ref)
     x_next = integrator.mean_c(c, x, pred, kind)
     if noise is not None:
@@ -293,7 +305,7 @@ def superdiff_step(
         x_e = x_next
         out2, div2 = _evaluate(experts, estimator, x_e, t_next, True, c, schedule, model_dtype, gen1)
         monitor.experts(out2, step, c.t, c.t_next)
-        ref2 = None if ref is None else _reference(operator, out2, kind, x_e, c.alpha_next, c.sigma_next)
+        ref2 = None if ref is None else _reference(operator, out2, kind, x_e, c.alpha_next, c.sigma_next, c.t_next)
         pred2 = combine(guided(out2, guidance_scale), kappa, ref2)
         v_next = velocity(c, x_e, pred2, kind, at_next=True)
         x_next = integrator.correct_v(c, x, x_e, v_next)

@@ -427,6 +427,8 @@ def test_the_primed_evaluation_at_a_copy_in_the_models_dtype_is_handed_over_by_i
     ("smc:x", "needs an integer K"),
     ("smc:0", "particles K must be an int >= 1"),
     ("gibbs", "unknown corrector"),
+    ("ula+hmc", "at most one MCMC part"),
+    ("smc:2+smc:8", "at most one smc part"),
 ])
 def test_bad_corrector_settings_are_refused(spec, msg):
     with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
@@ -451,6 +453,8 @@ def test_smc_refusals_come_before_compute():
 
     flow = [Counting([[0.0, 0.0]], 1.0, prediction_type="flow"), Counting([[1.0, 0.0]], 1.0, prediction_type="flow")]
     with pytest.raises(ValueError, match="potential is infinite on the first step"):
+        sample(flow, RectifiedFlow(), 5, operator="or", shape=(2, 2), progress=False, corrector="smc:4")
+    with pytest.raises(ValueError, match="need not sum to one"):  # the product's reference, first
         sample(flow, RectifiedFlow(), 5, operator=AverageOperator([1.0, 1.0]), shape=(2, 2), progress=False,
                corrector="smc:4")
     assert calls == []

@@ -249,6 +249,29 @@ def test_epsilon_experts_are_refused_at_pure_noise_before_any_call(integ):
     assert torch.isfinite(out.samples).all()
 
 
+@pytest.mark.parametrize("operator", ["average", "formula"])
+def test_weights_not_summing_to_one_are_refused_at_pure_noise_without_an_unconditional_branch(operator):
+    """A product of experts (average weights [1, 1], a product-mode formula) is completed by the
+    zero-score prediction x / alpha, undefined at t = 1: refused before any call, saying how to
+    go on; from t = 0.999 it runs."""
+    from superdiff.experts import ExpertList
+    from superdiff.formula import FormulaOperator
+    from superdiff.operators import AverageOperator
+
+    def op():
+        return AverageOperator([1.0, 1.0]) if operator == "average" else \
+            FormulaOperator("a & b", names=["a", "b"], and_mode="product")
+
+    es = ExpertList(two_mixtures(2, "flow"))
+    with pytest.raises(ValueError, match="need not sum to one.*undefined at t=1.*start the grid below"):
+        sample(es, RectifiedFlow(), 5, operator=op(), shape=(2, 2), progress=False)
+    assert es.num_forward_calls == 0
+    with pytest.raises(ValueError, match="undefined at t=1"):  # a custom grid from t = 1 as well
+        sample(es, RectifiedFlow(), 5, operator=op(), timesteps=[1.0, 0.5, 0.0], shape=(2, 2), progress=False)
+    out = sample(es, RectifiedFlow(t_max=0.999), 5, operator=op(), shape=(2, 2), progress=False)
+    assert torch.isfinite(out.samples).all()
+
+
 # --- parity with diffusers' FlowMatch Euler -----------------------------------------------------
 
 

@@ -47,6 +47,19 @@ def test_list_of_generators_equals_separate_calls_with_random_probes(integrator)
     assert not torch.equal(shared.logq[0], shared.logq[1])  # the same object draws in turn
 
 
+@pytest.mark.parametrize("name,times", [("ve", [14.6, 1.0, 0.0, -1.0]), ("flow", [1.0, 0.5, 0.0, -0.5]),
+                                        ("flow", [1.5, 1.0, 0.5, 0.0]), ("vp", [1500.0, 500.0, 0.0])])
+def test_custom_timesteps_outside_the_schedule_are_refused(name, times):
+    """Every time of a custom grid lies in [0, the schedule's time_limit] (negative times gave
+    NaN samples, flow times above 1 a bare math error, VP times a silent clamp)."""
+    sch, ex = schedules()[name], two_mixtures(2, "flow" if name == "flow" else "epsilon")
+    with pytest.raises(ValueError, match=r"outside .* times \[0, "):
+        sample(ex, sch, 3, timesteps=times, shape=(2, 2), progress=False)
+    ok = sorted({min(t, sch.time_limit) for t in times if t >= 0}, reverse=True)
+    out = sample(ex, sch, 3, timesteps=ok, shape=(2, 2), progress=False, dtype=torch.float64)
+    assert torch.isfinite(out.samples).all()
+
+
 def test_trace_shapes_round_trip_and_plot(tmp_path):
     out = sample(two_mixtures(2), schedules()["vp"], 12, operator="and", shape=(5, 2),
                  generator=torch.Generator().manual_seed(0), expert_names=["a", "b"], progress=False)
@@ -122,6 +135,8 @@ class _NaN:
     (dict(guidance_scale=7.5), "unconditional"),
     (dict(shape=(4, 3)), "features"),
     (dict(shape=None), "shape"),
+    (dict(shape=None, latents=torch.zeros(2)), r"latents must be a non-empty tensor \[B, \*S\].*latents\[None\]"),
+    (dict(shape=None, latents=torch.zeros(0, 2)), r"latents must be a non-empty tensor .* got \(0, 2\)$"),
 ])
 def test_bad_input_raises_value_error_naming_the_problem(kwargs, match):
     args = dict(num_steps=5, shape=(4, 2), progress=False)
