@@ -123,6 +123,14 @@ def check_common(num_inference_steps: Any, num_images_per_prompt: Any, output_ty
 
 
 def check_generator(generator: Any, batch: int) -> None:
+    """None, one torch.Generator, or a list of one per image (diffusers' convention)."""
+    import torch
+
+    gens = generator if isinstance(generator, list) else [generator] if generator is not None else []
+    bad = [g for g in gens if not isinstance(g, torch.Generator)]
+    if bad:
+        raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {type(bad[0]).__name__}; "
+                         "e.g. generator=torch.Generator('cpu').manual_seed(0)")
     if isinstance(generator, list) and len(generator) not in (batch,):
         raise ValueError(f"got {len(generator)} generators for a batch of {batch} images "
                          "(num_images_per_prompt); give one generator or one per image")

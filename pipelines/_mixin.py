@@ -112,6 +112,9 @@ class SuperDiffPipelineMixin:
         return prepare_latents(shape, generator, self._execution_device, self._denoiser.dtype, latents, sigma0)
 
     def _callback_inputs(self, callback_on_step_end: Any, tensor_inputs: Sequence[str] | None) -> list[str]:
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"`callback_on_step_end` must be callable (pipe, step, timestep, callback_kwargs) -> "
+                             f"dict, or a diffusers PipelineCallback; got {type(callback_on_step_end).__name__}")
         try:
             from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 

@@ -20,6 +20,7 @@ sigma made device tensors), and a formula's SuperDiff AND node read its offsets 
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 pytest.importorskip("diffusers")
@@ -82,11 +83,12 @@ def test_sd_pipeline_step_reads_nothing_back_and_copies_only_its_random_draws(sd
 def test_flow_pipeline_step_reads_nothing_back_and_copies_only_its_random_draws(sd3, sampler, estimator, operator,
                                                                                 copies):
     """Flow predictions under weights that do not sum to one are completed with the null
-    prediction, which converts with alpha and sigma: scalars, not copies to the device."""
+    prediction, which converts with alpha and sigma: scalars, not copies to the device. (The
+    grid starts below t = 1, where the null prediction x / alpha is undefined and refused.)"""
     def call(steps):
         sd3(["a circle", "something red"], num_inference_steps=steps, height=16, width=16, max_sequence_length=16,
             output_type="latent", generator=gen(0), guidance_scale=1.0, operator=operator, sampler=sampler,
-            estimator=estimator)
+            estimator=estimator, sigmas=np.linspace(0.999, 0.25, steps).tolist())
 
     assert _per_step(call) == (0, copies)
 

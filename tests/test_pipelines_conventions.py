@@ -358,3 +358,19 @@ def test_wrong_shape_latents_are_refused_before_text_encoding(family):
     if family == "sd":  # the fix the message names: num_images_per_prompt to match the latents' rows
         p.set_progress_bar_config(disable=True)
         assert p(["a red cat", "a dog"], latents=bad, num_images_per_prompt=2, **KW).images.shape[0] == 2
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"generator": 5}, "`generator` must be a torch.Generator or a list of them, got int"),
+    ({"generator": [torch.Generator(), "seed"]}, "got str"),
+    ({"callback_on_step_end": 5}, "`callback_on_step_end` must be callable"),
+])
+def test_bad_generator_or_callback_types_are_refused_before_text_encoding(pipe, kwargs, expected):
+    calls, hooks = _forward_counter(pipe.text_encoder, pipe.unet)
+    try:
+        with pytest.raises(ValueError, match=expected):
+            pipe(["a red cat", "a dog"], num_images_per_prompt=2, **KW, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
