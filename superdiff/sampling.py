@@ -279,6 +279,8 @@ def sample(
                                      f"of shape {tuple(x.shape)}")
                 x = new_x.to(device=x.device, dtype=x.dtype)
         del so  # its prediction and the network's output are not kept through the next forward
+    if n:
+        monitor.output(x, n - 1)
     monitor.check()  # the one host read of the loop: NaN/inf anywhere names its expert and step
     if only is not None:  # back to all M experts: one-hot kappa, log q of the others not tracked
         op = full_op

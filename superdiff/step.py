@@ -86,8 +86,9 @@ def combine(preds: Tensor, kappa: Tensor, ref: Tensor | None) -> Tensor:
 class FiniteMonitor:
     """Records on the device whether each source produced NaN/inf, and reads it once at the end.
 
-    Sources: experts 0..M-1, the unconditional branch, the estimator, and the experts'
-    evaluations of an MCMC corrector after the step (superdiff.correctors). Per step and source one
+    Sources: experts 0..M-1, the unconditional branch, the estimator, the experts'
+    evaluations of an MCMC corrector after the step (superdiff.correctors), and the latents
+    after the last step. Per step and source one
     sum of its values is kept (a device tensor: nothing is read back; the sum is non-finite
     when a value is). `check` concatenates them, makes the one host read, and raises the error
     naming the first source and step.
@@ -120,6 +121,11 @@ class FiniteMonitor:
     def delta(self, delta: Tensor, step: int) -> None:
         self._record(self.num_experts + 1, delta.sum(), step)
 
+    def output(self, x: Tensor, step: int) -> None:
+        """The latents after the last step (once per call): non-finite values that no expert or
+        estimator produced (e.g. from the combination itself) are not returned silently."""
+        self._record(self.num_experts + 3, x.sum(dtype=torch.promote_types(x.dtype, torch.float32)), step)
+
     def corrector(self, cond: Tensor, step: int) -> None:
         """An MCMC corrector's evaluation of the experts at the end of step `step` (at t_next)."""
         self._record(self.num_experts + 2, cond.sum(), step)
@@ -145,6 +151,10 @@ class FiniteMonitor:
                              f"(t={t:g}); check the model, its dtype and the schedule")
         if src == self.num_experts:
             raise ValueError(f"the unconditional branch returned non-finite values at step {step} (t={t:g})")
+        if src == self.num_experts + 3:
+            raise ValueError(f"the sampled latents are non-finite (NaN/inf) after step {step} (t={tn:g}), although "
+                             "the experts' outputs were finite: the combination of their predictions is undefined "
+                             "on this grid; check the operator's weights and the time grid")
         if src == self.num_experts + 2:
             raise ValueError(f"an expert returned non-finite values during the MCMC corrector after step {step} "
                              f"(t={tn:g}); lower the corrector's step_scale or check the model")

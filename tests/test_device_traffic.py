@@ -19,8 +19,8 @@ sigma made device tensors), and a formula's SuperDiff AND node read its offsets 
 
 from __future__ import annotations
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 pytest.importorskip("diffusers")

@@ -60,6 +60,21 @@ def test_custom_timesteps_outside_the_schedule_are_refused(name, times):
     assert torch.isfinite(out.samples).all()
 
 
+def test_non_finite_latents_from_the_combination_are_not_returned_silently():
+    """An operator whose weights turn NaN on the last step (no expert sees the result, and
+    estimator 'none' is not checked): the one read after the loop names the latents."""
+    from superdiff.operators import AverageOperator
+
+    class NaNOnLastStep(AverageOperator):
+        def kappa(self, state):
+            k = super().kappa(state)
+            return k * float("nan") if state.step == state.num_steps - 1 else k
+
+    with pytest.raises(ValueError, match=r"sampled latents are non-finite \(NaN/inf\) after step 3 \(t=0\)"):
+        sample(two_mixtures(2), schedules()["ve"], 4, operator=NaNOnLastStep([0.5, 0.5]), estimator="none",
+               integrator="euler", shape=(2, 2), progress=False)
+
+
 def test_trace_shapes_round_trip_and_plot(tmp_path):
     out = sample(two_mixtures(2), schedules()["vp"], 12, operator="and", shape=(5, 2),
                  generator=torch.Generator().manual_seed(0), expert_names=["a", "b"], progress=False)
