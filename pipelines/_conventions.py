@@ -143,6 +143,9 @@ def _take_conventions(pipe: Any, given: dict[str, Any], extra: dict[str, Any], c
                              "(encode_prompt returns them together)")
         if given.get("operator") == "joint":
             raise ValueError(f"{cls}: the joint-prompt baseline joins prompt texts; it cannot take prompt_embeds")
+        if given.get("compose") is not None:
+            raise ValueError(f"{cls}: a compose formula names its own prompts as text; it cannot take "
+                             "prompt_embeds (give the formula alone, or prompt_embeds with an operator)")
     # pipe.scheduler swapped after loading
     swapped = pipe.__dict__.get("_swapped_scheduler")
     if swapped and "sampler" not in given:

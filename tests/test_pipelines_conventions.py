@@ -99,6 +99,8 @@ def test_prompt_embeds_are_one_expert_per_row(pipe):
         pipe(prompt_embeds=emb, pooled_prompt_embeds=emb[:, 0], **KW)
     with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
         pipe("a cat", prompt_embeds=emb, **KW)
+    with pytest.raises(ValueError, match="a compose formula names its own prompts as text"):
+        pipe(prompt_embeds=emb, compose='"a red cat" | "a dog"', **KW)
 
 
 def test_sigmas_are_diffusers_euler_sigmas(pipe):
