@@ -19,14 +19,20 @@ Multi-LoRA baselines behind the same ``operator=`` switch (``METHODS``):
                                adapter's guided prediction, (1/K) sum_k [u_k + w (c_k - u_k)]
     merge                      weight merge (diffusers' ``set_adapters(names, weights)``):
                                one expert whose every layer adds sum_k s_k B_k A_k
-    switch                     LoRA Switch: one expert whose adapter is adapter
-                               (step // switch_every) mod K at each step
+    switch                     LoRA Switch: one expert whose adapter is entry
+                               (step // switch_every) mod K at each step (every evaluation
+                               of the step, Heun's second included)
+
+diffusers' own LoRA scale (cross_attention_kwargs / joint_attention_kwargs {"scale": s})
+multiplies every routed adapter's scale, as diffusers multiplies its active adapters'.
 
 Adapters load with diffusers' ``load_lora_weights`` (safetensors; kohya and diffusers/PEFT
 formats as diffusers accepts them). Every entry is checked before anything is loaded or
 computed: the file exists (and is safetensors where only safetensors are allowed), its
 layers exist in this pipeline's network with the same widths (an adapter for another base
 architecture is refused), and one adapter name never stands for two different files.
+Adapters the user loaded stay as they were: never deleted or replaced, active at their
+weights and switched on or off as before every call.
 """
 
 from __future__ import annotations
@@ -82,6 +88,14 @@ class AdapterSpec:
     prompt: str | None = None
     negative_prompt: str | None = None
     source: str = ""
+    #: the routing key: `name`, or name_x<scale> for the same file at a second scale (rows, switch)
+    key: str = ""
+    #: the adapter's name in the network, set when loaded: `key`, or a fresh name where the user's
+    #: own adapter holds that name
+    loaded_as: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
 
     def describe(self) -> dict[str, Any]:
         """What a PNG or trace records about this adapter."""
@@ -193,6 +207,16 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     return name, getattr(pipe, name)
 
 
+def _network_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The denoiser's part of a LoRA state dict under PEFT's key names, as the network's loader
+    (`load_lora_adapter`) maps them with diffusers' `convert_unet_state_dict_to_peft`: e.g. a
+    converted kohya file's "<attn>.processor.to_q_lora.down.weight" -> "<attn>.to_q.lora_A.weight"."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    return {f"{prefix}.{k}": v for k, v in convert_unet_state_dict_to_peft(own).items()}
+
+
 def _module_path(key: str, prefix: str = "unet") -> str:
     """The network module a LoRA tensor belongs to: "<prefix>.<path>.lora_A.weight" -> "<path>"."""
     path = key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
@@ -232,7 +256,8 @@ def check_architecture(pipe: Any, spec: AdapterSpec, state: Mapping[str, torch.T
         raise ValueError(f"adapter {spec.name!r} adapts {', '.join(te)} as well as the {prefix}; adapter experts "
                          f"support {prefix}-only LoRAs (the text-encoder part would be shared by every expert)")
     dora = sorted({_module_path(k, prefix) for k in state if k.endswith(("lora_magnitude_vector", "dora_scale"))})
-    foreign = sorted(k for k in state if k.startswith(prefix + ".") and not k.endswith(_SUFFIXES))
+    state = _network_state(state, prefix)
+    foreign = sorted(k for k in state if not k.endswith(_SUFFIXES))
     if dora or foreign:
         what = (f"DoRA magnitudes ({dora[0]}, ...)" if dora else
                 f"weights that replace the network's own ({foreign[0]}, ...; e.g. a Flux Control LoRA's norms)")
@@ -240,8 +265,6 @@ def check_architecture(pipe: Any, spec: AdapterSpec, state: Mapping[str, torch.T
                          "layers (x -> W x + s B A x) row by row; give a plain LoRA")
     bad, n = [], 0
     for key, w in state.items():
-        if not key.startswith(prefix + "."):
-            continue
         path = _module_path(key, prefix)
         n += 1
         m = modules.get(path)
@@ -266,72 +289,138 @@ def check_architecture(pipe: Any, spec: AdapterSpec, state: Mapping[str, torch.T
                          f"{'; '.join(shown[:3])}")
 
 
+def _lora_layers(net: torch.nn.Module) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in net.modules() if isinstance(m, LoraLayer)]
+
+
+@dataclass
+class _LayerState:
+    """What diffusers' set_adapters / enable_lora / disable_lora set in one LoRA layer: its
+    active adapters, their scales and whether the layer is switched off (PEFT's own fields,
+    written back as they were: PEFT's setters would also change requires_grad)."""
+
+    layer: Any
+    active: list[str]
+    disabled: bool
+    scaling: dict[str, float]
+
+    @classmethod
+    def of(cls, net: torch.nn.Module) -> list["_LayerState"]:
+        return [cls(m, list(m.active_adapters), bool(m.disable_adapters), dict(m.scaling)) for m in _lora_layers(net)]
+
+    def restore(self) -> None:
+        self.layer._active_adapter = list(self.active)
+        self.layer._disable_adapters = self.disabled
+        self.layer.scaling.update(self.scaling)
+
+
+def _restore_user_state(net: torch.nn.Module, before: Sequence[_LayerState]) -> None:
+    """The network's adapters as the user left them before SuperDiff loaded its own: every layer
+    that existed back as it was; a layer made for SuperDiff's adapters with the active set and
+    on/off state the other layers had (switched off when the network had no LoRA layers), so
+    that SuperDiff's adapters act only in its routed forward."""
+    for s in before:
+        s.restore()
+    old = {id(s.layer) for s in before}
+    active, disabled = (list(before[0].active), before[0].disabled) if before else (None, True)
+    for m in _lora_layers(net):
+        if id(m) not in old:
+            if active is not None:
+                m._active_adapter = list(active)
+            m._disable_adapters = disabled
+
+
+def _network_name(key: str, ours: Mapping[str, Any], held: set, taken: set) -> str:
+    """The network adapter name for the adapter `key`: `key` itself unless the user's own adapter
+    (one SuperDiff did not load) holds it, then key_superdiff, key_superdiff2, ...; a name SuperDiff
+    loaded before is reused (the same file) or reloaded (another file)."""
+    for i in range(1, len(held) + len(taken) + 2):
+        name = key if i == 1 else f"{key}_superdiff" + ("" if i == 2 else str(i - 1))
+        if name not in taken and (name in ours or name not in held):
+            return name
+    raise AssertionError("unreachable: a free adapter name always exists")
+
+
 def load_adapters(pipe: Any, specs: Sequence[AdapterSpec | None]) -> None:
     """Check every adapter against the pipeline's denoiser network, then load the ones not
     loaded yet with diffusers' `load_lora_weights` (the pipeline's own LoRA loader mixin;
-    nothing is loaded if any check fails). Loaded adapters are left inactive for ordinary
-    calls: only the routed forward uses them."""
+    nothing is loaded if any check fails). SuperDiff's adapters are its own: an adapter the
+    user loaded is never deleted or replaced (a name the user holds gets a fresh one, in
+    `spec.loaded_as`), and the cache `pipe._superdiff_adapters` counts an adapter as loaded only
+    while the network still holds that very adapter (not after `unload_lora_weights` or
+    `delete_adapters`). Afterwards the user's adapters are active, at their weights, and the
+    LoRA layers on or off, as before; SuperDiff's adapters act only in the routed forward."""
     prefix, net = denoiser_of(pipe)
-    todo, layers = [], {}
-    loaded: dict[str, str] = getattr(pipe, "_superdiff_adapters", {})
+    peft = dict(getattr(net, "peft_config", None) or {})
+    cached = getattr(pipe, "_superdiff_adapters", {})
+    ours = {n: v for n, v in cached.items() if isinstance(v, tuple) and peft.get(n) is v[1]}
+    held = set(peft)  # every adapter name the pipeline holds, in any component
+    for names in (pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}).values():
+        held.update(names)
+    todo, layers, chosen = [], {}, {}
     for spec in specs:
-        if spec is None or spec.name == BASE or any(s.name == spec.name for s in todo):
+        if spec is None or spec.name == BASE:
+            continue
+        if spec.key in chosen:  # the same file at the same scale, or a duplicate entry
+            spec.loaded_as = chosen[spec.key]
             continue
         state = _lora_keys(pipe, spec)
         check_architecture(pipe, spec, state)
-        layers[spec.name] = {_module_path(k, prefix) for k in state if k.startswith(prefix + ".")}
-        if loaded.get(spec.name) != spec.sha256:
+        layers[spec.key] = {_module_path(k, prefix) for k in _network_state(state, prefix)}
+        name = _network_name(spec.key, ours, held, set(chosen.values()))
+        chosen[spec.key] = spec.loaded_as = name
+        if ours.get(name, ("",))[0] != spec.sha256:
             todo.append(spec)
     if not todo:
+        pipe._superdiff_adapters = ours
         return
-    peft_names = set(getattr(net, "peft_config", {}) or {})
+    before = _LayerState.of(net)
     try:
-        _load(pipe, net, todo, layers, loaded, peft_names)
-    finally:  # also after a refused file: loaded adapters stay off for ordinary calls
-        pipe._superdiff_adapters = loaded
-        if getattr(net, "peft_config", None):
-            net.disable_adapters()
+        _load(pipe, net, todo, layers, ours)
+    finally:  # also after a refused file: the user's adapters as they were, SuperDiff's off
+        pipe._superdiff_adapters = ours
+        _restore_user_state(net, before)
 
 
 def _load(pipe: Any, net: torch.nn.Module, todo: Sequence[AdapterSpec], layers: Mapping[str, set],
-          loaded: dict[str, str], peft_names: set) -> None:
+          ours: dict[str, tuple]) -> None:
     from peft.tuners.lora import LoraLayer
 
     for spec in todo:
-        if spec.name in peft_names:
-            pipe.delete_adapters(spec.name)
-        loaded.pop(spec.name, None)
-        pipe.load_lora_weights(str(spec.file.parent), weight_name=spec.file.name, adapter_name=spec.name)
-        got = {n for n, m in net.named_modules() if isinstance(m, LoraLayer) and spec.name in m.lora_A}
-        if got != layers[spec.name]:  # diffusers skips what it cannot map: refuse a partial adapter
-            pipe.delete_adapters(spec.name)
-            missing = sorted(layers[spec.name] - got)
+        name = spec.loaded_as
+        if ours.pop(name, None) is not None:  # SuperDiff's own adapter under this name, for another file
+            pipe.delete_adapters(name)
+        pipe.load_lora_weights(str(spec.file.parent), weight_name=spec.file.name, adapter_name=name)
+        got = {n for n, m in net.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A}
+        if got != layers[spec.key]:  # diffusers skips what it cannot map: refuse a partial adapter
+            pipe.delete_adapters(name)
+            missing = sorted(layers[spec.key] - got)
             raise ValueError(f"adapter {spec.name!r} ({spec.file}): diffusers loaded {len(got)} of its "
-                             f"{len(layers[spec.name])} layers (not loaded: {missing[:3]}); the file mixes key "
+                             f"{len(layers[spec.key])} layers (not loaded: {missing[:3]}); the file mixes key "
                              "formats or names layers this network lacks")
-        loaded[spec.name] = spec.sha256
+        ours[name] = (spec.sha256, net.peft_config[name])
 
 
 @contextlib.contextmanager
-def _enabled(net: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
-    """LoRA layers switched on, adapter `name` at scale scales[name]; restored after."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
-    was_disabled = [m.disable_adapters for m in layers]
-    for m in layers:
-        m._disable_adapters = False
-        for name, s in scales.items():
-            if name in m.lora_A or name in getattr(m, "lora_embedding_A", {}):
-                m.set_scale(name, float(s))
+def _only(net: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
+    """LoRA layers switched on with exactly the adapters in `scales` active, adapter `name` at
+    scale scales[name] (so a denoiser's own LoRA scale, cross_attention_kwargs /
+    joint_attention_kwargs {"scale": s}, multiplies each of them as diffusers multiplies its
+    active adapters); every layer's active set, scales and on/off flag restored after."""
+    saved = _LayerState.of(net)
+    names = list(scales)
+    for s in saved:
+        s.layer._active_adapter = list(names)
+        s.layer._disable_adapters = False
+        for name, v in scales.items():
+            s.layer.set_scale(name, float(v))
     try:
         yield
     finally:
-        for m, d in zip(layers, was_disabled):
-            m._disable_adapters = d
-            for name in scales:
-                if name in m.lora_A or name in getattr(m, "lora_embedding_A", {}):
-                    m.set_scale(name, 1.0)
+        for s in saved:
+            s.restore()
 
 
 @contextlib.contextmanager
@@ -349,38 +438,27 @@ def mixed_adapter_batch(net: torch.nn.Module, row_adapters: Sequence[str], scale
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in net.modules()
                if isinstance(m, BaseTunerLayer)]
     try:
-        with _enabled(net, scales):
+        with _only(net, scales):
             yield
     finally:
         for h in handles:
             h.remove()
 
 
-@contextlib.contextmanager
-def merged_adapters(net: torch.nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
+def merged_adapters(net: torch.nn.Module, scales: Mapping[str, float]) -> contextlib.AbstractContextManager:
     """Every adapter in `scales` active at once (weight merge: each layer adds
     sum_k s_k B_k A_k x), as diffusers' set_adapters(names, weights)."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
-    before = [list(m.active_adapters) for m in layers]
-    for m in layers:
-        m.set_adapter([n for n in scales if n in m.lora_A], inference_mode=True)
-    try:
-        with _enabled(net, scales):
-            yield
-    finally:
-        for m, a in zip(layers, before):
-            m.set_adapter(a, inference_mode=True)
+    return _only(net, scales)
 
 
 @dataclass
 class AdapterRouting:
     """How the pipeline network's rows use adapters in one call.
 
-    names: adapter names indexed by cond["adapter"] (index 0 is BASE); scales: per name.
+    names: adapter keys indexed by cond["adapter"] (index 0 is BASE); scales: per key.
     mode: "rows" (each row its own adapter), "merge" (all adapters summed) or "switch"
-    (one adapter for all rows, changing every `switch_every` steps along `grid`).
+    (one adapter for all rows: cycle[(step // switch_every) mod len(cycle)], the step counted
+    along `grid`). specs: the adapters, whose `loaded_as` names them in the network.
     """
 
     names: list[str] = field(default_factory=lambda: [BASE])
@@ -389,22 +467,33 @@ class AdapterRouting:
     switch_every: int = 1
     grid: torch.Tensor | None = None
     specs: list[AdapterSpec] = field(default_factory=list)
+    cycle: list[str] = field(default_factory=list)
+    #: the sampler step being computed (ExpertSet.begin_step, through adapter_forward); None outside one
+    step: int | None = None
 
     def index(self, name: str | None) -> int:
         return self.names.index(name or BASE)
 
     def switch_adapter(self, t: torch.Tensor) -> str:
-        """LoRA Switch: the adapter of the step whose grid time is nearest to t."""
-        step = int(torch.argmin((self.grid.to(torch.float64) - float(t)).abs())) if self.grid is not None else 0
-        adapters = self.names[1:]
+        """LoRA Switch: the adapter of the sampler step being computed (`step`: every evaluation
+        of a step, Heun's second and a corrector's moves after it included); outside a sampling
+        call, of the step whose grid time is nearest to t."""
+        step = self.step
+        if step is None:
+            step = int(torch.argmin((self.grid.to(torch.float64) - float(t)).abs())) if self.grid is not None else 0
+        adapters = self.cycle or self.names[1:]
         return adapters[(step // self.switch_every) % len(adapters)]
 
     def context(self, net: torch.nn.Module, rows: torch.Tensor | None, t: torch.Tensor, n: int):
+        loaded = {s.key: s.loaded_as or s.key for s in self.specs}
+        scales = {loaded.get(k, k): s for k, s in self.scales.items()}
         if self.mode == "merge":
-            return merged_adapters(net, self.scales)
+            return merged_adapters(net, scales)
         if self.mode == "switch":
-            return mixed_adapter_batch(net, [self.switch_adapter(t)] * n, self.scales)
-        return mixed_adapter_batch(net, [self.names[int(i)] for i in rows.tolist()], self.scales)
+            k = self.switch_adapter(t)
+            return mixed_adapter_batch(net, [loaded.get(k, k)] * n, scales)
+        return mixed_adapter_batch(net, [loaded.get(k, k) for k in (self.names[int(i)] for i in rows.tolist())],
+                                   scales)
 
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.specs]
@@ -413,7 +502,8 @@ class AdapterRouting:
 def adapter_forward(fn: Any, net: torch.nn.Module, routing: AdapterRouting) -> Any:
     """Wrap a network fn(x, t, cond) so that each call runs the routed adapters (one forward).
     cond["adapter"] (the rows' adapter indices) stays on the CPU: reading it is no device sync.
-    fn's `set_grid` (the time inputs of a sampling grid, computed once) is kept."""
+    fn's `set_grid` (the time inputs of a sampling grid, computed once) is kept; `begin_step`
+    (ExpertSet.begin_step) tells the routing which sampler step is being computed."""
 
     def routed(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         rows = None
@@ -423,9 +513,26 @@ def adapter_forward(fn: Any, net: torch.nn.Module, routing: AdapterRouting) -> A
         with routing.context(net, rows, t, x.shape[0]):
             return fn(x, t, cond)
 
-    if hasattr(fn, "set_grid"):
-        routed.set_grid = fn.set_grid  # type: ignore[attr-defined]
+    def set_grid(times: Any, device: Any = None) -> None:
+        routing.step = None  # a new sampling call
+        if hasattr(fn, "set_grid"):
+            fn.set_grid(times, device)
+
+    def begin_step(step: int) -> None:
+        routing.step = step
+
+    routed.set_grid, routed.begin_step = set_grid, begin_step  # type: ignore[attr-defined]
     return routed
+
+
+def _scaled_key(name: str, scale: float, taken: Mapping[str, Any]) -> str:
+    """A routing key for adapter `name` at a second scale: name_x<scale> ("." -> "p", "-" -> "m"
+    in the scale only), numbered on when taken."""
+    key = base = f"{name}_x" + f"{scale:g}".replace(".", "p").replace("-", "m")
+    n = 2
+    while key in taken:
+        key, n = f"{base}_{n}", n + 1
+    return key
 
 
 def plan_adapter_experts(specs: Sequence[AdapterSpec | None], plans: Sequence[Any], prompts: Sequence[str],
@@ -441,17 +548,32 @@ def plan_adapter_experts(specs: Sequence[AdapterSpec | None], plans: Sequence[An
 
     method = method.lower() if isinstance(method, str) else method
     specs = list(specs)
+    adapters = [s for s in specs if s is not None and s.name != BASE]
+    if method in ("merge", "switch") and len(adapters) != len(specs):
+        raise ValueError(f"operator {method!r} combines adapters into one expert: give only adapters "
+                         "(no None / base entries)")
+    if method in ADAPTER_METHODS and len(adapters) < 2:
+        raise ValueError(f"operator {method!r} combines several adapters: give at least two (got "
+                         f"{len(adapters)}); for one adapter use operator 'single'")
     routing = AdapterRouting()
-    # one network adapter name per (file, scale): the same file at two scales loads twice
-    for s in specs:
-        if s is None or s.name == BASE:
+    keys: dict[tuple[str, float], str] = {}  # one network adapter per (file, scale): PEFT keeps one scale per name
+    for s in adapters:
+        if method == "merge":  # one expert, every layer adding sum_k s_k B_k A_k: the same file twice adds up
+            s.key = s.name
+        else:
+            s.key = keys.setdefault((s.name, s.scale), s.name if s.name not in routing.scales else
+                                    _scaled_key(s.name, s.scale, routing.scales))
+        if method == "switch":
+            routing.cycle.append(s.key)
+        if s.key in routing.scales:
+            if method == "merge":
+                routing.scales[s.key] += s.scale
+            if method in ("merge", "switch"):
+                routing.specs.append(s)  # every entry recorded: the one expert is made of all of them
             continue
-        if s.name in routing.scales and routing.scales[s.name] != s.scale:
-            s.name = f"{s.name}_x{s.scale:g}".replace(".", "p").replace("-", "m")
-        if s.name not in routing.names:
-            routing.names.append(s.name)
-            routing.scales[s.name] = s.scale
-            routing.specs.append(s)
+        routing.names.append(s.key)
+        routing.scales[s.key] = s.scale
+        routing.specs.append(s)
     others = [p for p in plans if p.network != 0]
     shared_neg = negatives[0] if len(set(negatives)) == 1 else None
     out: list[Any] = []
@@ -459,20 +581,16 @@ def plan_adapter_experts(specs: Sequence[AdapterSpec | None], plans: Sequence[An
     def add(spec: AdapterSpec | None, prompt: str, neg: str | None) -> None:
         base = spec is None or spec.name == BASE
         label = "base" if base else (spec.name if spec.scale == 1 else f"{spec.name}@{spec.scale:g}")
-        out.append(ExpertPlan(0, prompt, neg, name=f"{label}: {prompt}", adapter=None if base else spec.name))
+        out.append(ExpertPlan(0, prompt, neg, name=f"{label}: {prompt}", adapter=None if base else spec.key))
 
-    if isinstance(method, str) and method in ("merge", "switch"):
-        adapters = [s for s in specs if s is not None and s.name != BASE]
-        if not adapters or len(adapters) != len(specs):
-            raise ValueError(f"operator {method!r} combines adapters into one expert: give only adapters "
-                             "(no None / base entries)")
+    if method in ("merge", "switch"):
         own = {s.prompt for s in adapters}
         if len(own) > 1 or (None in own and len(set(prompts)) > 1):
             raise ValueError(f"operator {method!r} makes one expert: give one prompt (the adapters' own prompts "
                              f"differ: {sorted(map(str, own))})")
         prompt = adapters[0].prompt or prompts[0]
         neg = adapters[0].negative_prompt or shared_neg or negatives[0]
-        p = ExpertPlan(0, prompt, neg, name=f"{method}({', '.join(routing.names[1:])}): {prompt}")
+        p = ExpertPlan(0, prompt, neg, name=f"{method}({', '.join(s.name for s in adapters)}): {prompt}")
         routing.mode = method
         routing.switch_every = int(switch_every)
         if routing.switch_every < 1:

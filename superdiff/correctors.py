@@ -229,6 +229,9 @@ class CachedExperts(ExpertSet):
     def set_grid(self, times: Sequence[Tensor], device: Any = None) -> None:
         self.inner.set_grid(times, device)
 
+    def begin_step(self, step: int) -> None:
+        self.inner.begin_step(step)
+
     def prime(self, x: Tensor, t: Tensor, out: ExpertOutput, source: Tensor | None = None) -> None:
         """The next evaluate(x, t) returns `out` without a forward call. The tensor itself is kept
         (with its version counter, which an in-place change moves on): the sampler passes the

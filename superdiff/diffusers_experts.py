@@ -299,6 +299,10 @@ class NetworkExperts(ExpertSet):
         for s in self._sets.values():
             s.set_grid(times, device)
 
+    def begin_step(self, step: int) -> None:
+        for s in self._sets.values():
+            s.begin_step(step)
+
     def subset(self, index: int) -> "NetworkExperts":
         """Branch `index` alone: its conditional row and its unconditional row, in one forward of
         the same network (the same batched-condition cache and forward-call counts)."""

@@ -95,6 +95,12 @@ class ExpertSet:
         step will pass as t): experts may precompute what they feed their networks at each one
         (superdiff.diffusers_experts.TimeInputs). Optional; the default does nothing."""
 
+    def begin_step(self, step: int) -> None:
+        """Called by `sample` before step `step` (both evaluations of a Heun step, and a
+        corrector's moves after it, belong to it): experts whose network changes from step
+        to step (pipelines.adapters' LoRA switch) follow the step index, not the time.
+        Optional; the default does nothing."""
+
     def subset(self, index: int) -> "ExpertSet | None":
         """Expert `index` alone (with its own unconditional branch), sharing this set's networks
         and forward-call counts, for operators that need only it ("single"); None when this
@@ -205,6 +211,12 @@ class _CountingView(ExpertSet):
         self.parent.num_forward_calls += self.inner.num_forward_calls - n0
         return out
 
+    def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        self.inner.set_grid(times, device)
+
+    def begin_step(self, step: int) -> None:
+        self.inner.begin_step(step)
+
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         return self._counted(self.inner.evaluate, x, t, schedule)
 
@@ -305,6 +317,11 @@ class SharedNetworkExperts(ExpertSet):
         if fn is not None:
             fn(times, device)
 
+    def begin_step(self, step: int) -> None:
+        fn = getattr(self.fn, "begin_step", None)
+        if fn is not None:
+            fn(step)
+
     def evaluate_conditional(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
         return self.evaluate_rows(x, t, range(self.num_experts))
 
@@ -336,6 +353,9 @@ class _RowsView(ExpertSet):
 
     def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
         self.parent.set_grid(times, device)
+
+    def begin_step(self, step: int) -> None:
+        self.parent.begin_step(step)
 
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         rows = [self.index] + ([self.parent.num_experts] if self.has_uncond else [])

@@ -259,6 +259,7 @@ def sample(
     t0 = time.perf_counter()
     for k in tqdm(range(n), desc="superdiff", disable=not progress, leave=False):
         t, t_next = times[k], times[k + 1]
+        es.begin_step(k)
         so = superdiff_step(es, schedule, integ, op, est, x, t, t_next, logq, k, n, generator,
                             guidance_scale, noise_dtype=dtype, model_dtype=model_dtype,
                             coefficients=coefs[k], monitor=monitor, probe_generator=probes)

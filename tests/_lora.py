@@ -27,3 +27,21 @@ def random_network_lora(network: torch.nn.Module, out_dir: Path, seed: int, pipe
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pipeline_cls.save_lora_weights(out_dir, **{layers: get_peft_model_state_dict(net)})
     return out_dir
+
+
+def kohya_from_peft(peft_file: Path, out_file: Path, prefix: str = "unet", alpha: float | None = None) -> Path:
+    """The same LoRA in the kohya / A1111 layout ("lora_unet_<module path with _>.lora_down.weight",
+    ".lora_up.weight", ".alpha"); alpha defaults to the rank (scale alpha / r = 1, as a PEFT file
+    saved with lora_alpha = r)."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for key, v in load_file(peft_file).items():
+        module, kind = key[len(prefix) + 1:].rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[name + (".lora_down.weight" if kind.startswith("A") else ".lora_up.weight")] = v
+        if kind.startswith("A"):
+            out[name + ".alpha"] = torch.tensor(float(v.shape[0] if alpha is None else alpha))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, out_file)
+    return out_file

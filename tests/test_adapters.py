@@ -4,6 +4,8 @@ baselines behind operator=, and refusals before any compute."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -368,3 +370,195 @@ def test_bundled_loras_are_small_and_their_cards_state_the_measured_rates(name):
     card = (d / "README.md").read_text()
     for key in ("base", "with_lora"):
         assert f"{100 * q[key]['concept_rate']:.1f}%" in card
+
+
+# --- the pipeline's own LoRA state, kohya files, names, scales and the multi-LoRA methods (tiny SD UNet) ---
+
+def _tiny_sd(theirs=False):
+    from diffusers import StableDiffusionPipeline
+
+    from superdiff.pipelines import SuperDiffStableDiffusionPipeline
+    from superdiff.pipelines._testing import tiny_sd_components
+
+    cls = StableDiffusionPipeline if theirs else SuperDiffStableDiffusionPipeline
+    p = cls(**tiny_sd_components(0), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_loras(tmp_path_factory):
+    """LoRAs for the tiny SD UNet: a, b (other layers) and the user's own."""
+    from diffusers import StableDiffusionPipeline
+
+    from superdiff.pipelines._testing import tiny_sd_unet
+
+    root, unet = tmp_path_factory.mktemp("tiny-loras"), tiny_sd_unet(0)
+    return {"a": lora_for(unet, root / "lora-a", 1, StableDiffusionPipeline),
+            "b": lora_for(unet, root / "lora-b", 2, StableDiffusionPipeline,
+                          targets=("to_k", "to_out.0", "conv2", "time_emb_proj")),
+            "user": lora_for(unet, root / "user" / "lora-a", 7, StableDiffusionPipeline)}
+
+
+TINY = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np", sampler="euler")
+
+
+def _image(p, **kw):
+    return p("a red cat", generator=gen(0), **{**TINY, **kw}).images
+
+
+def _lora_state(net, names):
+    """Every LoRA layer's active adapters, the scales of adapters `names` and whether it is switched off."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: (list(m.active_adapters), m.disable_adapters, {k: v for k, v in m.scaling.items() if k in names})
+            for n, m in net.named_modules() if isinstance(m, LoraLayer)}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_kohya_format_loras_load_as_diffusers_loads_them(family, tiny_loras, tmp_path):
+    """A kohya / A1111 file (lora_unet_*.lora_down/up + alpha) is the adapter diffusers' own
+    load_lora_weights makes of it: the same images as diffusers, and as the same LoRA in PEFT keys."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from _lora import kohya_from_peft
+    from superdiff.pipelines import SuperDiffStableDiffusionXLPipeline
+    from superdiff.pipelines._testing import tiny_sdxl_components
+
+    if family == "sd":
+        peft, ours, ref, kw = tiny_loras["a"], _tiny_sd(), _tiny_sd(theirs=True), TINY
+    else:
+        peft = lora_for(tiny_sdxl_components(0)["unet"], tmp_path / "xl", 1, StableDiffusionXLPipeline)
+        ours = SuperDiffStableDiffusionXLPipeline(**tiny_sdxl_components(0), add_watermarker=False)
+        ref = StableDiffusionXLPipeline(**tiny_sdxl_components(0), add_watermarker=False)
+        ours.set_progress_bar_config(disable=True)
+        ref.set_progress_bar_config(disable=True)
+        kw = {**TINY, "guidance_scale": 5.0}
+    kohya = kohya_from_peft(peft / "pytorch_lora_weights.safetensors", tmp_path / "kohya-style.safetensors")
+    ref.load_lora_weights(kohya, adapter_name="k")
+    ref.set_adapters(["k"], [0.8])
+    want = ref("a red cat", generator=gen(0), **{k: v for k, v in kw.items() if k != "sampler"}).images
+    got = ours("a red cat", adapters=[(kohya, 0.8)], operator="single", generator=gen(0), **kw).images
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    peft_too = ours("a red cat", adapters=[(peft, 0.8)], operator="single", generator=gen(0), **kw).images
+    np.testing.assert_allclose(got, peft_too, atol=1e-5)
+    ours("a red cat", adapters=[kohya, peft], operator="and", generator=gen(0), **kw)  # and next to each other
+
+
+def test_the_users_own_adapters_are_as_they_were_after_every_adapter_call(tiny_loras):
+    """Adapters the user loaded (load_lora_weights + set_adapters / disable_lora) keep their active
+    set, weights and on/off state through SuperDiff calls, also through a call that raises."""
+    pipe = _tiny_sd()
+    base = _image(pipe, operator="single")
+    pipe.load_lora_weights(tiny_loras["user"], adapter_name="style")
+    pipe.set_adapters(["style"], [0.7])
+    styled = _image(pipe, operator="single")
+    assert np.abs(styled - base).max() > 1e-3
+    before = _lora_state(pipe.unet, ["style"])
+
+    def boom(*_):
+        raise RuntimeError("stop")
+
+    for kw in (dict(operator="and"), dict(operator="merge"), dict(operator="switch"),
+               dict(operator="and", callback_on_step_end=boom)):
+        with contextlib.suppress(RuntimeError):
+            _image(pipe, adapters=[tiny_loras["a"], (tiny_loras["b"], 0.5)], **kw)
+        assert pipe.get_active_adapters() == ["style"]
+        after = _lora_state(pipe.unet, ["style"])
+        assert {n: s for n, s in after.items() if n in before} == before
+        # layers made for SuperDiff's adapters only: the user's active set, so nothing acts there
+        assert all(s[:2] == (["style"], False) for n, s in after.items() if n not in before)
+        np.testing.assert_array_equal(_image(pipe, operator="single"), styled)
+    pipe.disable_lora()
+    _image(pipe, adapters=[tiny_loras["a"]], operator="single")
+    np.testing.assert_array_equal(_image(pipe, operator="single"), base)  # still switched off
+    pipe.enable_lora()
+    np.testing.assert_array_equal(_image(pipe, operator="single"), styled)
+
+
+def test_an_adapter_the_user_loaded_under_the_same_name_is_never_replaced(tiny_loras):
+    pipe, fresh = _tiny_sd(), _tiny_sd()
+    pipe.load_lora_weights(tiny_loras["user"], adapter_name="lora-a")  # the name SuperDiff derives for loras["a"]
+    users = _image(pipe, operator="single")
+    want = _image(fresh, adapters=[(tiny_loras["a"], 0.8)], operator="single")
+    got = _image(pipe, adapters=[(tiny_loras["a"], 0.8)], operator="single")
+    np.testing.assert_allclose(got, want, atol=1e-6)  # SuperDiff's lora-a is the file it was given
+    assert pipe.get_list_adapters()["unet"][0] == "lora-a" and len(pipe.get_list_adapters()["unet"]) == 2
+    np.testing.assert_array_equal(_image(pipe, operator="single"), users)  # and the user's is untouched
+
+
+@pytest.mark.parametrize("remove", ["unload_lora_weights", "delete_adapters"])
+def test_adapters_the_user_removed_are_loaded_again(tiny_loras, remove):
+    pipe = _tiny_sd()
+    first = _image(pipe, adapters=[tiny_loras["a"]], operator="single")
+    assert np.abs(first - _image(pipe, operator="single")).max() > 1e-3
+    getattr(pipe, remove)(*(["lora-a"] if remove == "delete_adapters" else []))
+    np.testing.assert_array_equal(_image(pipe, adapters=[tiny_loras["a"]], operator="single"), first)
+
+
+@pytest.mark.parametrize("method", ["single", "merge"])
+def test_the_lora_scale_of_cross_attention_kwargs_multiplies_every_routed_adapter(tiny_loras, method):
+    """diffusers' cross_attention_kwargs={"scale": s} multiplies every active adapter's scale; with
+    adapter experts every routed adapter's, whichever adapters the network holds."""
+    pipe, ref = _tiny_sd(), _tiny_sd(theirs=True)
+    _image(pipe, adapters=[tiny_loras["a"], tiny_loras["b"]], operator="and")  # both loaded, b last
+    adapters = [(tiny_loras["a"], 0.6)] + ([(tiny_loras["b"], 0.8)] if method == "merge" else [])
+    for k, (path, _) in zip("ab", adapters):
+        ref.load_lora_weights(path, adapter_name=k)
+    ref.set_adapters(list("ab"[: len(adapters)]), [s for _, s in adapters])
+    cak = {"cross_attention_kwargs": {"scale": 0.5}}
+    want = ref("a red cat", generator=gen(0), **{k: v for k, v in TINY.items() if k != "sampler"}, **cak).images
+    np.testing.assert_allclose(_image(pipe, adapters=adapters, operator=method, **cak), want, atol=1e-5)
+
+
+def _switch_log(monkeypatch):
+    from superdiff.pipelines import adapters as A
+
+    seen, orig = [], A.AdapterRouting.switch_adapter
+    monkeypatch.setattr(A.AdapterRouting, "switch_adapter", lambda self, t: seen.append(orig(self, t)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_lora_switch_runs_one_adapter_for_every_evaluation_of_a_step(tiny_loras, monkeypatch, sampler):
+    seen = _switch_log(monkeypatch)
+    _image(_tiny_sd(), adapters=[tiny_loras["a"], tiny_loras["b"]], operator="switch", sampler=sampler,
+           num_inference_steps=4)
+    # heun evaluates each step at t_k and at t_(k+1), but only once on its last step (to sigma = 0)
+    per_step = {"euler": [1, 1, 1, 1], "heun": [2, 2, 2, 1]}[sampler]
+    want = [n for k, m in enumerate(per_step) for n in [("lora-a", "lora-b")[k % 2]] * m]
+    assert seen == want
+
+
+def test_duplicate_adapters_count_in_merge_and_switch(tiny_loras, monkeypatch):
+    """merge adds sum_k s_k B_k A_k over its entries (the same file twice adds up); switch cycles
+    through its entries as given."""
+    a, b, pipe = tiny_loras["a"], tiny_loras["b"], _tiny_sd()
+    np.testing.assert_allclose(_image(pipe, adapters=[(a, 0.5), (a, 0.5)], operator="merge"),
+                               _image(pipe, adapters=[(a, 1.0)], operator="single"), atol=1e-6)
+    np.testing.assert_allclose(_image(pipe, adapters=[(a, 0.5), (a, 0.3), (b, 0.4)], operator="merge"),
+                               _image(pipe, adapters=[(a, 0.8), (b, 0.4)], operator="merge"), atol=1e-6)
+    seen = _switch_log(monkeypatch)
+    _image(pipe, adapters=[a, a, b], operator="switch", num_inference_steps=6)
+    assert seen == ["lora-a", "lora-a", "lora-b"] * 2
+
+
+@pytest.mark.parametrize("method", ["merge", "switch", "composite"])
+def test_multi_lora_methods_with_fewer_than_two_adapters_are_refused_before_any_compute(tiny_loras, method):
+    pipe = _tiny_sd()
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    one = [[tiny_loras["a"]], [(tiny_loras["a"], 0.5)]] + ([[None, tiny_loras["a"]]] if method == "composite" else [])
+    for adapters in one:  # a base entry is no adapter
+        with pytest.raises(ValueError, match=f"operator '{method}' combines several adapters: give at least two"):
+            _image(pipe, adapters=adapters, operator=method)
+    assert not calls and not getattr(pipe.unet, "peft_config", None)
+
+
+def test_the_same_file_at_two_scales_keeps_its_name(tiny_loras):
+    pipe = _tiny_sd()
+    out = pipe("a red cat", adapters=[(tiny_loras["a"], 0.5), tiny_loras["a"]], operator="and", generator=gen(0),
+               **TINY)
+    assert pipe.last_experts.names == ["lora-a@0.5: a red cat", "lora-a: a red cat"]
+    assert [(x["name"], x["scale"]) for x in out.trace.meta["adapters"]] == [("lora-a", 0.5), ("lora-a", 1.0)]
+    assert sorted(pipe.unet.peft_config) == ["lora-a", "lora-a_x1"]  # loaded twice, the name itself unchanged

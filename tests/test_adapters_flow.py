@@ -100,7 +100,14 @@ def test_each_row_equals_a_forward_with_only_its_adapter(family):
     x, cond, fixed, div = _inputs(name, pipe, len(rows), gen(0))
     fn = transformer_forward(pipe.transformer, make_flow_schedule(pipe.scheduler.config, None), div, **fixed)
     routed = A.adapter_forward(fn, pipe.transformer, routing)
-    assert routed.set_grid == fn.set_grid  # the grid's time inputs are still computed once per call
+    seen = []  # the grid's time inputs are still computed once per call: set_grid reaches fn
+    fn.set_grid = lambda times, device=None: seen.append(len(times))
+    routing.step = 3
+    routed.set_grid([torch.tensor(1.0), torch.tensor(0.5)])
+    assert seen == [2] and routing.step is None  # a new call starts outside any step
+    del fn.set_grid
+    routed.begin_step(1)  # ExpertSet.begin_step: the sampler step a LoRA switch follows
+    assert routing.step == 1
     t = torch.tensor(0.6, dtype=torch.float64)
     with torch.no_grad():
         mixed = routed(x, t, {**cond, "adapter": torch.tensor(rows)})
@@ -324,3 +331,49 @@ def test_superdiff_generate_composes_two_loras_on_a_saved_flow_model(name, tmp_p
     rc, err = generate("swapped", "--from-png", str(out / "image_000.png"))
     assert rc == 2 and "lora-b is not the file this composition was made with (sha256" in err, err
     assert not (tmp_path / "swapped" / "image_000.png").exists()
+
+
+def test_the_lora_scale_of_joint_attention_kwargs_multiplies_every_routed_adapter(family):
+    """diffusers' joint_attention_kwargs={"scale": s} multiplies every active adapter's scale; with
+    adapter experts every routed adapter's, whichever adapter the transformer loaded last."""
+    _, f, pipe, loras = family
+    pipe("a circle", adapters=[loras["a"], loras["b"]], operator="and", num_inference_steps=1, output_type="latent",
+         **f["guidance"], **SIZE)  # both loaded
+    ref = f["theirs"](**f["comps"]())
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(loras["a"], adapter_name="lora-a")
+    ref.set_adapters(["lora-a"], [0.6])
+    kw = dict(num_inference_steps=2, output_type="np", joint_attention_kwargs={"scale": 0.5}, **f["guidance"], **SIZE)
+    want = ref("a square", generator=gen(3), **kw).images
+    for last in ("lora-a", "lora-b"):  # PEFT's active adapter is not what the routed forward scales
+        pipe.transformer.set_adapter(last)
+        got = pipe("a square", adapters=[(loras["a"], 0.6)], operator="single", sampler="euler", generator=gen(3),
+                   **kw).images
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_kohya_flux_lora_loads_as_diffusers_converts_it(tmp_path):
+    from safetensors.torch import save_file
+
+    comps = lambda: tiny_flux_components(0, guidance_embeds=False)  # noqa: E731
+    pipe = SuperDiffFluxPipeline(**comps())
+    pipe.set_progress_bar_config(disable=True)
+    cfg = pipe.transformer.config
+    d, g, state = cfg.num_attention_heads * cfg.attention_head_dim, torch.Generator().manual_seed(0), {}
+    for i in range(cfg.num_layers):  # kohya's names for Flux's double blocks: fused qkv and the output
+        for part, width in (("img_attn_qkv", 3 * d), ("img_attn_proj", d), ("txt_attn_qkv", 3 * d),
+                            ("txt_attn_proj", d)):
+            name = f"lora_unet_double_blocks_{i}_{part}"
+            state[f"{name}.lora_down.weight"] = torch.randn(2, d, generator=g) * 0.3
+            state[f"{name}.lora_up.weight"] = torch.randn(width, 2, generator=g) * 0.3
+            state[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(state, tmp_path / "flux-kohya.safetensors")
+    ref = FluxPipeline(**comps())
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(tmp_path / "flux-kohya.safetensors", adapter_name="k")
+    ref.set_adapters(["k"], [0.8])
+    kw = dict(num_inference_steps=2, output_type="np", **FAMILIES["flux"]["guidance"], **SIZE)
+    want = ref("a square", generator=gen(3), **kw).images
+    got = pipe("a square", adapters=[(tmp_path / "flux-kohya.safetensors", 0.8)], operator="single", sampler="euler",
+               generator=gen(3), **kw).images
+    np.testing.assert_allclose(got, want, atol=1e-4)
