@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -53,8 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMAND_MODULES = ("superdiff.generate_cli", "superdiff.ui.cli", "superdiff.protein.cli", "superdiff.bench_cli")
 
 
+#: a comma-separated list of numbers starting with a minus sign ("-1,2", "-0.5,1.5e-1")
+_NEGATIVE_LIST = re.compile(r"-\d*\.?\d+(?:[eE][-+]?\d+)?(?:,[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)+")
+
+
+def glue_negative_lists(argv: list[str]) -> list[str]:
+    """argv with "--flag -1,2" written "--flag=-1,2": argparse takes a value that starts with a
+    minus sign for an option unless it is a single number, so the documented
+    `--kappa-clamp -1,2` (and negative --weights / --bias lists) would be refused."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_LIST.fullmatch(a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(glue_negative_lists(list(sys.argv[1:] if argv is None else argv)))
     try:
         return args.func(args)
     except ValueError as e:

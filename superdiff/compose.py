@@ -183,6 +183,12 @@ class Composition:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_json(self, **kwargs: Any) -> str:
+        """Strict JSON (an infinite OR temperature as the string "inf", which from_dict reads)."""
+        from .trace import json_safe
+
+        return json.dumps(json_safe(self.to_dict()), allow_nan=False, **kwargs)
+
     def replace(self, **changes: Any) -> "Composition":
         return dataclasses.replace(self, **changes).validated()
 
@@ -880,9 +886,11 @@ def png_metadata(record: Composition, size: tuple[int, int] | None = None) -> di
     from . import __version__
     from .a1111 import infotext
 
-    d = record.to_dict()
+    from .trace import json_safe
+
+    d = json_safe(record.to_dict())
     d["superdiff_version"] = __version__
-    return {PNG_KEY: json.dumps(d, sort_keys=True),
+    return {PNG_KEY: json.dumps(d, sort_keys=True, allow_nan=False),
             "parameters": infotext(record, size=size, version=__version__),
             "Software": f"superdiff {__version__}"}
 

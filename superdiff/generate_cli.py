@@ -175,8 +175,11 @@ def _generate(args: argparse.Namespace) -> int:
     res.trace.plot(out / "trace.png", samples=min(4, len(res.images)),
                    title=f"FORMULA: {comp.compose}" if comp.compose else
                    f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
-    (out / "composition.json").write_text(json.dumps(comp.to_dict(), indent=2))
-    if Path(comp.model).name.startswith("shapes-"):  # the bundled shapes world has an exact oracle
+    (out / "composition.json").write_text(comp.to_json(indent=2))
+    square = res.images[0].size[0] == res.images[0].size[1]
+    if Path(comp.model).name.startswith("shapes-") and not square:
+        print("oracle: skipped (the shapes oracle classifies square images)")
+    if Path(comp.model).name.startswith("shapes-") and square:  # the bundled shapes world has an exact oracle
         from .shapes import oracle
 
         r = oracle.classify(res.images)

@@ -18,6 +18,18 @@ import torch
 __all__ = ["Trace", "plot_trace"]
 
 
+def json_safe(v: Any) -> Any:
+    """v with every non-finite float written as the string "inf", "-inf" or "nan", so that it
+    is strict JSON (an OR temperature of inf; Composition and float() read the strings back)."""
+    if isinstance(v, float) and not np.isfinite(v):
+        return "nan" if np.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 @dataclass
 class Trace:
     t: np.ndarray  # [n + 1] schedule times of the grid
@@ -75,7 +87,7 @@ class Trace:
             # null where log q was not tracked (operator "single": the experts not evaluated)
             "logq": np.where(np.isnan(self.logq), None, self.logq).tolist(),
             "expert_names": list(self.expert_names),
-            "meta": self.meta,
+            "meta": json_safe(self.meta),
         }
         if self.ess is not None:
             d["ess"] = np.asarray(self.ess, dtype=np.float64).tolist()

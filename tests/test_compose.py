@@ -99,3 +99,26 @@ def test_unconditional_experts_are_named_after_their_checkpoints():
     res = run_composition(Composition.from_dict({"model": "shapes-half-a", "extra_models": ["shapes-half-b"],
                                                  "operator": "or", "steps": 2}), ModelCache(), progress=False)
     assert res.trace.expert_names == ["shapes-half-a", "shapes-half-b"]
+
+
+def test_an_infinite_or_temperature_is_written_as_strict_json_and_read_back(tmp_path):
+    """OR at temperature inf (documented): the composition, its PNG chunk and the trace's meta
+    are strict JSON ("inf" as a string, which Composition reads back), so nothing fails after
+    sampling and --from-png reproduces the run."""
+    import json
+
+    from superdiff.compose import png_metadata
+    from superdiff.trace import Trace
+
+    c = Composition.from_dict({"prompts": ["a circle", "something red"], "operator": "or",
+                               "temperature": float("inf")})
+    text = c.to_json()
+    assert json.loads(text)["temperature"] == "inf"
+    assert Composition.from_dict(json.loads(text)) == c
+    chunk = json.loads(png_metadata(c)["superdiff"])
+    assert chunk["temperature"] == "inf"
+    tr = Trace(np.array([1.0, 0.0]), np.array([1.0, 0.0]), np.zeros((1, 1, 2)), np.zeros((2, 1, 2)), ["a", "b"],
+               {"composition": c.to_dict(), "operator_params": {"temperature": float("inf"), "bias": [float("-inf")]}})
+    back = Trace.load(tr.save(tmp_path / "t.json"))
+    assert back.meta["operator_params"] == {"temperature": "inf", "bias": ["-inf"]}
+    assert Composition.from_dict(back.meta["composition"]).temperature == float("inf")
