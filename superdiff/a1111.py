@@ -12,6 +12,18 @@ with our own keys (operator and its parameters) after A1111's. The ``superdiff``
 stays the source of truth; the infotext is for A1111's PNG Info, ComfyUI-side readers and
 image browsers.
 
+What the prompt line and our keys say, per kind of run:
+
+* operator runs (and / or / average / single / joint / the LoRA methods): the prompts joined
+  by ``AND``, ``:weight`` suffixes for OR / average weights, and ``SuperDiff operator: <op>``;
+  a LoRA Switch run adds ``Switch every: <steps>``.
+* formula runs (``compose``): the prompt line is the formula itself in canonical form,
+  written with the symbols ``&`` ``|`` ``~`` (never an ``AND`` of all its prompts, and the
+  unconditional prompt a ``~`` is relative to is not a part), and ``SuperDiff formula:
+  <the formula as given>`` replaces ``SuperDiff operator``; ``AND mode: product`` when the
+  formula's ``&`` is the product rather than SuperDiff's AND.
+* any run with a corrector: ``Corrector: <spec>`` (a dict spec as JSON text).
+
 LoRAs as A1111 writes them: each expert's prompt carries its adapter as ``<lora:name:scale>``
 (one prompt row per adapter expert, joined by ``AND``; the weight-merge and LoRA Switch
 methods, one expert with every adapter, write all tags in one prompt, which is what A1111
@@ -197,6 +209,8 @@ def adapters_from_infotext(params: dict[str, str]) -> list[dict[str, Any]]:
     prompt order: {"name", "scale", "prompt" (the tag's prompt row without tags), "hash"
     (A1111's short hash, or None)}. An expert row with several tags (weight merge) gives
     one entry per tag, each with the same prompt."""
+    if params.get("SuperDiff formula"):  # a formula takes no adapters; its prompt line is no AND of rows
+        return []
     hashes = {}
     for item in (params.get("Lora hashes") or "").split(","):
         name, sep, h = item.partition(":")
@@ -222,16 +236,32 @@ def _value(v: Any) -> str:
     return json.dumps(s) if any(ch in s for ch in ',:"\n') else s
 
 
+def _formula_prompt(text: str) -> str:
+    """The prompt line of a formula run: the formula in canonical form, written with the
+    symbols & | ~ (A1111 would read the words AND / OR / NOT as its own AND syntax), on one line."""
+    from .formula import parse, unparse
+
+    try:
+        text = unparse(parse(text))
+    except ValueError:
+        pass
+    return " ".join(text.split("\n"))
+
+
 def infotext(record: Any, size: tuple[int, int] | None = None, version: str = "") -> str:
     """The A1111 "parameters" text for a Composition (see the module docstring)."""
     from .compose import Composition
 
     c: Composition = record
+    formula = c.compose is not None
     prompts, lora_hashes = _expert_prompts(c) if c.adapters else (list(c.prompts), {})
-    weights = c.weights if c.operator in ("or", "average") and prompts else None
+    weights = c.weights if c.operator in ("or", "average") and prompts and not formula else None
     if weights is not None and len(weights) != len(prompts):
         weights = None
-    lines = [join_and_prompt(prompts, weights) if prompts else ""]
+    if formula:  # the formula itself: its prompts are not an AND (nor an average) of them all
+        lines = [_formula_prompt(c.compose)]
+    else:
+        lines = [join_and_prompt(prompts, weights) if prompts else ""]
     if c.negative_prompt:
         lines.append(f"Negative prompt: {c.negative_prompt}")
     w, h = size if size is not None else (c.width, c.height)
@@ -242,7 +272,16 @@ def infotext(record: Any, size: tuple[int, int] | None = None, version: str = ""
     if w and h:
         pairs.append(("Size", f"{w}x{h}"))
     pairs.append(("Model", c.model))
-    pairs.append(("SuperDiff operator", c.operator))
+    if formula:  # the formula replaces the operator
+        pairs.append(("SuperDiff formula", c.compose))
+        if c.and_mode != "superdiff":
+            pairs.append(("AND mode", c.and_mode))
+    else:
+        pairs.append(("SuperDiff operator", c.operator))
+    if c.operator == "switch" and not formula:
+        pairs.append(("Switch every", c.switch_every))
+    if c.corrector is not None:
+        pairs.append(("Corrector", c.corrector))
     if c.extra_models:
         pairs.append(("Extra models", " | ".join(c.extra_models)))
     if c.weights is not None and weights is None:

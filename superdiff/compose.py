@@ -54,6 +54,28 @@ __all__ = [
 OPERATOR_CHOICES = ("or", "and", "average", "single", "joint", "composite", "merge", "switch")
 #: the multi-LoRA baselines: they need `adapters` (superdiff/pipelines/adapters.py)
 ADAPTER_OPERATORS = ("composite", "merge", "switch")
+#: the optional Composition parameters each operator uses, and their unset values
+OPERATOR_PARAMS: dict[str, frozenset[str]] = {
+    "or": frozenset({"temperature", "weights", "bias"}),
+    "and": frozenset({"lift", "kappa_clamp"}),
+    "average": frozenset({"weights"}),
+    "single": frozenset({"single_index"}),
+    "joint": frozenset({"joint_template"}),
+    "composite": frozenset(),
+    "merge": frozenset(),
+    "switch": frozenset({"switch_every"}),
+}
+PARAM_UNSET: dict[str, Any] = {"temperature": None, "weights": None, "bias": None, "lift": None, "kappa_clamp": None,
+                               "single_index": 0, "joint_template": None, "switch_every": 1}
+
+
+def foreign_params(d: dict[str, Any]) -> list[str]:
+    """The operator parameters set in composition fields `d` that its operator does not use
+    (none for a compose formula, which checks its own)."""
+    op = str(d.get("operator", "and")).lower().strip()
+    if d.get("compose") or op not in OPERATOR_PARAMS:
+        return []
+    return [k for k, unset in PARAM_UNSET.items() if d.get(k, unset) not in (unset, None) and k not in OPERATOR_PARAMS[op]]
 #: the `adapters` path of an expert on the base network without adapter (next to adapter experts)
 BASE_ADAPTER = "base"
 SAMPLER_CHOICES = ("sde", "ddpm", "ode", "euler", "heun")
@@ -452,20 +474,25 @@ def draw_seed(seed: int | None) -> tuple[int, bool]:
 def check_experts(comp: Composition) -> list[str]:
     """Refuse compositions whose operator has nothing to compose (AND / OR / average with
     one expert would silently run that expert alone); return notes on what is not used
-    (the other experts under "single")."""
+    (the other experts under "single"). A compose formula checks its own terms."""
+    if comp.compose is not None:
+        return []
     n = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
     if comp.adapters:  # one expert per adapter and prompt
         n = sum(1 if a.get("prompt") else max(1, len(comp.prompts)) for a in comp.adapters) + len(comp.extra_models)
     if comp.operator in ("and", "or", "average") and n < 2:
         raise _fail("prompts", f"{comp.operator.upper()} composes two or more experts, got {n}; add a prompt "
                                "(or an extra model), or use operator single for one expert alone")
+    if comp.operator == "single" and comp.single_index >= n:
+        raise _fail("single_index", f"{comp.single_index} picks expert {comp.single_index + 1}, but there are {n}; "
+                                    f"give 0..{n - 1} (counting the prompts, then the extra models, from 0)")
     if comp.operator == "single" and n > 1:
         names = comp.prompts + comp.extra_models if comp.prompts else [comp.model, *comp.extra_models]
         if comp.adapters:
             names = [f"{a['path']}: {p}" for a in comp.adapters for p in ([a["prompt"]] if a.get("prompt")
                                                                             else comp.prompts or [""])]
             names += comp.extra_models
-        return [f"operator single samples expert {comp.single_index + 1} ({names[min(comp.single_index, n - 1)]!r}) "
+        return [f"operator single samples expert {comp.single_index + 1} ({names[comp.single_index]!r}) "
                 f"alone; the other {n - 1} expert(s) are not used (single_index picks another)"]
     return []
 
@@ -706,6 +733,9 @@ def _call_kwargs(c: Composition, kind: str, extras: list[str],
         kw["lift"] = c.lift
     if c.kappa_clamp is not None:
         kw["kappa_clamp"] = False if c.kappa_clamp is False else tuple(c.kappa_clamp)
+    if c.adapters and kind not in ("sd", "sdxl") and kind not in FLOW_KINDS:
+        raise _fail("adapters", f"adapter (LoRA) experts run on Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux "
+                                f"models; {c.model} is a {kind} model")
     if c.height is not None:
         kw["height"] = c.height
     if c.width is not None:
@@ -736,9 +766,6 @@ def _call_kwargs(c: Composition, kind: str, extras: list[str],
         if extras:
             kw["extra_transformers" if kind in FLOW_KINDS else "extra_unets"] = extras
         if c.adapters:
-            if kind not in ("sd", "sdxl") and kind not in FLOW_KINDS:
-                raise _fail("adapters", f"adapter (LoRA) experts run on Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux "
-                                        f"models; {c.model} is a {kind} model")
             kw["adapters"] = [{k: a[k] for k in ("path", "scale", "prompt", "name") if k in a} for a in c.adapters]
             kw["switch_every"] = c.switch_every
     if c.compose is not None or c.corrector is not None:

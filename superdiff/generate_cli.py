@@ -93,8 +93,10 @@ class quiet_libraries:
 
 
 def _composition_from_args(args: argparse.Namespace):
-    from .compose import Composition, draw_seed, read_png_composition
+    from .compose import OPERATOR_PARAMS, PARAM_UNSET, Composition, draw_seed, foreign_params, read_png_composition
 
+    if args.from_png and args.config:
+        raise ValueError("give --from-png or --config, not both (flags given with either override its fields)")
     if args.from_png:
         base = read_png_composition(args.from_png).to_dict()
     elif args.config:
@@ -103,6 +105,10 @@ def _composition_from_args(args: argparse.Namespace):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--config {args.config}: {e}") from None
         base = base.get("composition", base) if isinstance(base, dict) else base
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {args.config}: expected a JSON object of composition fields (as in "
+                             f"composition.json or the studio's settings), got a JSON {type(base).__name__}")
+        base = {k: v for k, v in base.items() if k != "superdiff_version"}  # a PNG's superdiff chunk as it is
     else:
         base = {}
     flags = {"model": args.model, "prompts": args.prompt, "operator": args.operator, "extra_models": args.extra_model,
@@ -135,6 +141,15 @@ def _composition_from_args(args: argparse.Namespace):
         from .compose import DEFAULT_COMPOSITION
 
         d = {**DEFAULT_COMPOSITION.to_dict(), **d}
+    explicit = {k for k, v in flags.items() if v is not None and v != []} | set(dict(args.set or []))
+    for k in foreign_params(d):  # a parameter the operator does not use: refused if given now, else dropped
+        uses = ", ".join(sorted(o for o, ps in OPERATOR_PARAMS.items() if k in ps))
+        if k in explicit:
+            raise ValueError(f"{k}: operator {d.get('operator', 'and')} does not take it (it is for: {uses}); "
+                             "remove it or choose one of those operators")
+        print(f"superdiff generate: note: {k} (from {'the PNG' if args.from_png else 'the config'}) is not used by "
+              f"operator {d.get('operator', 'and')} and was dropped", file=sys.stderr)
+        d[k] = PARAM_UNSET[k]
     named_operator = args.operator or "operator" in dict(args.set or []) or "operator" in base
     n_experts = len(d.get("prompts") or []) + len(d.get("extra_models") or []) if d.get("prompts") else \
         1 + len(d.get("extra_models") or [])
@@ -155,7 +170,7 @@ def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .compose import ModelCache, check_experts, image_grid, run_composition, save_png
+    from .compose import ModelCache, check_experts, image_grid, read_png_composition, run_composition, save_png
 
     comp = _composition_from_args(args)
     for note in check_experts(comp):
@@ -193,7 +208,10 @@ def _generate(args: argparse.Namespace) -> int:
                                      for lab, n in counts.items()))
     print(f"wrote {len(paths)} image(s), grid.png, trace.json, trace.png and composition.json in {out} "
           f"({res.seconds:.1f} s)")
-    if args.from_png and comp.num_images == 1:
+    changed = bool(args.from_png) and comp != read_png_composition(args.from_png)
+    if changed:
+        print(f"regenerated {args.from_png} with changed settings (no pixel comparison)")
+    if args.from_png and comp.num_images == 1 and not changed:
         same = np.array_equal(np.asarray(Image.open(args.from_png).convert("RGB")),
                               np.asarray(res.images[0].convert("RGB")))
         print(f"reproduced {args.from_png}: {'identical pixels' if same else 'PIXELS DIFFER'}")

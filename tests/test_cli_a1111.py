@@ -273,3 +273,117 @@ def test_loras_are_written_as_a1111_tags_with_their_hashes_and_read_back(tmp_pat
 def _parameters(path) -> str:
     with Image.open(path) as im:
         return im.text["parameters"]
+
+
+# ---- every kind of composition described truthfully in the infotext ----------------------------------
+# Specification: the "parameters" chunk says what ran. Operator runs keep their prompt line
+# (the prompts joined by AND, OR / average weights as ':weight') and `SuperDiff operator`; a
+# formula run writes its formula (the prompt line is the formula with & | ~, never an AND of
+# its prompts, never with an empty part for the unconditional prompt a NOT is relative to) and
+# `SuperDiff formula` instead of an operator it did not use; a corrector, a non-default
+# and_mode and a LoRA Switch interval appear as `Key: value` pairs; every value reads back
+# through an A1111 parser to what the composition holds.
+def _infotext_of(tmp_path, comp) -> tuple[str, dict[str, str]]:
+    path = save_png(Image.new("RGB", (32, 32)), tmp_path / "x.png", comp)
+    assert read_png_composition(path) == comp  # the JSON chunk stays the source of truth
+    text = _parameters(path)
+    return text, parse_parameters(text)
+
+
+def test_plain_and_with_weights_keeps_its_a1111_line(tmp_path):
+    comp = Composition(prompts=["a circle", "something red"], operator="and", weights=[1.0, 2.0], steps=4,
+                       seed=3, guidance_scale=4.0).validated()
+    text, p = _infotext_of(tmp_path, comp)
+    # SuperDiff's AND takes no ':weight' parts: the weights are a pair of their own
+    assert text.split("\n")[0] == "a circle AND something red"
+    assert text.split("\n")[1] == ("Steps: 4, Sampler: Euler-Maruyama SDE, CFG scale: 4, Seed: 3, Size: 32x32, "
+                                   'Model: shapes-t2i, SuperDiff operator: and, Weights: "[1.0, 2.0]", Version: '
+                                   f"superdiff {__import__('superdiff').__version__}")
+    assert json.loads(p["Weights"]) == comp.weights
+    for key in ("SuperDiff formula", "Corrector", "AND mode", "Switch every"):
+        assert key not in p
+
+
+def test_or_writes_its_mixture_weights_as_a1111_weights(tmp_path):
+    comp = Composition(prompts=["a square", "something blue"], operator="or", weights=[0.3, 0.7]).validated()
+    text, p = _infotext_of(tmp_path, comp)
+    assert p["Prompt"] == "a square:0.3 AND something blue:0.7"
+    assert split_and_prompt(p["Prompt"]) == (comp.prompts, comp.weights)
+    assert p["SuperDiff operator"] == "or" and "Weights" not in p and "SuperDiff formula" not in p
+
+
+@pytest.mark.parametrize("formula, and_mode", [
+    ('("a circle" & "something red") | "a square":0.5', "superdiff"),
+    ('"a circle":2 & ~"something red":1.5', "superdiff"),
+    ('"a circle" AND NOT "something red"', "product"),
+    ('"a circle" & ~"something red"', "superdiff"),
+])
+def test_a_formula_run_writes_its_formula_not_an_and_of_its_prompts(tmp_path, formula, and_mode):
+    from superdiff.a1111 import adapters_from_infotext
+    from superdiff.formula import parse, unparse
+
+    comp = Composition(compose=formula, and_mode=and_mode, steps=2).validated()
+    text, p = _infotext_of(tmp_path, comp)
+    prompt = text.split("\n")[0]
+    assert p["Prompt"] == prompt == unparse(parse(formula))  # the formula, canonical, with & | ~
+    assert " AND " not in prompt and not prompt.rstrip().endswith("AND") and "AND \n" not in text
+    assert len(split_and_prompt(prompt)[0]) == 1  # A1111 reads one prompt, not an AND of several
+    assert all(part.strip() for part in prompt.split("&")) and '""' not in prompt  # no empty part
+    # NOT's unconditional reference is an expert of the run, but no part of the prompt line
+    assert ("" in comp.prompts) == ("~" in formula or "NOT" in formula)
+    for q in comp.prompts:
+        assert not q or f'"{q}"' in prompt
+    assert p["SuperDiff formula"] == comp.compose  # reads back exactly
+    assert "SuperDiff operator" not in p  # the formula replaced the operator
+    assert p.get("AND mode") == (None if and_mode == "superdiff" else and_mode)
+    assert "Weights" not in p and "Corrector" not in p
+    assert adapters_from_infotext(p) == []
+
+
+@pytest.mark.parametrize("corrector", ["ula", "smc:8", {"particles": 8, "window": [0, 0.8]}])
+def test_a_corrector_is_named(tmp_path, corrector):
+    comp = Composition(prompts=["a circle", "something red"], operator="average", weights=[1.0, 1.0],
+                       corrector=corrector).validated()
+    text, p = _infotext_of(tmp_path, comp)
+    assert p["Prompt"] == "a circle:1 AND something red:1" and p["SuperDiff operator"] == "average"
+    got = p["Corrector"]
+    assert (json.loads(got) if isinstance(corrector, dict) else got) == corrector
+    # a formula with a corrector: both
+    comp = Composition(compose='"a circle" & "something red"', and_mode="product", corrector=corrector).validated()
+    _, p = _infotext_of(tmp_path, comp)
+    got = p["Corrector"]
+    assert (json.loads(got) if isinstance(corrector, dict) else got) == corrector
+    assert p["SuperDiff formula"] == comp.compose and p["AND mode"] == "product"
+
+
+def test_a_lora_switch_run_names_its_adapters_and_interval(tmp_path):
+    from superdiff.a1111 import adapters_from_infotext
+    from superdiff.compose import ModelCache, resolve_adapters
+
+    files = _bundled_adapters()
+    comp = Composition(prompts=["a circle"], operator="switch", adapters=["lora-orange:0.8", "lora-outline"],
+                       switch_every=3, steps=6).validated()
+    comp, _ = resolve_adapters(comp, ModelCache())
+    text, p = _infotext_of(tmp_path, comp)
+    want = {n: _a1111_lora_hash(f) for n, f in files.items()}
+    assert p["Prompt"] == "a circle <lora:lora-orange:0.8> <lora:lora-outline:1>"
+    assert p["SuperDiff operator"] == "switch" and int(p["Switch every"]) == 3
+    assert p["Lora hashes"] == ", ".join(f"{n}: {h}" for n, h in want.items())
+    assert [(a["name"], a["scale"], a["hash"]) for a in adapters_from_infotext(p)] == [
+        ("lora-orange", 0.8, want["lora-orange"]), ("lora-outline", 1.0, want["lora-outline"])]
+    # the interval belongs to LoRA Switch alone
+    merge = comp.replace(operator="merge")
+    assert "Switch every" not in _infotext_of(tmp_path, merge)[1]
+
+
+def test_generate_with_a_formula_and_corrector_writes_them(tmp_path):
+    formula = '("a circle" & "something red") | "a square":0.5'
+    assert main(["generate", "--compose", formula, "--corrector", "ula", "--steps", "2", "--out",
+                 str(tmp_path / "e"), "--quiet"]) == 0
+    p = parse_parameters(_parameters(tmp_path / "e" / "image_000.png"))
+    assert p["Prompt"] == formula and p["SuperDiff formula"] == formula and p["Corrector"] == "ula"
+    assert "SuperDiff operator" not in p and int(p["Steps"]) == 2
+    assert main(["generate", "--compose", '"a circle" & ~"something red"', "--steps", "2", "--out",
+                 str(tmp_path / "e2"), "--quiet"]) == 0
+    text = _parameters(tmp_path / "e2" / "image_000.png")
+    assert text.split("\n")[0] == '"a circle" & ~"something red"' and "AND \n" not in text

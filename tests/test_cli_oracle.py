@@ -46,3 +46,33 @@ def test_negative_number_lists_are_taken_as_values(tmp_path):
     out = tmp_path / "o"
     assert main(["generate", "--kappa-clamp", "-1,2", "--steps", "2", "--quiet", "--out", str(out)]) == 0
     assert json.loads((out / "composition.json").read_text())["kappa_clamp"] == [-1.0, 2.0]
+
+
+def test_bad_settings_are_refused_with_the_field_and_the_fix(tmp_path, capsys):
+    """Parameters the operator does not take, an index past the experts, a --config that is not
+    an object, --config with --from-png, adapters on an unconditional model: exit 2 and a message
+    naming the field and how to fix it."""
+    cfg = tmp_path / "list.json"
+    cfg.write_text("[1, 2]")
+    cases = [
+        (["--operator", "or", "--lift", "2"], "lift: operator or does not take it (it is for: and)"),
+        (["--operator", "joint", "--weights", "0.3,0.7"], "weights: operator joint does not take it (it is for: average, or)"),
+        (["--operator", "and", "--temperature", "3"], "temperature: operator and does not take it (it is for: or)"),
+        (["--operator", "single", "--single-index", "5"], "single_index: 5 picks expert 6, but there are 2; give 0..1"),
+        (["--config", str(cfg)], "expected a JSON object of composition fields"),
+        (["--config", str(cfg), "--from-png", str(cfg)], "give --from-png or --config, not both"),
+        (["--model", "shapes-half-a", "--extra-model", "shapes-half-b", "--lora", "lora-orange", "--lora",
+          "lora-outline", "--operator", "and"], "adapters: adapter (LoRA) experts run on Stable Diffusion"),
+    ]
+    for argv, msg in cases:
+        assert main(["generate", *argv, "--steps", "2", "--quiet", "--out", str(tmp_path / "o")]) == 2
+        assert msg in capsys.readouterr().err, argv
+
+
+def test_a_png_setting_the_new_operator_does_not_use_is_dropped_with_a_note(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["generate", "--operator", "and", "--lift", "1", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    assert main(["generate", "--from-png", str(out / "image_000.png"), "--operator", "or", "--quiet",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "lift (from the PNG) is not used by operator or and was dropped" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "composition.json").read_text())["lift"] is None
