@@ -185,12 +185,13 @@ def _generate(args: argparse.Namespace) -> int:
         paths.append(save_png(im, out / f"image_{i:03d}.png", rec))
     scale = max(1, 256 // max(res.images[0].size))
     grid = image_grid(res.images, scale=scale, labels=[f"seed {r.seed}" for r in res.records])
-    save_png(grid, out / "grid.png", comp)  # the whole run: --from-png grid.png regenerates every image
+    # the whole run as it ran (guidance used, LoRA hashes): --from-png grid.png regenerates every image
+    save_png(grid, out / "grid.png", res.composition)
     res.trace.save(out / "trace.json")
     res.trace.plot(out / "trace.png", samples=min(4, len(res.images)),
                    title=f"FORMULA: {comp.compose}" if comp.compose else
                    f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
-    (out / "composition.json").write_text(comp.to_json(indent=2))
+    (out / "composition.json").write_text(res.composition.to_json(indent=2))
     square = res.images[0].size[0] == res.images[0].size[1]
     if Path(comp.model).name.startswith("shapes-") and not square:
         print("oracle: skipped (the shapes oracle classifies square images)")
