@@ -435,3 +435,87 @@ def test_an_uploaded_lora_runs_from_its_row_and_its_png_reproduces(cache, tmp_pa
     # a studio without the upload folder among its roots refuses the file before running
     with pytest.raises(ValueError, match="outside the allowed folders"):
         list(H.run_jobs([("AND", comp)], cache, tmp_path / "refused"))
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_switch_every_round_trips_and_an_imported_png_regenerates_identically(cache, tmp_path):
+    """`generate --operator switch --switch-every 2`: the studio form keeps switch_every (the
+    import used to reset it to 1, and Generate drew other pixels)."""
+    import numpy as np
+
+    from superdiff.compose import run_composition
+
+    _bundled_lora()
+    comp = Composition.from_dict({"model": "shapes-t2i", "prompts": ["a circle"], "operator": "switch",
+                                  "adapters": ["lora-orange", "lora-outline"], "switch_every": 2, "steps": 3})
+    res = run_composition(comp, cache, progress=False)
+    src = save_png(res.images[0], tmp_path / "image_000.png", res.records[0])
+    imported = H.load_settings_file(src)
+    assert imported.switch_every == 2
+    f = H.form_from_composition(imported)
+    back, notes = H.parse_form(H.form_from_values(H.values_from_form(f)))  # through the page's components
+    (item,) = list(H.run_jobs([("SWITCH", back)], cache, tmp_path / "out"))[-1]
+    assert np.array_equal(_pixels(src), _pixels(item.path))
+    assert back.switch_every == 2 and notes == [] and read_png_composition(item.path).switch_every == 2
+    assert H.settings_from_json(H.settings_json(back)).switch_every == 2
+    assert f["switch_every"] == 2 and "switch_every" in H.FORM_SCALARS and "switch_every" in H.API_NAMES
+    # blank: the default (1); another operator does not use it and says so
+    assert H.parse_form({**f, "switch_every": None})[0].switch_every == 1
+    c, notes = H.parse_form({**f, "operator": "composite"})
+    assert c.switch_every == 1 and "switch every is not used by COMPOSITE and was ignored" in notes
+    with pytest.raises(ValueError) as e:
+        H.parse_form({**f, "switch_every": 0})
+    assert H.error_message(e.value).startswith("Switch every: "), H.error_message(e.value)
+
+
+def test_settings_import_refuses_a_lora_whose_hash_differs_like_from_png(cache, tmp_path):
+    """docs/lora.md: --from-png and a studio settings import refuse an adapter file whose
+    sha256 differs from the recorded one; the recorded hash goes through the form."""
+    from PIL import Image
+
+    from superdiff.compose import resolve_adapters
+    from superdiff.pipelines.adapters import file_sha256
+
+    sha = file_sha256(_bundled_lora())
+    base = {"model": "shapes-t2i", "prompts": ["a circle"], "operator": "and", "steps": 2,
+            "adapters": [{"path": "lora-orange", "scale": 1.0, "sha256": "0" * 64},
+                         {"path": "lora-outline", "scale": 0.8}]}
+    wrong = Composition.from_dict(base)
+    with pytest.raises(ValueError) as cli:  # the command line's check (generate --from-png)
+        resolve_adapters(wrong, ModelCache())
+    assert "lora-orange is not the file this composition was made with" in str(cli.value)
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "wrong.png", wrong)
+    (tmp_path / "wrong.json").write_text(H.settings_json(wrong))
+    for path in (png, tmp_path / "wrong.json"):
+        with pytest.raises(ValueError) as e:
+            H.load_settings_file(path)
+        assert str(e.value) == str(cli.value)  # the same message as the command line
+        assert H.error_message(e.value).startswith("LoRA adapters: lora-orange is not the file this composition")
+    with pytest.raises(ValueError, match="not the file this composition"):
+        H.check_adapter_files(H.settings_from_json(H.settings_json(wrong)), cache)  # the JSON box
+
+    # the right hash: imported, kept through the form, checked by Generate and recorded again
+    right = Composition.from_dict({**base, "adapters": [{**base["adapters"][0], "sha256": sha},
+                                                        base["adapters"][1]]})
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "right.png", right)
+    f = H.form_from_composition(H.load_settings_file(png, cache))
+    back, _ = H.parse_form(H.form_from_values(H.values_from_form(f)))
+    assert [a.get("sha256") for a in back.adapters] == [sha, None]
+    (item,) = list(H.run_jobs([("AND", back)], cache, tmp_path / "out"))[-1]
+    assert read_png_composition(item.path).adapters[0]["sha256"] == sha
+    # a file that changed after the import is refused when Generate runs
+    stale, _ = H.parse_form({**f, "lora_sha256": json.dumps({"lora-orange": "0" * 64})})
+    with pytest.raises(ValueError, match="lora-orange is not the file this composition was made with"):
+        list(H.run_jobs([("AND", stale)], cache, tmp_path / "refused"))
+    # another adapter picked in the row is not held to the imported hash
+    other, _ = H.parse_form({**f, "loras": ["lora-outline", "lora-outline"]})
+    assert [a.get("sha256") for a in other.adapters] == [None, None]
+    with pytest.raises(ValueError) as e:
+        H.parse_form({**f, "lora_sha256": "not json"})
+    assert H.error_message(e.value).startswith("LoRA adapters: the recorded LoRA hashes"), H.error_message(e.value)

@@ -104,6 +104,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                     "(kappa) and log-density (log q) over the steps.")
         # the number of prompt rows shown: a hidden field (not gr.State) so API calls can set it
         rows_state = gr.Number(form0["rows"], visible=False, precision=0, elem_id="prompt-rows")
+        # the sha256 recorded for the adapters of imported settings (hidden; Generate checks the files)
+        lora_sha256 = gr.Textbox(form0["lora_sha256"], visible=False, elem_id="lora-sha256")
         results_state = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=360):
@@ -177,6 +179,10 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                     joint_template = gr.Textbox(form0["joint_template"], label="Joint prompt template",
                                                 placeholder="{0} and {1}   (default: the prompts joined by 'and')",
                                                 max_lines=1)
+                with gr.Group(visible=default.operator == "switch") as switch_group:
+                    switch_every = gr.Number(form0["switch_every"], label="Switch every (steps)", precision=0,
+                                             minimum=1, elem_id="switch-every",
+                                             info="the adapter driving the step changes every this many steps")
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
                         # plain numbers, not sliders: an out-of-range value is refused with a message
@@ -236,15 +242,16 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             "model": model, "extra_models": extra_models, "rows": rows_state, "operator": operator,
             "temperature": temperature, "lift": lift, "clamp_mode": clamp_mode, "clamp_lo": clamp_lo,
             "clamp_hi": clamp_hi, "single_expert": single_expert, "joint_template": joint_template,
-            "estimator": estimator, "sampler": sampler, "steps": steps, "guidance_scale": guidance,
-            "negative_prompt": negative_prompt, "seed": seed, "num_images": num_images, "height": height,
-            "width": width, "dtype": dtype, "compose": compose, "and_mode": and_mode, "corrector": corrector,
+            "switch_every": switch_every, "estimator": estimator, "sampler": sampler, "steps": steps,
+            "guidance_scale": guidance, "negative_prompt": negative_prompt, "seed": seed, "num_images": num_images,
+            "height": height, "width": width, "dtype": dtype, "compose": compose, "and_mode": and_mode,
+            "corrector": corrector, "lora_sha256": lora_sha256,
         }
         assert tuple(scalar_components) == H.FORM_SCALARS
         form_components = [*scalar_components.values(), *prompts, *weights, *biases, *loras, *lora_scales]
         # the scripted API (gradio_client): every input under its own name (H.API_NAMES)
         api_inputs = dict(zip(H.API_NAMES, form_components))
-        op_groups = [or_group, and_group, single_group, joint_group]
+        op_groups = [or_group, and_group, single_group, joint_group, switch_group]
 
         def read_form(data: dict) -> dict[str, Any]:
             return H.form_from_values([data[c] for c in form_components])
@@ -253,7 +260,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             return H.form_from_values([named[n] for n in H.API_NAMES])
 
         def op_visibility(op: str) -> list[Any]:
-            return [gr.update(visible=op == name) for name in ("or", "and", "single", "joint")]
+            return [gr.update(visible=op == name) for name in ("or", "and", "single", "joint", "switch")]
 
         def row_visibility(n: int) -> list[Any]:
             return [gr.update(visible=i < n) for i in range(H.MAX_PROMPTS)]
@@ -342,7 +349,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
 
         def apply_json(text: str) -> list[Any]:
             try:
-                return apply_composition(H.settings_from_json(text), "the JSON box")
+                return apply_composition(H.check_adapter_files(H.settings_from_json(text), studio.cache),
+                                         "the JSON box")
             except Exception as e:  # noqa: BLE001
                 return apply_failed(e)
 
@@ -351,7 +359,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                 return apply_failed(ValueError("settings: no file received; choose a .json settings file or a "
                                                "superdiff .png"))
             try:
-                return apply_composition(H.load_settings_file(path), Path(path).name)
+                return apply_composition(H.load_settings_file(path, studio.cache), Path(path).name)
             except Exception as e:  # noqa: BLE001
                 return apply_failed(e)
 

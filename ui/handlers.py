@@ -35,7 +35,7 @@ __all__ = [
     "default_allow_roots", "model_choices", "model_kind", "describe_model", "suggest_extra_models", "error_message",
     "CancelRegistry", "JobQueue", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
     "compare_grid", "pick_trace_item", "API_NAMES", "formula_tree", "lora_choices", "store_lora_upload",
-    "NO_LORA",
+    "NO_LORA", "check_adapter_files",
 ]
 
 #: prompt rows the page holds (rows beyond the visible count are ignored)
@@ -43,11 +43,14 @@ MAX_PROMPTS = 6
 MIN_PROMPTS = 1
 
 #: the scalar form fields, in the order app.py passes their values (then the per-row lists
-#: prompts, weights, biases, loras, lora_scales)
+#: prompts, weights, biases, loras, lora_scales). lora_sha256 is a hidden field: the sha256
+#: recorded for each adapter of an imported composition, as JSON {path: sha256}, so that
+#: Generate checks the files against it (and the new PNGs record it).
 FORM_SCALARS: tuple[str, ...] = (
     "model", "extra_models", "rows", "operator", "temperature", "lift", "clamp_mode", "clamp_lo", "clamp_hi",
-    "single_expert", "joint_template", "estimator", "sampler", "steps", "guidance_scale", "negative_prompt",
-    "seed", "num_images", "height", "width", "dtype", "compose", "and_mode", "corrector",
+    "single_expert", "joint_template", "switch_every", "estimator", "sampler", "steps", "guidance_scale",
+    "negative_prompt", "seed", "num_images", "height", "width", "dtype", "compose", "and_mode", "corrector",
+    "lora_sha256",
 )
 
 #: the studio's scripted-API (gradio_client) input names, in form_from_values order
@@ -85,6 +88,7 @@ FIELD_LABELS: dict[str, str] = {
     "estimator": "Estimator", "sampler": "Sampler", "steps": "Steps", "guidance_scale": "Guidance scale",
     "negative_prompt": "Negative prompt", "seed": "Seed", "num_images": "Images", "height": "Height",
     "width": "Width", "dtype": "Precision", "settings": "Settings", "adapters": "LoRA adapters",
+    "switch_every": "Switch every",
 }
 
 #: which optional Composition parameters each operator uses (the others are dropped)
@@ -96,10 +100,11 @@ _APPLIES: dict[str, frozenset[str]] = {
     "joint": frozenset({"joint_template"}),
     "composite": frozenset(),
     "merge": frozenset(),
-    "switch": frozenset(),
+    "switch": frozenset({"switch_every"}),
 }
-_OP_PARAMS = ("temperature", "weights", "bias", "lift", "kappa_clamp", "single_index", "joint_template")
-_OP_DEFAULTS: dict[str, Any] = {"single_index": 0}
+_OP_PARAMS = ("temperature", "weights", "bias", "lift", "kappa_clamp", "single_index", "joint_template",
+              "switch_every")
+_OP_DEFAULTS: dict[str, Any] = {"single_index": 0, "switch_every": 1}
 
 assert set(OPERATOR_LABELS) == set(OPERATOR_CHOICES) == set(_APPLIES)
 
@@ -207,6 +212,7 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     operator = str(form.get("operator") or "and")
     picks = _row_picks(form, prompts_in, prompts, expert_rows)
     prompts, adapters = _row_adapters(prompts, picks)
+    adapters = _with_hashes(adapters, _lora_hashes(form.get("lora_sha256")))
     if any(_A1111_AND.search(p) for p in prompts):  # A1111's "a AND b:0.7": one expert per part
         from superdiff.a1111 import expand_prompt_syntax
 
@@ -242,6 +248,7 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     steps = _int_or_none(form.get("steps"), "steps")
     seed = _int_or_none(seed, "seed")
     num_images = _int_or_none(form.get("num_images"), "num_images")
+    switch_every = _int_or_none(form.get("switch_every"), "switch_every")
     guidance = _number(form.get("guidance_scale"), "guidance_scale")
     d: dict[str, Any] = {
         "model": str(form.get("model") or "").strip(),
@@ -255,6 +262,7 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
         "kappa_clamp": clamp,
         "single_index": single_index,
         "joint_template": None if _blank(joint_template) else str(joint_template),
+        "switch_every": 1 if switch_every is None else switch_every,
         "estimator": estimator,
         "sampler": str(form.get("sampler") or "sde"),
         "steps": DEFAULT_COMPOSITION.steps if steps is None else steps,
@@ -339,6 +347,12 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
     comp = comp.validated()
     loras: list[str] = [NO_LORA] * MAX_PROMPTS
     lora_scales: list[float] = [1.0] * MAX_PROMPTS
+    hashes: dict[str, str] = {}
+    for a in comp.adapters:  # the recorded hashes, checked again when the form is run
+        if a.get("sha256"):
+            if hashes.setdefault(a["path"], a["sha256"]) != a["sha256"]:
+                raise ValueError(f"adapters: {a['path']} is recorded with two different sha256 hashes; it cannot "
+                                 "be the file of both experts")
     if comp.adapters:  # one row per adapter expert, its adapter in the row's picker
         from superdiff.compose import BASE_ADAPTER
 
@@ -371,7 +385,8 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
         "model": comp.model, "extra_models": list(comp.extra_models), "rows": rows, "operator": comp.operator,
         "temperature": _fmt(comp.temperature), "lift": _fmt(comp.lift), "clamp_mode": clamp_mode,
         "clamp_lo": lo, "clamp_hi": hi, "single_expert": comp.single_index + 1,
-        "joint_template": comp.joint_template or "", "estimator": comp.estimator or "auto",
+        "joint_template": comp.joint_template or "", "switch_every": comp.switch_every,
+        "estimator": comp.estimator or "auto",
         "sampler": comp.sampler, "steps": comp.steps, "guidance_scale": comp.guidance_scale,
         "negative_prompt": comp.negative_prompt or "", "seed": comp.seed, "num_images": comp.num_images,
         "height": _fmt(comp.height), "width": _fmt(comp.width), "dtype": comp.dtype,
@@ -380,7 +395,29 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
         "compose": comp.compose or "", "and_mode": comp.and_mode,
         "corrector": "" if comp.corrector is None else (comp.corrector if isinstance(comp.corrector, str)
                                                           else json.dumps(comp.corrector)),
+        "lora_sha256": json.dumps(hashes, sort_keys=True) if hashes else "",
     }
+
+
+def _lora_hashes(v: Any) -> dict[str, str]:
+    """The hidden lora_sha256 field: JSON {adapter path: recorded sha256}, or blank."""
+    if _blank(v):
+        return {}
+    try:
+        d = json.loads(v) if isinstance(v, str) else v
+    except json.JSONDecodeError:
+        d = None
+    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(h, str) and h.strip()
+                                          for k, h in d.items()):
+        raise ValueError(f"adapters: the recorded LoRA hashes (lora_sha256) must be JSON {{path: sha256}}, got "
+                         f"{_first_line(str(v), 120)!r}")
+    return {k.strip(): h.strip() for k, h in d.items()}
+
+
+def _with_hashes(adapters: list[dict[str, Any]], hashes: Mapping[str, str]) -> list[dict[str, Any]]:
+    """`adapters` with the recorded sha256 of each adapter whose path has one (an adapter
+    picked since the import names another path and is not held to it)."""
+    return [{**a, "sha256": hashes[a["path"].strip()]} if a["path"].strip() in hashes else a for a in adapters]
 
 
 def _fmt(v: float | int | None) -> str:
@@ -463,12 +500,25 @@ def settings_from_json(text: str) -> Composition:
         raise ValueError(f"settings: {e}") from None
 
 
-def load_settings_file(path: str | os.PathLike) -> Composition:
+def check_adapter_files(comp: Composition, cache: ModelCache | None = None) -> Composition:
+    """Refuse settings whose adapters record a sha256 that the file their name resolves to
+    does not have: the check `superdiff generate --from-png` makes before it runs
+    (superdiff.compose.resolve_adapters, with the cache's allowed roots), so a studio import
+    refuses what the command line refuses, with the same message. Returns `comp`."""
+    if any(a.get("sha256") for a in comp.adapters):
+        from superdiff.compose import resolve_adapters
+
+        resolve_adapters(comp, cache if cache is not None else ModelCache())
+    return comp
+
+
+def load_settings_file(path: str | os.PathLike, cache: ModelCache | None = None) -> Composition:
     """Settings from an uploaded .json file, or from a .png written by superdiff (its
-    embedded parameters reproduce that image)."""
+    embedded parameters reproduce that image). Recorded LoRA hashes are checked against the
+    files (check_adapter_files; `cache` gives the allowed roots)."""
     p = Path(path)
     if p.suffix.lower() == ".png":
-        return read_png_composition(p)
+        return check_adapter_files(read_png_composition(p), cache)
     if p.suffix.lower() != ".json":
         raise ValueError(f"settings: {p.name} is neither a .json settings file nor a superdiff .png")
     if p.stat().st_size > _MAX_SETTINGS_BYTES:
@@ -477,7 +527,7 @@ def load_settings_file(path: str | os.PathLike) -> Composition:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"settings: {p.name} is not UTF-8 text") from None
-    return settings_from_json(text)
+    return check_adapter_files(settings_from_json(text), cache)
 
 
 # ---- models ---------------------------------------------------------------------------------
