@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from superdiff.compose import (DEFAULT_COMPOSITION, DTYPES, ESTIMATOR_CHOICES, OPERATOR_CHOICES, SAMPLER_CHOICES,
-                               Composition, ModelCache, check_experts, check_safetensors, draw_seed, image_grid,
-                               read_png_composition, run_composition, save_png)
+from superdiff.compose import (DEFAULT_COMPOSITION, DTYPES, ESTIMATOR_CHOICES, OPERATOR_CHOICES, OPERATOR_PARAMS,
+                               PARAM_UNSET, SAMPLER_CHOICES, Composition, ModelCache, check_experts, check_safetensors,
+                               draw_seed, image_grid, read_png_composition, run_composition, save_png)
 
 log = logging.getLogger("superdiff.ui")
 
@@ -91,22 +91,7 @@ FIELD_LABELS: dict[str, str] = {
     "switch_every": "Switch every",
 }
 
-#: which optional Composition parameters each operator uses (the others are dropped)
-_APPLIES: dict[str, frozenset[str]] = {
-    "or": frozenset({"temperature", "weights", "bias"}),
-    "and": frozenset({"lift", "kappa_clamp"}),
-    "average": frozenset({"weights"}),
-    "single": frozenset({"single_index"}),
-    "joint": frozenset({"joint_template"}),
-    "composite": frozenset(),
-    "merge": frozenset(),
-    "switch": frozenset({"switch_every"}),
-}
-_OP_PARAMS = ("temperature", "weights", "bias", "lift", "kappa_clamp", "single_index", "joint_template",
-              "switch_every")
-_OP_DEFAULTS: dict[str, Any] = {"single_index": 0, "switch_every": 1}
-
-assert set(OPERATOR_LABELS) == set(OPERATOR_CHOICES) == set(_APPLIES)
+assert set(OPERATOR_LABELS) == set(OPERATOR_CHOICES) == set(OPERATOR_PARAMS)
 
 
 # ---- form values <-> Composition --------------------------------------------------------------
@@ -280,7 +265,7 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     full = Composition.from_dict(d)
     comp = for_operator(full, full.operator)
     notes += [f"{FIELD_LABELS[k].lower()} is not used by {comp.operator.upper()} and was ignored"
-              for k in _OP_PARAMS if getattr(full, k) != getattr(comp, k) and k != "single_index"]
+              for k in PARAM_UNSET if getattr(full, k) != getattr(comp, k) and k != "single_index"]
     return comp, notes
 
 
@@ -321,9 +306,9 @@ def for_operator(comp: Composition, operator: str) -> Composition:
     what the pipeline would reject later (scalar lift needs exactly two experts, the single
     expert must exist, joint prompts need prompts)."""
     op = str(operator).lower().strip()
-    if op not in _APPLIES:
+    if op not in OPERATOR_PARAMS:
         raise ValueError(f"operator: unknown operator {operator!r}; choose one of {', '.join(OPERATOR_CHOICES)}")
-    changes: dict[str, Any] = {k: _OP_DEFAULTS.get(k) for k in _OP_PARAMS if k not in _APPLIES[op]}
+    changes: dict[str, Any] = {k: unset for k, unset in PARAM_UNSET.items() if k not in OPERATOR_PARAMS[op]}
     c = comp.replace(operator=op, **changes)
     n = len(c.prompts) + len(c.extra_models) if c.prompts else 1 + len(c.extra_models)
     if c.adapters:  # adapter rows: one expert per adapter (and prompt)
@@ -472,9 +457,7 @@ def check_model_fits(comp: Composition, kind: str | None) -> None:
 def settings_json(comp: Composition) -> str:
     """The composition as strict JSON (the format `superdiff generate --config` reads); an
     infinite OR temperature is written as the string "inf", which Composition accepts."""
-    d = {k: (("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v)
-         for k, v in comp.to_dict().items()}
-    return json.dumps(d, indent=2, allow_nan=False)
+    return comp.to_json(indent=2)
 
 
 _MAX_SETTINGS_BYTES = 1_000_000
