@@ -128,6 +128,34 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return " ".join(_LORA.sub(" ", prompt).split()), tags
 
 
+#: a LoRA tag in a prompt row as the CLI and the studio take it: <lora:NAME_OR_PATH[:SCALE]>
+_ROW_LORA = re.compile(r"<lora:([^<>]+)>")
+
+
+def prompt_adapters(prompts: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts without tags, adapters) of prompt rows with A1111 LoRA tags: a row "text
+    <lora:NAME_OR_PATH[:SCALE]>" is the expert "the model with that adapter, under text"; once
+    any row has a tag, a row without one is the base model under its text. No tags: the
+    prompts as they are and no adapters."""
+    from .compose import BASE_ADAPTER, parse_lora
+
+    tags = [_ROW_LORA.findall(p) for p in prompts]
+    if not any(tags):
+        return list(prompts), []
+    clean, adapters = [], []
+    for i, (p, t) in enumerate(zip(prompts, tags)):
+        if len(t) > 1:
+            raise ValueError(f"prompts: prompt {i + 1} names {len(t)} adapters ({', '.join(t)}); one adapter per "
+                             "expert prompt (another prompt for the other adapter)")
+        text = " ".join(_ROW_LORA.sub(" ", p).split())
+        if not text:
+            raise ValueError(f"prompts: prompt {i + 1} has an adapter but no text; write e.g. "
+                             "'a circle <lora:lora-orange:0.8>'")
+        clean.append(text)
+        adapters.append({**parse_lora(t[0].strip()), "prompt": text} if t else {"path": BASE_ADAPTER, "prompt": text})
+    return list(dict.fromkeys(clean)), adapters
+
+
 def lora_short_hash(path: str | Any) -> str:
     """A1111's short LoRA hash of a safetensors file: sha256 of the bytes after the header
     (the 8-byte header length and the JSON header, which holds metadata that tools rewrite),

@@ -129,13 +129,18 @@ def _composition_from_args(args: argparse.Namespace):
     d.update({k: v for k, v in flags.items() if v is not None and v != []})
     d.update(dict(args.set or []))
     if args.prompt:  # A1111's "a AND b:0.7" syntax: one expert per part, the method named explicitly
-        from .a1111 import expand_prompt_syntax
+        from .a1111 import expand_prompt_syntax, prompt_adapters
 
         named = d.get("operator") if (args.operator or "operator" in dict(args.set or []) or "operator" in base) \
             else None
         d["prompts"], w = expand_prompt_syntax(d["prompts"], d.get("weights"), named)
         if w is not None:
             d["weights"] = w
+        prompts, tagged = prompt_adapters(d["prompts"])  # A1111's <lora:name:0.8> in a prompt: its expert
+        if tagged:
+            if args.lora:
+                raise ValueError("adapters: give LoRAs either as --lora or as <lora:...> tags in the prompts, not both")
+            d["prompts"], d["adapters"] = prompts, tagged
     if not args.from_png and not args.config and "prompts" not in d and "compose" not in d \
             and d.get("model", "shapes-t2i") == "shapes-t2i":
         from .compose import DEFAULT_COMPOSITION

@@ -387,3 +387,29 @@ def test_generate_with_a_formula_and_corrector_writes_them(tmp_path):
                  str(tmp_path / "e2"), "--quiet"]) == 0
     text = _parameters(tmp_path / "e2" / "image_000.png")
     assert text.split("\n")[0] == '"a circle" & ~"something red"' and "AND \n" not in text
+
+
+def test_lora_tags_in_prompts_make_adapter_experts_in_the_cli_as_in_the_studio(tmp_path):
+    """'a circle <lora:lora-orange:0.8>' is the expert "the model with lora-orange at 0.8, under
+    'a circle'" (superdiff.a1111.prompt_adapters, shared with the studio's prompt rows); a row
+    without a tag is then the base model. Tags together with --lora are refused."""
+    import json
+
+    from superdiff.a1111 import prompt_adapters
+    from superdiff.cli import main
+
+    assert prompt_adapters(["a", "b"]) == (["a", "b"], [])
+    assert prompt_adapters(["a circle <lora:lora-orange:0.8>", "a square"]) == (
+        ["a circle", "a square"], [{"path": "lora-orange", "scale": 0.8, "prompt": "a circle"},
+                                   {"path": "base", "prompt": "a square"}])
+    with pytest.raises(ValueError, match="prompt 1 names 2 adapters"):
+        prompt_adapters(["a <lora:x> <lora:y>"])
+    out = tmp_path / "o"
+    assert main(["generate", "--prompt", "a circle <lora:lora-orange:0.8>", "--prompt", "a circle", "--operator",
+                 "and", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    comp = json.loads((out / "composition.json").read_text())
+    assert comp["prompts"] == ["a circle"]
+    assert [(a["path"], a["scale"], a["prompt"]) for a in comp["adapters"]] == [("lora-orange", 0.8, "a circle"),
+                                                                                ("base", 1.0, "a circle")]
+    assert main(["generate", "--prompt", "a circle <lora:lora-orange>", "--prompt", "a square", "--lora",
+                 "lora-outline", "--operator", "and", "--steps", "2", "--quiet", "--out", str(out)]) == 2

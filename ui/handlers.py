@@ -681,32 +681,21 @@ def _row_adapters(prompts: list[str], picks: Sequence[dict[str, Any] | None] = (
                   ) -> tuple[list[str], list[dict[str, Any]]]:
     """(prompts without tags, adapters): a row "text <lora:NAME_OR_PATH[:SCALE]>", or a row
     "text" whose picker names an adapter (`picks`, aligned with `prompts`), is the expert "the
-    model with that adapter, under text"; once any row has an adapter, a row without one is
-    the base model under its text. No tags and no picks: no adapters."""
-    from superdiff.compose import BASE_ADAPTER, parse_lora
+    model with that adapter, under text" (superdiff.a1111.prompt_adapters, a picker written as
+    the row's tag); once any row has an adapter, a row without one is the base model under its
+    text. No tags and no picks: no adapters."""
+    from superdiff.a1111 import prompt_adapters
 
     picks = list(picks) + [None] * (len(prompts) - len(picks))
-    tags = [_LORA_TAG.findall(p) for p in prompts]
-    if not any(tags) and not any(picks):
-        return prompts, []
-    clean, adapters = [], []
-    for i, (p, t, pk) in enumerate(zip(prompts, tags, picks)):
+    rows = []
+    for i, (p, pk) in enumerate(zip(prompts, picks)):
+        t = _LORA_TAG.findall(p)
         if len(t) + (pk is not None) > 1:
             raise ValueError(f"prompts: row {i + 1} names {len(t) + (pk is not None)} adapters (tags "
                              f"{', '.join(t) or 'none'}{', picker ' + pk['path'] if pk else ''}); pick one adapter "
                              "per expert row (another row for the other adapter)")
-        text = " ".join(_LORA_TAG.sub(" ", p).split())
-        if not text:
-            raise ValueError(f"prompts: row {i + 1} has an adapter but no prompt; write e.g. "
-                             "'a circle <lora:lora-orange:0.8>'")
-        clean.append(text)
-        if t:
-            adapters.append({**parse_lora(t[0].strip()), "prompt": text})
-        elif pk is not None:
-            adapters.append({**pk, "prompt": text})
-        else:
-            adapters.append({"path": BASE_ADAPTER, "prompt": text})
-    return list(dict.fromkeys(clean)), adapters
+        rows.append(p if pk is None else f"{p} <lora:{pk['path']}:{pk['scale']!r}>")
+    return prompt_adapters(rows)
 
 
 # ---- adapter pickers ------------------------------------------------------------------------
