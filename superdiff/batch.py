@@ -19,8 +19,20 @@ Job lines: the fields of `superdiff.compose.Composition`, plus
     methods  a list of methods to run the same composition with (the paper's sweep): an
              operator name ("joint", "average", "or", "and", "single"), "single:<i>", or an
              object of overrides with an optional "name", e.g. {"name": "and_lift", "lift": 1}.
+An id or method name is a folder name inside OUT/images: characters other than letters,
+digits, "_", "-" and "." become "_" (so "/" and "\\" never make a path), and a name that
+starts with "." ("." and ".." included) is refused on its line.
 CSV: a header row of those field names; list fields (prompts, extra_models, methods,
-weights, bias, kappa_clamp, adapters as "PATH[:SCALE]") separated by "|".
+weights, bias, kappa_clamp, adapters as "PATH[:SCALE]") separated by "|"; an empty cell
+means the field is not given.
+
+Every (job, method) is checked as `superdiff generate` checks its composition: A1111's
+"a AND b:0.7" prompt syntax is expanded (superdiff.a1111.expand_prompt_syntax, with the
+operator the line or the method names), one expert and no operator samples it alone
+(operator single, with a note), and AND / OR / average of one expert is refused
+(superdiff.compose.check_experts). Seed -1 draws a seed (compose.draw_seed), once per job
+(per method where a method sets it), kept in OUT/drawn_seeds.json so that a resumed or
+multi-process run uses the same seed, and recorded in every PNG and manifest line.
 """
 
 from __future__ import annotations
@@ -37,7 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .compose import Composition, ModelCache, OPERATOR_CHOICES, run_composition, save_png
+from .a1111 import expand_prompt_syntax
+from .compose import (Composition, ModelCache, OPERATOR_CHOICES, check_experts, draw_seed, run_composition,
+                      save_png)
 
 __all__ = ["Task", "JobError", "parse_jobs", "expand_tasks", "run_batch", "BatchSummary"]
 
@@ -45,6 +59,17 @@ _LIST_FIELDS = {"prompts", "extra_models", "methods", "weights", "bias", "kappa_
 _NUM_LIST_FIELDS = {"weights", "bias", "kappa_clamp"}
 _EXTRA_FIELDS = {"id", "methods"}
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]+")
+SEEDS_FILE = "drawn_seeds.json"
+
+
+def _safe_name(raw: Any, what: str) -> str:
+    """`raw` as one folder name inside OUT/images: other characters than letters, digits,
+    "_", "-" and "." become "_"; a name starting with "." (".", "..") is refused."""
+    name = _ID_RE.sub("_", str(raw).strip())
+    if not name or name.startswith("."):
+        raise ValueError(f"{what}: {raw!r} cannot name a folder (it must not be empty or start with '.'); use "
+                         "letters, digits, '_', '-' and '.'")
+    return name
 
 
 @dataclass
@@ -69,6 +94,9 @@ class Task:
         return f"{self.job}/{self.method}/{self.index:04d}"
 
     def image_path(self, out: Path) -> Path:
+        for what, name in (("id", self.job), ("method", self.method)):  # never a path outside OUT/images
+            if _safe_name(name, what) != name:
+                raise ValueError(f"{what}: {name!r} cannot name a folder; use letters, digits, '_', '-' and '.'")
         return out / "images" / self.job / self.method / f"{self.index:04d}.png"
 
 
@@ -112,8 +140,8 @@ def _csv_rows(text: str) -> Iterable[tuple[int, dict[str, Any] | JobError]]:
                     d[name] = [_scalar(p) for p in parts] if parts else None
                     if name == "kappa_clamp" and cell.strip().lower() == "false":
                         d[name] = False
-                else:
-                    d[name] = [p.strip() for p in parts]
+                else:  # an empty cell: the field is not given (like an empty number list)
+                    d[name] = [p.strip() for p in parts] if parts else None
             elif name in str_fields:
                 d[name] = cell if cell.strip() else None
             else:
@@ -152,15 +180,58 @@ def _method_overrides(m: Any, where: str) -> tuple[str, dict[str, Any]]:
     if isinstance(m, dict):
         over = dict(m)
         name = over.pop("name", None) or str(over.get("operator", "method"))
-        return _ID_RE.sub("_", str(name)), over
+        return _safe_name(name, f"{where}: name"), over
     raise ValueError(f"{where}: a method must be a name or an object, got {m!r}")
 
 
-def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None
+def _prepare(d: dict[str, Any], job_id: str, method: str | None, seeds: dict[str, int],
+             notes: list[str], seed_notes: list[str]) -> Composition:
+    """One (job, method) as `superdiff generate` builds its composition: A1111 prompt syntax
+    expanded with the operator the line names, seed -1 drawn (once per job, or per method
+    where the method sets it; `seeds` keeps the draws), one expert without a named operator
+    sampled alone, and the composition checked by compose.check_experts."""
+    d = dict(d)
+    named = d.get("operator")  # None: the line names no method
+    prompts = d.get("prompts")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    weights = d.get("weights")
+    if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) \
+            and (weights is None or isinstance(weights, (list, tuple))):  # else from_dict reports the field
+        expanded, w = expand_prompt_syntax(prompts, weights, None if named is None else str(named).strip().lower())
+        if expanded != prompts:
+            d["prompts"] = expanded
+            if w is not None:
+                d["weights"] = w
+    seed, drawn = draw_seed(d.get("seed"))
+    if drawn:
+        key = job_id if method is None else f"{job_id}/{method}"
+        if key not in seeds:  # else drawn earlier (by this line's first method, an earlier run or process 0)
+            seeds[key] = seed
+            seed_notes.append(f"seed -1: drew seed {seed} (recorded in the PNGs and the manifest)")
+        d["seed"] = seeds[key]
+    comp = Composition.from_dict(d)
+    try:
+        notes.extend(check_experts(comp))
+    except ValueError:
+        if named is not None or comp.compose is not None:
+            raise
+        # no operator named and one expert: sampled alone, as `superdiff generate` does
+        comp = comp.replace(operator="single")
+        notes.append("one expert and no operator: sampling it alone (operator single)")
+        notes.extend(check_experts(comp))
+    return comp
+
+
+def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None, *,
+               seeds: dict[str, int] | None = None, notes: list[JobError] | None = None
                ) -> tuple[list[tuple[int, str, str, Composition]], list[JobError]]:
     """(line, job id, method, composition) for every valid (job, method), and the errors of
     the lines that were skipped. Models are resolved up front (a bundled name, an existing
-    directory or a hub id), so that an unknown model is reported with its line."""
+    directory or a hub id), so that an unknown model is reported with its line. Each
+    composition is checked as `superdiff generate` checks its own (see the module
+    docstring). `seeds` (job id or "job/method" -> seed) holds the seeds drawn for seed -1:
+    those present are reused, new draws are added. `notes` receives what is worth saying
+    about a valid line (a drawn seed, an expert left unused)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"job file {path} does not exist")
@@ -173,6 +244,7 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None
     else:
         raise ValueError(f"job file {path}: expected a .jsonl or .csv file")
     cache = cache or ModelCache()
+    seeds = {} if seeds is None else seeds
     out: list[tuple[int, str, str, Composition]] = []
     errors: list[JobError] = []
     seen_ids: dict[str, int] = {}
@@ -183,7 +255,7 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None
         try:
             d = dict(row)
             job_id = d.pop("id", None)
-            job_id = f"job{line:04d}" if job_id in (None, "") else _ID_RE.sub("_", str(job_id))
+            job_id = f"job{line:04d}" if job_id in (None, "") else _safe_name(job_id, "id")
             if job_id in seen_ids:
                 raise ValueError(f"id: {job_id!r} is already used on line {seen_ids[job_id]}")
             methods = d.pop("methods", None)
@@ -191,30 +263,42 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None
             if unknown:
                 raise ValueError(f"unknown field(s) {', '.join(unknown)}; known fields: "
                                  f"{', '.join(Composition.field_names() + sorted(_EXTRA_FIELDS))}")
-            base = Composition.from_dict(d)
-            cache.resolve(base.model)
-            for m in base.extra_models:
-                cache.resolve(m, "extra_models")
-            variants: list[tuple[str, Composition]] = []
+            sweep: list[tuple[str | None, dict[str, Any]]] = []
             if methods is None:
-                variants.append((base.operator, base))
+                sweep.append((None, {}))
             else:
                 if isinstance(methods, str):
                     methods = [methods]
                 if not isinstance(methods, list) or not methods:
                     raise ValueError("methods: give a non-empty list of methods")
-                names = set()
-                for k, m in enumerate(methods):
+                for k, m in enumerate(methods):  # every name checked before any composition is built
                     name, over = _method_overrides(m, f"methods[{k}]")
-                    if name in names:
+                    if name in [n for n, _ in sweep]:
                         raise ValueError(f"methods[{k}]: method name {name!r} appears twice; give it a distinct 'name'")
-                    names.add(name)
                     bad = sorted(set(over) - set(Composition.field_names()))
                     if bad:
                         raise ValueError(f"methods[{k}]: unknown field(s) {', '.join(bad)}")
-                    variants.append((name, Composition.from_dict({**base.to_dict(), **over})))
+                    sweep.append((name, over))
+            variants: list[tuple[str, Composition, list[str]]] = []
+            for k, (name, over) in enumerate(sweep):
+                said: list[str] = []
+                seed_said: list[str] = []  # of the whole job where its seed is the line's own
+                try:
+                    comp = _prepare({**d, **over}, job_id, name if "seed" in over else None, seeds, said, seed_said)
+                    cache.resolve(comp.model)
+                    for m in comp.extra_models:
+                        cache.resolve(m, "extra_models")
+                except ValueError as e:
+                    raise ValueError(str(e) if name is None else f"methods[{k}] ({name}): {e}") from None
+                if name is not None and "seed" in over:
+                    said, seed_said = seed_said + said, []
+                variants.append((comp.operator if name is None else name, comp,
+                                 seed_said + (said if name is None else [f"{name}: {n}" for n in said])))
             seen_ids[job_id] = line
-            out.extend((line, job_id, name, comp) for name, comp in variants)
+            for name, comp, said in variants:
+                out.append((line, job_id, name, comp))
+                if notes is not None:
+                    notes.extend(JobError(line, n) for n in said)
         except ValueError as e:
             errors.append(JobError(line, str(e)))
     return out, errors
@@ -277,6 +361,27 @@ def _manifest_keys(out: Path) -> set[str]:
     return keys
 
 
+def _load_seeds(path: Path) -> dict[str, int]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _save_seeds(path: Path, seeds: dict[str, int]) -> None:
+    """Written to a temporary file and renamed: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(seeds, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _dist_state() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by `accelerate launch` / torchrun (RANK,
     WORLD_SIZE, LOCAL_RANK). With more than one process a gloo process group is joined for the
@@ -304,11 +409,26 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
 
         cache = ModelCache(device=f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    jobs, errors = parse_jobs(jobs_path, cache)
+    if world > 1:
+        import torch.distributed as dist
+    notes: list[JobError] = []
+    if world > 1 and rank != 0:
+        dist.barrier()  # process 0 draws the seeds for seed -1 first; every process then uses them
+    try:
+        seeds = _load_seeds(out / SEEDS_FILE)  # drawn by an earlier run: a resume keeps them
+        before = dict(seeds)
+        jobs, errors = parse_jobs(jobs_path, cache, seeds=seeds, notes=notes)
+        if rank == 0 and seeds != before:
+            _save_seeds(out / SEEDS_FILE, seeds)
+    finally:
+        if world > 1 and rank == 0:
+            dist.barrier()
     summary = BatchSummary(invalid_lines=len(errors), world_size=world, rank=rank)
     if rank == 0:
         for e in errors:
             log(f"superdiff batch: skipping {jobs_path} {e}", file=sys.stderr)
+        for n in notes:
+            log(f"superdiff batch: note: {jobs_path} {n}", file=sys.stderr)
     tasks = expand_tasks(jobs)
     summary.tasks = len(tasks)
     mine = [t for k, t in enumerate(tasks) if k % world == rank]
@@ -318,8 +438,6 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     if rank == 0:  # parts left by a killed multi-process run: fold them in before anyone writes
         _merge_parts(out)
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
     listed = _manifest_keys(out)
     manifest = _Manifest(out / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl"))

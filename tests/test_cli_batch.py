@@ -216,3 +216,124 @@ def test_manifest_parts_and_cut_lines_from_a_killed_run_are_folded_in(tmp_path):
     ok = [json.loads(x) for x in lines if x.startswith("{") and x.endswith("}")]
     assert sorted(r["key"] for r in ok if r["status"] == "ok") == ["job0001/single/0000", "job0001/single/0001"]
     assert json.loads((out / "summary.json").read_text())["generated"] == 1  # image 0 was not redone
+
+
+def _pngs_outside(root: Path, out: Path) -> list[Path]:
+    return [p for p in root.rglob("*.png") if (out / "images") not in p.parents]
+
+
+def test_job_ids_and_method_names_never_leave_the_output_folder(tmp_path, capsys):
+    """An id or method name is one folder name inside OUT/images: other characters than
+    letters, digits, '_', '-' and '.' become '_', and a name starting with '.' ('.', '..')
+    is refused on its line; no PNG is ever written outside OUT/images."""
+    pair = {"prompts": ["a circle", "something red"], "steps": 2}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "..", **pair, "operator": "or"},
+        {"id": ".", **pair, "operator": "or"},
+        {"id": "../escape", **pair, "operator": "or"},
+        {"id": "sweep", **pair, "methods": [{"name": "..", "operator": "or"}]},
+        {"id": "sweep2", **pair, "methods": [{"name": "../../up", "operator": "or"}]},
+        {"id": "a/../../b", **pair, "methods": ["or", {"name": "x/y\\z", "operator": "and"}]},
+    ])
+    out = tmp_path / "deep" / "out"
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    for needle in ("line 1: id: '..' cannot name a folder", "line 2: id: '.' cannot name a folder",
+                   "line 3: id: '../escape' cannot name a folder",
+                   "line 4: methods[0]: name: '..' cannot name a folder",
+                   "line 5: methods[0]: name: '../../up' cannot name a folder", "5 invalid job line(s)"):
+        assert needle in err, (needle, err)
+    assert _pngs_outside(tmp_path, out) == []
+    m = manifest(out)
+    assert sorted(r["key"] for r in m) == ["a_.._.._b/or/0000", "a_.._.._b/x_y_z/0000"]
+    for r in m:
+        assert all(part not in ("", ".", "..") for part in r["key"].split("/"))
+        assert (out / r["image"]).resolve().parent.parent.parent == (out / "images").resolve()
+    with pytest.raises(ValueError, match="id: .* cannot name a folder"):  # a Task built by hand is checked too
+        from superdiff.batch import Task
+
+        Task("..", "or", 0, 1, Composition.from_dict(pair)).image_path(out)
+
+
+def test_csv_empty_list_cells_mean_the_field_is_not_given(tmp_path):
+    """An empty list-field cell (methods, prompts, extra_models, adapters, weights, ...) means
+    'not given', as if the column were absent: an empty methods cell runs the line's own operator."""
+    csv = tmp_path / "jobs.csv"
+    csv.write_text("id,model,prompts,operator,methods,extra_models,adapters,weights,steps\n"
+                   "sweep,,a circle|something red,,joint|and,,,,2\n"
+                   "plain,,a circle|something red,or,,,,,2\n"
+                   "halves,shapes-half-a,,or,,shapes-half-b,,,2\n")
+    jobs, errors = parse_jobs(csv)
+    assert errors == []
+    assert [(j[1], j[2]) for j in jobs] == [("sweep", "joint"), ("sweep", "and"), ("plain", "or"), ("halves", "or")]
+    plain, halves = jobs[2][3], jobs[3][3]
+    assert plain.operator == "or" and plain.extra_models == [] and plain.adapters == [] and plain.weights is None
+    assert halves.prompts == [] and halves.extra_models == ["shapes-half-b"]
+
+
+def test_batch_jobs_are_checked_and_expanded_as_generate_does(tmp_path, capsys):
+    """Each (job, method) goes through generate's checks: AND / OR / average of one expert is
+    refused (on its line, with generate's message), A1111's 'a AND b:0.7' prompt syntax makes
+    one expert per part and needs a named method, and one expert with no operator is sampled
+    alone (operator single) with a note."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "one", "prompts": ["a circle"], "operator": "and"},
+        {"id": "half", "model": "shapes-half-a", "operator": "or"},
+        {"id": "sweep1", "prompts": ["a circle"], "methods": ["single", "average"]},
+        {"id": "a1111", "prompts": ["a circle AND something red"], "operator": "and"},
+        {"id": "a1111w", "prompts": ["a circle:0.3 AND something red:0.7"], "methods": ["or", "average"]},
+        {"id": "unnamed", "prompts": ["a circle AND something red"]},
+        {"id": "andw", "prompts": ["a circle:0.3 AND something red:0.7"], "operator": "and"},
+        {"id": "alone", "prompts": ["a circle"]},
+        {"id": "unused", "prompts": ["a circle", "something red"], "operator": "single", "single_index": 1},
+    ])
+    valid, errors = parse_jobs(jobs)
+    by_line = {e.line: e.message for e in errors}
+    assert sorted(by_line) == [1, 2, 3, 6, 7]
+    assert by_line[1].startswith("prompts: AND composes two or more experts, got 1")
+    assert by_line[2].startswith("prompts: OR composes two or more experts, got 1")
+    assert by_line[3].startswith("methods[1] (average): prompts: AVERAGE composes two or more experts, got 1")
+    assert "A1111's 'AND' syntax; name the method explicitly" in by_line[6]
+    assert "operator 'and' takes none" in by_line[7]
+    got = {(job, method): comp for _, job, method, comp in valid}
+    assert sorted(got) == [("a1111", "and"), ("a1111w", "average"), ("a1111w", "or"), ("alone", "single"),
+                           ("unused", "single")]
+    assert got["a1111", "and"].prompts == ["a circle", "something red"]
+    assert got["a1111w", "or"].weights == got["a1111w", "average"].weights == [0.3, 0.7]
+    assert got["alone", "single"].operator == "single"
+    notes: list = []
+    parse_jobs(jobs, notes=notes)  # what is worth saying about the valid lines
+    said = {(n.line, n.message) for n in notes}
+    assert (8, "one expert and no operator: sampling it alone (operator single)") in said
+    assert any(line == 9 and "the other 1 expert(s) are not used" in msg for line, msg in said)
+    # generate refuses the same composition with the same message
+    assert main(["generate", "--prompt", "a circle", "--operator", "and", "--steps", "2",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert by_line[1] in capsys.readouterr().err
+
+
+def test_seed_minus_one_draws_one_seed_per_job_recorded_and_kept_on_resume(tmp_path, capsys):
+    """seed -1 draws a seed, as generate does: once per job (every method of a sweep uses it),
+    recorded in each PNG and manifest line, kept in OUT/drawn_seeds.json so that a resumed run
+    goes on with the same seed."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "rand", "prompts": ["a circle", "something red"], "methods": ["or", "and"], "seed": -1,
+         "num_images": 2, "steps": 2},
+    ])
+    out = tmp_path / "out"
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet", "--limit", "1"]) == 0
+    seed = json.loads((out / "drawn_seeds.json").read_text())["rand"]
+    assert isinstance(seed, int) and seed >= 0
+    assert f"line 1: seed -1: drew seed {seed}" in capsys.readouterr().err
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet"]) == 0  # resume
+    assert "drew seed" not in capsys.readouterr().err
+    m = {r["key"]: r for r in manifest(out)}
+    assert sorted(m) == ["rand/and/0000", "rand/and/0001", "rand/or/0000", "rand/or/0001"]
+    for key, r in m.items():
+        assert r["status"] == "ok" and r["seed"] == seed + r["index"]
+        assert read_png_composition(out / r["image"]).seed == seed + r["index"]
+    # parse_jobs alone (and a CSV cell of -1) accepts it too
+    csv = tmp_path / "jobs.csv"
+    csv.write_text("prompts,operator,seed\na circle|something red,or,-1\n")
+    valid, errors = parse_jobs(csv)
+    assert errors == [] and valid[0][3].seed >= 0
