@@ -26,11 +26,11 @@ CSV: a header row of those field names; list fields (prompts, extra_models, meth
 weights, bias, kappa_clamp, adapters as "PATH[:SCALE]") separated by "|"; an empty cell
 means the field is not given.
 
-Every (job, method) is checked as `superdiff generate` checks its composition: A1111's
-"a AND b:0.7" prompt syntax is expanded (superdiff.a1111.expand_prompt_syntax, with the
-operator the line or the method names), one expert and no operator samples it alone
-(operator single, with a note), and AND / OR / average of one expert is refused
-(superdiff.compose.check_experts). Seed -1 draws a seed (compose.draw_seed), once per job
+Every (job, method) is built as `superdiff generate` builds its composition
+(superdiff.compose.prepare_composition, with the operator the line or the method names):
+A1111's "a AND b:0.7" prompt syntax expanded and "<lora:name:0.8>" tags made adapter experts,
+one expert and no operator sampled alone (operator single, with a note), and AND / OR /
+average of one expert refused. Seed -1 draws a seed (compose.draw_seed), once per job
 (per method where a method sets it), kept in OUT/drawn_seeds.json so that a resumed or
 multi-process run uses the same seed, and recorded in every PNG and manifest line.
 """
@@ -49,8 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .a1111 import expand_prompt_syntax
-from .compose import (Composition, ModelCache, OPERATOR_CHOICES, check_experts, draw_seed, run_composition,
+from .compose import (Composition, ModelCache, OPERATOR_CHOICES, draw_seed, prepare_composition, run_composition,
                       save_png)
 
 __all__ = ["Task", "JobError", "parse_jobs", "expand_tasks", "run_batch", "BatchSummary"]
@@ -186,22 +185,10 @@ def _method_overrides(m: Any, where: str) -> tuple[str, dict[str, Any]]:
 
 def _prepare(d: dict[str, Any], job_id: str, method: str | None, seeds: dict[str, int],
              notes: list[str], seed_notes: list[str]) -> Composition:
-    """One (job, method) as `superdiff generate` builds its composition: A1111 prompt syntax
-    expanded with the operator the line names, seed -1 drawn (once per job, or per method
-    where the method sets it; `seeds` keeps the draws), one expert without a named operator
-    sampled alone, and the composition checked by compose.check_experts."""
+    """One (job, method) as `superdiff generate` builds its composition
+    (compose.prepare_composition, with the operator the line or method names), seed -1 drawn
+    once per job, or per method where the method sets it (`seeds` keeps the draws)."""
     d = dict(d)
-    named = d.get("operator")  # None: the line names no method
-    prompts = d.get("prompts")
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    weights = d.get("weights")
-    if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) \
-            and (weights is None or isinstance(weights, (list, tuple))):  # else from_dict reports the field
-        expanded, w = expand_prompt_syntax(prompts, weights, None if named is None else str(named).strip().lower())
-        if expanded != prompts:
-            d["prompts"] = expanded
-            if w is not None:
-                d["weights"] = w
     seed, drawn = draw_seed(d.get("seed"))
     if drawn:
         key = job_id if method is None else f"{job_id}/{method}"
@@ -209,16 +196,8 @@ def _prepare(d: dict[str, Any], job_id: str, method: str | None, seeds: dict[str
             seeds[key] = seed
             seed_notes.append(f"seed -1: drew seed {seed} (recorded in the PNGs and the manifest)")
         d["seed"] = seeds[key]
-    comp = Composition.from_dict(d)
-    try:
-        notes.extend(check_experts(comp))
-    except ValueError:
-        if named is not None or comp.compose is not None:
-            raise
-        # no operator named and one expert: sampled alone, as `superdiff generate` does
-        comp = comp.replace(operator="single")
-        notes.append("one expert and no operator: sampling it alone (operator single)")
-        notes.extend(check_experts(comp))
+    comp, more = prepare_composition(d, d.get("operator") is not None)
+    notes.extend(more)
     return comp
 
 

@@ -471,15 +471,53 @@ def draw_seed(seed: int | None) -> tuple[int, bool]:
     return seed, False  # type: ignore[return-value]
 
 
+def num_experts(comp: Composition) -> int:
+    """Experts of a composition: one per prompt and extra model (an unconditional model and its
+    extra models: one each); with adapters, one per adapter and prompt (or per adapter for its
+    own prompt), plus the extra models."""
+    if comp.adapters:
+        return sum(1 if a.get("prompt") else max(1, len(comp.prompts)) for a in comp.adapters) + len(comp.extra_models)
+    return len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
+
+
+def prepare_composition(d: dict[str, Any], operator_named: bool) -> tuple[Composition, list[str]]:
+    """(composition, notes) from composition fields as a user writes them, the one path of
+    `superdiff generate` and `superdiff batch`: A1111's "a AND b:0.7" prompt syntax expanded
+    (its method is the operator, when named) and "<lora:name:0.8>" tags made adapter experts
+    (superdiff.a1111); one expert with no operator named is sampled alone (operator single,
+    with a note); then validated, and checked by check_experts. Seeds are the caller's."""
+    from .a1111 import expand_prompt_syntax, prompt_adapters
+
+    d, notes = dict(d), []
+    prompts = [d["prompts"]] if isinstance(d.get("prompts"), str) else d.get("prompts")
+    weights = d.get("weights")
+    if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) \
+            and (weights is None or isinstance(weights, (list, tuple))):  # else from_dict names the field
+        named = str(d.get("operator", "")).strip().lower() if operator_named else None
+        prompts, w = expand_prompt_syntax(prompts, weights, named or None)
+        if w is not None:
+            d["weights"] = w
+        prompts, tagged = prompt_adapters(prompts)
+        if tagged:
+            if d.get("adapters"):
+                raise _fail("adapters", "give LoRAs either as adapters (--lora) or as <lora:...> tags in the "
+                                        "prompts, not both")
+            d["adapters"] = tagged
+        d["prompts"] = prompts
+    comp = Composition.from_dict(d)
+    if not operator_named and comp.compose is None and comp.operator != "single" and num_experts(comp) == 1:
+        comp = comp.replace(operator="single")
+        notes.append("one expert and no operator: sampling it alone (operator single)")
+    return comp, notes + check_experts(comp)
+
+
 def check_experts(comp: Composition) -> list[str]:
     """Refuse compositions whose operator has nothing to compose (AND / OR / average with
     one expert would silently run that expert alone); return notes on what is not used
     (the other experts under "single"). A compose formula checks its own terms."""
     if comp.compose is not None:
         return []
-    n = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
-    if comp.adapters:  # one expert per adapter and prompt
-        n = sum(1 if a.get("prompt") else max(1, len(comp.prompts)) for a in comp.adapters) + len(comp.extra_models)
+    n = num_experts(comp)
     if comp.operator in ("and", "or", "average") and n < 2:
         raise _fail("prompts", f"{comp.operator.upper()} composes two or more experts, got {n}; add a prompt "
                                "(or an extra model), or use operator single for one expert alone")

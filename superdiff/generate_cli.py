@@ -93,7 +93,7 @@ class quiet_libraries:
 
 
 def _composition_from_args(args: argparse.Namespace):
-    from .compose import OPERATOR_PARAMS, PARAM_UNSET, Composition, draw_seed, foreign_params, read_png_composition
+    from .compose import OPERATOR_PARAMS, PARAM_UNSET, draw_seed, foreign_params, prepare_composition, read_png_composition
 
     if args.from_png and args.config:
         raise ValueError("give --from-png or --config, not both (flags given with either override its fields)")
@@ -128,19 +128,6 @@ def _composition_from_args(args: argparse.Namespace):
     d = dict(base)
     d.update({k: v for k, v in flags.items() if v is not None and v != []})
     d.update(dict(args.set or []))
-    if args.prompt:  # A1111's "a AND b:0.7" syntax: one expert per part, the method named explicitly
-        from .a1111 import expand_prompt_syntax, prompt_adapters
-
-        named = d.get("operator") if (args.operator or "operator" in dict(args.set or []) or "operator" in base) \
-            else None
-        d["prompts"], w = expand_prompt_syntax(d["prompts"], d.get("weights"), named)
-        if w is not None:
-            d["weights"] = w
-        prompts, tagged = prompt_adapters(d["prompts"])  # A1111's <lora:name:0.8> in a prompt: its expert
-        if tagged:
-            if args.lora:
-                raise ValueError("adapters: give LoRAs either as --lora or as <lora:...> tags in the prompts, not both")
-            d["prompts"], d["adapters"] = prompts, tagged
     if not args.from_png and not args.config and "prompts" not in d and "compose" not in d \
             and d.get("model", "shapes-t2i") == "shapes-t2i":
         from .compose import DEFAULT_COMPOSITION
@@ -155,31 +142,24 @@ def _composition_from_args(args: argparse.Namespace):
         print(f"superdiff generate: note: {k} (from {'the PNG' if args.from_png else 'the config'}) is not used by "
               f"operator {d.get('operator', 'and')} and was dropped", file=sys.stderr)
         d[k] = PARAM_UNSET[k]
-    named_operator = args.operator or "operator" in dict(args.set or []) or "operator" in base
-    n_experts = len(d.get("prompts") or []) + len(d.get("extra_models") or []) if d.get("prompts") else \
-        1 + len(d.get("extra_models") or [])
-    if d.get("adapters"):  # LoRA experts: one per adapter and prompt
-        n_experts = len(d["adapters"]) * max(1, len(d.get("prompts") or [])) + len(d.get("extra_models") or [])
-    if not named_operator and n_experts == 1 and d.get("operator", "and") != "single" and not d.get("compose"):
-        print("superdiff generate: note: one expert and no --operator: sampling it alone (operator single)",
-              file=sys.stderr)
-        d["operator"] = "single"
     seed, drawn = draw_seed(d.get("seed"))
     if drawn:
         print(f"superdiff generate: seed -1: drew seed {seed} (recorded in the PNGs)", file=sys.stderr)
         d["seed"] = seed
-    return Composition.from_dict(d)
+    named = bool(args.operator) or "operator" in dict(args.set or []) or "operator" in base
+    comp, notes = prepare_composition(d, named)
+    for note in notes:
+        print(f"superdiff generate: note: {note}", file=sys.stderr)
+    return comp
 
 
 def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .compose import ModelCache, check_experts, image_grid, read_png_composition, run_composition, save_png
+    from .compose import ModelCache, image_grid, read_png_composition, run_composition, save_png
 
     comp = _composition_from_args(args)
-    for note in check_experts(comp):
-        print(f"superdiff generate: note: {note}", file=sys.stderr)
     out = Path(args.out)
     print(f"superdiff generate: {comp.describe()} on {comp.model}, {comp.num_images} image(s), "
           f"{comp.steps} steps -> {out}", file=sys.stderr)

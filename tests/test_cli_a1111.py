@@ -152,7 +152,7 @@ def test_generate_single_with_two_prompts_says_which_is_used(tmp_path, capsys):
         capsys.readouterr().err
     # one prompt and no --operator (the diffusers habit): that expert alone, and it says so
     assert main(["generate", "--prompt", "a circle", "--steps", "1", "--out", str(tmp_path / "y"), "--quiet"]) == 0
-    assert "one expert and no --operator: sampling it alone (operator single)" in capsys.readouterr().err
+    assert "one expert and no operator: sampling it alone (operator single)" in capsys.readouterr().err
     assert read_png_composition(tmp_path / "y" / "image_000.png").operator == "single"
 
 
