@@ -161,10 +161,16 @@ def apply_compose(prompt: Any, operator: Any, compose: str | None, and_mode: str
     its prompts become the experts and its FormulaOperator the operator. Without a formula,
     both come back unchanged."""
     if compose is None:
+        if and_mode != "superdiff":
+            raise ValueError(f"and_mode={and_mode!r} applies to a compose= formula's '&'; without one, choose the "
+                             "operator instead (operator='and' is SuperDiff's AND, 'average' the product)")
         return prompt, operator
     from superdiff.formula import FormulaOperator
 
     if prompt is not None:
         raise ValueError("give either `prompt` or `compose` (a formula names its own prompts), not both")
+    if not (isinstance(operator, str) and operator == "and"):  # anything but the default: it would be lost
+        raise ValueError(f"give either `operator` ({operator!r}) or `compose` (the formula is the operator), not "
+                         "both; a corrector goes in corrector=")
     op = FormulaOperator(compose, and_mode=and_mode)
     return list(op.formula.names), op

@@ -44,6 +44,9 @@ def build_operator(operator: str | Operator, num_experts: int, *, weights: Seque
     if isinstance(operator, Operator):
         given = [k for k, v in dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                                     kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback).items() if v is not None]
+        if (given or operator_kwargs) and operator.name == "formula":
+            raise ValueError(f"{given or sorted(operator_kwargs)}: a compose formula carries its own weights and "
+                             "offsets (':w' on its terms); remove these arguments")
         if given or operator_kwargs:
             raise ValueError(f"operator parameters {given or sorted(operator_kwargs)} were given together with an "
                              "Operator instance; set them on the instance")
@@ -103,7 +106,7 @@ def resolve_estimator(estimator: Any, operator: Operator, integrator: Integrator
             return NullEstimator()
         return make_estimator(default_estimator(integrator))
     if isinstance(estimator, str) and estimator.lower() == "none":
-        if operator.needs_linear_model:
+        if operator.needs_logq:
             raise ValueError(f"estimator 'none' cannot drive the {operator.name!r} operator, which needs "
                              "log-density changes; use 'kernel', 'ito' or 'ode'")
         return NullEstimator()

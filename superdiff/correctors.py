@@ -449,6 +449,10 @@ class Corrected(Operator):
         return self.operator.needs_linear_model
 
     @property
+    def needs_logq(self) -> bool:  # type: ignore[override]
+        return self.operator.needs_logq
+
+    @property
     def affine(self) -> bool:  # type: ignore[override]
         return self.operator.affine
 

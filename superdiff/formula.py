@@ -603,6 +603,11 @@ class FormulaOperator(Operator):
         return self.formula.has_superdiff_and
 
     @property
+    def needs_logq(self) -> bool:  # type: ignore[override]
+        """An OR (mixture responsibilities) or a SuperDiff AND anywhere in the formula."""
+        return any(n.op in ("or", "sand") for n in self.formula.root.walk())
+
+    @property
     def affine(self) -> bool:  # type: ignore[override]
         s = self.formula.root.kappa_sum
         return s is not None and abs(s - 1.0) < 1e-12

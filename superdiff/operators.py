@@ -72,6 +72,11 @@ class Operator:
     #: whether kappa sums to one (then the combination is affine in the predictions)
     affine = True
 
+    @property
+    def needs_logq(self) -> bool:
+        """Whether kappa depends on log q, which an estimator must then track (not 'none')."""
+        return self.needs_linear_model
+
     def kappa(self, state: StepState) -> Tensor:
         raise NotImplementedError
 
@@ -114,6 +119,10 @@ class OrOperator(Operator):
     def params(self) -> dict[str, Any]:
         return {"temperature": self.temperature,
                 "bias": None if self.bias is None else self.bias.tolist()}
+
+    @property
+    def needs_logq(self) -> bool:  # type: ignore[override]
+        return self.temperature > 0  # T = 0 averages with fixed weights
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)

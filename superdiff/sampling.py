@@ -168,7 +168,7 @@ def sample(
     check_pair(est, integ)
     if corr is not None:
         corr.check(op, integ, M)
-    if est.name == "none" and (op.needs_linear_model or (op.name == "or" and getattr(op, "temperature", 0) > 0)):
+    if est.name == "none" and op.needs_logq:
         raise ValueError(f"operator {op.name!r} needs log-density tracking; estimator 'none' tracks nothing. "
                          "Use 'ito', 'kernel' or 'ode'")
     if not math.isfinite(float(guidance_scale)):

@@ -359,3 +359,21 @@ def test_cli_flags_build_the_composition():
     bad = build_parser().parse_args(["generate", "--compose", '"a circle" & "unknown', "--corrector", "smc:2"])
     with pytest.raises(ValueError, match="compose: formula error at column 14: unterminated quoted text"):
         _composition_from_args(bad)
+
+
+@pytest.mark.parametrize("text,and_mode,refused", [('"a" | "b"', "superdiff", True), ('("a" & "b") | "c"', "product", True),
+                                                    ('"a" & "b"', "superdiff", True), ('"a" & "b":2', "product", False)])
+def test_a_formula_whose_weights_follow_log_q_needs_an_estimator(text, and_mode, refused):
+    """An OR (its responsibilities) or a SuperDiff AND anywhere in a formula needs log q, as
+    operator 'or' and 'and' do: estimator 'none' is refused; a product-only formula is not."""
+    from _gmm import schedules, two_mixtures
+
+    op = FormulaOperator(text, and_mode=and_mode)
+    assert op.needs_logq is refused
+    experts = (two_mixtures(2) + two_mixtures(2, seed=2))[:op.formula.num_experts]
+    kw = dict(operator=op, estimator="none", integrator="euler", shape=(2, 2), progress=False)
+    if refused:
+        with pytest.raises(ValueError, match="needs log-density tracking"):
+            sample(experts, schedules()["ve"], 3, **kw)
+    else:
+        assert torch.isfinite(sample(experts, schedules()["ve"], 3, **kw).samples).all()

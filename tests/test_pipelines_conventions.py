@@ -376,3 +376,17 @@ def test_bad_generator_or_callback_types_are_refused_before_text_encoding(pipe, 
         for h in hooks:
             h.remove()
     assert calls == []
+
+
+def test_compose_takes_no_operator_weights_or_stray_and_mode(pipe):
+    """compose= is the operator: another operator (a Corrected one's corrector included) would be
+    lost, weights belong on the formula's terms, and and_mode only means something for a formula."""
+    from superdiff.correctors import Corrected
+
+    for op in ("or", Corrected("average", "smc:2")):
+        with pytest.raises(ValueError, match="give either `operator`"):
+            pipe(compose='"a red cat" & "a dog"', operator=op, **KW)
+    with pytest.raises(ValueError, match="a compose formula carries its own weights"):
+        pipe(compose='"a red cat" | "a dog"', weights=[0.3, 0.7], **KW)
+    with pytest.raises(ValueError, match="and_mode='product' applies to a compose= formula"):
+        pipe(["a red cat", "a dog"], and_mode="product", **KW)
