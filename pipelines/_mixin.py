@@ -12,9 +12,8 @@ from superdiff.diffusers_experts import NetworkExperts
 from superdiff.estimators import check_pair
 from superdiff.integrators import Integrator
 from superdiff.operators import Operator
-from superdiff.sampling import SampleOutput, StepInfo, sample
+from superdiff.sampling import SampleOutput, StepInfo, StopSampling, sample
 from superdiff.schedules import Schedule
-from superdiff.trace import Trace, stack_steps
 
 from ._inputs import apply_compose, check_common, check_generator, check_height_width
 from ._method import (MethodPlan, attach_corrector, build_operator, init_noise_sigma, make_flow_schedule, make_schedule, prepare_latents,
@@ -26,14 +25,6 @@ __all__ = ["CALLBACK_TENSOR_INPUTS", "SuperDiffPipelineMixin"]
 
 #: what `callback_on_step_end_tensor_inputs` may ask for
 CALLBACK_TENSOR_INPUTS = ["latents", "kappa", "logq", "noise_pred"]
-
-
-class _Interrupted(Exception):
-    """Raised from the step callback when `pipe._interrupt` is set (diffusers' interrupt)."""
-
-    def __init__(self, latents: Tensor) -> None:
-        super().__init__("interrupted")
-        self.latents = latents
 
 
 class SuperDiffPipelineMixin:
@@ -200,13 +191,10 @@ class SuperDiffPipelineMixin:
         n_steps = num_inference_steps if timesteps is None else len(timesteps) - 1
         bar = self.progress_bar(total=n_steps)
 
-        record: list[tuple[Tensor, Tensor, Tensor]] = []  # kappa, log q, delta log q per step
-
         def on_step(info: StepInfo):
-            record.append((info.kappa, info.logq, info.output.delta_logq))  # sample never updates log q in place
             new = user_step(info)
-            if self.__dict__.get("_interrupt"):
-                raise _Interrupted(new if new is not None else info.x)
+            if self.__dict__.get("_interrupt"):  # the latents reached, the trace of the steps taken
+                raise StopSampling(new)
             return new
 
         def user_step(info: StepInfo):
@@ -232,19 +220,6 @@ class SuperDiffPipelineMixin:
                           guidance_scale=guidance_scale, timesteps=timesteps, grid_end=grid_end,
                           dtype=torch.float32, model_dtype=model_dtype, expert_names=list(expert_names),
                           progress=False, callback=on_step)
-        except _Interrupted as stop:  # pipe._interrupt: the latents reached, the trace of the steps taken
-            grid = torch.as_tensor(timesteps, dtype=torch.float64) if timesteps is not None else \
-                schedule.grid(int(num_inference_steps), end=grid_end)
-            grid = grid[: len(record) + 1]
-            trace = Trace(t=grid.numpy().copy(), sigma=schedule.sigma(grid).numpy().copy(),
-                          kappa=stack_steps([r[0] for r in record]),
-                          logq=stack_steps([record[0][1] - record[0][2]] + [r[1] for r in record]),
-                          expert_names=list(expert_names),
-                          meta={"operator": operator.name, "operator_params": operator.params(),
-                                "estimator": estimator.name, "integrator": integrator.name,
-                                "schedule": repr(schedule), "guidance_scale": float(guidance_scale),
-                                "num_steps": len(record), "interrupted_after_step": len(record)})
-            return SampleOutput(stop.latents.to(torch.float32), trace, record[-1][1])
         finally:
             bar.close()
 

@@ -32,7 +32,7 @@ from .trace import Trace, stack_steps
 Tensor = torch.Tensor
 _F64 = torch.float64
 
-__all__ = ["SampleOutput", "StepInfo", "sample", "prior_log_prob", "probe_generator", "DEFAULT_ESTIMATOR", "default_estimator",
+__all__ = ["SampleOutput", "StepInfo", "StopSampling", "sample", "prior_log_prob", "probe_generator", "DEFAULT_ESTIMATOR", "default_estimator",
            "DEFAULT_INTEGRATOR", "default_integrator"]
 
 #: chosen from benchmarks/estimator_accuracy (README; flow rows: docs/flow.md): with
@@ -81,6 +81,16 @@ class StepInfo:
     kappa: Tensor  # [B, M]
     logq: Tensor  # [B, M] after the step
     output: StepOutput
+
+
+class StopSampling(Exception):
+    """Raised by a `sample` callback to end sampling after the current step (diffusers'
+    `pipe._interrupt`): `sample` returns the latents reached (`latents`, when given, replace
+    them) with the trace of the steps taken, correctors finished as after a full run."""
+
+    def __init__(self, latents: Tensor | None = None) -> None:
+        super().__init__("sampling stopped by the callback")
+        self.latents = latents
 
 
 def probe_generator(generator: Generator) -> torch.Generator | list[torch.Generator] | None:
@@ -256,6 +266,7 @@ def sample(
     es.set_grid(times, x.device)
     tracks = est.name != "none"
     probes = probe_generator(generator)
+    taken = n  # steps taken: fewer when the callback raises StopSampling
     t0 = time.perf_counter()
     for k in tqdm(range(n), desc="superdiff", disable=not progress, leave=False):
         t, t_next = times[k], times[k + 1]
@@ -272,7 +283,10 @@ def sample(
         logqs.append(logq)  # after the corrector: the state the next step (and the callback) sees
         if callback is not None:
             info_k, info_lq = (so.kappa, logq) if only is None else (one_hot, widen(logq))
-            new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, info_k, info_lq, so))
+            try:
+                new_x = callback(StepInfo(k, coefs[k].t, coefs[k].t_next, x, info_k, info_lq, so))
+            except StopSampling as stop:  # end after this step, finishing as after the last one
+                new_x, taken = stop.latents, k + 1
             if new_x is not None:  # a callback may replace the latents (diffusers' callback_on_step_end)
                 if not isinstance(new_x, torch.Tensor) or new_x.shape != x.shape:
                     raise ValueError(f"callback returned {type(new_x).__name__} "
@@ -280,8 +294,12 @@ def sample(
                                      f"of shape {tuple(x.shape)}")
                 x = new_x.to(device=x.device, dtype=x.dtype)
         del so  # its prediction and the network's output are not kept through the next forward
-    if n:
-        monitor.output(x, n - 1)
+        if taken < n:
+            break
+    if taken < n:  # stopped by the callback: the trace covers the steps taken
+        grid = grid[:taken + 1]
+    if taken:
+        monitor.output(x, taken - 1)
     monitor.check()  # the one host read of the loop: NaN/inf anywhere names its expert and step
     if only is not None:  # back to all M experts: one-hot kappa, log q of the others not tracked
         op = full_op
@@ -305,7 +323,8 @@ def sample(
             "integrator": integ.name,
             "schedule": repr(schedule),
             "guidance_scale": float(guidance_scale),
-            "num_steps": n,
+            "num_steps": taken,
+            **({"interrupted_after_step": taken} if taken < n else {}),
             "forward_calls": es.num_forward_calls - calls0,
             "seconds": time.perf_counter() - t0,
             **({"corrector": corr.params(), **extra.get("meta", {})} if corr is not None else {}),

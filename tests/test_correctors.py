@@ -494,3 +494,27 @@ def test_cached_experts_send_the_jvp_rows_to_the_inner_set_alone():
     calls.clear()
     assert ce.evaluate(x, t, VE) is ref and calls == []  # the priming is still there
     assert ce.last[2] is ref
+
+
+def test_a_callback_stopping_the_run_gets_one_particle_per_image_and_its_trace():
+    """StopSampling from the callback (the pipelines' pipe._interrupt) ends the run after that
+    step as a full run ends: the corrector picks one particle per image, the trace covers the
+    steps taken with their ESS, and it equals the first steps of an uninterrupted run."""
+    from superdiff.sampling import StopSampling
+
+    def stop_after(k):
+        def cb(info):
+            if info.step == k:
+                raise StopSampling()
+        return cb
+
+    kw = dict(operator="or", integrator="em", shape=(2, 2), dtype=F64, progress=False, corrector="smc:3")
+    out = sample([PA, PB], VE, 8, generator=[torch.Generator().manual_seed(i) for i in range(2)], callback=stop_after(2),
+                 **kw)
+    assert out.samples.shape == (2, 2) and out.logq.shape == (2, 2)
+    tr = out.trace
+    assert tr.kappa.shape == (3, 2, 2) and tr.logq.shape == (4, 2, 2) and len(tr.t) == 4
+    assert tr.ess.shape == (3, 2) and tr.meta["interrupted_after_step"] == 3 and tr.meta["num_steps"] == 3
+    assert np.array_equal(tr.logq[-1], out.logq.numpy())
+    full = sample([PA, PB], VE, 8, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw)
+    np.testing.assert_array_equal(tr.ess, full.trace.ess[:3])
