@@ -119,6 +119,8 @@ def cases(quick: bool = False, model: str | None = None) -> list[Case]:
     paths = [_PATHS[i] for i in _QUICK] if quick else _PATHS
     if model == "sd15":
         return [Case("sd15", *p, 2) for p in paths]
+    if quick:
+        return [Case(model or "sd64", *p, 2) for p in paths]
     out = [Case("sd64", *p, 2) for p in paths]
     if not quick:
         out += [Case("sd64", *p, n) for p in paths for n in range(1, 7) if n != 2]  # N = 1..6, every path
@@ -592,7 +594,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--attention", default="default", choices=("default", "sdpa", "math", "xformers"),
                     help="the UNet's attention processor (default: diffusers' choice)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    ap.add_argument("--label", default=None, help="name of the results (default: the device type)")
+    ap.add_argument("--label", default=None, help="name of the results (default: the device type, with -quick "
+                                                     "for --quick)")
     ap.add_argument("--resume", action="store_true", help="keep the cases already in partial_<label>.json")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -603,20 +606,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
     if args.steps < 3:
         raise ValueError(f"--steps must be >= 3 (the first step is not timed), got {args.steps}")
+    if args.reps < 1 or args.threads < 1:
+        raise ValueError(f"--reps and --threads must be >= 1, got {args.reps} and {args.threads}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     todo = cases(args.quick, args.model)
     if args.cases:
-        want = set(args.cases.split(","))
-        todo = [c for c in all_cases() if c.key in want]
-        if not todo:
-            raise ValueError(f"no case matches {args.cases!r}; keys look like {cases(True)[0].key!r}")
+        want = list(dict.fromkeys(args.cases.split(",")))
+        known = {c.key: c for c in all_cases()}
+        unknown = [k for k in want if k not in known]
+        if unknown:
+            raise ValueError(f"unknown case(s) {', '.join(unknown)}; keys look like {cases(True)[0].key!r}")
+        todo = [known[k] for k in want]
     reps = 1 if args.quick else args.reps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
-    label = args.label or device.type
+    label = args.label or device.type + ("-quick" if args.quick else "")  # a smoke run keeps the full results
     partial = out / f"partial_{label}.json"  # per-case results so far: a killed run resumes
     done: dict[str, dict[str, Any]] = {}
     if args.resume and partial.is_file():

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                    help="bundled protein model names or model directories (config.json + model.safetensors)")
     s.add_argument("--operator", choices=["or", "and", "average", "single"], default="or")
     s.add_argument("--bias", type=float, nargs="+", default=None, help="OR log-weights l_i (one per expert)")
-    s.add_argument("--temperature", type=float, default=1.0, help="OR temperature T")
+    s.add_argument("--temperature", type=float, default=None, help="OR temperature T (default 1)")
     s.add_argument("--weights", type=float, nargs="+", default=None, help="averaging weights (default 1/M)")
     s.add_argument("--index", type=int, default=0, help="expert index for --operator single")
     s.add_argument("--num", type=int, default=8, help="number of backbones")
@@ -53,11 +53,22 @@ def add_parser(sub) -> None:
     b.set_defaults(func=_bench)
 
 
+#: the operator flags each --operator takes (the others are refused, not ignored)
+_OPERATOR_FLAGS = {"or": {"temperature", "bias"}, "average": {"weights"}, "single": {"index"}, "and": set()}
+
+
 def _operator(args):
     from superdiff.operators import make_operator
 
+    given = {k for k in ("temperature", "bias", "weights") if getattr(args, k) is not None}
+    given |= {"index"} if args.index != 0 else set()
+    foreign = sorted(given - _OPERATOR_FLAGS[args.operator])
+    if foreign:
+        uses = sorted(o for o, fl in _OPERATOR_FLAGS.items() if foreign[0] in fl)
+        raise ValueError(f"--{foreign[0]}: operator {args.operator} does not take it (it is for: {', '.join(uses)}); "
+                         "remove it or choose one of those operators")
     if args.operator == "or":
-        return make_operator("or", temperature=args.temperature, bias=args.bias)
+        return make_operator("or", temperature=1.0 if args.temperature is None else args.temperature, bias=args.bias)
     if args.operator == "average":
         return make_operator("average", weights=args.weights)
     if args.operator == "single":
@@ -102,6 +113,9 @@ def _sample(args) -> int:
 
 def _bench(args) -> int:
     from .bench import run_bench
+
+    if args.check and not Path(args.check).is_file():  # before the run, not after it
+        raise ValueError(f"--check {args.check}: no such file (a table.json of an earlier `protein bench` run)")
 
     run_bench(args.out, args.num, args.steps, args.seed, pdb_per_method=args.pdb_per_method,
               mpnn=not args.no_mpnn, progress=not args.quiet)

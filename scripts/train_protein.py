@@ -97,10 +97,12 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     ck = work / name / "ckpt.pt"
     # what a checkpoint must share with this run to be resumed (saved in it; older checkpoints
     # predate t_power and extra and had their defaults)
-    settings = {"steps": steps, "seed": seed, "config": cfg, "t_power": t_power, "extra": extra}
+    settings = {"steps": steps, "seed": seed, "config": cfg, "t_power": t_power, "extra": extra, "batch": batch,
+                "lr": lr}
     if ck.is_file():
         st = torch.load(ck, weights_only=False)
-        differ = [k for k, v in settings.items() if st.get(k, {"t_power": 1.0, "extra": 0}.get(k)) != v]
+        legacy = {"t_power": 1.0, "extra": 0}  # what checkpoints older than these settings used (batch, lr: unknown)
+        differ = [k for k, v in settings.items() if (k in st or k in legacy) and st.get(k, legacy.get(k)) != v]
         if differ:
             raise SystemExit(f"{ck} was made with other settings ({', '.join(differ)} differ); delete it to restart")
         model.load_state_dict(st["model"])

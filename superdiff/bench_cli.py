@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     mode.add_argument("--full", action="store_true", help="full mode (what the README cites)")
     r.add_argument("--check", action="store_true", help="rerun quick mode, compare with the committed quick figures")
     r.add_argument("--out", default=None, help="output folder (default: benchmarks/results/report[/quick])")
-    r.add_argument("--sections", default=None, help="comma-separated subset of or,and,steps,existing to rerun")
+    r.add_argument("--sections", default=None, help="comma-separated subset of or,and,and_t2i,steps,existing to rerun")
     r.add_argument("--and-model", default=None, help="text-to-image model of the AND table (default shapes-t2i-pairs)")
     r.add_argument("--full-model", default=None, help="the all-data model of the OR table (default shapes-full)")
     r.add_argument("--skip-existing", action="store_true", help="--full: do not rerun the other benchmarks")

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(glue_negative_lists(list(sys.argv[1:] if argv is None else argv)))
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input, or a file or model folder that is not there
         print(f"superdiff: error: {e}", file=sys.stderr)
         return 2
 

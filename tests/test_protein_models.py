@@ -79,6 +79,20 @@ def test_cli_sample_writes_pdbs_and_metrics(tmp_path):
                  "--out", str(tmp_path / "bad")]) == 2  # --bias needs one value per expert: a clear error
 
 
+def test_cli_sample_refuses_flags_its_operator_does_not_take_and_missing_files(tmp_path, capsys):
+    from superdiff.cli import main
+
+    for argv, msg in [(["--operator", "and", "--bias", "5", "0"], "--bias: operator and does not take it (it is for: or)"),
+                      (["--operator", "and", "--temperature", "0"], "--temperature: operator and does not take it"),
+                      (["--operator", "or", "--weights", "0.9", "0.1"], "--weights: operator or does not take it"),
+                      (["--experts", str(tmp_path), str(tmp_path)], "superdiff: error:")]:
+        assert main(["protein", "sample", *argv, "--num", "1", "--steps", "2", "--quiet",
+                     "--out", str(tmp_path / "o")]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    assert main(["protein", "bench", "--check", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b")]) == 2
+    assert "--check" in capsys.readouterr().err and not (tmp_path / "b" / "table.json").exists()
+
+
 @pytest.mark.parametrize("integrator,estimator", [("ddpm", "kernel"), ("heun", "ode")])
 def test_cli_sample_other_integrators_use_their_estimator(tmp_path, integrator, estimator):
     from superdiff.cli import main

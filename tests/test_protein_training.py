@@ -69,7 +69,8 @@ def test_resume_continues_and_other_settings_are_refused(train, tmp_path, monkey
     w1, w2 = _weights(tmp_path / "straight" / "protein-a-helix"), _weights(tmp_path / "resumed" / "protein-a-helix")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     # a checkpoint made with other settings is refused, not silently mixed in
-    for other, key in [(("a", 5, 2, 1e-3, 0, 2), "steps"), (("a", 4, 2, 1e-3, 1, 2), "seed")]:
+    for other, key in [(("a", 5, 2, 1e-3, 0, 2), "steps"), (("a", 4, 2, 1e-3, 1, 2), "seed"),
+                       (("a", 4, 3, 1e-3, 0, 2), "batch"), (("a", 4, 2, 5e-1, 0, 2), "lr")]:
         with pytest.raises(SystemExit, match=rf"other settings \({key} differ\)"):
             train.train_one(*other, tmp_path / "w1", TINY, 2.0, out_root=tmp_path / "other")
     with pytest.raises(SystemExit, match=r"other settings \(extra differ\)"):
