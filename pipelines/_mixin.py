@@ -149,6 +149,9 @@ class SuperDiffPipelineMixin:
         else:
             sched = make_schedule(self.scheduler.config, integrator, schedule)
         grid, sigma0 = self._grid_and_sigma(sched, num_inference_steps, time_grid, grid_end, self.scheduler.config)
+        corr = getattr(op, "corrector", None)
+        if corr is not None:
+            corr.check_grid(sched, grid)  # before any text encoding, not at the first step
         return MethodPlan(op, est, integrator, sched, grid, sigma0)
 
     def _run(self, method: MethodPlan, experts: NetworkExperts, names: Sequence[str], batch: int, height: int,

@@ -380,6 +380,15 @@ class Corrector:
 
             operator_tree(operator, num_experts, for_potential=True)  # raises when there is no target density
 
+    def check_grid(self, schedule: Schedule, grid: Tensor) -> None:
+        """Refuse a grid whose first step has an infinite Feynman-Kac potential (SMC only)."""
+        if self.smc and len(grid) > 1:
+            t0, t1 = grid[0], grid[1]
+            if not math.isfinite(float(schedule.g2(t0) * (t0 - t1))):
+                raise ValueError(f"the Feynman-Kac potential is infinite on the first step (g_t^2 = inf at "
+                                 f"t={float(t0):g}, e.g. a rectified flow starting at t = 1); start the grid "
+                                 "below it (RectifiedFlow(t_max=0.999) or custom timesteps) to use SMC")
+
     def start(self, experts: ExpertSet, x: Tensor, logq: Tensor, schedule: Schedule, grid: Tensor,
               operator: Any, generator: Any, guidance_scale: float, model_dtype: torch.dtype,
               noise_dtype: torch.dtype) -> "CorrectorRun":
@@ -550,11 +559,7 @@ class CorrectorRun:
             from .formula import operator_tree
 
             self.tree = operator_tree(operator, logq.shape[1], for_potential=True)
-            t0, t1 = grid[0], grid[1]
-            if not math.isfinite(float(schedule.g2(t0) * (t0 - t1))):
-                raise ValueError(f"the Feynman-Kac potential is infinite on the first step (g_t^2 = inf at "
-                                 f"t={float(t0):g}, e.g. a rectified flow starting at t = 1); start the grid "
-                                 "below it (RectifiedFlow(t_max=0.999) or custom timesteps) to use SMC")
+            cfg.check_grid(schedule, grid)
         self._prior_logp = None
         if cfg.smc:
             from .sampling import prior_log_prob

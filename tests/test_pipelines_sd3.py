@@ -295,3 +295,19 @@ def test_generate_cli_runs_an_sd3_folder_and_records_its_kind(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "sd3"), "--extra-model", str(sd), "--prompt", "a",
                  "--prompt", "b", "--steps", "2", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "rectified-flow model" in capsys.readouterr().err
+
+
+def test_smc_from_t_equal_one_is_refused_before_the_text_encoders(pipe):
+    """The grid starts at t = 1, where the Feynman-Kac potential is infinite: refused while the
+    call is planned (Corrector.check_grid), before any text-encoder or transformer forward."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1))
+             for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer) if m is not None]
+    try:
+        with pytest.raises(ValueError, match="potential is infinite on the first step"):
+            pipe(["a", "b"], operator="or", corrector="smc:2", num_inference_steps=3, height=16, width=16,
+                 output_type="latent", generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
