@@ -18,7 +18,7 @@ from superdiff.estimators import make_estimator
 from superdiff.integrators import Integrator, make_integrator
 from superdiff.operators import Operator, make_operator
 from superdiff.sampling import default_estimator
-from superdiff.schedules import Schedule, VESigma, schedule_from_config
+from superdiff.schedules import RectifiedFlow, Schedule, VESigma, schedule_from_config
 
 Tensor = torch.Tensor
 
@@ -117,6 +117,16 @@ _UNSUPPORTED = {
     "rescale_betas_zero_snr": "zero-terminal-SNR schedules (rescale_betas_zero_snr=True)",
     "use_exponential_sigmas": "exponential sigmas",
     "use_beta_sigmas": "beta sigmas",
+    "thresholding": "dynamic thresholding (thresholding=True)",
+}
+#: scheduler options whose other values change the grid or the step (key -> the values taken, the
+#: diffusers defaults); any other value is refused rather than silently sampled without
+_ONLY = {
+    "variance_type": ((None, "fixed_small", "fixed_small_log"), "DDPM's posterior variance"),
+    "final_sigmas_type": ((None, "zero"), "the grid's last sigma"),
+    "interpolation_type": ((None, "linear"), "the sigma interpolation"),
+    "sigma_min": ((None,), "a custom sigma range (sigma_min / sigma_max)"),
+    "sigma_max": ((None,), "a custom sigma range (sigma_min / sigma_max)"),
 }
 
 
@@ -137,6 +147,11 @@ def make_schedule(scheduler_config: Mapping[str, Any], integrator: Integrator,
         if cfg.get(key):
             raise ValueError(f"the scheduler config uses {what}, which superdiff's schedules do not support; "
                              "load the pipeline with a scheduler config without it")
+    for key, (taken, what) in _ONLY.items():
+        if cfg.get(key) not in taken:
+            raise ValueError(f"the scheduler config sets {key}={cfg[key]!r} ({what}), which superdiff's schedules do "
+                             f"not follow (they take {' / '.join(repr(v) for v in taken)}); load the pipeline with "
+                             "a scheduler config without it")
     if cfg.get("timestep_type", "discrete") != "discrete":
         raise ValueError(f"timestep_type={cfg['timestep_type']!r} is not supported (only 'discrete')")
     if schedule is None:
@@ -194,8 +209,11 @@ def init_noise_sigma(schedule: Schedule, grid: Tensor, scheduler_config: Mapping
 
     VP: 1. VE: sqrt(1 + sigma_max^2), except that diffusers' Euler schedulers use sigma_max
     itself for "linspace"/"trailing" spacing; that convention is followed so that a seed gives
-    the image diffusers gives.
+    the image diffusers gives. Flow: 1, as diffusers' FlowMatch schedulers, also for custom
+    sigmas that start below 1.
     """
+    if isinstance(schedule, RectifiedFlow):
+        return 1.0
     if isinstance(schedule, VESigma):
         smax = float(grid[0])
         if schedule.timestep_spacing in ("linspace", "trailing"):

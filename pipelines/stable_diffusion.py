@@ -60,12 +60,17 @@ class SuperDiffStableDiffusionPipeline(
         requires_safety_checker: bool = False,
     ):
         super().__init__()
+        # outdated SD configs fixed as diffusers' StableDiffusionPipeline fixes them, so that the
+        # timestep grid and a seed's image match it (x0 clipping to [-1, 1] is for pixel models)
+        fixes = {}
         if scheduler is not None and getattr(scheduler.config, "steps_offset", 1) != 1:
-            # as diffusers' StableDiffusionPipeline does for outdated SD configs, so that the
-            # timestep grid (and a seed's image) matches it
+            fixes["steps_offset"] = 1
+        if scheduler is not None and getattr(scheduler.config, "clip_sample", False) is True:
+            fixes["clip_sample"] = False
+        if fixes:
             from diffusers.configuration_utils import FrozenDict
 
-            scheduler._internal_dict = FrozenDict({**scheduler.config, "steps_offset": 1})
+            scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, safety_checker=safety_checker,
                               feature_extractor=feature_extractor)

@@ -6,6 +6,7 @@ as nested prompt lists, `pipe.scheduler` swaps mapped or refused, prompt_embeds,
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -390,3 +391,46 @@ def test_compose_takes_no_operator_weights_or_stray_and_mode(pipe):
         pipe(compose='"a red cat" | "a dog"', weights=[0.3, 0.7], **KW)
     with pytest.raises(ValueError, match="and_mode='product' applies to a compose= formula"):
         pipe(["a red cat", "a dog"], and_mode="product", **KW)
+
+
+def test_scheduler_options_the_schedules_do_not_follow_are_refused_and_clip_sample_reset_as_diffusers():
+    """A scheduler option that changes the grid or the step (DDPM's fixed_large variance, dynamic
+    thresholding, Euler's final sigma_min, log-linear interpolation, a custom sigma range) is
+    refused, not silently sampled without; clip_sample=True is reset at construction as
+    diffusers' StableDiffusionPipeline resets it, and the DDPM image then matches diffusers'."""
+    comps = tiny_sd_components(0)
+    cases = [(DDPMScheduler, dict(variance_type="fixed_large"), "variance_type='fixed_large'"),
+             (DDPMScheduler, dict(thresholding=True), "dynamic thresholding"),
+             (EulerDiscreteScheduler, dict(final_sigmas_type="sigma_min"), "final_sigmas_type='sigma_min'"),
+             (EulerDiscreteScheduler, dict(interpolation_type="log_linear"), "interpolation_type='log_linear'"),
+             (EulerDiscreteScheduler, dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0), "sigma_min=0.1")]
+    for cls, extra, msg in cases:
+        pipe = SuperDiffStableDiffusionPipeline(**{**comps, "scheduler": cls(**SD_SCHEDULE, steps_offset=1, **extra)})
+        pipe.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            pipe("a red cat", operator="single", **KW)
+    pipe = SuperDiffStableDiffusionPipeline(**{**comps, "scheduler": DDPMScheduler(**SD_SCHEDULE, clip_sample=True)})
+    pipe.set_progress_bar_config(disable=True)
+    ref = reference(pipe, DDPMScheduler(**SD_SCHEDULE, clip_sample=True))
+    assert pipe.scheduler.config.clip_sample is False and ref.scheduler.config.clip_sample is False
+    kw = dict(num_inference_steps=4, output_type="latent")
+    a = ref("a red cat", generator=gen(3), **kw).images
+    b = pipe("a red cat", generator=gen(3), operator="single", sampler="ddpm", **kw).images
+    assert (b - a).abs().max() <= 1e-4
+
+
+def test_sd3_custom_sigmas_below_one_start_from_unit_noise_as_diffusers():
+    from diffusers import StableDiffusion3Pipeline
+
+    from superdiff.pipelines._testing import tiny_sd3_components
+
+    comps = tiny_sd3_components(0, t5=False)
+    ours = SuperDiffStableDiffusion3Pipeline(**comps)
+    ref = StableDiffusion3Pipeline(**comps)
+    for p in (ours, ref):
+        p.set_progress_bar_config(disable=True)
+    kw = dict(height=16, width=16, max_sequence_length=16, output_type="latent", sigmas=[0.9, 0.5, 0.1],
+              num_inference_steps=3, guidance_scale=1.0)
+    a = ref("a red cat", generator=gen(0), **kw).images
+    b = ours("a red cat", generator=gen(0), operator="single", sampler="euler", **kw).images
+    assert (b - a).abs().max() <= 1e-4
