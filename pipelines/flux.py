@@ -124,7 +124,6 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
             x = randn_tensor((batch, c, h, w), generator=generator, device=device, dtype=dtype)
             x = self._pack_latents(x, batch, c, h, w)
         else:
-            self._check_latents(latents, batch, height, width)
             x = latents.to(device=device)
         return x * sigma0
 

@@ -227,7 +227,8 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         extras: list[C.UNetExpert] = []
         if extra_unets:
             networks, extras = self._with_extras(networks, extra_unets)
-            C.check_unet_size([(n.name, n.module) for n in networks], height, width, self.vae_scale_factor)
+            C.check_unet_size([(n.name, n.module) for n in networks[n_registered:]], height, width,
+                              self.vae_scale_factor)  # the registered ones: _size_check
         if isinstance(class_labels, int) and not isinstance(class_labels, bool):
             class_labels = [class_labels]
         labels = None if class_labels is None else [int(c) for c in class_labels]

@@ -129,7 +129,7 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 #: a LoRA tag in a prompt row as the CLI and the studio take it: <lora:NAME_OR_PATH[:SCALE]>
-_ROW_LORA = re.compile(r"<lora:([^<>]+)>")
+ROW_LORA_TAG = re.compile(r"<lora:([^<>]+)>")
 
 
 def prompt_adapters(prompts: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -139,7 +139,7 @@ def prompt_adapters(prompts: Sequence[str]) -> tuple[list[str], list[dict[str, A
     prompts as they are and no adapters."""
     from .compose import BASE_ADAPTER, parse_lora
 
-    tags = [_ROW_LORA.findall(p) for p in prompts]
+    tags = [ROW_LORA_TAG.findall(p) for p in prompts]
     if not any(tags):
         return list(prompts), []
     clean, adapters = [], []
@@ -147,7 +147,7 @@ def prompt_adapters(prompts: Sequence[str]) -> tuple[list[str], list[dict[str, A
         if len(t) > 1:
             raise ValueError(f"prompts: prompt {i + 1} names {len(t)} adapters ({', '.join(t)}); one adapter per "
                              "expert prompt (another prompt for the other adapter)")
-        text = " ".join(_ROW_LORA.sub(" ", p).split())
+        text = " ".join(ROW_LORA_TAG.sub(" ", p).split())
         if not text:
             raise ValueError(f"prompts: prompt {i + 1} has an adapter but no text; write e.g. "
                              "'a circle <lora:lora-orange:0.8>'")

@@ -289,9 +289,7 @@ class Composition:
         if c.adapters and c.operator == "joint":
             raise _fail("operator", "the joint-prompt baseline does not take adapters; use composite, merge, "
                                     "switch, or, and, average or single")
-        n_experts = len(c.prompts) + len(c.extra_models)
-        if c.adapters:  # one expert per adapter and prompt (or per adapter for its own prompt)
-            n_experts = sum(1 if a.get("prompt") else len(c.prompts) for a in c.adapters) + len(c.extra_models)
+        n_experts = num_experts(c)
         if c.operator == "joint" and len(c.prompts) < 1:
             raise _fail("prompts", "the joint-prompt baseline needs prompts to join")
         # text-to-image: one expert per prompt and extra model (unconditional models: the
@@ -303,7 +301,7 @@ class Composition:
                                   f"({len(c.prompts)} prompts + {len(c.extra_models)} extra models"
                                   + (f", {len(c.adapters)} adapters" if c.adapters else "") + ")")
         if c.corrector is not None and c.operator != "joint" and c.operator not in ADAPTER_OPERATORS:
-            _check_corrector(c, n_experts if c.prompts else 1 + len(c.extra_models))
+            _check_corrector(c, n_experts)
         return c
 
     def image_record(self, index: int) -> "Composition":

@@ -177,10 +177,10 @@ def _generate(args: argparse.Namespace) -> int:
                    title=f"FORMULA: {comp.compose}" if comp.compose else
                    f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
     (out / "composition.json").write_text(res.composition.to_json(indent=2))
-    square = res.images[0].size[0] == res.images[0].size[1]
-    if Path(comp.model).name.startswith("shapes-") and not square:
+    shapes = Path(comp.model).name.startswith("shapes-")  # the bundled shapes world has an exact oracle
+    if shapes and res.images[0].size[0] != res.images[0].size[1]:
         print("oracle: skipped (the shapes oracle classifies square images)")
-    if Path(comp.model).name.startswith("shapes-") and square:  # the bundled shapes world has an exact oracle
+    elif shapes:
         from .shapes import oracle
 
         r = oracle.classify(res.images)

@@ -650,8 +650,6 @@ def suggest_extra_models(model: str, current: Sequence[str] | None, cache: Model
 # ---- errors ---------------------------------------------------------------------------------
 _FIELD_RE = re.compile(r"^([a-z_]+): (.*)$", re.S)
 _A1111_AND = re.compile(r"\bAND\b")
-#: an adapter picked in a prompt row, A1111's syntax: "a circle <lora:lora-orange:0.8>"
-_LORA_TAG = re.compile(r"<lora:([^<>]+)>")
 
 
 def _row_picks(form: Mapping[str, Any], prompts_in: list[Any], prompts: list[str],
@@ -684,12 +682,12 @@ def _row_adapters(prompts: list[str], picks: Sequence[dict[str, Any] | None] = (
     model with that adapter, under text" (superdiff.a1111.prompt_adapters, a picker written as
     the row's tag); once any row has an adapter, a row without one is the base model under its
     text. No tags and no picks: no adapters."""
-    from superdiff.a1111 import prompt_adapters
+    from superdiff.a1111 import ROW_LORA_TAG, prompt_adapters
 
     picks = list(picks) + [None] * (len(prompts) - len(picks))
     rows = []
     for i, (p, pk) in enumerate(zip(prompts, picks)):
-        t = _LORA_TAG.findall(p)
+        t = ROW_LORA_TAG.findall(p)
         if len(t) + (pk is not None) > 1:
             raise ValueError(f"prompts: row {i + 1} names {len(t) + (pk is not None)} adapters (tags "
                              f"{', '.join(t) or 'none'}{', picker ' + pk['path'] if pk else ''}); pick one adapter "
