@@ -29,9 +29,9 @@ from ._checkpoints import (FLOW_TRANSFORMERS, VP_KINDS, TransformerExpert, UNetE
                            network_info, transformer_info)
 from ._experts import (ExpertPlan, NetworkPlan, plan_extra_networks, plan_extra_transformers, plan_text_experts,
                        prepare_networks, promptless_branch)
-from ._inputs import (apply_joint, check_common, check_generator, check_height_width, check_unet_size, joint_prompt,
+from ._inputs import (apply_joint, check_common, check_generator, check_height_width, check_max_sequence_length, check_unet_size, joint_prompt,
                       normalize_negative_prompts, normalize_prompts, unique_keys)
-from ._method import (SAMPLERS, MethodPlan, build_operator, flow_time_grid, init_noise_sigma, make_flow_schedule,
+from ._method import (SAMPLERS, MethodPlan, build_operator, flow_grid, flow_time_grid, init_noise_sigma, make_flow_schedule,
                       make_schedule, prepare_latents, resolve_estimator, resolve_sampler)
 from ._conventions import SCHEDULER_SAMPLERS, diffusers_conventions
 from ._mixin import CALLBACK_TENSOR_INPUTS, SuperDiffPipelineMixin
@@ -47,10 +47,10 @@ __all__ = [
     "check_flow_checkpoint",
     # inputs
     "joint_prompt", "normalize_prompts", "normalize_negative_prompts", "apply_joint", "unique_keys",
-    "check_height_width", "check_unet_size", "check_common", "check_generator",
+    "check_height_width", "check_unet_size", "check_common", "check_generator", "check_max_sequence_length",
     # method
     "MethodPlan", "build_operator", "resolve_sampler", "resolve_estimator", "make_schedule", "init_noise_sigma",
-    "prepare_latents", "SAMPLERS", "make_flow_schedule", "flow_time_grid",
+    "prepare_latents", "SAMPLERS", "make_flow_schedule", "flow_time_grid", "flow_grid",
     # experts
     "ExpertPlan", "NetworkPlan", "plan_extra_networks", "plan_extra_transformers", "plan_text_experts",
     "promptless_branch",

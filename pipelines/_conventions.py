@@ -52,8 +52,15 @@ _REFUSED = {
     "callback_steps": "the legacy callback is not supported; use callback_on_step_end",
     "ip_adapter_image": "IP-Adapters are not supported; compose images' prompts or LoRA adapters (adapters=)",
     "ip_adapter_image_embeds": "IP-Adapters are not supported; compose prompts or LoRA adapters (adapters=)",
-    "prompt_2": "SDXL's second prompt is not taken: each expert's prompt feeds both text encoders",
-    "negative_prompt_2": "SDXL's second negative prompt is not taken: the negative prompt feeds both encoders",
+    "prompt_2": "a prompt per text encoder is not taken: each expert's prompt feeds every text encoder of the "
+                "pipeline (SDXL's two, SD3's three, Flux's CLIP and T5)",
+    "prompt_3": "a prompt per text encoder is not taken: each expert's prompt feeds all three of SD3's text encoders",
+    "negative_prompt_2": "a negative prompt per text encoder is not taken: the negative prompt feeds every text "
+                         "encoder",
+    "negative_prompt_3": "a negative prompt per text encoder is not taken: the negative prompt feeds all three of "
+                         "SD3's text encoders",
+    "skip_guidance_layers": "skip-layer guidance (SD3.5's skip_guidance_layers) is not applied by the SuperDiff "
+                            "combination; leave it unset",
     "denoising_end": "denoising_end (ensemble of experts) is not supported: the composition runs every step",
     "guidance_end": "guidance_end is not supported",
 }
@@ -110,6 +117,8 @@ def _take_conventions(pipe: Any, given: dict[str, Any], extra: dict[str, Any], c
                                  "EulerDiscreteScheduler takes them")
             given["time_grid"] = s  # as diffusers: n + 1 sigmas for n steps, the last one the end point
             given["schedule"] = "ve"
+        elif key in _REFUSED and value is None:  # diffusers' own default: nothing asked for
+            extra.pop(key)
         elif key in _REFUSED:
             raise ValueError(f"{cls}: {key}= is not supported here: {_REFUSED[key]}")
         elif key not in _EMBED_ARGS:

@@ -122,6 +122,17 @@ def check_common(num_inference_steps: Any, num_images_per_prompt: Any, output_ty
         raise ValueError(f"`max_batch_size` must be an int >= 1 or None, got {max_batch_size!r}")
 
 
+#: T5's longest prompt in diffusers' SD3 and Flux pipelines
+MAX_T5_SEQUENCE_LENGTH = 512
+
+
+def check_max_sequence_length(n: Any) -> None:
+    """T5's prompt length: an int in 1..512, as diffusers' SD3 and Flux pipelines require."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_T5_SEQUENCE_LENGTH:
+        raise ValueError(f"`max_sequence_length` must be an int from 1 to {MAX_T5_SEQUENCE_LENGTH} (T5's "
+                         f"longest prompt in diffusers' SD3 and Flux pipelines), got {n!r}")
+
+
 def check_generator(generator: Any, batch: int) -> None:
     """None, one torch.Generator, or a list of one per image (diffusers' convention)."""
     import torch

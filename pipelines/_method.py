@@ -23,7 +23,7 @@ from superdiff.schedules import RectifiedFlow, Schedule, VESigma, schedule_from_
 Tensor = torch.Tensor
 
 __all__ = ["SAMPLERS", "MethodPlan", "build_operator", "resolve_sampler", "resolve_estimator", "make_schedule",
-           "make_flow_schedule", "flow_time_grid", "init_noise_sigma", "prepare_latents"]
+           "make_flow_schedule", "flow_time_grid", "flow_grid", "init_noise_sigma", "prepare_latents"]
 
 SAMPLERS = ("sde", "em", "ode", "euler", "heun", "ddpm")
 
@@ -194,14 +194,51 @@ def make_flow_schedule(scheduler_config: Mapping[str, Any], schedule: str | Sche
 def flow_time_grid(scheduler: Any, num_inference_steps: int, mu: float | None = None,
                    sigmas: Sequence[float] | None = None) -> Tensor:
     """The FlowMatch scheduler's own grid of sigmas = schedule times t (shift, dynamic shift
-    exp(mu), terminal value, ending at 0), from `scheduler.set_timesteps` as diffusers'
-    pipelines call it, in float64."""
+    exp(mu), terminal value, ending at 0), from `set_timesteps` as diffusers' pipelines call it,
+    in float64. A FlowMatch scheduler of another update rule (e.g. FlowMatchHeunDiscreteScheduler,
+    whose sigmas repeat its interior points) gives its config to FlowMatchEulerDiscreteScheduler,
+    which lays out the plain grid. Zero-length steps are dropped: diffusers appends a terminal 0
+    to custom sigmas, so sigmas ending in 0 (or repeating a value) give steps of length 0, which
+    leave x where it is."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if type(scheduler) is not FlowMatchEulerDiscreteScheduler:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     kw: dict[str, Any] = {} if mu is None else {"mu": mu}
     if sigmas is not None:
-        scheduler.set_timesteps(sigmas=list(sigmas), device="cpu", **kw)
+        given = torch.as_tensor(np.asarray(sigmas, dtype=np.float64)).flatten()
+        if len(given) < 1 or not bool(torch.isfinite(given).all()) or bool((given[1:] > given[:-1]).any()) \
+                or not (0.0 <= float(given.min()) and float(given.max()) <= 1.0):
+            raise ValueError(f"`sigmas` must be a non-increasing list of flow times in [0, 1] (diffusers' "
+                             f"FlowMatch sigmas, e.g. numpy.linspace(1, 1 / N, N)), got {given.tolist()}")
+        scheduler.set_timesteps(sigmas=list(map(float, given)), device="cpu", **kw)
     else:
         scheduler.set_timesteps(int(num_inference_steps), device="cpu", **kw)
-    return scheduler.sigmas.detach().to("cpu", torch.float64).clone()
+    grid = torch.unique_consecutive(scheduler.sigmas.detach().to("cpu", torch.float64))
+    if len(grid) < 2:
+        raise ValueError(f"`sigmas` give no step to take (the grid is {grid.tolist()}); give at least one sigma above 0")
+    return grid
+
+
+def flow_grid(scheduler: Any, num_inference_steps: int, schedule: Any, time_grid: Any, sigmas: Any, mu: float | None,
+              default_mu: float | None) -> Any:
+    """A flow pipeline's time grid, from exactly one source: `time_grid` as given (checked by
+    the plan), else the grid of a `RectifiedFlow` given as `schedule` (its shift and range, as
+    the UNet pipelines use a given Schedule's own grid), else the FlowMatch scheduler's own
+    (flow_time_grid, with `sigmas` and the dynamic shift `mu`, default `default_mu`).
+    Two sources at once are refused, not one silently dropped."""
+    given = [n for n, v in (("sigmas", sigmas), ("mu", mu)) if v is not None]
+    if time_grid is not None and given:
+        raise ValueError(f"give either time_grid= (the whole grid) or {' / '.join(n + '=' for n in given)} (the "
+                         "scheduler's grid), not both")
+    if time_grid is not None:
+        return time_grid
+    if isinstance(schedule, Schedule):
+        if given:
+            raise ValueError(f"schedule={type(schedule).__name__}(...) lays out its own grid (its shift, t_min and "
+                             f"t_max); give either it or {' / '.join(n + '=' for n in given)}, not both")
+        return schedule.grid(int(num_inference_steps))
+    return flow_time_grid(scheduler, num_inference_steps, default_mu if mu is None else mu, sigmas)
 
 
 def init_noise_sigma(schedule: Schedule, grid: Tensor, scheduler_config: Mapping[str, Any]) -> float:

@@ -16,7 +16,7 @@ Guidance, by the transformer's config:
     no guidance embedding (FLUX.1-schnell, de-distilled variants): `true_cfg_scale` > 1 is
         classifier-free guidance u + w (c_i - u) against `negative_prompt` (default: the
         empty prompt), the unconditional rows in the same call; `guidance_scale` is refused
-        (there is no embedding to feed it to).
+        (there is no embedding to feed it to), except 0 (FLUX.1-schnell's documented call).
 
 Also loadable as a custom pipeline:
     DiffusionPipeline.from_pretrained(path, custom_pipeline="pipelines/flux.py")
@@ -24,6 +24,7 @@ Also loadable as a custom pipeline:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from superdiff.pipelines import _common as C
+from superdiff.schedules import Schedule
 from superdiff.pipelines import adapters as A
 
 __all__ = ["SuperDiffFluxPipeline"]
@@ -141,7 +143,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
                         negative_prompt: Any) -> tuple[float | None, bool, float]:
         """(embedded guidance or None, do_cfg, CFG weight), refusing what cannot apply."""
         for name, v in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v)):
                 raise ValueError(f"`{name}` must be a finite number, got {v!r}")
         if self.guidance_distilled:
             if true_cfg_scale != 1.0:
@@ -153,11 +155,11 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
                                  "unconditional branch); steer with the embedded `guidance_scale` instead")
             g = DEFAULT_EMBEDDED_GUIDANCE if guidance_scale is None else float(guidance_scale)
             return g, False, 1.0
-        if guidance_scale is not None:
+        if guidance_scale is not None and float(guidance_scale) != 0.0:  # 0: FLUX.1-schnell's documented call
             raise ValueError(f"guidance_scale={guidance_scale}: this Flux transformer has no guidance embedding "
                              "(guidance_embeds=False, e.g. FLUX.1-schnell or a de-distilled model), so there is "
                              "nothing to feed it to; use true_cfg_scale > 1 (with negative_prompt) for "
-                             "classifier-free guidance, or leave guidance_scale unset")
+                             "classifier-free guidance, or leave guidance_scale unset (or 0)")
         if true_cfg_scale < 1.0:
             raise ValueError(f"true_cfg_scale must be >= 1 (1 disables classifier-free guidance), got {true_cfg_scale}")
         do_cfg = true_cfg_scale > 1.0
@@ -214,7 +216,8 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
             height, width: image size (default 1024); multiples of twice the VAE factor.
             num_inference_steps: number of sampler steps.
             guidance_scale: the embedded guidance of a guidance-distilled transformer (default
-                3.5); refused on a transformer without guidance embedding.
+                3.5); refused on a transformer without guidance embedding, unless 0 (FLUX.1-schnell's
+                documented `guidance_scale=0.0`, which diffusers ignores there too).
             true_cfg_scale: classifier-free guidance w (> 1 enables it) for a transformer without
                 guidance embedding; refused (unless 1) on a guidance-distilled one.
             negative_prompt: the unconditional prompt of true CFG (one, or one per prompt;
@@ -244,6 +247,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         """
         # 1. validate everything before any compute
         embedded, do_cfg, w = self._check_guidance(guidance_scale, true_cfg_scale, negative_prompt)
+        C.check_max_sequence_length(max_sequence_length)
         prompt, operator = self._apply_compose(prompt, operator, compose, and_mode)
         prompts = C.normalize_prompts(prompt)
         negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
@@ -268,15 +272,12 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         h, w_lat = self._latent_hw(height, width)
         cfg = self.scheduler.config
-        if time_grid is not None:
-            grid = time_grid
-        else:
-            if sigmas is None and not cfg.get("use_flow_sigmas", False):
-                sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-            mu = calculate_shift((h // 2) * (w_lat // 2), cfg.get("base_image_seq_len", 256),
-                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                 cfg.get("max_shift", 1.15))
-            grid = C.flow_time_grid(self.scheduler, num_inference_steps, mu, sigmas)
+        if sigmas is None and time_grid is None and not cfg.get("use_flow_sigmas", False) \
+                and not isinstance(schedule, Schedule):
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)  # FluxPipeline's default
+        mu = calculate_shift((h // 2) * (w_lat // 2), cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        grid = C.flow_grid(self.scheduler, num_inference_steps, schedule, time_grid, sigmas, None, mu)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
                                    num_inference_steps, grid, "zero", corrector=corrector)
 

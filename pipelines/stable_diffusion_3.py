@@ -176,11 +176,14 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
                 "ddpm" (posterior steps), "euler"/"ode" (the probability-flow ODE dx/dt = u;
                 with operator "single" it reproduces diffusers' StableDiffusion3Pipeline), "heun".
             estimator: "kernel", "ito", "ode" or "none" (default: the core's per-sampler choice).
-            schedule: None or "flow" (the rectified flow of the scheduler config) or a superdiff
-                RectifiedFlow.
+            schedule: None or "flow" (the rectified flow of the scheduler config, on the
+                scheduler's grid) or a superdiff RectifiedFlow, whose own grid (its shift, t_min,
+                t_max) is then used instead of the scheduler's.
             sigmas, mu: the scheduler's custom sigmas and dynamic shift, as in diffusers (the grid
-                is the FlowMatch scheduler's own: shift, dynamic shifting, ending at t = 0).
-            time_grid: a custom decreasing grid of schedule times t in [0, 1] (overrides the above).
+                is the FlowMatch scheduler's own: shift, dynamic shifting, ending at t = 0; steps
+                of length 0, as from sigmas ending in 0, are dropped: they leave x unchanged).
+            time_grid: a custom decreasing grid of schedule times t in [0, 1]. The grid comes from
+                one source: time_grid, a RectifiedFlow `schedule`, or sigmas / mu; two are refused.
             extra_transformers: more experts from other SD3 transformers sharing this VAE and these
                 text encoders: modules, checkpoint paths / hub ids, (transformer, prompt) pairs or
                 superdiff.pipelines.TransformerExpert; one expert per prompt unless given its own.
@@ -202,6 +205,7 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
             SuperDiffPipelineOutput (images, trace), or (images, trace) when return_dict is False.
         """
         # 1. validate everything before any compute
+        C.check_max_sequence_length(max_sequence_length)
         prompt, operator = self._apply_compose(prompt, operator, compose, and_mode)
         prompts = C.normalize_prompts(prompt)
         negatives = C.normalize_negative_prompts(negative_prompt, len(prompts))
@@ -223,8 +227,8 @@ class SuperDiffStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin, C
             op_name, plans, routing = A.plan_adapter_experts(specs, plans, prompts, negatives, op_name, switch_every)
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
-        grid = time_grid if time_grid is not None else C.flow_time_grid(
-            self.scheduler, num_inference_steps, mu if mu is not None else self._mu(height, width), sigmas)
+        grid = C.flow_grid(self.scheduler, num_inference_steps, schedule, time_grid, sigmas, mu,
+                           self._mu(height, width))
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,
                                    num_inference_steps, grid, "zero", corrector=corrector)
         do_cfg, w = self._guidance(guidance_scale)

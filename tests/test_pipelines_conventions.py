@@ -141,7 +141,7 @@ def test_interrupt_from_a_callback_stops_after_that_step(pipe):
     ({"timesteps": [999, 500, 1]}, "custom DDPM timesteps are not taken"),
     ({"ip_adapter_image": object()}, "IP-Adapters are not supported"),
     ({"callback": print, "callback_steps": 1}, "use callback_on_step_end"),
-    ({"prompt_2": "x"}, "each expert's prompt feeds both text encoders"),
+    ({"prompt_2": "x"}, "each expert's prompt feeds every text encoder"),
     ({"strength": 0.5}, "unknown argument strength="),
 ])
 def test_other_diffusers_arguments_are_refused_with_a_message(pipe, kwargs, expected):

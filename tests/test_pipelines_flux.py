@@ -153,8 +153,32 @@ def test_guidance_that_cannot_apply_is_refused_before_compute(dev, schnell):
     assert counter.rows == []
     with pytest.raises(ValueError, match="no guidance embedding"):
         schnell("a", guidance_scale=3.5, num_inference_steps=2, **SIZE)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        dev("a", num_inference_steps=2, height=16, width=16, max_sequence_length=513)
     with pytest.raises(ValueError, match=">= 1"):
         schnell("a", true_cfg_scale=0.5, num_inference_steps=2, **SIZE)
+
+
+def test_schnells_documented_guidance_zero_and_numpy_scalars_are_taken(dev, schnell):
+    """FLUX.1-schnell's documented call passes guidance_scale=0.0 (diffusers ignores it without a
+    guidance embedding); numpy scalars are numbers too."""
+    a = schnell("a", guidance_scale=0.0, num_inference_steps=2, output_type="latent", generator=gen(0), **SIZE)
+    b = schnell("a", num_inference_steps=2, output_type="latent", generator=gen(0), **SIZE)
+    assert torch.equal(a.images, b.images)
+    c = dev("a", guidance_scale=np.float32(3.5), num_inference_steps=2, output_type="latent", generator=gen(0), **SIZE)
+    d = dev("a", guidance_scale=3.5, num_inference_steps=2, output_type="latent", generator=gen(0), **SIZE)
+    assert torch.equal(c.images, d.images)
+
+
+def test_flux_sigmas_ending_in_zero_match_diffusers():
+    comps = tiny_flux_components(0, True)
+    ref, ours = FluxPipeline(**comps), SuperDiffFluxPipeline(**comps)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    a = ref("a cat", generator=gen(2), sigmas=[1.0, 0.5, 0.0], output_type="np", **SIZE).images
+    out = ours("a cat", generator=gen(2), sigmas=[1.0, 0.5, 0.0], output_type="np", operator="single",
+               sampler="euler", **SIZE)
+    assert np.abs(a - out.images).max() <= 1e-4
 
 
 def test_sizes_the_packing_cannot_take_are_refused(dev):

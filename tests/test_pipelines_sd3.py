@@ -98,6 +98,78 @@ def test_dynamic_shifting_grid_matches_diffusers():
     np.testing.assert_allclose(out.trace.t, ref.scheduler.sigmas.numpy().astype(np.float64))
 
 
+def test_sigmas_ending_in_zero_match_diffusers_and_drop_the_empty_step():
+    """diffusers appends a terminal 0 to custom sigmas, so sigmas ending in 0 give a step of
+    length 0 there (x unchanged); here that step is dropped, with the same image."""
+    comps = tiny_sd3_components(0)
+    ref, ours = StableDiffusion3Pipeline(**comps), SuperDiffStableDiffusion3Pipeline(**comps)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    for sigmas in ([1.0, 0.5, 0.0], [1.0, 0.5, 0.5, 0.2]):
+        a = ref("a cat", generator=gen(1), sigmas=sigmas, output_type="np", **SIZE).images
+        out = ours("a cat", generator=gen(1), sigmas=sigmas, output_type="np", operator="single", sampler="euler",
+                   **SIZE)
+        assert np.abs(a - out.images).max() <= 1e-4
+        assert np.all(np.diff(out.trace.t) < 0)  # no zero-length step left
+    with pytest.raises(ValueError, match="`sigmas` must be a non-increasing"):
+        ours("a cat", sigmas=[0.5, 1.0], **SIZE)
+
+
+def test_a_rectified_flow_schedule_lays_out_its_own_grid(pipe):
+    """schedule=RectifiedFlow(...) is used with its own shift and range, as the UNet pipelines use
+    a given Schedule's grid (it was silently replaced by the scheduler's grid)."""
+    from superdiff.schedules import RectifiedFlow
+
+    sched = RectifiedFlow(shift=1.0, t_max=0.5)
+    out = pipe("a", schedule=sched, num_inference_steps=4, sampler="euler", operator="single", output_type="latent",
+               generator=gen(0), **SIZE)
+    np.testing.assert_allclose(out.trace.t, sched.grid(4).numpy())
+    default = pipe("a", num_inference_steps=4, sampler="euler", operator="single", output_type="latent",
+                   generator=gen(0), **SIZE)
+    assert not np.allclose(out.trace.t, default.trace.t)
+
+
+def test_two_sources_for_the_grid_are_refused(pipe):
+    from superdiff.schedules import RectifiedFlow
+
+    with pytest.raises(ValueError, match="either time_grid="):
+        pipe("a", time_grid=[1.0, 0.5, 0.0], sigmas=[1.0, 0.5], **SIZE)
+    with pytest.raises(ValueError, match="either time_grid="):
+        pipe("a", time_grid=[1.0, 0.5, 0.0], mu=0.5, **SIZE)
+    with pytest.raises(ValueError, match="lays out its own grid"):
+        pipe("a", schedule=RectifiedFlow(), sigmas=[1.0, 0.5], **SIZE)
+
+
+def test_a_swapped_flow_heun_scheduler_runs_with_an_explicit_sampler(comps):
+    """The refusal of FlowMatchHeunDiscreteScheduler says to pass sampler=; doing so samples on
+    the plain grid of its config (Heun's own sigmas repeat its interior points)."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    p = SuperDiffStableDiffusion3Pipeline(**comps)
+    p.set_progress_bar_config(disable=True)
+    p.scheduler = FlowMatchHeunDiscreteScheduler.from_config(p.scheduler.config)
+    with pytest.raises(ValueError, match="sampler="):
+        p("a", num_inference_steps=3, **SIZE)
+    out = p("a", num_inference_steps=3, sampler="heun", operator="single", output_type="latent", **SIZE)
+    assert len(out.trace.t) == 4 and np.all(np.diff(out.trace.t) < 0)
+
+
+def test_t5_prompts_longer_than_512_tokens_are_refused_as_in_diffusers(pipe):
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        pipe("a", num_inference_steps=2, height=16, width=16, max_sequence_length=600)
+
+
+def test_diffusers_per_encoder_prompts_left_at_none_are_accepted(pipe):
+    """Wrappers pass diffusers' own defaults (prompt_3=None, skip_guidance_layers=None); a value is refused."""
+    out = pipe("a", prompt_2=None, prompt_3=None, negative_prompt_3=None, skip_guidance_layers=None,
+               num_inference_steps=2, output_type="latent", **SIZE)
+    assert out.images.shape[0] == 1
+    with pytest.raises(ValueError, match="every text encoder"):
+        pipe("a", prompt_2="b", num_inference_steps=2, **SIZE)
+    with pytest.raises(ValueError, match="skip-layer guidance"):
+        pipe("a", skip_guidance_layers=[7], num_inference_steps=2, **SIZE)
+
+
 # ----------------------------------------------------------------------------- batching
 
 
