@@ -3,12 +3,17 @@
 Work is split into tasks, one per (job, method, image index). Every task is independent
 (image i of a composition uses seed + i in its own pipeline call, see compose.py), so
 
-- resume: a task is done exactly when its PNG exists. PNGs (and their trace JSON, written
-  first) are renamed into place atomically and the manifest line is appended only after the
-  rename: a kill at any moment loses at most the images in flight, never leaves a truncated
-  PNG or a manifest line without its file, and a rerun neither repeats finished images nor
-  writes them twice. A PNG found without its manifest line (a kill between the two) gets
-  its line on the next run, marked "recovered".
+- resume: a task is done exactly when its PNG exists and the composition recorded in it (the
+  PNG's `superdiff` text chunk, read without decoding the pixels) is the one the task would
+  record. PNGs (and their trace JSON, written first) are renamed into place atomically and
+  the manifest line is appended only after the rename: a kill at any moment loses at most
+  the images in flight, never leaves a truncated PNG or a manifest line without its file,
+  and a rerun neither repeats finished images nor writes them twice. A PNG found without its
+  manifest line (a kill between the two) gets its line on the next run, marked "recovered".
+  A PNG made with other settings (the job was edited, or a line inserted or removed above a
+  job without an id moved its default id) is regenerated, each file named on stderr, its new
+  manifest line marked "regenerated" (it follows the earlier line of the same key).
+  `limit` counts only the tasks left to do, so repeating a limited run makes progress.
 - scale-out: task k goes to process k mod world_size (RANK / WORLD_SIZE as set by
   `accelerate launch` or torchrun). Images are byte-identical to a one-process run; each
   process appends to its own manifest part, merged into manifest.jsonl by process 0 at the
@@ -19,9 +24,15 @@ Job lines: the fields of `superdiff.compose.Composition`, plus
     methods  a list of methods to run the same composition with (the paper's sweep): an
              operator name ("joint", "average", "or", "and", "single"), "single:<i>", or an
              object of overrides with an optional "name", e.g. {"name": "and_lift", "lift": 1}.
+             An operator parameter on the line (weights, bias, temperature, lift, kappa_clamp,
+             single_index, joint_template, switch_every) is dropped, with a note, for the
+             methods whose operator does not use it; one set in a method's own overrides (or
+             on a line without methods) that its operator does not use is refused on its line,
+             as `superdiff generate` refuses it.
 An id or method name is a folder name inside OUT/images: characters other than letters,
 digits, "_", "-" and "." become "_" (so "/" and "\\" never make a path), and a name that
 starts with "." ("." and ".." included) is refused on its line.
+Job files are UTF-8, with or without a byte order mark (Excel's "CSV UTF-8", PowerShell).
 CSV: a header row of those field names; list fields (prompts, extra_models, methods,
 weights, bias, kappa_clamp, adapters as "PATH[:SCALE]") separated by "|"; an empty cell
 means the field is not given.
@@ -49,8 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .compose import (Composition, ModelCache, OPERATOR_CHOICES, draw_seed, prepare_composition, run_composition,
-                      save_png)
+from .compose import (OPERATOR_PARAMS, PARAM_UNSET, PNG_KEY, Composition, ModelCache, OPERATOR_CHOICES, draw_seed,
+                      foreign_params, prepare_composition, run_composition, save_png)
 
 __all__ = ["Task", "JobError", "parse_jobs", "expand_tasks", "run_batch", "BatchSummary"]
 
@@ -183,6 +194,24 @@ def _method_overrides(m: Any, where: str) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"{where}: a method must be a name or an object, got {m!r}")
 
 
+def _drop_foreign(d: dict[str, Any], over: dict[str, Any], method: str | None, notes: list[str]) -> dict[str, Any]:
+    """The fields of one (job, method) (`d` the line's, `over` the method's) less the operator
+    parameters its operator does not use, as `superdiff generate` treats them: set by the
+    method itself (or on a line without methods) they are refused; set on the line of a sweep
+    they are meant for its other methods, and dropped for this one with a note."""
+    merged = {**d, **over}
+    op = str(merged.get("operator", "and")).lower().strip()
+    for k in foreign_params(merged):
+        uses = ", ".join(sorted(o for o, ps in OPERATOR_PARAMS.items() if k in ps))
+        if method is None or k in over:
+            raise ValueError(f"{k}: operator {op} does not take it (it is for: {uses}); remove it or choose one of "
+                             "those operators" + ("" if method is None else " for this method"))
+        notes.append(f"{k} (from the job line) is not used by operator {op}; dropped for this method "
+                     f"(it is for: {uses})")
+        merged[k] = PARAM_UNSET[k]
+    return merged
+
+
 def _prepare(d: dict[str, Any], job_id: str, method: str | None, seeds: dict[str, int],
              notes: list[str], seed_notes: list[str]) -> Composition:
     """One (job, method) as `superdiff generate` builds its composition
@@ -214,7 +243,7 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None, *,
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Excel's "CSV UTF-8", PowerShell) is dropped
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _csv_rows(text)
@@ -263,7 +292,8 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None, *,
                 said: list[str] = []
                 seed_said: list[str] = []  # of the whole job where its seed is the line's own
                 try:
-                    comp = _prepare({**d, **over}, job_id, name if "seed" in over else None, seeds, said, seed_said)
+                    fields = _drop_foreign(d, over, name, said)
+                    comp = _prepare(fields, job_id, name if "seed" in over else None, seeds, said, seed_said)
                     cache.resolve(comp.model)
                     for m in comp.extra_models:
                         cache.resolve(m, "extra_models")
@@ -294,6 +324,7 @@ class BatchSummary:
     generated: int = 0
     skipped: int = 0  # already done by an earlier run
     recovered: int = 0  # done earlier, manifest line added now
+    regenerated: int = 0  # of `generated`: replaced an image an earlier run made with other settings
     failed: int = 0
     invalid_lines: int = 0
     failed_jobs: list[str] = field(default_factory=list)
@@ -340,6 +371,53 @@ def _manifest_keys(out: Path) -> set[str]:
     return keys
 
 
+def _recorded(path: Path) -> dict[str, Any] | None:
+    """The composition record in the `superdiff` text chunk of an existing PNG, as JSON (None
+    when the file carries none or cannot be read). save_png writes its text chunks before the
+    image data, so Pillow finds them on opening without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            raw = im.info.get(PNG_KEY)
+            if raw is None and im.format == "PNG":
+                raw = dict(getattr(im, "text", {}) or {}).get(PNG_KEY)  # a chunk after the pixels
+        d = json.loads(raw) if isinstance(raw, (str, bytes)) else None
+    except Exception:  # noqa: BLE001  (truncated, not a PNG, bad JSON: not the task's image)
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _changed_fields(task: Task, recorded: dict[str, Any] | None) -> list[str] | None:
+    """The composition fields in which an existing PNG's record differs from what `task`
+    would write (["(no superdiff record)"] when it carries none); None when it is the task's
+    image. What run_composition adds to the record is not a difference: model_kind, the
+    default guidance scale where the job gives none, and each adapter's resolved name and
+    sha256 where the job names none; nor is a field the record lacks (an older version wrote
+    it) where the task has its default."""
+    if recorded is None:
+        return ["(no superdiff record)"]
+    from .trace import json_safe
+
+    def as_json(c: Composition) -> dict[str, Any]:
+        return json.loads(json.dumps(json_safe(c.to_dict())))
+
+    want = as_json(task.composition.image_record(task.index))
+    default = as_json(Composition())
+    have = {k: recorded.get(k, default[k]) for k in want}
+    have.pop("model_kind", None)
+    want.pop("model_kind", None)
+    if want.get("guidance_scale") is None and "guidance_scale" in have:
+        have["guidance_scale"] = None
+    if isinstance(have.get("adapters"), list) and isinstance(want.get("adapters"), list) \
+            and len(have["adapters"]) == len(want["adapters"]):
+        have["adapters"] = [{k: v for k, v in h.items() if k in w or k not in ("name", "sha256")}
+                            if isinstance(h, dict) and isinstance(w, dict) else h
+                            for h, w in zip(have["adapters"], want["adapters"])]
+    diff = sorted(k for k in want if want[k] != have[k])
+    return diff or None
+
+
 def _load_seeds(path: Path) -> dict[str, int]:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
@@ -378,7 +456,8 @@ def _dist_state() -> tuple[int, int, int]:
 def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True,
               cache: ModelCache | None = None, limit: int | None = None,
               log=print) -> BatchSummary:
-    """Run (or resume) every task of the job file into `out`; see the module docstring."""
+    """Run (or resume) every task of the job file into `out`; see the module docstring.
+    `limit`: generate at most this many images (per process); finished ones do not count."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -411,8 +490,6 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     tasks = expand_tasks(jobs)
     summary.tasks = len(tasks)
     mine = [t for k, t in enumerate(tasks) if k % world == rank]
-    if limit is not None:
-        mine = mine[:limit]
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # parts left by a killed multi-process run: fold them in before anyone writes
         _merge_parts(out)
@@ -421,21 +498,30 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     listed = _manifest_keys(out)
     manifest = _Manifest(out / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl"))
     failed_combo: dict[tuple[str, str], str] = {}
-    bar = tqdm(mine, desc=f"images (process {rank + 1}/{world})" if world > 1 else "images",
-               disable=not progress, unit="img")
+    bar = None
     try:
-        for task in bar:
+        # finished images first: a PNG whose record is this task's composition is done; one made
+        # with other settings (an edited job, a line moved so that its default id changed) is
+        # not, and is regenerated, with a message. --limit counts only the tasks left to do.
+        todo: list[tuple[Task, list[str] | None]] = []
+        for task in mine:
             path = task.image_path(out)
-            base = {"key": task.key, "job": task.job, "line": task.line, "method": task.method,
-                    "index": task.index, "image": str(path.relative_to(out)),
-                    "seed": task.composition.seed + task.index, "rank": rank}
-            if path.is_file():
+            changed = _changed_fields(task, _recorded(path)) if path.is_file() else None
+            if path.is_file() and changed is None:
                 if task.key in listed:
                     summary.skipped += 1
                 else:
-                    manifest.write({**base, "status": "ok", "recovered": True})
+                    manifest.write({**_base(task, path, out, rank), "status": "ok", "recovered": True})
                     summary.recovered += 1
-                continue
+            else:
+                todo.append((task, changed))
+        if limit is not None:
+            todo = todo[:max(0, limit)]
+        bar = tqdm(todo, desc=f"images (process {rank + 1}/{world})" if world > 1 else "images",
+                   disable=not progress, unit="img")
+        for task, changed in bar:
+            path = task.image_path(out)
+            base = _base(task, path, out, rank)
             for stale in path.parent.glob(f".{path.stem}.*.tmp"):  # left by a killed run
                 stale.unlink(missing_ok=True)
             combo = (task.job, task.method)
@@ -443,6 +529,10 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
                 manifest.write({**base, "status": "error", "error": failed_combo[combo]})
                 summary.failed += 1
                 continue
+            if changed is not None:  # never replaced without saying so
+                why = ("it carries no readable superdiff record of its settings" if changed == ["(no superdiff record)"] else
+                       f"it was made with other settings than line {task.line} now gives ({_shown(changed)} differ)")
+                log(f"superdiff batch: {base['image']}: {why}; regenerating it", file=sys.stderr)
             bar.set_postfix_str(f"{task.job}/{task.method}")
             started = time.time()
             t1 = time.perf_counter()
@@ -458,15 +548,20 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
                 failed_combo[combo] = msg
                 manifest.write({**base, "status": "error", "error": msg})
                 summary.failed += 1
-                log(f"superdiff batch: {task.key} (line {task.line}) failed: {msg}", file=sys.stderr)
+                log(f"superdiff batch: {task.key} (line {task.line}) failed: {msg}"
+                    + (f" ({base['image']} still holds the image of the earlier settings)" if changed else ""),
+                    file=sys.stderr)
                 if not isinstance(e, ValueError):
                     log(traceback.format_exc(limit=3), file=sys.stderr)
                 continue
             manifest.write({**base, "status": "ok", "started": round(started, 3),
-                            "seconds": round(time.perf_counter() - t1, 4)})
+                            "seconds": round(time.perf_counter() - t1, 4),
+                            **({"regenerated": True} if changed is not None else {})})
             summary.generated += 1
+            summary.regenerated += changed is not None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         manifest.close()
     summary.failed_jobs = sorted({f"{j}/{m}" for j, m in failed_combo})
     summary.seconds = round(time.perf_counter() - t0, 3)
@@ -479,6 +574,16 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     return summary
 
 
+def _shown(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _base(task: Task, path: Path, out: Path, rank: int) -> dict[str, Any]:
+    """The fields of a task's manifest line."""
+    return {"key": task.key, "job": task.job, "line": task.line, "method": task.method, "index": task.index,
+            "image": str(path.relative_to(out)), "seed": task.composition.seed + task.index, "rank": rank}
+
+
 def _gather(summary: BatchSummary, out: Path, rank: int, world: int) -> BatchSummary:
     """Wait for every process, merge the manifest parts (process 0 only) and sum the counts."""
     import torch.distributed as dist
@@ -487,7 +592,7 @@ def _gather(summary: BatchSummary, out: Path, rank: int, world: int) -> BatchSum
     dist.all_gather_object(counts, summary.to_dict())  # also a barrier: every part is complete
     total = BatchSummary(world_size=world, rank=rank)
     for c in counts:
-        for k in ("generated", "skipped", "recovered", "failed"):  # per-process counts
+        for k in ("generated", "skipped", "recovered", "regenerated", "failed"):  # per-process counts
             setattr(total, k, getattr(total, k) + c[k])
         total.failed_jobs = sorted(set(total.failed_jobs) | set(c["failed_jobs"]))
         total.seconds = max(total.seconds, c["seconds"])

@@ -337,3 +337,113 @@ def test_seed_minus_one_draws_one_seed_per_job_recorded_and_kept_on_resume(tmp_p
     csv.write_text("prompts,operator,seed\na circle|something red,or,-1\n")
     valid, errors = parse_jobs(csv)
     assert errors == [] and valid[0][3].seed >= 0
+
+
+def test_resume_regenerates_images_whose_job_changed(tmp_path, capsys):
+    """A rerun with an edited job file does not take a PNG of another composition for done:
+    a line removed above jobs without an id (their default ids move) and a job with an id
+    whose steps changed are regenerated, each file named on stderr and counted; a PNG whose
+    record matches its task stays as it is ("already done")."""
+    out = tmp_path / "out"
+    pair = {"operator": "and", "steps": 2}
+    first = write_jobs(tmp_path / "jobs1.jsonl", [
+        {"prompts": ["a circle", "something red"], **pair},
+        {"prompts": ["a square", "something blue"], **pair},
+        {"id": "kept", "prompts": ["a square", "something blue"], **pair},
+        {"id": "edited", "prompts": ["a circle", "something red"], **pair},
+    ])
+    assert main(["batch", str(first), "--out", str(out), "--quiet"]) == 0
+    kept = out / "images" / "kept" / "and" / "0000.png"
+    mtime = kept.stat().st_mtime_ns
+    capsys.readouterr()
+    second = write_jobs(tmp_path / "jobs2.jsonl", [  # line 1 removed, a new line 2, steps of "edited" changed
+        {"prompts": ["a square", "something blue"], **pair},
+        {"prompts": ["a triangle", "something green"], **pair},
+        {"id": "kept", "prompts": ["a square", "something blue"], **pair},
+        {"id": "edited", "prompts": ["a circle", "something red"], "operator": "and", "steps": 3},
+    ])
+    assert main(["batch", str(second), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    for needle in ("images/job0001/and/0000.png: it was made with other settings than line 1 now gives "
+                   "(prompts differ); regenerating it", "images/job0002/and/0000.png: it was made",
+                   "images/edited/and/0000.png: it was made with other settings than line 4 now gives "
+                   "(steps differ)", "3 generated, 1 already done"):
+        assert needle in err, (needle, err)
+    assert "kept/and" not in err and kept.stat().st_mtime_ns == mtime
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["generated"], s["regenerated"], s["skipped"]) == (3, 3, 1)
+    assert read_png_composition(out / "images" / "job0001" / "and" / "0000.png").prompts == ["a square",
+                                                                                          "something blue"]
+    assert read_png_composition(out / "images" / "job0002" / "and" / "0000.png").prompts == ["a triangle",
+                                                                                          "something green"]
+    assert read_png_composition(out / "images" / "edited" / "and" / "0000.png").steps == 3
+    last = {r["key"]: r for r in manifest(out)}  # the last line of a key describes its file
+    assert last["job0002/and/0000"]["regenerated"] is True and "regenerated" not in last["kept/and/0000"]
+    assert main(["batch", str(second), "--out", str(out), "--quiet"]) == 0  # now all done
+    assert "regenerating" not in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["skipped"] == 4
+
+
+def test_sweep_drops_line_parameters_a_method_does_not_use_and_refuses_its_own(tmp_path, capsys):
+    """Operator parameters on a sweep's line (weights for average / OR) are dropped, with a
+    note, for the methods whose operator does not use them (joint, AND), which then run; set
+    in a method's own overrides, or on a line without methods, they are refused on the line
+    before any model loads, naming the field and the method."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "w", "prompts": ["a circle", "something red"], "weights": [0.3, 0.7],
+         "methods": ["joint", "average", "or", "and"], "steps": 1},
+        {"id": "own", "prompts": ["a circle", "something red"],
+         "methods": ["or", {"name": "and_w", "operator": "and", "weights": [0.3, 0.7]}], "steps": 1},
+        {"id": "plain", "prompts": ["a circle", "something red"], "operator": "and", "temperature": 0.5},
+    ])
+    notes: list = []
+    valid, errors = parse_jobs(jobs, notes=notes)
+    got = {(job, method): comp for _, job, method, comp in valid}
+    assert sorted(got) == [("w", "and"), ("w", "average"), ("w", "joint"), ("w", "or")]
+    assert got["w", "or"].weights == got["w", "average"].weights == [0.3, 0.7]
+    assert got["w", "joint"].weights is None and got["w", "and"].weights is None
+    said = {(n.line, n.message) for n in notes}
+    for m in ("joint", "and"):
+        assert (1, f"{m}: weights (from the job line) is not used by operator {m}; dropped for this method "
+                   "(it is for: average, or)") in said, said
+    by_line = {e.line: e.message for e in errors}
+    assert by_line[2].startswith("methods[1] (and_w): weights: operator and does not take it (it is for: "
+                                 "average, or)"), by_line
+    assert by_line[3].startswith("temperature: operator and does not take it (it is for: or)"), by_line
+    out = tmp_path / "out"
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "4 generated" in err and "0 failed" in err and "2 invalid job line(s)" in err, err
+    assert sorted(r["key"] for r in manifest(out) if r["status"] == "ok") == [
+        "w/and/0000", "w/average/0000", "w/joint/0000", "w/or/0000"]
+
+
+def test_job_files_with_a_utf8_byte_order_mark_are_read(tmp_path):
+    """A UTF-8 byte order mark (Excel's "CSV UTF-8", PowerShell's Out-File) is not part of
+    the first field name or of the first JSON line."""
+    csv = tmp_path / "jobs.csv"
+    csv.write_bytes("\ufeffid,prompts,operator,steps\npair,a circle|something red,or,2\n".encode("utf-8"))
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_bytes(("\ufeff" + json.dumps({"id": "pair", "prompts": ["a circle", "something red"],
+                                              "operator": "or", "steps": 2}) + "\n").encode("utf-8"))
+    for path in (csv, jsonl):
+        valid, errors = parse_jobs(path)
+        assert errors == [], (path.name, errors)
+        assert [(j[1], j[2]) for j in valid] == [("pair", "or")]
+        assert valid[0][3].prompts == ["a circle", "something red"] and valid[0][3].steps == 2
+
+
+def test_limit_counts_only_the_tasks_left_to_do(tmp_path, capsys):
+    """--limit N generates at most N images that are not done yet: repeating the same
+    limited command makes progress until every image exists."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": "rc", "prompts": ["a circle", "something red"],
+                                                 "operator": "and", "steps": 1, "num_images": 3}])
+    out = tmp_path / "out"
+    for k in range(3):
+        assert main(["batch", str(jobs), "--out", str(out), "--quiet", "--limit", "1"]) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert (s["generated"], s["skipped"]) == (1, k)
+    assert sorted(p.name for p in (out / "images" / "rc" / "and").glob("*.png")) == ["0000.png", "0001.png",
+                                                                                   "0002.png"]
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet", "--limit", "1"]) == 0
+    assert "0 generated, 3 already done" in capsys.readouterr().err
