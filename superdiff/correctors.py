@@ -17,7 +17,10 @@ the product of experts (a = 1, 1: G = g^2 <s_1, s_2>), q^beta (one leaf, a = bet
 G = beta (beta - 1) g^2/2 ||s||^2), CFG as the geometric average q_u^(1-w) q_c^w
 (G = w (w - 1) g^2/2 ||s_c - s_u||^2). The potentials need only the predictions the step
 already made: no extra network evaluation. The first step also carries the initial weight
-log p_T(x_T) - log N(x_T; 0, prior_std^2).
+log p_T(x_T) - log N(x_T; 0, prior_std^2). Under guidance w with a shared unconditional branch
+the leaves are the guided q_u^(1-w) q_i^w: the step's kappa (GuidedLeaves) and the potentials
+(formula.tree_potential) evaluate the tree at w log q_i, exact where every OR's children have
+equal kappa sums; Corrector.check refuses the other ORs (their target needs log q_u).
 
 Resampling: effective sample size ESS = (sum w)^2 / sum w^2 of each image's K particles;
 systematic resampling when ESS < threshold * K and the step lies inside the window
@@ -53,6 +56,7 @@ _F64 = torch.float64
 __all__ = [
     "Corrector",
     "Corrected",
+    "GuidedLeaves",
     "split_corrected",
     "CorrectorRun",
     "make_corrector",
@@ -120,6 +124,7 @@ class LeafScores:
     own: Tensor  # [M, B, D] expert i's own (unguided) score s_i (what log q_i tracks)
     potentials: Tensor  # [B, M] G of each guided leaf times h (0 without guidance)
     ref: Tensor | None  # [B, D] score of the reference completing sum kappa != 1 (None: zero score)
+    guidance: float = 1.0  # w of the guided leaves q_u^(1-w) q_i^w (1.0: the experts themselves)
 
 
 def leaf_scores(out: ExpertOutput, x: Tensor, t: Tensor, schedule: Schedule, guidance_scale: float,
@@ -143,7 +148,7 @@ def leaf_scores(out: ExpertOutput, x: Tensor, t: Tensor, schedule: Schedule, gui
     u = u.reshape(B, -1)[None] if shared else u.reshape(M, B, -1)
     guided = u + w * (own - u)
     pot = (w * (w - 1.0) * 0.5 * float(g2h)) * ((own - u) ** 2).sum(-1).T  # [B, M]
-    return LeafScores(guided, own, pot, u[0] if shared else None)
+    return LeafScores(guided, own, pot, u[0] if shared else None, w)
 
 
 def composed_prediction(out: ExpertOutput, kappa: Tensor, guidance_scale: float, x: Tensor, t: Tensor,
@@ -369,16 +374,23 @@ class Corrector:
             return self.mcmc_steps * self.leapfrog
         return 0
 
-    def check(self, operator: Any, integrator: Any, num_experts: int) -> None:
-        """Refuse, before any compute, what this corrector cannot do with the step."""
+    def check(self, operator: Any, integrator: Any, num_experts: int, has_uncond: bool = False) -> None:
+        """Refuse, before any compute, what this corrector cannot do with the step.
+
+        has_uncond: the experts have an unconditional branch (ExpertSet.has_uncond), which
+        completes the step's kappa: then SMC refuses an OR whose children's kappa sums differ
+        (its target needs log q_u; superdiff.formula.check_reference_mixtures)."""
         if self.smc:
             if not getattr(integrator, "stochastic", True):
                 raise ValueError(f"SMC (particles={self.particles}) needs a stochastic integrator ('em' or 'ddpm'): "
                                  f"under the ODE integrator {integrator.name!r} resampled copies of a particle "
                                  "would stay identical")
-            from .formula import operator_tree
+            from .formula import check_reference_mixtures, operator_tree
 
-            operator_tree(operator, num_experts, for_potential=True)  # raises when there is no target density
+            tree = operator_tree(operator, num_experts, for_potential=True)  # raises when there is no target density
+            if has_uncond:
+                formula = getattr(operator, "formula", None)
+                check_reference_mixtures(tree, formula.names if formula is not None else None)
 
     def check_grid(self, schedule: Schedule, grid: Tensor) -> None:
         """Refuse a grid whose first step has an infinite Feynman-Kac potential (SMC only)."""
@@ -435,6 +447,55 @@ def make_corrector(spec: Any) -> Corrector | None:
         c = Corrector(**kw)
         return c if c.active else None
     raise ValueError(f"cannot make a corrector from {type(spec).__name__}; give a string, a dict or a Corrector")
+
+
+class GuidedLeaves(Operator):
+    """An operator evaluated on the guided leaves' log-densities w log q_i: the drift of SMC
+    under guidance w with a shared unconditional branch u (docs/correctors.md, "Guidance and
+    the unconditional branch"). The target is the operator's tree over the guided leaves
+    q_u^(1-w) q_i^w; a child with kappa sum k is q_u^((1-w) k) times the child at the leaf
+    values w log q_i, so in every OR whose children's kappa sums agree (the others are refused
+    by Corrector.check) the q_u factors cancel in pi = softmax(log w_c + log p~_c), and kappa
+    is the operator's at w log q_i. Everything else is the wrapped operator's."""
+
+    def __init__(self, operator: Any, guidance_scale: float) -> None:
+        self.operator = operator
+        self.w = float(guidance_scale)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.operator.name
+
+    @property
+    def needs_linear_model(self) -> bool:  # type: ignore[override]
+        return self.operator.needs_linear_model
+
+    @property
+    def needs_logq(self) -> bool:  # type: ignore[override]
+        return self.operator.needs_logq
+
+    @property
+    def affine(self) -> bool:  # type: ignore[override]
+        return self.operator.affine
+
+    def kappa(self, state: Any) -> Tensor:
+        from .operators import StepState
+
+        return self.operator.kappa(StepState(self.w * state.logq, state.step, state.num_steps, state.linear_model))
+
+    def validate(self, num_experts: int) -> None:
+        self.operator.validate(num_experts)
+
+    def params(self) -> dict[str, Any]:
+        return self.operator.params()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "operator":
+            raise AttributeError(name)
+        return getattr(self.operator, name)
+
+    def __repr__(self) -> str:
+        return f"GuidedLeaves({self.operator!r}, w={self.w:g})"
 
 
 class Corrected(Operator):
@@ -516,6 +577,10 @@ class CorrectorRun:
         self.schedule = schedule
         self.grid = grid
         self.operator = operator
+        #: the operator the steps (and the MCMC moves) take kappa from: under SMC with guidance
+        #: and an unconditional branch, the operator on the guided leaves (GuidedLeaves), so that
+        #: the drift is the score of the tree_potential's target; else the operator itself
+        self.step_operator = operator
         self.affine = bool(getattr(operator, "affine", True))  # kappa sums to one (static, as the step reads it)
         self.guidance = float(guidance_scale)
         self.model_dtype = model_dtype
@@ -560,6 +625,8 @@ class CorrectorRun:
 
             self.tree = operator_tree(operator, logq.shape[1], for_potential=True)
             cfg.check_grid(schedule, grid)
+            if self.guidance != 1.0 and experts.has_uncond and any(nd.op == "or" for nd in self.tree.walk()):
+                self.step_operator = GuidedLeaves(operator, self.guidance)
         self._prior_logp = None
         if cfg.smc:
             from .sampling import prior_log_prob
@@ -657,7 +724,7 @@ class CorrectorRun:
 
         if getattr(self.operator, "needs_linear_model", False):
             return kappa  # AND: keep the step's kappa (there is no density to follow)
-        return self.operator.kappa(StepState(logq.to(_F64), k, n, None))
+        return self.step_operator.kappa(StepState(logq.to(_F64), k, n, None))
 
     def _own(self, out: ExpertOutput, x: Tensor, t: Tensor) -> Tensor:
         sch = self.schedule

@@ -12,6 +12,8 @@ Node rules (s: score, log q: log-density, kappa: weights over the experts' predi
     leaf i          kappa = e_i                 log q = log q_i (tracked)
     A | B (OR)      kappa = sum_c pi_c kappa_c  log q = logsumexp_c(log w_c + log q_c)
                     pi = softmax_c(log w_c + log q_c): the exact score of sum_c w_c q_c
+                    (SMC under guidance w with a shared unconditional branch: the tree at the
+                    guided leaves' w log q_i, see tree_potential and correctors.GuidedLeaves)
     A & B product   kappa = sum_c a_c kappa_c   log q = sum_c a_c log q_c   (p = prod_c q_c^a_c)
     A & B SuperDiff kappa = sum_c lambda_c kappa_c, lambda (sum 1) making every child's
                     Delta log q_c equal (the equal-density solve of superdiff.operators.solve_and
@@ -35,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .operators import Operator, StepState, _const, solve_and
+from .operators import Operator, StepState, _const, and_settings, check_clamp, solve_and
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -54,6 +56,9 @@ __all__ = [
     "operator_tree",
     "evaluate_tree",
     "tree_potential",
+    "check_reference_mixtures",
+    "unequal_mixture",
+    "node_text",
     "formula_log_density",
     "gmm_product",
     "formula_gmm",
@@ -231,7 +236,7 @@ class _Parser:
         else:
             raise self.fail("a quoted prompt, a name, '(' or '~'", tok)
         if self.peek()[0] == ":":
-            self.take()
+            colon = self.take()
             num = self.peek()
             if num[0] != "num":
                 raise self.fail("a weight (a positive number) after ':'")
@@ -240,6 +245,12 @@ class _Parser:
             if not (w > 0 and math.isfinite(w)):
                 raise FormulaError(self.text, num[2], f"weights must be positive numbers, got {w:g} "
                                                       "(use ~ to negate)")
+            if node.weight is not None:  # ("a":2):3: one node, two weights (the second would replace the first)
+                raise FormulaError(self.text, num[2], f"a second weight on one term: the term before the ':' at "
+                                                      f"column {colon[2] + 1} already has the weight {node.weight:g} "
+                                                      "inside its parentheses; give it one weight (e.g. "
+                                                      f":{_weight_text(node.weight * w)} if the two were meant "
+                                                      "to multiply)")
             node = dataclasses.replace(node, weight=w)
         return node
 
@@ -355,6 +366,58 @@ class Formula:
         return self.root.show(self.names)
 
 
+def node_text(node: Node, names: Sequence[str] | None = None) -> str:
+    """A compiled node as formula text (for messages): leaves by name, weights as written."""
+    if node.op == "leaf":
+        nm = names[node.index] if names is not None else f"expert {node.index}"
+        return '"' + str(nm).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if node.label.startswith("NOT"):
+        gamma = -node.coeffs[1]
+        return f"~{_node_operand(node.children[1], names)}" + ("" if gamma == 1.0 else f":{_weight_text(gamma)}")
+    parts = []
+    for c, a in zip(node.children, node.coeffs):
+        w = math.exp(a) if node.op == "sand" else a
+        parts.append(_node_operand(c, names) + ("" if w == 1.0 else f":{_weight_text(w)}"))
+    return (" | " if node.op == "or" else " & ").join(parts)
+
+
+def _node_operand(node: Node, names: Sequence[str] | None) -> str:
+    s = node_text(node, names)
+    return s if node.op == "leaf" or node.label.startswith("NOT") else f"({s})"
+
+
+def unequal_mixture(root: Node) -> Node | None:
+    """The first OR node whose children's kappa sums differ (sum_i kappa_i of each child,
+    Node.kappa_sum), or None. Every child of such a node is completed by the step's reference
+    prediction to a different power q_ref^(1 - sum kappa_c) (docs/correctors.md)."""
+    for n in root.walk():
+        if n.op == "or":
+            sums = [c.kappa_sum for c in n.children]
+            if all(v is not None for v in sums) and any(abs(v - sums[0]) > 1e-12 for v in sums):
+                return n
+    return None
+
+
+def check_reference_mixtures(root: Node, names: Sequence[str] | None = None) -> None:
+    """Refuse, for the particle corrector with an unconditional branch, an OR node whose
+    children have different kappa sums: its target sum_c w_c p~_c q_u^(1 - sum kappa_c)
+    (the guided leaves q_u^(1-w) q_i^w, each branch completed by the unconditional branch u)
+    has responsibilities that depend on log q_u, which is not tracked (docs/correctors.md,
+    "Guidance and the unconditional branch")."""
+    bad = unequal_mixture(root)
+    if bad is None:
+        return
+    sums = ", ".join(f"{c.kappa_sum:g}" for c in bad.children)
+    raise ValueError(
+        f"SMC with an unconditional branch (classifier-free guidance or a negative prompt) has no tracked "
+        f"target for the OR {node_text(bad, names)}: its branches' weights over the experts sum to "
+        f"different totals ({sums}), so the unconditional branch completes each to a different power "
+        "q_u^(1 - sum kappa) and their mixture responsibilities need log q_u, which is not tracked. Give "
+        'every branch of this OR the same total exponent (e.g. ("a" & "b") | ("c" & "c") in product mode), '
+        "sample without an unconditional branch (guidance_scale=1 and no negative prompt), or drop the "
+        "SMC corrector (particles=1)")
+
+
 def _negated(node: Any) -> Any:
     """The first branch of a syntax node without an un-negated expert, or None when every
     branch keeps one (a leaf is positive, NOT never, AND when a child is, OR when all are)."""
@@ -384,6 +447,11 @@ def compile_formula(text: str | Any, names: Sequence[str] | None = None, *, and_
         raise ValueError(f"unknown and_mode {and_mode!r}; expected one of {', '.join(AND_MODES)}")
     src = text if isinstance(text, str) else unparse(text)
     syn = parse(text) if isinstance(text, str) else text
+    if syn.weight is not None:  # the weight of a term acts in its parent (|, & or ~); the root has none
+        raise FormulaError(src, _tokens(src)[-2][2],
+                           f"a weight on the whole formula has nothing to act on (a weight is a mixture weight "
+                           f"under |, an exponent or offset under &, the strength under ~): remove "
+                           f":{_weight_text(syn.weight)}, or put it on a term inside it")
     bad = _negated(syn)
     if bad is not None:
         raise FormulaError(src, bad.pos,
@@ -449,7 +517,7 @@ def compile_formula(text: str | Any, names: Sequence[str] | None = None, *, and_
             return Node("prod", kids, tuple(1.0 if w is None else w for w in ws))
         return Node("sand", kids, tuple(0.0 if w is None else math.log(w) for w in ws))
 
-    root = build(syn)  # a weight on the whole formula has no parent to act in: ignored
+    root = build(syn)
     return Formula(src, root, list(out_names), and_mode, ref_idx, syn)
 
 
@@ -565,17 +633,36 @@ def tree_potential(root: Node, leaves: Any, logq: Tensor, kappa_step: Tensor, g2
     leaves: superdiff.correctors.LeafScores at the step's start; logq [B, M] at the step's
     start. When the step's kappa does not sum to one, the rest (1 - sum kappa) goes to the
     reference prediction (the shared unconditional branch, or the zero-score null
-    prediction); the whole is the product p_root * q_ref^(1 - sum kappa)."""
+    prediction); the whole is the product p_root * q_ref^(1 - sum kappa).
+
+    Under guidance w with a shared unconditional branch u the leaves are the guided
+    q_u^(1-w) q_i^w, and the tree is evaluated on them (docs/correctors.md, "Guidance and the
+    unconditional branch"): a child c with kappa sum k_c is q_u^((1-w) k_c) times the child
+    evaluated at the leaf values w log q_i, so where every OR's children have equal kappa sums
+    (check_reference_mixtures refuses the others) the q_u factors cancel in [M]'s pi and the
+    tree runs on w log q_i; log p adds (1 - w) sum kappa log q_u. Per-expert unconditional
+    branches under guidance give no tracked target for an OR (each leaf its own q_u_i): refused."""
     from .correctors import product_potential
 
-    v = _eval(root, _Ctx(logq.to(_F64), None, scores=leaves.scores, leaf_G=leaves.potentials, g2h=g2h))
+    w = float(getattr(leaves, "guidance", 1.0))
+    guided = leaves.ref is not None and w != 1.0  # the guided leaves share the unconditional branch
+    if w != 1.0 and leaves.ref is None and any(n.op == "or" for n in root.walk()):
+        raise ValueError(
+            "SMC on an OR under classifier-free guidance needs one unconditional branch shared by all experts: "
+            "with one per expert (e.g. a negative prompt per prompt) each guided leaf q_u_i^(1-w) q_i^w has its "
+            "own q_u_i, which is not tracked, so the mixture's responsibilities are unknown. Give one shared "
+            "negative prompt (or none), guidance_scale=1, or drop the SMC corrector")
+    lq = logq.to(_F64)
+    v = _eval(root, _Ctx(w * lq if guided else lq, None, scores=leaves.scores, leaf_G=leaves.potentials, g2h=g2h))
     G, logp = v.G, v.logq
-    a_ref = 1.0 - kappa_step.to(_F64).sum(-1)
+    ksum = kappa_step.to(_F64).sum(-1)
+    a_ref = 1.0 - ksum
     if leaves.ref is not None:
         S = torch.stack([v.score, leaves.ref.to(_F64)])
         coeffs = torch.stack([torch.ones_like(a_ref), a_ref], -1)
         G = G + product_potential(S, coeffs, g2h) - product_potential(S[:1], coeffs[:, :1], g2h)
-        logp = logp + a_ref * logq.mean(-1)  # log q_u is not tracked: its prior value at the start
+        # log q_u is not tracked: its prior value at the start (the initial weight's only use of log p)
+        logp = logp + ((a_ref + (1.0 - w) * ksum) if guided else a_ref) * logq.mean(-1)
     return G, logp
 
 
@@ -595,8 +682,7 @@ class FormulaOperator(Operator):
         if isinstance(formula, str):
             formula = compile_formula(formula, names, and_mode=and_mode, reference=reference)
         self.formula = formula
-        self.ridge, self.floor, self.feedback = float(ridge), float(floor), float(feedback)
-        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+        self.ridge, self.floor, self.clamp, self.feedback = and_settings(ridge, floor, clamp, feedback)
 
     @property
     def needs_linear_model(self) -> bool:  # type: ignore[override]
@@ -621,6 +707,10 @@ class FormulaOperator(Operator):
         if num_experts != self.formula.num_experts:
             raise ValueError(f"the formula {self.formula.text!r} composes {self.formula.num_experts} experts "
                              f"({', '.join(map(repr, self.formula.names))}), but {num_experts} were given")
+        for n in self.formula.root.walk():  # each SuperDiff AND solves for weights summing to one over its children
+            if n.op == "sand":
+                check_clamp(self.clamp, len(n.children),
+                            f"the {len(n.children)} children of the AND {node_text(n, self.formula.names)}")
 
     def kappa(self, state: StepState) -> Tensor:
         k, _ = evaluate_tree(self.formula.root, state.logq, state.linear_model, step=state.step,

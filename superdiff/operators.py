@@ -34,6 +34,8 @@ __all__ = [
     "Operator",
     "OrOperator",
     "AndOperator",
+    "and_settings",
+    "check_clamp",
     "AverageOperator",
     "SingleOperator",
     "OPERATORS",
@@ -335,6 +337,37 @@ def _solve_pair(A: Tensor, c: Tensor, ridge: float, floor: float, clamp: tuple[f
     return torch.addcmul(e1, k1, d12)  # (kappa_1, 1 - kappa_1)
 
 
+def and_settings(ridge: float, floor: float, clamp: tuple[float, float] | None,
+                 feedback: float) -> tuple[float, float, tuple[float, float] | None, float]:
+    """The equal-density AND's solver settings (solve_and's ridge, floor and clamp, and the
+    feedback of the tracked imbalance), checked and as floats: (ridge, floor, clamp, feedback).
+    One check for AndOperator and for the SuperDiff AND nodes of superdiff.formula.FormulaOperator."""
+    for name, v in (("ridge", ridge), ("floor", floor)):
+        if not (float(v) >= 0 and math.isfinite(float(v))):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if not (0.0 <= float(feedback) <= 1.0):
+        raise ValueError(f"feedback must be in [0, 1] (the fraction of the tracked imbalance corrected each "
+                         f"step), got {feedback}")
+    if clamp is not None:
+        lo, hi = (float(v) for v in clamp)
+        if not lo < hi:
+            raise ValueError(f"kappa clamp must be (lo, hi) with lo < hi, got {clamp}")
+        clamp = (lo, hi)
+    return float(ridge), float(floor), clamp, float(feedback)
+
+
+def check_clamp(clamp: tuple[float, float] | None, count: int, what: str) -> None:
+    """Refuse a kappa clamp (lo, hi) that admits no weights summing to one over `count`
+    children (C lo <= 1 <= C hi fails); what: the children, for the message."""
+    if clamp is None:
+        return
+    lo, hi = clamp
+    if not (count * lo <= 1.0 <= count * hi):
+        raise ValueError(f"kappa clamp {clamp} admits no weights summing to one for {what} "
+                         f"({count} lo <= 1 <= {count} hi fails); widen it, e.g. clamp=({min(lo, 1.0 / count):g}, "
+                         f"{max(hi, 1.0 / count):g}), or clamp=None")
+
+
 class AndOperator(Operator):
     """Equal-density AND for N >= 1 experts via the linear system (see module docstring).
 
@@ -356,21 +389,8 @@ class AndOperator(Operator):
     def __init__(self, offsets: Sequence[float] | Tensor | None = None, ridge: float = 1e-3,
                  clamp: tuple[float, float] | None = (-1.0, 2.0), feedback: float = 1.0,
                  floor: float = 1e-8) -> None:
-        for name, v in (("ridge", ridge), ("floor", floor)):
-            if not (v >= 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        self.floor = float(floor)
-        if not (0.0 <= float(feedback) <= 1.0):
-            raise ValueError(f"feedback must be in [0, 1], got {feedback}")
-        self.feedback = float(feedback)
-        if clamp is not None:
-            lo, hi = (float(v) for v in clamp)
-            if not lo < hi:
-                raise ValueError(f"kappa clamp must be (lo, hi) with lo < hi, got {clamp}")
-            clamp = (lo, hi)
+        self.ridge, self.floor, self.clamp, self.feedback = and_settings(ridge, floor, clamp, feedback)
         self.offsets = None if offsets is None else torch.as_tensor(offsets, dtype=_F64)
-        self.ridge = float(ridge)
-        self.clamp = clamp
 
     def params(self) -> dict[str, Any]:
         return {"offsets": None if self.offsets is None else self.offsets.tolist(),
@@ -381,11 +401,7 @@ class AndOperator(Operator):
         super().validate(num_experts)
         if self.offsets is not None:
             self.offsets = _vector(self.offsets, num_experts, "AND offsets")
-        if self.clamp is not None:
-            lo, hi = self.clamp
-            if not (num_experts * lo <= 1.0 <= num_experts * hi):
-                raise ValueError(f"kappa clamp {self.clamp} admits no weights summing to one for "
-                                 f"{num_experts} experts; widen it")
+        check_clamp(self.clamp, num_experts, f"{num_experts} experts")
 
     def kappa(self, state: StepState) -> Tensor:
         if state.linear_model is None:

@@ -160,7 +160,8 @@ def sample(
     timesteps: a custom decreasing time grid (overrides num_steps and grid_end).
     grid_end: "zero" (end noise-free, as diffusers) or "min" (end at the smallest trained
         noise level, where every estimator is defined).
-    logq_init: [B, M] starting log-densities (default: the shared prior for every expert).
+    logq_init: [B, M] starting log-densities (default: the shared prior for every expert); not
+        with SMC (particles > 1), whose extra particles start from the prior.
     dtype: dtype of the noise draws and of the returned samples; model_dtype: what the
         experts are fed (default dtype). Kappa and log q arithmetic is always float64.
     callback: called with a StepInfo after every step; it may return a tensor that replaces
@@ -177,7 +178,12 @@ def sample(
     est = make_estimator(estimator if estimator is not None else default_estimator(integ))
     check_pair(est, integ)
     if corr is not None:
-        corr.check(op, integ, M)
+        corr.check(op, integ, M, has_uncond=es.has_uncond)
+        if corr.smc and logq_init is not None:
+            raise ValueError(f"logq_init cannot be combined with SMC (particles={corr.particles}): the K - 1 extra "
+                             "particles per sample are fresh draws from the prior, where the given log q values "
+                             "do not hold, and the initial weights would mix the two conventions. Leave "
+                             "logq_init out (every particle starts from the shared prior), or use particles=1")
     if est.name == "none" and op.needs_logq:
         raise ValueError(f"operator {op.name!r} needs log-density tracking; estimator 'none' tracks nothing. "
                          "Use 'ito', 'kernel' or 'ode'")
@@ -238,15 +244,17 @@ def sample(
             raise ValueError(f"logq_init must have shape [B, M] = [{B}, {M}], got {tuple(logq.shape)}")
 
     run = None
+    step_op = op  # what the steps take kappa from
     if corr is not None:  # K particles per sample: rows b * K + k
         run = corr.start(es, x, logq, schedule, grid, op, generator, guidance_scale, model_dtype, dtype)
-        es, x, logq, generator = run.experts, run.x, run.logq, run.row_generator
+        es, x, logq, generator, step_op = run.experts, run.x, run.logq, run.row_generator, run.step_operator
     only = None  # "single": the selected expert alone goes through the network (SingleOperator)
     if isinstance(op, SingleOperator) and not op.track_all and M > 1 and run is None:
         sub = es.subset(op.index)
         if sub is not None:
             only, full_op, full_logq = op.index, op, logq
             es, op, logq = sub, SingleOperator(0), logq[:, op.index:op.index + 1]
+            step_op = op
             one_hot = full_op.kappa(StepState(full_logq, 0, n, None))  # [B, M], every step
 
             def widen(lq: Tensor) -> Tensor:
@@ -271,7 +279,7 @@ def sample(
     for k in tqdm(range(n), desc="superdiff", disable=not progress, leave=False):
         t, t_next = times[k], times[k + 1]
         es.begin_step(k)
-        so = superdiff_step(es, schedule, integ, op, est, x, t, t_next, logq, k, n, generator,
+        so = superdiff_step(es, schedule, integ, step_op, est, x, t, t_next, logq, k, n, generator,
                             guidance_scale, noise_dtype=dtype, model_dtype=model_dtype,
                             coefficients=coefs[k], monitor=monitor, probe_generator=probes)
         x = so.x_next

@@ -518,3 +518,163 @@ def test_a_callback_stopping_the_run_gets_one_particle_per_image_and_its_trace()
     assert np.array_equal(tr.logq[-1], out.logq.numpy())
     full = sample([PA, PB], VE, 8, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw)
     np.testing.assert_array_equal(tr.ess, full.trace.ess[:3])
+
+
+# --- guidance and the unconditional branch ---------------------------------------------------
+
+U = GaussianMixtureExpert([[0.0, 0.0], [1.0, -1.0]], [4.0, 2.0], [0.5, 0.5])  # the unconditional model
+
+
+def _fk_rate_of(logp, drift, x, t, g2):
+    """The exact FK rate (VE: f = 0) of the path exp(logp(x, t)) under the drift u = drift(x):
+    G = d_tau log p + div u + <u, grad log p> - g^2/2 (lap log p + ||grad log p||^2), by central
+    differences in t and x. Also returns grad log p."""
+    dt, h = 1e-6, 1e-4
+    dtau = -(logp(x, t + dt) - logp(x, t - dt)) / (2 * dt)
+    grads, lap, div = [], 0.0, 0.0
+    for j in range(x.shape[1]):
+        e = torch.zeros(x.shape[1], dtype=F64)
+        e[j] = h
+        grads.append((logp(x + e, t) - logp(x - e, t)) / (2 * h))
+        lap = lap + (logp(x + e, t) - 2 * logp(x, t) + logp(x - e, t)) / h**2
+        div = div + (drift(x + e)[:, j] - drift(x - e)[:, j]) / (2 * h)
+    S = torch.stack(grads, -1)
+    u = drift(x)
+    return dtau + div + (u * S).sum(-1) - 0.5 * g2 * (lap + (S**2).sum(-1)), S
+
+
+def test_smc_on_an_or_under_guidance_follows_the_mixture_of_guided_leaves():
+    """docs/correctors.md: under guidance w with a shared unconditional branch u each leaf is
+    q_u^(1-w) q_i^w, and an OR is the mixture p = sum_c w_c q_u^(1-w) q_c^w. The step's kappa
+    under SMC (CorrectorRun.step_operator) makes the drift p's score, and tree_potential's rate
+    is the exact Feynman-Kac rate of p under that drift; at w = 1 the step's operator is the
+    formula itself. Before: pi = softmax(log w_c + log q_c) from the unguided log q_c in both
+    (rate off by 3 at w = 3)."""
+    from superdiff.correctors import CorrectorRun
+    from superdiff.experts import ExpertList
+    from superdiff.formula import FormulaOperator, tree_potential
+    from superdiff.operators import StepState
+
+    t = torch.tensor(1.3, dtype=F64)
+    g2 = float(VE.g2(t))
+    x = POINTS
+    wts = torch.tensor([1.0, 3.0], dtype=F64)
+    op = FormulaOperator('"a":1 | "b":3')
+    out = ExpertOutput(torch.stack([A.predict(x, t, VE), B.predict(x, t, VE)]), U.predict(x, t, VE), "epsilon")
+
+    def lq(xx, tt=t):
+        return torch.stack([A.log_prob(xx, tt, VE), B.log_prob(xx, tt, VE)], -1)
+
+    for w in (3.0, 1.0):
+        run = CorrectorRun(Corrector(particles=2), ExpertList([A, B], U), x, lq(x), VE,
+                           torch.tensor([1.3, 1.0, 0.0], dtype=F64), op, torch.Generator().manual_seed(0), w, F64, F64)
+        step_op = run.step_operator
+        assert (step_op is op) == (w == 1.0)
+
+        def logp(xx, tt):
+            return torch.logsumexp(wts.log() + (1 - w) * U.log_prob(xx, tt, VE)[:, None] + w * lq(xx, tt), -1)
+
+        def drift(xx):  # g^2 times the step's composed score sum_c kappa_c (s_u + w (s_c - s_u))
+            k = step_op.kappa(StepState(lq(xx), 0, 10))
+            su = U.score(xx, t, VE)
+            s = torch.stack([su + w * (e.score(xx, t, VE) - su) for e in (A, B)])
+            return g2 * torch.einsum("bc,cbd->bd", k, s)
+
+        exact, score = _fk_rate_of(logp, drift, x, t, g2)
+        assert torch.allclose(drift(x) / g2, score, atol=1e-6), w  # the drift is the target's score
+        kappa = step_op.kappa(StepState(lq(x), 0, 10))
+        G, _ = tree_potential(op.formula.root, leaf_scores(out, x, t, VE, w, g2), lq(x), kappa, g2)
+        assert torch.allclose(G, exact, rtol=1e-4, atol=1e-4 * max(1.0, float(exact.abs().max()))), (w, G, exact)
+
+
+def _cfg_net(experts):
+    """One 'network' serving the given experts by condition id and U as the shared unconditional branch."""
+    calls = []
+
+    def fn(x, t, cond):
+        calls.append(x.shape[0])
+        out = torch.empty_like(x)
+        for i, e in enumerate([*experts, U]):
+            rows = cond == i
+            if rows.any():
+                out[rows] = e.predict(x[rows], t, VE)
+        return out
+
+    return SharedNetworkExperts(fn, [torch.tensor([i]) for i in range(len(experts))], "epsilon",
+                                uncond_condition=torch.tensor([len(experts)])), calls
+
+
+def test_smc_steps_under_guidance_take_kappa_from_the_guided_leaves():
+    """Through sample: each step's kappa (K = 3 particles, w = 3, a shared unconditional
+    branch) is softmax(log w_c + w log q_c) of the log q the step starts from (what the
+    previous step's callback saw); the plain sampler (no corrector) keeps softmax(log w_c + log q_c)."""
+    from superdiff.formula import FormulaOperator
+
+    w, wts = 3.0, torch.tensor([1.0, 3.0], dtype=F64)
+    for corrector, scale in (({"particles": 3, "ess_threshold": 1.0}, w), (None, 1.0)):
+        es, _ = _cfg_net([A, B])
+        seen = []
+        sample(es, VE, 6, operator=FormulaOperator('"a":1 | "b":3'), guidance_scale=w, integrator="em",
+               shape=(2, 2), generator=torch.Generator().manual_seed(0), dtype=F64, progress=False,
+               corrector=corrector, callback=lambda info: seen.append((info.kappa.clone(), info.logq.clone())))
+        for (_, lq_prev), (kappa, _) in zip(seen, seen[1:]):
+            assert torch.allclose(kappa, torch.softmax(wts.log() + scale * lq_prev, -1), atol=1e-12), corrector
+
+
+def test_smc_refuses_an_or_whose_branches_need_log_q_u_before_compute():
+    """("a" & "b") | "c" (product mode) with a shared unconditional branch u: the branches'
+    kappa sums are 2 and 1, so u completes them to different powers (q_u^(2 (1-w)) q_u^(1-2) and
+    q_u^(1-w)) and their responsibilities need log q_u, which is not tracked. Refused before any
+    network evaluation, at any guidance (w = 1 too: the rest 1 - sum kappa goes to u), naming
+    the OR; the same OR without an unconditional branch, and equal sums with one, sample."""
+    from superdiff.formula import FormulaOperator
+
+    C = GaussianMixtureExpert([[1.0, 1.0]], 1.5)
+    for w in (1.0, 3.0):
+        es, calls = _cfg_net([A, B, C])
+        with pytest.raises(ValueError, match=r'no tracked target for the OR \("a" & "b"\) \| "c": .* \(2, 1\)'):
+            sample(es, VE, 4, operator=FormulaOperator('("a" & "b") | "c"', and_mode="product"), guidance_scale=w,
+                   shape=(2, 2), generator=torch.Generator().manual_seed(0), progress=False, corrector="smc:2")
+        assert calls == []
+    # the same OR without an unconditional branch (its rest goes to the zero-score reference), and
+    # an OR whose branches have equal sums with one, sample
+    sample([A, B, C], VE, 3, operator=FormulaOperator('("a" & "b") | "c"', and_mode="product"), shape=(2, 2),
+           generator=torch.Generator().manual_seed(0), progress=False, corrector="smc:2")
+    es, calls = _cfg_net([A, B, C])
+    sample(es, VE, 3, operator=FormulaOperator('("a" & "b") | ("c" & "c")', and_mode="product"), guidance_scale=3.0,
+           shape=(2, 2), generator=torch.Generator().manual_seed(0), progress=False, corrector="smc:2")
+    assert len(calls) == 3
+
+
+def test_smc_refuses_an_or_under_guidance_with_one_unconditional_branch_per_expert():
+    """Per-expert unconditional branches: each guided leaf q_u_i^(1-w) q_i^w has its own q_u_i,
+    so an OR's responsibilities are unknown: refused (at the first step's potential)."""
+    from superdiff.experts import ExpertList
+    from superdiff.formula import FormulaOperator
+
+    with pytest.raises(ValueError, match="needs one unconditional branch shared by all experts"):
+        sample(ExpertList([A, B], [U, U]), VE, 3, operator=FormulaOperator('"a" | "b"'), guidance_scale=3.0,
+               shape=(2, 2), generator=torch.Generator().manual_seed(0), progress=False, corrector="smc:2")
+    sample(ExpertList([A, B], [U, U]), VE, 3, operator=AverageOperator([1.0, 1.0]), guidance_scale=3.0,
+           shape=(2, 2), generator=torch.Generator().manual_seed(0), progress=False, corrector="smc:2")
+
+
+def test_logq_init_with_smc_is_refused_before_compute():
+    """The K - 1 extra particles start from the prior, where the caller's log q does not hold:
+    before, particle 0 kept logq_init and the others the prior value, so the initial weights
+    mixed the two (ESS / K = 1 / K after the first step). One particle (MCMC alone) keeps it."""
+    calls = []
+
+    class Counting(GaussianMixtureExpert):
+        def predict(self, x, t, schedule):
+            calls.append(1)
+            return super().predict(x, t, schedule)
+
+    e = [Counting([[0.0, 0.0]], 1.0), Counting([[1.0, 0.0]], 1.0)]
+    init = torch.zeros(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"logq_init cannot be combined with SMC \(particles=4\)"):
+        sample(e, VE, 4, operator=AverageOperator([1.0, 1.0]), shape=(2, 2), logq_init=init, progress=False,
+               corrector="smc:4")
+    assert calls == []
+    out = sample(e, VE, 4, operator="or", shape=(2, 2), logq_init=init, dtype=F64, progress=False, corrector="ula")
+    assert np.array_equal(out.trace.logq[0], init.numpy())

@@ -3,6 +3,7 @@ distribution of a nested formula against its exact mixture-of-products target.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -85,6 +86,12 @@ def test_unparse_round_trips_every_formula():
         tree = _random_tree(rng, rng.randint(1, 4))
         text = unparse(tree)
         assert _strip(parse(text)) == _strip(tree), text
+        if tree.weight is not None:  # a weight on the whole formula: refused, from the tree and the text
+            for src in (tree, text):
+                with pytest.raises(FormulaError, match="a weight on the whole formula"):
+                    compile_formula(src, and_mode="product")
+            tree = dataclasses.replace(tree, weight=None)
+            text = unparse(tree)
         try:
             want = compile_formula(tree, and_mode="product")
         except FormulaError:
@@ -116,6 +123,31 @@ def test_parse_errors_say_where_and_what_was_expected(text, column, expected):
     assert e.value.pos == column - 1
     assert f"at column {column}:" in str(e.value) and expected in str(e.value)
     assert str(e.value).splitlines()[-1].index("^") == column + 1  # the caret under the column
+
+
+@pytest.mark.parametrize("text,column,expected", [
+    ('("a":2):3 & "b"', 9, "a second weight on one term: the term before the ':' at column 8 already has the weight 2"),
+    ('"c" | (("a" | "b"):2):0.5', 23, "already has the weight 2 inside its parentheses; give it one weight (e.g. :1"),
+])
+def test_a_second_weight_on_one_term_is_refused_at_its_column(text, column, expected):
+    """Before: the second weight silently replaced the first (Leaf('a', 3.0))."""
+    with pytest.raises(FormulaError) as e:
+        parse(text)
+    assert e.value.pos == column - 1 and expected in str(e.value)
+
+
+@pytest.mark.parametrize("text,column", [('("a" | "b"):0.01', 13), ('"a":5', 5), ('("a" & "b"):2', 13),
+                                         ('(("a" | "b")):3', 15)])
+def test_a_weight_on_the_whole_formula_is_refused_at_its_column(text, column):
+    """A weight acts in its parent (mixture weight, exponent, offset, NOT's strength); the
+    root has none. Before: dropped without a word (the same tree as without it)."""
+    for mode in ("product", "superdiff"):
+        with pytest.raises(FormulaError) as e:
+            compile_formula(text, and_mode=mode)
+        assert e.value.pos == column - 1
+        assert "a weight on the whole formula has nothing to act on" in str(e.value)
+        assert f"remove :{text.rsplit(':', 1)[1]}, or put it on a term inside it" in str(e.value)
+    assert parse(text).weight is not None  # the syntax itself is well formed (unparse round trips it)
 
 
 @pytest.mark.parametrize("text", ['~"a"', '~"a" & ~"b"', '"a" | ~"b"', '~~"a"', '~("a" & "b")'])

@@ -322,3 +322,36 @@ def test_average_is_composable_diffusion():
     eps = uu + 3.0 * (1.0 * (c1 - uu) - 0.5 * (c2 - uu))
     want = x + (grid[1] - grid[0]) * eps
     assert torch.allclose(out.samples, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(ridge=-1.0), "ridge must be a finite number >= 0"),
+    (dict(floor=float("nan")), "floor must be a finite number >= 0"),
+    (dict(feedback=5.0), r"feedback must be in \[0, 1\]"),
+    (dict(clamp=(2.0, 1.0)), "kappa clamp must be"),
+])
+def test_formula_and_nodes_refuse_the_and_operators_bad_settings(kw, msg):
+    """One check (operators.and_settings) for AndOperator and a formula's SuperDiff AND nodes;
+    before, FormulaOperator took these and failed (if at all) mid-sampling."""
+    from superdiff.formula import FormulaOperator
+
+    with pytest.raises(ValueError, match=msg):
+        AndOperator(**kw)
+    with pytest.raises(ValueError, match=msg):
+        FormulaOperator('"a" & "b"', **kw)
+
+
+def test_formula_validate_checks_the_clamp_for_each_and_nodes_children():
+    """A SuperDiff AND node over C children needs C lo <= 1 <= C hi, C its own child count
+    (not the number of experts); before, validate passed and the first step raised."""
+    from superdiff.formula import FormulaOperator
+
+    with pytest.raises(ValueError, match="admits no weights"):
+        AndOperator(clamp=(0.4, 0.9)).validate(3)
+    with pytest.raises(ValueError, match=r'the 3 children of the AND "a" & "b" & "c" \(3 lo <= 1 <= 3 hi fails\)'):
+        FormulaOperator('"a" & "b" & "c"', clamp=(0.4, 0.9)).validate(3)
+    FormulaOperator('"a" & ("b" | "c")', clamp=(0.4, 0.9)).validate(3)  # one AND of 2 children: feasible
+    with pytest.raises(ValueError, match=r'the 2 children of the AND "b" & "c"'):
+        FormulaOperator('"a" | ("b" & "c")', clamp=(0.55, 0.9)).validate(3)
+    FormulaOperator('"a" & "b" & "c"', clamp=None).validate(3)
+    FormulaOperator('("a" & "b") | "c"', and_mode="product", clamp=(0.55, 0.9)).validate(3)  # no SuperDiff AND
