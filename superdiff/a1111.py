@@ -46,7 +46,7 @@ import re
 from typing import Any, Sequence
 
 __all__ = ["infotext", "split_and_prompt", "expand_prompt_syntax", "SAMPLER_LABELS", "join_and_prompt",
-           "lora_tag", "split_lora_tags", "lora_short_hash", "adapters_from_infotext"]
+           "parse_prompt_rows", "lora_tag", "split_lora_tags", "lora_short_hash", "adapters_from_infotext"]
 
 #: our samplers under the names A1111 users read (the values identify them uniquely)
 SAMPLER_LABELS = {"sde": "Euler-Maruyama SDE", "ddpm": "DDPM", "ode": "ODE Euler", "euler": "Euler",
@@ -92,7 +92,8 @@ def expand_prompt_syntax(prompts: Sequence[str], weights: Sequence[float] | None
         ps, ws = split_and_prompt(p)
         out_p += ps
         out_w += ws
-    if all(w is None for w in out_w):
+    if all(w is None for w in out_w) or (operator not in ("or", "average") and all(w in (None, 1.0) for w in out_w)):
+        # (':1' is A1111's default weight: what join_and_prompt writes after a part ending in ':number')
         return out_p, None if weights is None else list(weights)
     if weights is not None:
         raise ValueError("weights: give weights either as ':weight' in the prompt or separately, not both")
@@ -103,10 +104,21 @@ def expand_prompt_syntax(prompts: Sequence[str], weights: Sequence[float] | None
 
 
 def join_and_prompt(prompts: Sequence[str], weights: Sequence[float] | None = None) -> str:
-    """The inverse of split_and_prompt: 'a circle AND something red:0.7'."""
+    """The inverse of split_and_prompt: 'a circle AND something red:0.7'. Of several parts
+    without weights, one that ends in ':number' itself ('a clock at 10:30') is written with
+    A1111's default weight ':1' ('a clock at 10:30:1'), so that it reads back whole, not as
+    'a clock at 10' with weight 30 (expand_prompt_syntax takes all-':1' parts as no weights)."""
     if weights is None or len(weights) != len(prompts):
-        return " AND ".join(prompts)
+        if len(prompts) < 2:
+            return " AND ".join(prompts)
+        return " AND ".join(f"{p}:1" if ends_in_weight(p) else p for p in prompts)
     return " AND ".join(f"{p}:{_num(w)}" for p, w in zip(prompts, weights))
+
+
+def ends_in_weight(prompt: str) -> bool:
+    """Whether A1111 would read the end of `prompt` as a ':weight' suffix ('a clock at 10:30')."""
+    m = _WEIGHT.match(prompt)
+    return bool(m and m.group(2) is not None)
 
 
 #: A1111's LoRA tag: <lora:name:multiplier> (the multiplier optional, 1 by default)
@@ -154,6 +166,17 @@ def prompt_adapters(prompts: Sequence[str]) -> tuple[list[str], list[dict[str, A
         clean.append(text)
         adapters.append({**parse_lora(t[0].strip()), "prompt": text} if t else {"path": BASE_ADAPTER, "prompt": text})
     return list(dict.fromkeys(clean)), adapters
+
+
+def parse_prompt_rows(prompts: Sequence[str], weights: Sequence[float] | None, operator: str | None
+                      ) -> tuple[list[str], list[float] | None, list[dict[str, Any]]]:
+    """(prompts, weights, adapters) of prompt rows as a user writes them (the CLI's --prompt,
+    a job line, the studio's rows): A1111's AND syntax expanded first (`expand_prompt_syntax`,
+    so a part "a circle <lora:x:0.8>" of "a circle <lora:x:0.8> AND something red" keeps its
+    tag), then each part's LoRA tag made its adapter expert (`prompt_adapters`)."""
+    prompts, weights = expand_prompt_syntax(prompts, weights, operator)
+    prompts, adapters = prompt_adapters(prompts)
+    return prompts, weights, adapters
 
 
 def lora_short_hash(path: str | Any) -> str:
@@ -286,6 +309,11 @@ def infotext(record: Any, size: tuple[int, int] | None = None, version: str = ""
     weights = c.weights if c.operator in ("or", "average") and prompts and not formula else None
     if weights is not None and len(weights) != len(prompts):
         weights = None
+    if c.weights is None and c.operator in ("or", "average") and not formula and not c.extra_models \
+            and len(prompts) > 1 and any(ends_in_weight(p) for p in prompts):
+        # a part ending in ':number' needs a weight to read back whole: write the equal weights the
+        # operator uses without any (OR: equal mixture weights; average: 1/M each, not A1111's 1 each)
+        weights = [1.0 if c.operator == "or" else 1.0 / len(prompts)] * len(prompts)
     if formula:  # the formula itself: its prompts are not an AND (nor an average) of them all
         lines = [_formula_prompt(c.compose)]
     else:

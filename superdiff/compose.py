@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -283,6 +284,7 @@ class Composition:
         c.adapters = _adapter_list(c.adapters)
         c.switch_every = _int(c.switch_every, "switch_every", 1, 10_000)
         _check_formula_fields(c)
+        _check_adapter_prompts(c)
         if c.operator in ADAPTER_OPERATORS and len([a for a in c.adapters if a["path"] != BASE_ADAPTER]) < 2:
             raise _fail("adapters", f"operator {c.operator} composes LoRA adapters: give two or more (got "
                                     f"{len(c.adapters)}), e.g. --lora lora-orange --lora lora-outline")
@@ -318,15 +320,52 @@ class Composition:
 
 
 def parse_lora(text: str) -> dict[str, Any]:
-    """"PATH[:SCALE]" -> {"path", "scale"} (the CLI's --lora; a Windows drive letter or a
-    path with a colon stays whole unless what follows the last colon is a number)."""
-    path, sep, tail = str(text).rpartition(":")
-    if sep:
-        try:
-            return {"path": path, "scale": float(tail)}
-        except ValueError:
-            pass
-    return {"path": str(text), "scale": 1.0}
+    """"PATH[:SCALE]" -> {"path", "scale"} (the CLI's --lora, a <lora:...> tag's body; a
+    Windows drive letter or a path with a colon stays whole unless what follows the last colon
+    is a number).
+
+    A1111's longer tag forms are read as A1111 reads them: "NAME:TE:UNET" (text-encoder, then
+    UNet multiplier) and named "NAME:unet=0.5" / "NAME:te=0.8" (the UNet multiplier defaults to
+    the text-encoder one, which defaults to 1). The scale is the UNet (denoiser) multiplier:
+    adapter experts take denoiser-only LoRAs (one that adapts a text encoder is refused when
+    loaded), so the text-encoder multiplier changes nothing. DyLoRA's dyn= is refused."""
+    parts = str(text).split(":")
+    args: list[str] = []
+    while len(parts) > 1 and (_lora_number(parts[-1]) is not None or _LORA_NAMED_ARG.match(parts[-1])):
+        args.insert(0, parts.pop())
+    if not args:
+        return {"path": str(text), "scale": 1.0}
+    path = ":".join(parts)
+    if len(args) == 1 and _lora_number(args[0]) is not None:
+        return {"path": path, "scale": _lora_number(args[0])}
+    positional, named = [], {}
+    for a in args:
+        m = _LORA_NAMED_ARG.match(a)
+        if m is None:
+            positional.append(_lora_number(a))
+            continue
+        v = _lora_number(m.group(2))
+        if v is None:
+            raise _fail("adapters", f"<lora:{text}>: {m.group(1)}={m.group(2)!r} is not a number; write e.g. "
+                                    f"<lora:{path}:unet=0.5>")
+        named[m.group(1)] = v
+    if len(positional) >= 3 or "dyn" in named:
+        raise _fail("adapters", f"<lora:{text}>: a DyLoRA rank (dyn=, or a third number after the name) is not "
+                                f"supported; write <lora:{path}:SCALE> or <lora:{path}:TE:UNET>")
+    te = named.get("te", positional[0] if positional else 1.0)
+    unet = named.get("unet", positional[1] if len(positional) > 1 else te)
+    return {"path": path, "scale": unet}
+
+
+#: an A1111 named LoRA tag argument: te=, unet= or dyn= (what follows is checked as a number)
+_LORA_NAMED_ARG = re.compile(r"^\s*(te|unet|dyn)\s*=\s*(.*?)\s*$")
+
+
+def _lora_number(text: str) -> float | None:
+    try:
+        return float(text)  # inf / nan too: the scale check names them
+    except ValueError:
+        return None
 
 
 _ADAPTER_KEYS = ("path", "scale", "prompt", "name", "sha256")
@@ -395,6 +434,29 @@ def _check_formula_fields(c: "Composition") -> None:
     if c.prompts and c.prompts != f.names:
         raise _fail("prompts", f"give either prompts or a compose formula; the formula's experts are {f.names}")
     c.prompts = list(f.names)
+
+
+def _check_adapter_prompts(c: "Composition") -> None:
+    """An adapter tied to its own prompt (a "<lora:...>" tag's row) is the expert "that adapter
+    under that prompt": the prompt must be one of `prompts`, else the record would name prompts
+    that are not what its experts sample (e.g. prompts replaced, adapters left as they were)."""
+    for k, a in enumerate(c.adapters):
+        if a.get("prompt") is None or a["prompt"] in c.prompts:
+            continue
+        if a["path"] == BASE_ADAPTER:
+            raise _fail("adapters", f"adapter {k} (the base model) is tied to the prompt {a['prompt']!r}, which is "
+                                    f"not among the prompts {c.prompts}; add that prompt or remove the entry")
+        raise _fail("adapters", f"adapter {k} ({a['path']}) is tied to the prompt {a['prompt']!r}, which is not "
+                                f"among the prompts {c.prompts}; add that prompt, or write the adapter as a LoRA "
+                                f"tag in the prompt it belongs to (e.g. '{a['prompt']} <lora:{a['path']}:"
+                                f"{a['scale']:g}>') instead of a separate adapter")
+    if c.adapters and all(a.get("prompt") is not None for a in c.adapters):  # no adapter covers every prompt
+        own = {a["prompt"] for a in c.adapters}
+        lost = [p for p in c.prompts if p not in own]
+        if lost:
+            raise _fail("prompts", f"{lost[0]!r} is no expert's prompt: every adapter is tied to its own prompt "
+                                   f"({', '.join(map(repr, sorted(own)))}); give it a LoRA tag, a 'base' adapter "
+                                   "entry (the model without adapter), or remove it")
 
 
 def _check_corrector(c: "Composition", n_experts: int) -> None:
@@ -484,18 +546,18 @@ def prepare_composition(d: dict[str, Any], operator_named: bool) -> tuple[Compos
     (its method is the operator, when named) and "<lora:name:0.8>" tags made adapter experts
     (superdiff.a1111); one expert with no operator named is sampled alone (operator single,
     with a note); then validated, and checked by check_experts. Seeds are the caller's."""
-    from .a1111 import expand_prompt_syntax, prompt_adapters
+    from .a1111 import parse_prompt_rows
 
     d, notes = dict(d), []
     prompts = [d["prompts"]] if isinstance(d.get("prompts"), str) else d.get("prompts")
     weights = d.get("weights")
-    if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) \
+    if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) and not d.get("compose") \
             and (weights is None or isinstance(weights, (list, tuple))):  # else from_dict names the field
+        # (a formula's prompts are its quoted names, taken whole: no AND syntax, no tags)
         named = str(d.get("operator", "")).strip().lower() if operator_named else None
-        prompts, w = expand_prompt_syntax(prompts, weights, named or None)
+        prompts, w, tagged = parse_prompt_rows(prompts, weights, named or None)
         if w is not None:
             d["weights"] = w
-        prompts, tagged = prompt_adapters(prompts)
         if tagged:
             if d.get("adapters"):
                 raise _fail("adapters", "give LoRAs either as adapters (--lora) or as <lora:...> tags in the "
@@ -519,6 +581,13 @@ def check_experts(comp: Composition) -> list[str]:
     if comp.operator in ("and", "or", "average") and n < 2:
         raise _fail("prompts", f"{comp.operator.upper()} composes two or more experts, got {n}; add a prompt "
                                "(or an extra model), or use operator single for one expert alone")
+    if comp.operator in ("merge", "switch"):  # one expert made of every adapter: one prompt
+        own = {a.get("prompt") for a in comp.adapters if a["path"] != BASE_ADAPTER}
+        prompts = sorted(set(comp.prompts)) if None in own else sorted(p for p in own if p is not None)
+        if len(prompts) > 1:
+            raise _fail("prompts", f"operator {comp.operator} makes one expert with every adapter, so it takes one "
+                                   f"prompt; got {len(prompts)} ({', '.join(map(repr, prompts))}): give one "
+                                   "--prompt, or use and / or / composite for one expert per prompt")
     if comp.operator == "single" and comp.single_index >= n:
         raise _fail("single_index", f"{comp.single_index} picks expert {comp.single_index + 1}, but there are {n}; "
                                     f"give 0..{n - 1} (counting the prompts, then the extra models, from 0)")
@@ -971,16 +1040,18 @@ def _umask() -> int:
 
 
 def save_png(image: Any, path: str | os.PathLike, record: Composition,
-             extra_text: dict[str, str] | None = None) -> Path:
+             extra_text: dict[str, str] | None = None, size: tuple[int, int] | None = None) -> Path:
     """Write atomically (temp file + rename): a crash never leaves a truncated PNG. The file
     gets the user's umask like any other new file (0644 under the usual 022), not the 0600 of
-    a private temp file. `extra_text`: further text chunks (a grid's tile records)."""
+    a private temp file. `extra_text`: further text chunks (a grid's tile records). `size`:
+    the generation size (width, height) the infotext names (default: the image's own size; a
+    grid passes its tiles' size, not the canvas's)."""
     from PIL import PngImagePlugin
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
-    for k, v in {**png_metadata(record, size=image.size), **(extra_text or {})}.items():
+    for k, v in {**png_metadata(record, size=tuple(size) if size is not None else image.size), **(extra_text or {})}.items():
         info.add_text(k, v)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

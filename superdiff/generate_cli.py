@@ -132,8 +132,13 @@ def _composition_from_args(args: argparse.Namespace):
             and d.get("model", "shapes-t2i") == "shapes-t2i":
         from .compose import DEFAULT_COMPOSITION
 
-        d = {**DEFAULT_COMPOSITION.to_dict(), **d}
+        defaults = DEFAULT_COMPOSITION.to_dict()
+        if str(d.get("operator", "")).lower().strip() in ("merge", "switch"):  # one expert: one prompt
+            defaults["prompts"] = defaults["prompts"][:1]
+        d = {**defaults, **d}
     explicit = {k for k, v in flags.items() if v is not None and v != []} | set(dict(args.set or []))
+    if "prompts" in explicit and "adapters" not in explicit and base.get("adapters"):
+        _replace_prompts_of_adapters(d, base, "the PNG" if args.from_png else "the config")
     for k in foreign_params(d):  # a parameter the operator does not use: refused if given now, else dropped
         uses = ", ".join(sorted(o for o, ps in OPERATOR_PARAMS.items() if k in ps))
         if k in explicit:
@@ -153,6 +158,55 @@ def _composition_from_args(args: argparse.Namespace):
     return comp
 
 
+def _replace_prompts_of_adapters(d: dict[str, Any], base: dict[str, Any], src: str) -> None:
+    """New prompts over a base (--from-png / --config) whose LoRAs came as "<lora:...>" tags:
+    each such adapter is tied to its own prompt, which the new prompts replace. As in A1111,
+    where the LoRAs are the tags in the prompt box, new prompts with tags bring their own LoRAs
+    (the base's adapters are dropped); new prompts without any tag are refused with the tags to
+    repeat, rather than sampling the old prompts under the new record."""
+    from .a1111 import ROW_LORA_TAG
+    from .compose import BASE_ADAPTER
+
+    prompts = d.get("prompts")
+    prompts = [prompts] if isinstance(prompts, str) else prompts if isinstance(prompts, list) else []
+    if any(isinstance(p, str) and ROW_LORA_TAG.search(p) for p in prompts):
+        d.pop("adapters", None)  # the new prompts' tags are the LoRAs now
+        return
+    adapters = base["adapters"] if isinstance(base["adapters"], list) else [base["adapters"]]
+    tied = [a for a in adapters if isinstance(a, dict) and a.get("prompt") is not None]
+    if not tied:
+        return  # adapters for every prompt (--lora): they apply to the new prompts as well
+    was = "; ".join(f"{a['prompt']!r} <lora:{a['path']}:{float(a.get('scale', 1.0)):g}>"
+                    if a.get("path") != BASE_ADAPTER else f"{a['prompt']!r} (base model)" for a in tied)
+    first = next((a for a in tied if a.get("path") != BASE_ADAPTER), tied[0])
+    raise ValueError(f"adapters: the LoRAs of {src} belong to its own prompts ({was}), which --prompt replaces; "
+                     f"repeat the LoRA tags in the new prompts, e.g. --prompt 'a square <lora:{first['path']}:"
+                     f"{float(first.get('scale', 1.0)):g}>' (a prompt without a tag is the base model), or drop the "
+                     "LoRAs with --set 'adapters=[]'")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot be a folder (an existing file, or a file on its path) or
+    that is not writable, before any model loads: otherwise the images are lost after sampling."""
+    import os
+
+    for p in (out, *out.parents):
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            what = "is a file" if p == out else f"names a folder inside {p}, which is a file"
+            raise ValueError(f"--out {out} {what}, not a folder; give a folder (new or existing) for the images")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: cannot write in {p}; give a folder you can write to")
+        return
+
+
+def _outputs(out: Path, comp: Any) -> list[Path]:
+    """Every file `superdiff generate` writes into `out` for `comp`."""
+    return [*(out / f"image_{i:03d}.png" for i in range(comp.num_images)), out / "grid.png", out / "trace.json",
+            out / "trace.png", out / "composition.json", out / "oracle.json"]
+
+
 def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
@@ -161,6 +215,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     comp = _composition_from_args(args)
     out = Path(args.out)
+    _check_out(out)
+    source = source_pixels = None
+    if args.from_png:  # read before anything is written; never overwrite it
+        src = Path(args.from_png)
+        hit = next((p for p in _outputs(out, comp) if p.exists() and p.samefile(src)), None)
+        if hit is not None:
+            raise ValueError(f"--out {out}: the run would overwrite the source image {args.from_png} (as "
+                             f"{hit.name}); give another --out folder")
+        source = read_png_composition(src)
+        with Image.open(src) as im:
+            source_pixels = np.asarray(im.convert("RGB"))
     print(f"superdiff generate: {comp.describe()} on {comp.model}, {comp.num_images} image(s), "
           f"{comp.steps} steps -> {out}", file=sys.stderr)
     with quiet_libraries(args.quiet):
@@ -170,12 +235,14 @@ def _generate(args: argparse.Namespace) -> int:
         paths.append(save_png(im, out / f"image_{i:03d}.png", rec))
     scale = max(1, 256 // max(res.images[0].size))
     grid = image_grid(res.images, scale=scale, labels=[f"seed {r.seed}" for r in res.records])
-    # the whole run as it ran (guidance used, LoRA hashes): --from-png grid.png regenerates every image
-    save_png(grid, out / "grid.png", res.composition)
+    # the whole run as it ran (guidance used, LoRA hashes): --from-png grid.png regenerates every image;
+    # its infotext names the images' size, not the grid canvas's
+    save_png(grid, out / "grid.png", res.composition, size=res.images[0].size)
     res.trace.save(out / "trace.json")
-    res.trace.plot(out / "trace.png", samples=min(4, len(res.images)),
-                   title=f"FORMULA: {comp.compose}" if comp.compose else
-                   f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
+    with quiet_libraries(args.quiet):  # matplotlib's warnings (e.g. a glyph missing for a CJK prompt)
+        res.trace.plot(out / "trace.png", samples=min(4, len(res.images)),
+                       title=f"FORMULA: {comp.compose}" if comp.compose else
+                       f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
     (out / "composition.json").write_text(res.composition.to_json(indent=2))
     shapes = Path(comp.model).name.startswith("shapes-")  # the bundled shapes world has an exact oracle
     if shapes and res.images[0].size[0] != res.images[0].size[1]:
@@ -194,12 +261,11 @@ def _generate(args: argparse.Namespace) -> int:
                                      for lab, n in counts.items()))
     print(f"wrote {len(paths)} image(s), grid.png, trace.json, trace.png and composition.json in {out} "
           f"({res.seconds:.1f} s)")
-    changed = bool(args.from_png) and comp != read_png_composition(args.from_png)
+    changed = bool(args.from_png) and comp != source
     if changed:
         print(f"regenerated {args.from_png} with changed settings (no pixel comparison)")
     if args.from_png and comp.num_images == 1 and not changed:
-        same = np.array_equal(np.asarray(Image.open(args.from_png).convert("RGB")),
-                              np.asarray(res.images[0].convert("RGB")))
+        same = np.array_equal(source_pixels, np.asarray(res.images[0].convert("RGB")))
         print(f"reproduced {args.from_png}: {'identical pixels' if same else 'PIXELS DIFFER'}")
         if not same:
             return 1
@@ -236,11 +302,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "--config or --from-png file supplies the values its flags leave out.",
         epilog="A1111 prompt syntax: --prompt 'a circle AND something red' makes one expert per part "
                "(':0.7' suffixes are weights) and needs --operator: and is SuperDiff AND, average is A1111's "
-               "averaging.")
+               "averaging. LoRA tags: <lora:NAME:SCALE>, and A1111's <lora:NAME:TE:UNET> / "
+               "<lora:NAME:unet=SCALE>, whose UNet multiplier is the scale (adapter experts take denoiser-only "
+               "LoRAs, so the text-encoder multiplier changes nothing); a DyLoRA dyn= is refused.")
     g.add_argument("--model", help="bundled model name, local diffusers directory or hub id (default: shapes-t2i)")
     g.add_argument("--prompt", action="append",
-                   help="a prompt (one expert); repeat for each expert (default: 'a circle', 'something red' on "
-                        "shapes-t2i)")
+                   help="a prompt (one expert); repeat for each expert. '<lora:NAME:SCALE>' in a prompt makes it "
+                        "that adapter's expert. With --from-png / --config, --prompt replaces the prompts and "
+                        "their LoRA tags: a record whose LoRAs came as tags needs them repeated in the new "
+                        "prompts (or --set 'adapters=[]' to drop them) (default: 'a circle', 'something red' on "
+                        "shapes-t2i; 'a circle' alone for merge / switch, which make one expert)")
     g.add_argument("--extra-model", action="append",
                    help="another UNet checkpoint as an expert; repeatable (default: none)")
     g.add_argument("--operator", choices=["or", "and", "average", "single", "joint", "composite", "merge", "switch"],
@@ -289,7 +360,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="any composition field (JSON value), e.g. --set 'kappa_clamp=[-1,2]' (default: none)")
     g.add_argument("--config", help="a composition JSON, e.g. exported from the studio (default: none)")
     g.add_argument("--from-png", help="reproduce an image from the parameters in its PNG text chunks (default: none)")
-    g.add_argument("--out", default="outputs/generate", help="output folder (default: outputs/generate)")
+    g.add_argument("--out", default="outputs/generate",
+                   help="output folder, created if needed; never the --from-png image's own file names "
+                        "(default: outputs/generate)")
     g.add_argument("--quiet", action="store_true",
                    help="no progress bars, no library warnings: only the result lines and errors (default: off)")
     g.set_defaults(func=_generate)
@@ -301,6 +374,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "`accelerate launch --num_processes N -m superdiff batch ...`.")
     b.add_argument("jobs", help="job file (.jsonl or .csv)")
     b.add_argument("--out", required=True, help="output folder: images/, manifest.jsonl, summary.json")
-    b.add_argument("--limit", type=int, help="stop after this many tasks (per process)")
+    b.add_argument("--limit", type=int, help="generate at most this many images that are not done yet (per "
+                   "process); finished images do not count, so rerunning the same command goes on")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_batch)

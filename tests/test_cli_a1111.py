@@ -413,3 +413,109 @@ def test_lora_tags_in_prompts_make_adapter_experts_in_the_cli_as_in_the_studio(t
                                                                                 ("base", 1.0, "a circle")]
     assert main(["generate", "--prompt", "a circle <lora:lora-orange>", "--prompt", "a square", "--lora",
                  "lora-outline", "--operator", "and", "--steps", "2", "--quiet", "--out", str(out)]) == 2
+
+
+# ---- fixes: records that say what ran, inputs refused before anything is lost -----------------------
+@pytest.mark.parametrize("operator, weights", [("and", None), ("single", None), ("or", None), ("average", None),
+                                               ("or", [0.3, 0.7])])
+def test_a_prompt_ending_in_a_number_reads_back_whole_from_the_and_line(tmp_path, operator, weights):
+    """'a clock at 10:30' on an AND line is written with A1111's default ':1' (or the weights the
+    operator uses), so A1111's parser and our --prompt parser read the prompt back whole, not
+    'a clock at 10' with weight 30; the weights read back mean what the record's do."""
+    comp = Composition(prompts=["a clock at 10:30", "something red"], operator=operator, weights=weights).validated()
+    _, p = _infotext_of(tmp_path, comp)
+    prompts, _ = split_and_prompt(p["Prompt"])
+    assert prompts == comp.prompts, p["Prompt"]
+    back, w = expand_prompt_syntax([p["Prompt"]], None, operator)
+    assert back == comp.prompts
+    if operator in ("and", "single"):
+        assert w is None
+    elif weights is not None:
+        assert w == weights
+    else:  # no weights: the equal weights the operator uses without any
+        assert w == ([1.0, 1.0] if operator == "or" else [0.5, 0.5])
+    one = Composition(prompts=["a clock at 10:30"], operator="single").validated()
+    assert _infotext_of(tmp_path, one)[1]["Prompt"] == "a clock at 10:30"  # one part: no AND line to read
+
+
+def test_grid_png_names_the_images_size_not_the_canvas(tmp_path):
+    """grid.png's infotext Size is the generation size (the tiles'), as in every image's PNG."""
+    comp = Composition(prompts=["a circle", "something red"]).validated()
+    path = save_png(Image.new("RGB", (300, 170)), tmp_path / "g.png", comp, size=(32, 32))
+    assert parse_parameters(_parameters(path))["Size-1"] == "32"
+    out = tmp_path / "o"
+    assert main(["generate", "--steps", "1", "-n", "2", "--quiet", "--out", str(out)]) == 0
+    with Image.open(out / "image_000.png") as im:
+        w, h = im.size
+    with Image.open(out / "grid.png") as g:
+        assert g.size != (w, h)
+    p = parse_parameters(_parameters(out / "grid.png"))
+    assert (int(p["Size-1"]), int(p["Size-2"])) == (w, h)
+
+
+def test_new_prompts_over_a_png_with_lora_tags_bring_their_own_tags(tmp_path, capsys):
+    """--from-png of a run made with '<lora:...>' tags, with new --prompt: each adapter belongs to
+    an old prompt, so new prompts without tags are refused with the tags to repeat (never the old
+    prompts sampled under the new record); new prompts with tags bring their own LoRAs."""
+    out = tmp_path / "l1"
+    assert main(["generate", "--prompt", "a circle <lora:lora-orange:0.8>", "--prompt", "something red",
+                 "--operator", "and", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    capsys.readouterr()
+    src = str(out / "image_000.png")
+    assert main(["generate", "--from-png", src, "--prompt", "a square", "--prompt", "something blue", "--quiet",
+                 "--out", str(tmp_path / "l2")]) == 2
+    err = capsys.readouterr().err
+    assert "adapters: the LoRAs of the PNG belong to its own prompts ('a circle' <lora:lora-orange:0.8>; " \
+           "'something red' (base model)), which --prompt replaces; repeat the LoRA tags" in err, err
+    assert not (tmp_path / "l2").exists()
+    assert main(["generate", "--from-png", src, "--prompt", "a square <lora:lora-orange:0.5>", "--prompt",
+                 "something blue", "--quiet", "--out", str(tmp_path / "l3")]) == 0
+    rec = read_png_composition(tmp_path / "l3" / "image_000.png")
+    assert rec.prompts == ["a square", "something blue"]
+    assert [(a["path"], a["scale"], a["prompt"]) for a in rec.adapters] == [("lora-orange", 0.5, "a square"),
+                                                                           ("base", 1.0, "something blue")]
+    # dropping the LoRAs is said explicitly
+    assert main(["generate", "--from-png", src, "--prompt", "a square", "--prompt", "something blue", "--set",
+                 "adapters=[]", "--quiet", "--out", str(tmp_path / "l4")]) == 0
+    assert read_png_composition(tmp_path / "l4" / "image_000.png").adapters == []
+
+
+def test_from_png_never_overwrites_its_source(tmp_path, capsys, monkeypatch):
+    """--from-png with --out the source's own folder: refused before sampling, the source left as
+    it was (no "identical pixels" against the overwritten file)."""
+    import superdiff.compose as C
+
+    out = tmp_path / "g"
+    assert main(["generate", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(C, "run_composition", lambda *a, **k: pytest.fail("sampled before refusing"))
+    for name in ("image_000.png", "grid.png"):
+        assert main(["generate", "--from-png", str(out / name), "--steps", "3", "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"the run would overwrite the source image {out / name} (as {name}); give another --out folder" \
+            in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_merge_and_switch_without_prompts_take_one_default_prompt(tmp_path, capsys):
+    """merge / switch make one expert: with no --prompt the shapes default is 'a circle' alone."""
+    out = tmp_path / "m"
+    assert main(["generate", "--operator", "merge", "--lora", "lora-orange", "--lora", "lora-outline", "--steps", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "composition.json").read_text())["prompts"] == ["a circle"]
+    assert main(["generate", "--operator", "switch", "--prompt", "a", "--prompt", "b", "--lora", "lora-orange",
+                 "--lora", "lora-outline", "--steps", "1", "--quiet", "--out", str(tmp_path / "s")]) == 2
+    assert "prompts: operator switch makes one expert with every adapter, so it takes one prompt" in \
+        capsys.readouterr().err
+
+
+def test_quiet_hides_the_trace_plots_font_warnings(tmp_path):
+    """--quiet: a CJK prompt's missing glyphs in the trace plot raise no matplotlib warning."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["generate", "--prompt", "\u4e00\u4e2a\u5706", "--prompt", "something red", "--steps", "1",
+                     "--quiet", "--out", str(tmp_path / "q")]) == 0
+    assert not [w for w in seen if "Glyph" in str(w.message)], [str(w.message) for w in seen]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from superdiff.cli import main
 from superdiff.shapes import oracle
 
@@ -76,3 +78,19 @@ def test_a_png_setting_the_new_operator_does_not_use_is_dropped_with_a_note(tmp_
                  "--out", str(tmp_path / "b")]) == 0
     assert "lift (from the PNG) is not used by operator or and was dropped" in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "composition.json").read_text())["lift"] is None
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    """--out naming an existing file (or a folder inside one): exit 2 with the fix, before any
+    model loads, instead of a FileExistsError after every image was sampled."""
+    import superdiff.compose as C
+
+    monkeypatch.setattr(C, "run_composition", lambda *a, **k: pytest.fail("sampled before refusing"))
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for out, msg in ((f, f"--out {f} is a file, not a folder"),
+                     (f / "sub", f"--out {f / 'sub'} names a folder inside {f}, which is a file")):
+        assert main(["generate", "--steps", "2", "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "give a folder" in err and "Traceback" not in err, err
+    assert f.read_text() == "x"

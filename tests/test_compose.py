@@ -122,3 +122,77 @@ def test_an_infinite_or_temperature_is_written_as_strict_json_and_read_back(tmp_
     back = Trace.load(tr.save(tmp_path / "t.json"))
     assert back.meta["operator_params"] == {"temperature": "inf", "bias": ["-inf"]}
     assert Composition.from_dict(back.meta["composition"]).temperature == float("inf")
+
+
+def test_adapters_tied_to_prompts_that_are_not_the_prompts_are_refused():
+    """An adapter tied to its own prompt (a <lora:...> tag's row) must name one of `prompts`, and
+    with only tied adapters every prompt must be some adapter's: else the record names prompts
+    its experts do not sample (new prompts over a PNG's old tags)."""
+    tied = [{"path": "lora-orange", "scale": 0.8, "prompt": "a circle"}, {"path": "base", "prompt": "something red"}]
+    assert Composition(prompts=["a circle", "something red"], adapters=tied).validated().adapters[0]["prompt"] == \
+        "a circle"
+    with pytest.raises(ValueError, match=r"adapters: adapter 0 \(lora-orange\) is tied to the prompt 'a circle', "
+                                         r"which is not among the prompts \['a square', 'something blue'\]"):
+        Composition(prompts=["a square", "something blue"], adapters=tied).validated()
+    with pytest.raises(ValueError, match="write the adapter as a LoRA tag in the prompt it belongs to "
+                                         r"\(e.g. 'a circle <lora:lora-orange:0.8>'\)"):
+        Composition(prompts=["a square", "something red"], adapters=tied).validated()
+    with pytest.raises(ValueError, match="prompts: 'a square' is no expert's prompt"):
+        Composition(prompts=["a circle", "something red", "a square"], adapters=tied).validated()
+    # adapters without a prompt of their own take every prompt
+    assert Composition(prompts=["a", "b"], adapters=["lora-orange", "lora-outline"]).validated()
+
+
+def test_a_formulas_prompts_are_taken_whole():
+    """A formula's quoted prompts are its experts as written: no A1111 AND splitting, no LoRA
+    tags, so a run whose prompt holds the word AND reads back from its own record."""
+    from superdiff.compose import prepare_composition
+
+    formula = '"a circle AND more" | "something red"'
+    comp, _ = prepare_composition({"compose": formula}, False)
+    assert comp.prompts == ["a circle AND more", "something red"]
+    again, _ = prepare_composition(comp.to_dict(), True)  # what --from-png hands over: prompts and formula
+    assert again == comp
+
+
+def test_merge_and_switch_take_one_prompt():
+    """merge / switch make one expert with every adapter: two prompts are refused up front,
+    naming the prompts and what to give (not the pipeline's "own prompts differ: ['None']")."""
+    from superdiff.compose import prepare_composition
+
+    for op in ("merge", "switch"):
+        with pytest.raises(ValueError, match=f"prompts: operator {op} makes one expert with every adapter, so it "
+                                             "takes one prompt; got 2 \\('a', 'b'\\)"):
+            prepare_composition({"prompts": ["a", "b"], "operator": op, "adapters": ["lora-orange", "lora-outline"]},
+                                True)
+        comp, _ = prepare_composition({"prompts": ["a"], "operator": op, "adapters": ["lora-orange", "lora-outline"]},
+                                      True)
+        assert comp.prompts == ["a"]
+
+
+@pytest.mark.parametrize("tag, scale", [
+    ("lora-orange", 1.0), ("lora-orange:0.8", 0.8),
+    ("lora-orange:0.8:0.5", 0.5),  # A1111's <lora:name:te:unet>: the UNet multiplier
+    ("lora-orange:unet=0.5", 0.5), ("lora-orange:te=0.3", 0.3), ("lora-orange:0.8:unet=0.2", 0.2),
+])
+def test_a1111_lora_tag_forms_take_the_unet_multiplier(tag, scale):
+    """A1111's <lora:NAME:TE:UNET> and named unet= / te= forms: the path stays the name and the
+    scale is the UNet multiplier (adapter experts are denoiser-only LoRAs)."""
+    from superdiff.a1111 import prompt_adapters
+    from superdiff.compose import parse_lora
+
+    assert parse_lora(tag) == {"path": "lora-orange", "scale": scale}
+    _, adapters = prompt_adapters([f"a circle <lora:{tag}>"])
+    assert adapters == [{"path": "lora-orange", "scale": scale, "prompt": "a circle"}]
+    assert parse_lora("C:\\loras\\x.safetensors:0.7") == {"path": "C:\\loras\\x.safetensors", "scale": 0.7}
+
+
+@pytest.mark.parametrize("tag, needle", [
+    ("lora-orange:1:1:8", "a DyLoRA rank"), ("lora-orange:dyn=8", "a DyLoRA rank"),
+    ("lora-orange:unet=high", "unet='high' is not a number"),
+])
+def test_a1111_lora_tag_forms_that_cannot_apply_are_refused(tag, needle):
+    from superdiff.compose import parse_lora
+
+    with pytest.raises(ValueError, match=f"adapters: <lora:{tag}>: {needle}"):
+        parse_lora(tag)

@@ -519,3 +519,38 @@ def test_settings_import_refuses_a_lora_whose_hash_differs_like_from_png(cache, 
     with pytest.raises(ValueError) as e:
         H.parse_form({**f, "lora_sha256": "not json"})
     assert H.error_message(e.value).startswith("LoRA adapters: the recorded LoRA hashes"), H.error_message(e.value)
+
+
+@pytest.mark.parametrize("operator", ["and", "single"])
+def test_a_row_with_a_lora_tag_and_and_reads_as_the_cli_reads_it(operator):
+    """'a circle <lora:lora-orange:0.8> AND something red' in one row: AND parts first, then each
+    part's tag (superdiff.a1111.parse_prompt_rows, as the CLI's --prompt): the adapter expert under
+    'a circle' and the base model under 'something red', not one adapter under the whole row."""
+    from superdiff.compose import num_experts, prepare_composition
+
+    row = "a circle <lora:lora-orange:0.8> AND something red"
+    comp, _ = H.parse_form(form(prompts=[row, ""], operator=operator))
+    cli, _ = prepare_composition({"prompts": [row], "operator": operator}, True)
+    assert (comp.prompts, comp.adapters) == (cli.prompts, cli.adapters)
+    assert comp.adapters == [{"path": "lora-orange", "scale": 0.8, "prompt": "a circle"},
+                             {"path": "base", "scale": 1.0, "prompt": "something red"}]
+    assert num_experts(comp) == 2
+    with pytest.raises(ValueError) as e:  # a picker on such a row cannot say which part it is for
+        H.parse_form(form(prompts=["a circle AND something red", ""], loras=["lora-orange", ""], operator=operator))
+    assert "its LoRA picker cannot say which part it applies to" in H.error_message(e.value)
+
+
+def test_the_compare_grid_names_the_images_size_not_the_canvas(tmp_path):
+    """The compare grid's infotext Size is its tiles' generation size, not the canvas's."""
+    from PIL import Image
+
+    comp = DEFAULT_COMPOSITION.replace(steps=2)
+    items = []
+    for method, op in (("OR", "or"), ("AND", "and")):
+        rec = comp.replace(operator=op)
+        path = save_png(Image.new("RGB", (32, 32), (200, 10, 10)), tmp_path / f"{op}.png", rec)
+        items.append(H.ResultItem(method, method, str(path), rec))
+    grid = H.compare_grid(items, tmp_path / "grid.png", comp)
+    with Image.open(grid) as im:
+        assert im.size != (32, 32)
+        assert "Size: 32x32" in im.text["parameters"].splitlines()[-1]

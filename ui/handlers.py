@@ -185,6 +185,8 @@ def _row_values(raw: list[Any], rows: list[int], n_experts: int, what: str) -> l
 def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     """The form as a validated Composition for its operator, plus notes on the parameters the
     operator does not use (they are dropped). Raises ValueError('field: message')."""
+    from superdiff.a1111 import parse_prompt_rows
+
     rows = _int_or_none(form.get("rows"), "prompts") or 2
     rows = max(MIN_PROMPTS, min(MAX_PROMPTS, rows))
     prompts_in = list(form.get("prompts") or [])[:rows]
@@ -196,15 +198,17 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     bias = _row_values(list(form.get("biases") or []), expert_rows, n_experts, "bias")
     operator = str(form.get("operator") or "and")
     picks = _row_picks(form, prompts_in, prompts, expert_rows)
-    prompts, adapters = _row_adapters(prompts, picks)
-    adapters = _with_hashes(adapters, _lora_hashes(form.get("lora_sha256")))
     if any(_A1111_AND.search(p) for p in prompts):  # A1111's "a AND b:0.7": one expert per part
-        from superdiff.a1111 import expand_prompt_syntax
-
         if bias is not None or len(prompts) > 1:
             raise ValueError("prompts: write A1111's 'a AND b' in a single prompt row, without per-row "
                              "weights or biases (':weight' suffixes set the weights)")
-        prompts, weights = expand_prompt_syntax(prompts, weights, operator.lower().strip())
+        if any(pk is not None for pk in picks):
+            raise ValueError("prompts: the row splits at AND into several experts, so its LoRA picker cannot say "
+                             "which part it applies to; set the picker to none and write the tag in that part, "
+                             "e.g. 'a circle <lora:lora-orange:0.8> AND something red'")
+    # as the CLI reads --prompt (superdiff.a1111.parse_prompt_rows): AND parts first, then their tags
+    prompts, weights, adapters = parse_prompt_rows(_tagged_rows(prompts, picks), weights, operator.lower().strip())
+    adapters = _with_hashes(adapters, _lora_hashes(form.get("lora_sha256")))
     notes: list[str] = []
     seed, drawn = draw_seed(form.get("seed"))
     if drawn:
@@ -675,25 +679,23 @@ def _row_picks(form: Mapping[str, Any], prompts_in: list[Any], prompts: list[str
     return [pick(r) for r in expert_rows[:len(prompts)]]
 
 
-def _row_adapters(prompts: list[str], picks: Sequence[dict[str, Any] | None] = ()
-                  ) -> tuple[list[str], list[dict[str, Any]]]:
-    """(prompts without tags, adapters): a row "text <lora:NAME_OR_PATH[:SCALE]>", or a row
-    "text" whose picker names an adapter (`picks`, aligned with `prompts`), is the expert "the
-    model with that adapter, under text" (superdiff.a1111.prompt_adapters, a picker written as
-    the row's tag); once any row has an adapter, a row without one is the base model under its
-    text. No tags and no picks: no adapters."""
-    from superdiff.a1111 import ROW_LORA_TAG, prompt_adapters
+def _tagged_rows(prompts: list[str], picks: Sequence[dict[str, Any] | None] = ()) -> list[str]:
+    """The prompt rows with each row's picked adapter (`picks`, aligned with `prompts`) written
+    as its "<lora:NAME_OR_PATH:SCALE>" tag, so that a picker and a typed tag mean the same
+    (superdiff.a1111.parse_prompt_rows makes them adapter experts); a row with both, or with two
+    tags, is refused (one adapter per expert row)."""
+    from superdiff.a1111 import ROW_LORA_TAG
 
     picks = list(picks) + [None] * (len(prompts) - len(picks))
     rows = []
     for i, (p, pk) in enumerate(zip(prompts, picks)):
         t = ROW_LORA_TAG.findall(p)
-        if len(t) + (pk is not None) > 1:
+        if len(t) + (pk is not None) > 1 and not _A1111_AND.search(p):  # AND parts: one tag per part, checked there
             raise ValueError(f"prompts: row {i + 1} names {len(t) + (pk is not None)} adapters (tags "
                              f"{', '.join(t) or 'none'}{', picker ' + pk['path'] if pk else ''}); pick one adapter "
                              "per expert row (another row for the other adapter)")
         rows.append(p if pk is None else f"{p} <lora:{pk['path']}:{pk['scale']!r}>")
-    return prompt_adapters(rows)
+    return rows
 
 
 # ---- adapter pickers ------------------------------------------------------------------------
@@ -1008,7 +1010,8 @@ def compare_grid(items: Sequence[ResultItem], path: str | os.PathLike, base: Com
     grid = image_grid(tiles, cols=len(seeds), scale=scale, row_labels=methods,
                       col_labels=[f"seed {sd}" for sd in seeds])
     records = [{"method": it.method, "seed": it.record.seed, "composition": it.record.to_dict()} for it in items]
-    save_png(grid, path, base, extra_text={GRID_KEY: json.dumps(records, sort_keys=True)})
+    # the infotext names the images' generation size, not the grid canvas's
+    save_png(grid, path, base, extra_text={GRID_KEY: json.dumps(records, sort_keys=True)}, size=first.size)
     return str(path)
 
 
