@@ -283,13 +283,18 @@ class MethodPlan:
     sigma0: float
 
 
-def attach_corrector(op: Operator, corrector: Any, integrator: Any, num_experts: int) -> Operator:
+def attach_corrector(op: Operator, corrector: Any, integrator: Any, num_experts: int,
+                     has_uncond: bool = False) -> Operator:
     """The operator with a particle / MCMC corrector on it (superdiff.correctors.Corrected),
-    checked against the operator and sampler before any compute; `op` itself when none."""
+    checked against the operator and sampler before any compute; `op` itself when none.
+
+    has_uncond: the call's experts will have an unconditional branch (classifier-free
+    guidance): SMC then refuses an OR whose branches need the untracked log q_u
+    (Corrector.check), here rather than after the text encoding."""
     from superdiff.correctors import Corrected, split_corrected
 
     op, corr = split_corrected(op, corrector)
     if corr is None:
         return op
-    corr.check(op, integrator, num_experts)
+    corr.check(op, integrator, num_experts, has_uncond=has_uncond)
     return Corrected(op, corr)

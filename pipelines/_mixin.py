@@ -138,10 +138,18 @@ class SuperDiffPipelineMixin:
 
     def _plan_method(self, operator: str | Operator, num_experts: int, op_params: Mapping[str, Any],
                      estimator: Any, integrator: Integrator, schedule: Any, num_inference_steps: int,
-                     time_grid: Any, grid_end: str, corrector: Any = None) -> MethodPlan:
+                     time_grid: Any, grid_end: str, corrector: Any = None,
+                     has_uncond: bool | None = None) -> MethodPlan:
         """Operator, estimator, schedule and time grid of one call, each checked; a corrector
-        (superdiff.correctors) rides on the operator into superdiff.sampling.sample."""
-        op = attach_corrector(build_operator(operator, num_experts, **op_params), corrector, integrator, num_experts)
+        (superdiff.correctors) rides on the operator into superdiff.sampling.sample.
+
+        has_uncond: whether the experts will have an unconditional branch (None: `_plans_uncond`,
+        from the guidance scale _check_call recorded), so that the corrector's check refuses
+        what needs it before any text encoding."""
+        if has_uncond is None:
+            has_uncond = self._plans_uncond()
+        op = attach_corrector(build_operator(operator, num_experts, **op_params), corrector, integrator, num_experts,
+                              has_uncond=has_uncond)
         est = resolve_estimator(estimator, op, integrator)
         check_pair(est, integrator)
         if self._flow_matching:
@@ -228,6 +236,17 @@ class SuperDiffPipelineMixin:
 
     def _postprocess(self, image: Tensor, output_type: str, do_denormalize: list[bool] | None = None):
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+    def _plans_uncond(self) -> bool:
+        """Whether this call's experts will have an unconditional branch, known before any text
+        encoding: classifier-free guidance on the guidance scale _check_call recorded, decided by
+        `_guidance` as every pipeline decides its do_cfg (the experts get one exactly then:
+        NetworkExperts(guidance=do_cfg)). A guidance-distilled Flux transformer records its
+        embedded guidance there and has no unconditional branch."""
+        if getattr(self, "guidance_distilled", False):
+            return False
+        g = self.__dict__.get("_guidance_scale")
+        return g is not None and self._guidance(g)[0]
 
     @staticmethod
     def _guidance(guidance_scale: float) -> tuple[bool, float]:

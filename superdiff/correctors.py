@@ -12,7 +12,10 @@ p_t = prod_j q_j(x, t)^(a_j) at every t, with (derived in docs/correctors.md)
     mixture node  G = sum_c pi_c G_c,   pi = softmax(log w_c + log p_c)                        [M]
     a true marginal q_j (an expert)  G = 0
 
-up to x-independent terms ((sum a - 1) d f), which cancel in the normalised weights. [P] gives
+where [P] also carries (sum_j a_j - 1) d f (d the data dimension, f the forward drift
+coefficient, 0 on VE). That term is constant for a lone product node, but [M] weights it by
+x-dependent responsibilities when an OR's children have different exponent sums (e.g.
+("a" & "b") | "c" in product mode on a VP schedule), so product_potential keeps it. [P] gives
 the product of experts (a = 1, 1: G = g^2 <s_1, s_2>), q^beta (one leaf, a = beta:
 G = beta (beta - 1) g^2/2 ||s||^2), CFG as the geometric average q_u^(1-w) q_c^w
 (G = w (w - 1) g^2/2 ||s_c - s_u||^2). The potentials need only the predictions the step
@@ -100,17 +103,26 @@ def systematic_resample(logw: Tensor, u: Tensor) -> Tensor:
 
 
 def product_potential(scores: Tensor, coeffs: Tensor, g2h: Tensor | float,
-                      child_potentials: Tensor | None = None) -> Tensor:
+                      child_potentials: Tensor | None = None, fh: Tensor | float = 0.0) -> Tensor:
     """Log-weight increment [B] of the product node prod_j p_j^(a_j), equation [P]:
 
-        G h = sum_j a_j G_j h + (g^2 h / 2) (||sum_j a_j s_j||^2 - sum_j a_j ||s_j||^2)
+        G h = sum_j a_j G_j h + (sum_j a_j - 1) d f h + (g^2 h / 2) (||sum_j a_j s_j||^2 - sum_j a_j ||s_j||^2)
 
-    scores [L, B, D] (the children's scores, flattened), coeffs [B, L], g2h = g_t^2 h,
-    child_potentials [B, L] (their G_j h; None: all zero, i.e. true marginals)."""
+    scores [L, B, D] (the children's scores, flattened: D is the data dimension d), coeffs
+    [B, L], g2h = g_t^2 h, fh = f_t h (f the forward drift coefficient, 0 on VE schedules),
+    child_potentials [B, L] (their G_j h; None: all zero, i.e. true marginals).
+
+    The term (sum_j a_j - 1) d f h is the same for every particle of a lone product node, but
+    an OR over children with different exponent sums weights it by the responsibilities pi_c,
+    which depend on x: it must be kept there (docs/correctors.md, [P] and [M]). With f = 0 it
+    is not added at all (the VE path is unchanged bit for bit)."""
     s = scores.to(_F64)
     a = coeffs.to(_F64)
     S = torch.einsum("bl,lbd->bd", a, s)
     out = 0.5 * float(g2h) * ((S**2).sum(-1) - (a * (s**2).sum(-1).T).sum(-1))
+    fh = float(fh)
+    if fh != 0.0:
+        out = out + (a.sum(-1) - 1.0) * (s.shape[-1] * fh)
     if child_potentials is not None:
         out = out + (a * child_potentials.to(_F64)).sum(-1)
     return out
@@ -645,10 +657,11 @@ class CorrectorRun:
         if not math.isfinite(g2h):
             raise ValueError(f"the Feynman-Kac potential is infinite at t={float(t):g} (g_t^2 = inf); start the "
                              "grid below t = 1 (e.g. RectifiedFlow(t_max=0.999)) to use SMC")
+        fh = float(sch.f(t) * (t - t_next))  # f_t h: the product nodes' (sum a - 1) d f h (0 on VE)
         leaves = leaf_scores(out, x_pre, t, sch, self.guidance, g2h)
         from .formula import tree_potential
 
-        G, logp = tree_potential(self.tree, leaves, logq_before, kappa, g2h)
+        G, logp = tree_potential(self.tree, leaves, logq_before, kappa, g2h, fh)
         if k == 0:  # initial weight: log p_T(x_T) - log N(x_T; 0, prior_std^2)
             G = G + logp - self._prior_logp
         return G

@@ -556,6 +556,7 @@ class _Ctx:
     scores: Tensor | None = None  # [M, B, D] leaf scores
     leaf_G: Tensor | None = None  # [B, M]
     g2h: float = 0.0
+    fh: float = 0.0  # f_t h of the step (product nodes' (sum a - 1) d f h; 0 on VE)
     _lin: tuple[Tensor, Tensor] | None = None
 
     def lin(self) -> tuple[Tensor, Tensor]:
@@ -602,7 +603,7 @@ def _eval(node: Node, ctx: _Ctx) -> _Val:
             from .correctors import product_potential
 
             val.score = torch.einsum("bc,cbd->bd", a, S)
-            val.G = product_potential(S, a, ctx.g2h, Gk)
+            val.G = product_potential(S, a, ctx.g2h, Gk, ctx.fh)
         return val
     # SuperDiff AND over the children: Delta log q_c = D_c . (b + A kappa), kappa = sum_c lambda_c kappa_c
     A, b = ctx.lin()
@@ -627,8 +628,13 @@ def evaluate_tree(root: Node, logq: Tensor, linear: Callable[[], tuple[Tensor, T
     return v.kappa, v.logq
 
 
-def tree_potential(root: Node, leaves: Any, logq: Tensor, kappa_step: Tensor, g2h: float) -> tuple[Tensor, Tensor]:
+def tree_potential(root: Node, leaves: Any, logq: Tensor, kappa_step: Tensor, g2h: float,
+                   fh: float = 0.0) -> tuple[Tensor, Tensor]:
     """The root's FK log-weight increment G h [B] for one step, and its log p [B].
+
+    g2h = g_t^2 h and fh = f_t h of the step (h = t - t'): every product node carries
+    (sum a - 1) d f h besides its score terms ([P]), x-dependent once an OR weights product
+    children of different exponent sums (docs/correctors.md).
 
     leaves: superdiff.correctors.LeafScores at the step's start; logq [B, M] at the step's
     start. When the step's kappa does not sum to one, the rest (1 - sum kappa) goes to the
@@ -653,14 +659,15 @@ def tree_potential(root: Node, leaves: Any, logq: Tensor, kappa_step: Tensor, g2
             "own q_u_i, which is not tracked, so the mixture's responsibilities are unknown. Give one shared "
             "negative prompt (or none), guidance_scale=1, or drop the SMC corrector")
     lq = logq.to(_F64)
-    v = _eval(root, _Ctx(w * lq if guided else lq, None, scores=leaves.scores, leaf_G=leaves.potentials, g2h=g2h))
+    v = _eval(root, _Ctx(w * lq if guided else lq, None, scores=leaves.scores, leaf_G=leaves.potentials, g2h=g2h,
+                         fh=fh))
     G, logp = v.G, v.logq
     ksum = kappa_step.to(_F64).sum(-1)
     a_ref = 1.0 - ksum
     if leaves.ref is not None:
         S = torch.stack([v.score, leaves.ref.to(_F64)])
         coeffs = torch.stack([torch.ones_like(a_ref), a_ref], -1)
-        G = G + product_potential(S, coeffs, g2h) - product_potential(S[:1], coeffs[:, :1], g2h)
+        G = G + product_potential(S, coeffs, g2h, fh=fh) - product_potential(S[:1], coeffs[:, :1], g2h, fh=fh)
         # log q_u is not tracked: its prior value at the start (the initial weight's only use of log p)
         logp = logp + ((a_ref + (1.0 - w) * ksum) if guided else a_ref) * logq.mean(-1)
     return G, logp

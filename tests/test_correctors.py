@@ -26,7 +26,7 @@ from superdiff.experts import ExpertOutput, SharedNetworkExperts
 from superdiff.formula import gmm_product
 from superdiff.operators import AverageOperator
 from superdiff.sampling import sample
-from superdiff.schedules import VPDiscrete
+from superdiff.schedules import RectifiedFlow, VPDiscrete
 from superdiff.trace import Trace
 
 F64 = torch.float64
@@ -67,7 +67,7 @@ def test_product_potential_solves_the_feynman_kac_equation(sch, t):
     s = torch.stack([A.score(POINTS, tt, sch), B.score(POINTS, tt, sch)])
     for beta in (1.0, 0.5, 2.0):
         exact = fk_rate(sch, t, POINTS, [A, B], [beta, beta], 1.0, 1.0)
-        ours = product_potential(s, torch.full((8, 2), beta, dtype=F64), g2) + (2 * beta - 1) * 2 * f
+        ours = product_potential(s, torch.full((8, 2), beta, dtype=F64), g2, fh=f)  # + (2 beta - 1) d f
         assert torch.allclose(ours, exact, rtol=1e-5, atol=1e-6 * exact.abs().max()), beta
         doc = (beta * (beta - 1) * g2 / 2 * ((s[0] + s[1]) ** 2).sum(-1) + beta * g2 * (s[0] * s[1]).sum(-1)
                + (2 * beta - 1) * 2 * f)
@@ -88,7 +88,7 @@ def test_annealing_potential_and_the_wrong_line_of_section_8(sch, t, a):
         eta = beta + (1 - beta) * a
         zeta2 = (beta + 2 * (1 - beta) * a) / beta
         exact = fk_rate(sch, t, POINTS, [A], [beta], eta / beta, zeta2)
-        ours = product_potential(s[None], torch.full((8, 1), beta, dtype=F64), g2) + (beta - 1) * 2 * f
+        ours = product_potential(s[None], torch.full((8, 1), beta, dtype=F64), g2, fh=f)  # + (beta - 1) d f
         assert torch.allclose(ours, exact, rtol=1e-5, atol=1e-6 * max(1.0, float(exact.abs().max()))), beta
         doc = (beta - 1) * 2 * f + g2 / 2 * beta * (s**2).sum(-1)
         assert not torch.allclose(doc, exact, rtol=1e-2, atol=1e-3)
@@ -525,11 +525,12 @@ def test_a_callback_stopping_the_run_gets_one_particle_per_image_and_its_trace()
 U = GaussianMixtureExpert([[0.0, 0.0], [1.0, -1.0]], [4.0, 2.0], [0.5, 0.5])  # the unconditional model
 
 
-def _fk_rate_of(logp, drift, x, t, g2):
-    """The exact FK rate (VE: f = 0) of the path exp(logp(x, t)) under the drift u = drift(x):
+def _fk_rate_of(logp, drift, x, t, g2, dt=1e-6):
+    """The exact FK rate of the path exp(logp(x, t)) under the drift u = drift(x) (which
+    includes -f x where f != 0) and noise g:
     G = d_tau log p + div u + <u, grad log p> - g^2/2 (lap log p + ||grad log p||^2), by central
-    differences in t and x. Also returns grad log p."""
-    dt, h = 1e-6, 1e-4
+    differences in t (step dt) and x. Also returns grad log p."""
+    h = 1e-4
     dtau = -(logp(x, t + dt) - logp(x, t - dt)) / (2 * dt)
     grads, lap, div = [], 0.0, 0.0
     for j in range(x.shape[1]):
@@ -585,6 +586,45 @@ def test_smc_on_an_or_under_guidance_follows_the_mixture_of_guided_leaves():
         kappa = step_op.kappa(StepState(lq(x), 0, 10))
         G, _ = tree_potential(op.formula.root, leaf_scores(out, x, t, VE, w, g2), lq(x), kappa, g2)
         assert torch.allclose(G, exact, rtol=1e-4, atol=1e-4 * max(1.0, float(exact.abs().max()))), (w, G, exact)
+
+
+@pytest.mark.parametrize("sch,t", [(VE, 1.3), (VP, 400.3), (RectifiedFlow(), 0.6)], ids=["ve", "vp", "flow"])
+def test_smc_rate_of_an_or_over_a_product_and_a_leaf_is_exact_on_vp(sch, t):
+    """("a" & "b") | "c" in product mode, p = q_A q_B + q_C, no unconditional branch: the
+    corrector's increment (CorrectorRun._increment over one step of length h, divided by h)
+    is the exact Feynman-Kac rate of p under the step's drift -f x + g^2 sum_i kappa_i s_i, at
+    every point, on VE, VP and a rectified flow. [P] carries (sum a - 1) d f; under [M] it is
+    weighted by pi_prod(x), so where f != 0 (VP, flows) it does not cancel between particles.
+    Before, product nodes dropped it: on VP the increment was off by -pi_prod(x) d f, whose
+    spread over the 8 points (9.9e-4) exceeded the rate itself (|G| <= 7.6e-4); exact now to 3e-9."""
+    from superdiff.correctors import CorrectorRun
+    from superdiff.experts import ExpertList
+    from superdiff.formula import FormulaOperator
+    from superdiff.operators import StepState
+
+    tt = torch.tensor(t, dtype=F64)
+    g2, f = float(sch.g2(tt)), float(sch.f(tt))
+    assert (f == 0.0) == (sch is VE)  # f != 0 on VP and on the flow
+    x, ex, h = POINTS, [A, B, U], 0.25 * t  # U plays an ordinary third expert "c" here
+    op = FormulaOperator('("a" & "b") | "c"', and_mode="product")
+
+    def lq(xx, tt_=tt):
+        return torch.stack([e.log_prob(xx, tt_, sch) for e in ex], -1)
+
+    def logp(xx, tt_):
+        return torch.logsumexp(torch.stack([lq(xx, tt_)[:, :2].sum(-1), lq(xx, tt_)[:, 2]], -1), -1)
+
+    def drift(xx):
+        k = op.kappa(StepState(lq(xx), 0, 10))
+        return -f * xx + g2 * torch.einsum("bc,cbd->bd", k, torch.stack([e.score(xx, tt, sch) for e in ex]))
+
+    exact, score = _fk_rate_of(logp, drift, x, tt, g2, dt=1e-6 * t)
+    assert torch.allclose((drift(x) + f * x) / g2, score, atol=1e-6)  # the drift is p's score
+    run = CorrectorRun(Corrector(particles=2), ExpertList(ex), x, lq(x), sch,
+                       torch.tensor([t, t - h, 0.0], dtype=F64), op, torch.Generator().manual_seed(0), 1.0, F64, F64)
+    run.experts.evaluate(x, tt, sch)  # the step's own evaluation at (x, t)
+    G = run._increment(1, tt, tt - h, lq(x), op.kappa(StepState(lq(x), 0, 10))) / h
+    assert torch.allclose(G, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max())), (G - exact)
 
 
 def _cfg_net(experts):

@@ -253,6 +253,27 @@ def test_errors_before_any_compute(pipe, kwargs, match):
     assert [c.calls for c in counters] == [0, 0]
 
 
+def test_smc_on_an_or_needing_log_q_u_is_refused_before_the_text_encoders(pipe):
+    """("a" & "b") | "c" in product mode under classifier-free guidance: the branches' kappa
+    sums (2, 1) differ, so SMC's target needs the untracked log q_u (Corrector.check with
+    has_uncond). The pipeline knows the unconditional branch from guidance_scale > 1, so the
+    call is refused while it is planned, with no text-encoder or UNet forward (before: only in
+    sample(), after the text encoding). Without guidance there is no unconditional branch and
+    the same call samples."""
+    counters = [CallCounter(pipe.unet), CallCounter(pipe.text_encoder)]
+    kw = dict(compose='("a" & "b") | "c"', and_mode="product", corrector="smc:2", sampler="sde",
+              num_inference_steps=2, height=16, width=16, output_type="latent", generator=gen(0))
+    try:
+        with pytest.raises(ValueError, match=r'no tracked target for the OR \("a" & "b"\) \| "c"'):
+            pipe(guidance_scale=7.5, **kw)
+        assert [c.calls for c in counters] == [0, 0]
+        out = pipe(guidance_scale=1.0, **kw)
+    finally:
+        for c in counters:
+            c.remove()
+    assert counters[0].calls > 0 and out.images.shape[0] == 1
+
+
 def _flow_expert():
     return UNetExpert(tiny_sd_unet(1), scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler",
                                                          "num_train_timesteps": 1000})
