@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from superdiff.compose import Composition, ModelCache, image_grid, run_composition
+from superdiff.compose import Composition, run_composition
+from superdiff.images import image_grid
+from superdiff.model_loading import ModelCache
 from superdiff.correctors import make_corrector
 from superdiff.shapes import oracle, world
 

@@ -45,7 +45,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from superdiff.compose import Composition, ModelCache, image_grid, run_composition  # noqa: E402
+from superdiff.compose import Composition, run_composition  # noqa: E402
+from superdiff.images import image_grid  # noqa: E402
+from superdiff.model_loading import ModelCache  # noqa: E402
 from superdiff.shapes import features, oracle, world  # noqa: E402
 
 OUT_FULL = ROOT / "benchmarks" / "results" / "report"

@@ -60,8 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .compose import (OPERATOR_PARAMS, PARAM_UNSET, PNG_KEY, Composition, ModelCache, OPERATOR_CHOICES, draw_seed,
-                      foreign_params, prepare_composition, run_composition, save_png)
+from .compose import (OPERATOR_CHOICES, OPERATOR_PARAMS, PARAM_UNSET, Composition, draw_seed, foreign_params,
+                      prepare_composition, run_composition)
+from .images import PNG_KEY, save_png
+from .model_loading import ModelCache
 
 __all__ = ["Task", "JobError", "parse_jobs", "expand_tasks", "run_batch", "BatchSummary"]
 

@@ -93,7 +93,8 @@ class quiet_libraries:
 
 
 def _composition_from_args(args: argparse.Namespace):
-    from .compose import OPERATOR_PARAMS, PARAM_UNSET, draw_seed, foreign_params, prepare_composition, read_png_composition
+    from .compose import OPERATOR_PARAMS, PARAM_UNSET, draw_seed, foreign_params, prepare_composition
+    from .images import read_png_composition
 
     if args.from_png and args.config:
         raise ValueError("give --from-png or --config, not both (flags given with either override its fields)")
@@ -211,7 +212,9 @@ def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .compose import ModelCache, image_grid, read_png_composition, run_composition, save_png
+    from .compose import run_composition
+    from .images import image_grid, read_png_composition, save_png
+    from .model_loading import ModelCache
 
     comp = _composition_from_args(args)
     out = Path(args.out)

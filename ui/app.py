@@ -18,7 +18,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from superdiff.compose import DEFAULT_COMPOSITION, Composition, ModelCache  # noqa: E402
+from superdiff.compose import DEFAULT_COMPOSITION, Composition  # noqa: E402
+from superdiff.model_loading import ModelCache  # noqa: E402
 
 from . import handlers as H  # noqa: E402
 

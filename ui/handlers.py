@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from superdiff.compose import (DEFAULT_COMPOSITION, DTYPES, ESTIMATOR_CHOICES, OPERATOR_CHOICES, OPERATOR_PARAMS,
-                               PARAM_UNSET, SAMPLER_CHOICES, Composition, ModelCache, check_experts, check_safetensors,
-                               draw_seed, image_grid, read_png_composition, run_composition, save_png)
+                               PARAM_UNSET, SAMPLER_CHOICES, Composition, check_experts, draw_seed, run_composition)
+from superdiff.images import image_grid, read_png_composition, save_png
+from superdiff.model_loading import ModelCache, check_safetensors
 
 log = logging.getLogger("superdiff.ui")
 
@@ -572,7 +573,7 @@ def model_choices(allow_roots: Sequence[str | os.PathLike] = (), max_depth: int 
 def model_kind(name: str, cache: ModelCache) -> str | None:
     """'sd', 'sdxl', 'sd3', 'flux' or 'unet2d' for bundled and allow-listed local models (raises ValueError
     for refused paths); None for hub ids (not looked up: that would need the network)."""
-    from superdiff.compose import model_kind
+    from superdiff.model_loading import model_kind
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError("model: choose a model")
@@ -992,7 +993,7 @@ def compare_grid(items: Sequence[ResultItem], path: str | os.PathLike, base: Com
     """The compare-methods results as one labelled PNG, an A1111-style X/Y plot: one row per
     method, one column per seed. Its text chunks carry `base` (superdiff) and every tile's
     composition (superdiff_grid)."""
-    from superdiff.compose import GRID_KEY
+    from superdiff.images import GRID_KEY
 
     methods = list(dict.fromkeys(it.method for it in items))
     seeds = sorted({it.record.seed for it in items})
