@@ -461,66 +461,11 @@ def make_corrector(spec: Any) -> Corrector | None:
     raise ValueError(f"cannot make a corrector from {type(spec).__name__}; give a string, a dict or a Corrector")
 
 
-class GuidedLeaves(Operator):
-    """An operator evaluated on the guided leaves' log-densities w log q_i: the drift of SMC
-    under guidance w with a shared unconditional branch u (docs/correctors.md, "Guidance and
-    the unconditional branch"). The target is the operator's tree over the guided leaves
-    q_u^(1-w) q_i^w; a child with kappa sum k is q_u^((1-w) k) times the child at the leaf
-    values w log q_i, so in every OR whose children's kappa sums agree (the others are refused
-    by Corrector.check) the q_u factors cancel in pi = softmax(log w_c + log p~_c), and kappa
-    is the operator's at w log q_i. Everything else is the wrapped operator's."""
+class _Wrapped(Operator):
+    """An operator around another: name, properties, kappa, validation, params and fields are
+    the wrapped operator's unless a subclass says otherwise."""
 
-    def __init__(self, operator: Any, guidance_scale: float) -> None:
-        self.operator = operator
-        self.w = float(guidance_scale)
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.operator.name
-
-    @property
-    def needs_linear_model(self) -> bool:  # type: ignore[override]
-        return self.operator.needs_linear_model
-
-    @property
-    def needs_logq(self) -> bool:  # type: ignore[override]
-        return self.operator.needs_logq
-
-    @property
-    def affine(self) -> bool:  # type: ignore[override]
-        return self.operator.affine
-
-    def kappa(self, state: Any) -> Tensor:
-        from .operators import StepState
-
-        return self.operator.kappa(StepState(self.w * state.logq, state.step, state.num_steps, state.linear_model))
-
-    def validate(self, num_experts: int) -> None:
-        self.operator.validate(num_experts)
-
-    def params(self) -> dict[str, Any]:
-        return self.operator.params()
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "operator":
-            raise AttributeError(name)
-        return getattr(self.operator, name)
-
-    def __repr__(self) -> str:
-        return f"GuidedLeaves({self.operator!r}, w={self.w:g})"
-
-
-class Corrected(Operator):
-    """An operator together with the corrector that follows each of its steps. Every pipeline
-    takes an Operator instance, so `operator=Corrected(op, "smc:8")` reaches
-    `superdiff.sampling.sample`, which runs both; kappa, validation and the name are the
-    wrapped operator's."""
-
-    def __init__(self, operator: Any, corrector: Any) -> None:
-        from .operators import make_operator
-
-        self.operator = make_operator(operator)
-        self.corrector = make_corrector(corrector)
+    _own_fields = ("operator",)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -545,15 +490,55 @@ class Corrected(Operator):
         self.operator.validate(num_experts)
 
     def params(self) -> dict[str, Any]:
+        return self.operator.params()
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped operator's own fields (weights, temperature, ...)
+        if name in self._own_fields:
+            raise AttributeError(name)
+        return getattr(self.operator, name)
+
+
+class GuidedLeaves(_Wrapped):
+    """An operator evaluated on the guided leaves' log-densities w log q_i: the drift of SMC
+    under guidance w with a shared unconditional branch u (docs/correctors.md, "Guidance and
+    the unconditional branch"). The target is the operator's tree over the guided leaves
+    q_u^(1-w) q_i^w; a child with kappa sum k is q_u^((1-w) k) times the child at the leaf
+    values w log q_i, so in every OR whose children's kappa sums agree (the others are refused
+    by Corrector.check) the q_u factors cancel in pi = softmax(log w_c + log p~_c), and kappa
+    is the operator's at w log q_i. Everything else is the wrapped operator's."""
+
+    def __init__(self, operator: Any, guidance_scale: float) -> None:
+        self.operator = operator
+        self.w = float(guidance_scale)
+
+    def kappa(self, state: Any) -> Tensor:
+        from .operators import StepState
+
+        return self.operator.kappa(StepState(self.w * state.logq, state.step, state.num_steps, state.linear_model))
+
+    def __repr__(self) -> str:
+        return f"GuidedLeaves({self.operator!r}, w={self.w:g})"
+
+
+class Corrected(_Wrapped):
+    """An operator together with the corrector that follows each of its steps. Every pipeline
+    takes an Operator instance, so `operator=Corrected(op, "smc:8")` reaches
+    `superdiff.sampling.sample`, which runs both; kappa, validation and the name are the
+    wrapped operator's."""
+
+    _own_fields = ("operator", "corrector")
+
+    def __init__(self, operator: Any, corrector: Any) -> None:
+        from .operators import make_operator
+
+        self.operator = make_operator(operator)
+        self.corrector = make_corrector(corrector)
+
+    def params(self) -> dict[str, Any]:
         p = dict(self.operator.params())
         if self.corrector is not None:
             p["corrector"] = self.corrector.params()
         return p
-
-    def __getattr__(self, name: str) -> Any:  # the wrapped operator's own fields (weights, temperature, ...)
-        if name in ("operator", "corrector"):
-            raise AttributeError(name)
-        return getattr(self.operator, name)
 
     def __repr__(self) -> str:
         return f"Corrected({self.operator!r}, {self.corrector!r})"

@@ -435,7 +435,8 @@ def test_bad_corrector_settings_are_refused(spec, msg):
         make_corrector(spec)
 
 
-def test_smc_refusals_come_before_compute():
+def _counting_pair(prediction_type: str = "epsilon"):
+    """Two 2-D experts that record each prediction in `calls` (refusals must come before any)."""
     calls = []
 
     class Counting(GaussianMixtureExpert):
@@ -443,7 +444,12 @@ def test_smc_refusals_come_before_compute():
             calls.append(1)
             return super().predict(x, t, schedule)
 
-    e = [Counting([[0.0, 0.0]], 1.0), Counting([[1.0, 0.0]], 1.0)]
+    kw = {} if prediction_type == "epsilon" else {"prediction_type": prediction_type}
+    return [Counting([[0.0, 0.0]], 1.0, **kw), Counting([[1.0, 0.0]], 1.0, **kw)], calls
+
+
+def test_smc_refusals_come_before_compute():
+    e, calls = _counting_pair()
     with pytest.raises(ValueError, match="not a density"):
         sample(e, VE, 5, operator="and", shape=(2, 2), progress=False, corrector="smc:4")
     with pytest.raises(ValueError, match="stochastic integrator"):
@@ -451,13 +457,13 @@ def test_smc_refusals_come_before_compute():
                corrector="smc:4")
     from superdiff.schedules import RectifiedFlow
 
-    flow = [Counting([[0.0, 0.0]], 1.0, prediction_type="flow"), Counting([[1.0, 0.0]], 1.0, prediction_type="flow")]
+    flow, flow_calls = _counting_pair("flow")
     with pytest.raises(ValueError, match="potential is infinite on the first step"):
         sample(flow, RectifiedFlow(), 5, operator="or", shape=(2, 2), progress=False, corrector="smc:4")
     with pytest.raises(ValueError, match="need not sum to one"):  # the product's reference, first
         sample(flow, RectifiedFlow(), 5, operator=AverageOperator([1.0, 1.0]), shape=(2, 2), progress=False,
                corrector="smc:4")
-    assert calls == []
+    assert calls == [] and flow_calls == []
 
 
 def test_string_specs():
@@ -703,14 +709,7 @@ def test_logq_init_with_smc_is_refused_before_compute():
     """The K - 1 extra particles start from the prior, where the caller's log q does not hold:
     before, particle 0 kept logq_init and the others the prior value, so the initial weights
     mixed the two (ESS / K = 1 / K after the first step). One particle (MCMC alone) keeps it."""
-    calls = []
-
-    class Counting(GaussianMixtureExpert):
-        def predict(self, x, t, schedule):
-            calls.append(1)
-            return super().predict(x, t, schedule)
-
-    e = [Counting([[0.0, 0.0]], 1.0), Counting([[1.0, 0.0]], 1.0)]
+    e, calls = _counting_pair()
     init = torch.zeros(2, 2, dtype=F64)
     with pytest.raises(ValueError, match=r"logq_init cannot be combined with SMC \(particles=4\)"):
         sample(e, VE, 4, operator=AverageOperator([1.0, 1.0]), shape=(2, 2), logq_init=init, progress=False,
