@@ -319,16 +319,19 @@ class _LayerState:
 def _restore_user_state(net: torch.nn.Module, before: Sequence[_LayerState]) -> None:
     """The network's adapters as the user left them before SuperDiff loaded its own: every layer
     that existed back as it was; a layer made for SuperDiff's adapters with the active set and
-    on/off state the other layers had (switched off when the network had no LoRA layers), so
-    that SuperDiff's adapters act only in its routed forward."""
+    on/off state the other layers had, so that SuperDiff's adapters act only in its routed
+    forward. When the network had no LoRA layers, the new ones are switched on with no active
+    adapter: the plain network, as before, and an adapter the user loads or activates later
+    acts as in diffusers (diffusers' load_lora_weights / set_adapters never switch a layer
+    back on, so a switched-off layer would silently ignore it, and enable_lora() would have
+    turned SuperDiff's last adapter on)."""
     for s in before:
         s.restore()
     old = {id(s.layer) for s in before}
-    active, disabled = (list(before[0].active), before[0].disabled) if before else (None, True)
+    active, disabled = (list(before[0].active), before[0].disabled) if before else ([], False)
     for m in _lora_layers(net):
         if id(m) not in old:
-            if active is not None:
-                m._active_adapter = list(active)
+            m._active_adapter = list(active)
             m._disable_adapters = disabled
 
 

@@ -781,7 +781,8 @@ def run_composition(comp: Composition, cache: ModelCache | None = None, *,
                 return {}
 
             g = torch.Generator(device=device.type if device.type != "mps" else "cpu").manual_seed(comp.seed + i)
-            out = pipe(generator=g, output_type="pil", callback_on_step_end=callback, **kw)
+            with cache.call_lock(pipe):  # one call at a time on a shared pipeline
+                out = pipe(generator=g, output_type="pil", callback_on_step_end=callback, **kw)
             images.append(out.images[0])
             traces.append(out.trace)
             records.append(comp.image_record(i))

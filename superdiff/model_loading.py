@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,6 +146,7 @@ class ModelCache:
         self.device = device
         self._pipes: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._call_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
         self.loads = 0  # how many times a model was actually loaded (not served from the cache)
 
     def resolve(self, name: str, what: str = "model") -> str:
@@ -222,6 +224,18 @@ class ModelCache:
             while len(self._pipes) > self.max_models:
                 self._pipes.popitem(last=False)
         return pipe, kind, extras
+
+    def call_lock(self, pipe: Any) -> threading.Lock:
+        """The lock to hold around each call of `pipe`: a pipeline is shared by every job that
+        names its model (the studio runs several at once), and a call changes its state while
+        it runs (LoRA adapters routed per row and their scales, the interrupt flag, the
+        callback's properties), so two calls on one pipeline at once would sample under each
+        other's state."""
+        with self._lock:
+            lock = self._call_locks.get(pipe)
+            if lock is None:
+                lock = self._call_locks[pipe] = threading.Lock()
+            return lock
 
     def clear(self) -> None:
         with self._lock:

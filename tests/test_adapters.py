@@ -197,8 +197,9 @@ def test_bad_adapters_are_refused_before_any_compute(pipe, loras, tmp_path, requ
     refused("diffusers loaded", adapters=[tmp_path / "lora-mixed"], operator="single")
     from peft.tuners.lora import LoraLayer
 
-    # plain calls run the base: every LoRA layer is switched off or holds no adapter any more
-    assert all(m.disable_adapters or not m.lora_A for m in pipe.unet.modules() if isinstance(m, LoraLayer))
+    # plain calls run the base: every LoRA layer is switched off, has no active adapter or holds none any more
+    assert all(m.disable_adapters or not m.active_adapters or not m.lora_A
+               for m in pipe.unet.modules() if isinstance(m, LoraLayer))
     # a LoRA that also adapts the text encoder (its text part would be shared by every expert)
     unet_part = {k[len("unet."):]: v for k, v in sd.items()}
     q = "text_model.encoder.layers.0.self_attn.q_proj"
@@ -474,6 +475,26 @@ def test_the_users_own_adapters_are_as_they_were_after_every_adapter_call(tiny_l
     np.testing.assert_array_equal(_image(pipe, operator="single"), base)  # still switched off
     pipe.enable_lora()
     np.testing.assert_array_equal(_image(pipe, operator="single"), styled)
+
+
+def test_a_lora_the_user_loads_after_an_adapter_call_acts_as_in_diffusers(tiny_loras):
+    """On a pipeline without LoRAs, SuperDiff's layers are left on with no active adapter: an
+    ordinary call is the base network, a LoRA loaded afterwards acts as in diffusers, and
+    enable_lora() does not turn SuperDiff's adapters on (before, the layers were left switched
+    off with SuperDiff's last adapter active: the user's LoRA was silently ignored)."""
+    ref = _tiny_sd(theirs=True)
+    base = ref("a red cat", generator=gen(0), **{k: v for k, v in TINY.items() if k != "sampler"}).images
+    ref.load_lora_weights(tiny_loras["user"], adapter_name="style")
+    styled = ref("a red cat", generator=gen(0), **{k: v for k, v in TINY.items() if k != "sampler"}).images
+    pipe = _tiny_sd()
+    _image(pipe, adapters=[tiny_loras["a"], tiny_loras["b"]], operator="and")
+    np.testing.assert_allclose(_image(pipe, operator="single"), base, atol=1e-5)
+    pipe.enable_lora()
+    np.testing.assert_allclose(_image(pipe, operator="single"), base, atol=1e-5)
+    pipe.load_lora_weights(tiny_loras["user"], adapter_name="style")
+    np.testing.assert_allclose(_image(pipe, operator="single"), styled, atol=1e-5)
+    _image(pipe, adapters=[tiny_loras["a"], tiny_loras["b"]], operator="and")  # and after another adapter call
+    np.testing.assert_allclose(_image(pipe, operator="single"), styled, atol=1e-5)
 
 
 def test_an_adapter_the_user_loaded_under_the_same_name_is_never_replaced(tiny_loras):

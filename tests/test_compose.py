@@ -196,3 +196,58 @@ def test_a1111_lora_tag_forms_that_cannot_apply_are_refused(tag, needle):
 
     with pytest.raises(ValueError, match=f"adapters: <lora:{tag}>: {needle}"):
         parse_lora(tag)
+
+
+def test_jobs_that_share_a_cached_pipeline_call_it_one_at_a_time():
+    """The studio runs jobs in parallel threads on one ModelCache; a pipeline call changes the
+    pipeline's state while it runs (LoRA routing and scales, the interrupt flag), so calls on one
+    pipeline must not overlap: a LoRA merge next to a plain AND gave the plain job wrong pixels.
+    Both jobs give the images they give alone."""
+    import threading
+    import time
+
+    cache = ModelCache()
+    real_pipeline = cache.pipeline
+    active, most = [0], [0]
+
+    class Watched:
+        """The cached pipeline, with its calls watched for overlap."""
+
+        def __init__(self, pipe):
+            self._pipe = pipe
+
+        def __getattr__(self, name):
+            return getattr(self._pipe, name)
+
+        def __call__(self, *args, **kwargs):
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            time.sleep(0.05)  # room for the other thread to enter
+            try:
+                return self._pipe(*args, **kwargs)
+            finally:
+                active[0] -= 1
+
+    watched = {}
+
+    def pipeline(*a, **kw):
+        pipe, kind, extras = real_pipeline(*a, **kw)
+        return watched.setdefault(id(pipe), Watched(pipe)), kind, extras
+
+    cache.pipeline = pipeline
+    lora = Composition(model="shapes-t2i", prompts=["a circle"], operator="merge", steps=3, seed=3,
+                       adapters=["lora-orange", "lora-outline"])
+    plain = Composition(model="shapes-t2i", prompts=["a circle", "something red"], operator="and", steps=3, seed=3)
+    alone = {k: np.asarray(run_composition(c, cache, progress=False).images[0]) for k, c in (("lora", lora),
+                                                                                            ("plain", plain))}
+    got = {}
+    threads = [threading.Thread(target=lambda k=k, c=c: got.__setitem__(
+        k, np.asarray(run_composition(c, cache, progress=False).images[0]))) for k, c in (("lora", lora),
+                                                                                          ("plain", plain))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    for k in alone:
+        np.testing.assert_array_equal(got[k], alone[k])
