@@ -138,6 +138,18 @@ def test_compare_needs_two_experts():
         H.compare_methods(Composition(prompts=["a circle"]))
 
 
+@pytest.mark.parametrize("prompts", [["a circle", "a circle"], ["a circle", "a square"]])
+def test_compare_expansion_of_lora_rows(prompts):
+    """Two LoRA rows are two experts (also on one prompt), and the joint prompt, which takes no
+    adapters, is left out (before, the compare refused both forms)."""
+    form = {"model": "shapes-t2i", "rows": 2, "operator": "and", "steps": 2, "prompts": prompts,
+            "loras": ["lora-orange", "lora-outline"], "lora_scales": [1.0, 0.8]}
+    comp, _ = H.parse_form(form)
+    jobs = H.compare_methods(comp)
+    assert [label for label, _ in jobs] == ["average", "OR", "AND"]
+    assert all(c.adapters == comp.adapters for _, c in jobs)
+
+
 # ---- settings JSON --------------------------------------------------------------------------------
 def test_settings_json_round_trip_and_envelope():
     c = Composition(prompts=["a", "b"], operator="or", temperature=math.inf, bias=[0.5, -0.5], seed=3)
@@ -416,6 +428,11 @@ def test_lora_uploads_take_only_safetensors_loras(tmp_path):
     assert Path(H.store_lora_upload(other, store)).name == "my-style-v2-2.safetensors"
     values = [v for _, v in H.lora_choices(store)]
     assert values[:3] == ["", "lora-orange", "lora-outline"] and kept in values
+    # an upload named like a bundled adapter gets its own name: both can be picked in one call
+    clash = tmp_path / "up3" / "lora-orange.safetensors"
+    clash.parent.mkdir()
+    save_file({"unet.b.lora_A.weight": torch.zeros(1, 2)}, clash)
+    assert Path(H.store_lora_upload(clash, store)).name == "lora-orange-2.safetensors"
 
 
 def test_an_uploaded_lora_runs_from_its_row_and_its_png_reproduces(cache, tmp_path):

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from superdiff.compose import (DEFAULT_COMPOSITION, DTYPES, ESTIMATOR_CHOICES, OPERATOR_CHOICES, OPERATOR_PARAMS,
-                               PARAM_UNSET, SAMPLER_CHOICES, Composition, check_experts, draw_seed, run_composition)
+                               PARAM_UNSET, SAMPLER_CHOICES, Composition, check_experts, draw_seed, num_experts,
+                               run_composition)
 from superdiff.images import image_grid, read_png_composition, save_png
 from superdiff.model_loading import ModelCache, check_safetensors
 
@@ -315,9 +316,7 @@ def for_operator(comp: Composition, operator: str) -> Composition:
         raise ValueError(f"operator: unknown operator {operator!r}; choose one of {', '.join(OPERATOR_CHOICES)}")
     changes: dict[str, Any] = {k: unset for k, unset in PARAM_UNSET.items() if k not in OPERATOR_PARAMS[op]}
     c = comp.replace(operator=op, **changes)
-    n = len(c.prompts) + len(c.extra_models) if c.prompts else 1 + len(c.extra_models)
-    if c.adapters:  # adapter rows: one expert per adapter (and prompt)
-        n = sum(1 if a.get("prompt") else max(1, len(c.prompts)) for a in c.adapters) + len(c.extra_models)
+    n = num_experts(c)
     if op == "and" and c.lift is not None and n != 2:
         raise ValueError(f"lift: the lift offsets log q_1 - log q_2 and needs exactly two experts, got {n}; "
                          "clear it or use two prompts")
@@ -423,15 +422,15 @@ def _fmt(v: float | int | None) -> str:
 
 def compare_methods(comp: Composition) -> list[tuple[str, Composition]]:
     """(label, composition) for joint prompt, averaging, OR and AND on the same seed and
-    settings. The joint prompt needs prompts (text-to-image) and is left out otherwise."""
-    n = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
-    if n < 2:
-        raise ValueError("prompts: comparing methods needs at least two experts (two prompts, or a model plus "
-                         "an extra model)")
+    settings. The joint prompt needs prompts (text-to-image) without LoRA rows and is left out
+    otherwise."""
+    if num_experts(comp) < 2:
+        raise ValueError("prompts: comparing methods needs at least two experts (two prompts, a model plus "
+                         "an extra model, or two LoRA rows)")
     out = []
     for op, label in COMPARE_METHODS:
-        if op == "joint" and (not comp.prompts or comp.extra_models):
-            continue  # joint prompt: one text prompt; no meaning for unconditional checkpoints
+        if op == "joint" and (not comp.prompts or comp.extra_models or comp.adapters):
+            continue  # joint prompt: one text prompt on the base model; no meaning for checkpoints or LoRA rows
         out.append((label, for_operator(comp, op)))
     return out
 
@@ -725,7 +724,8 @@ def store_lora_upload(path: str | os.PathLike | None, upload_dir: str | os.PathL
     """Keep an uploaded LoRA for the pickers and return its stored path. Only a .safetensors
     file whose header reads and which holds LoRA tensors is kept (pickled .bin / .pt / .ckpt
     files can run code when loaded: refused). The file name (its adapter name) is made safe;
-    another file under a taken name gets a numbered name, the same file again keeps its own."""
+    another file under a taken name, or under a bundled adapter's name, gets a numbered name;
+    the same file again keeps its own."""
     from superdiff.pipelines.adapters import file_sha256
 
     if path is None or _blank(str(path)):
@@ -755,7 +755,8 @@ def store_lora_upload(path: str | os.PathLike | None, upload_dir: str | os.PathL
     dest.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", src.stem).strip("-") or "lora"
     sha = file_sha256(src)
-    for k in range(1, 1000):
+    first = 2 if stem in bundled_adapters() else 1  # a bundled adapter's name would clash with it in one call
+    for k in range(first, 1000):
         target = dest / (f"{stem}.safetensors" if k == 1 else f"{stem}-{k}.safetensors")
         if not target.exists():
             shutil.copyfile(src, target)
