@@ -17,7 +17,7 @@ import torch
 from superdiff.schedules import make_betas
 
 __all__ = ["VP_KINDS", "FLOW_TRANSFORMERS", "UNetExpert", "load_unet", "as_unet_expert", "network_info",
-           "check_compatible", "TransformerExpert", "load_transformer", "as_transformer_expert", "transformer_info",
+           "check_compatible", "check_not_guidance_distilled", "TransformerExpert", "load_transformer", "as_transformer_expert", "transformer_info",
            "check_transformer_compatible", "mixed_families_message", "check_flow_layout", "check_flow_checkpoint"]
 
 VP_KINDS = ("epsilon", "sample", "v_prediction")
@@ -185,6 +185,17 @@ def network_info(unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | No
     }
 
 
+def check_not_guidance_distilled(info: Mapping[str, Any], who: str) -> None:
+    """Refuse (ValueError) a guidance-distilled UNet (LCM-style, config.time_cond_proj_dim set),
+    the pipeline's own UNet or an expert: it expects its guidance scale as `timestep_cond` and
+    no classifier-free guidance, and the composition gives it neither."""
+    if info.get("time_cond_proj_dim") is not None:
+        raise ValueError(f"{who} is guidance-distilled (time_cond_proj_dim={info['time_cond_proj_dim']} set, "
+                         "LCM-style): it expects its guidance as timestep_cond and no classifier-free guidance, "
+                         "which the SuperDiff composition does not give; it cannot be composed here. Use a "
+                         "standard (not guidance-distilled) UNet")
+
+
 def check_compatible(base: Mapping[str, Any], other: Mapping[str, Any], text_dim: int | None = None) -> None:
     """Refuse (ValueError) an expert network that cannot share the base network's space and
     noise process. Called for every expert before any compute."""
@@ -213,8 +224,7 @@ def check_compatible(base: Mapping[str, Any], other: Mapping[str, Any], text_dim
         if other[key] is not None and base[key] is not None and not math.isclose(float(other[key]), float(base[key])):
             raise ValueError(f"{who} was trained with {what} {other[key]}, {ref} with {base[key]}: they do not "
                              "share a latent space")
-    if other["time_cond_proj_dim"] is not None:
-        raise ValueError(f"{who} is guidance-distilled (time_cond_proj_dim set); it cannot be composed here")
+    check_not_guidance_distilled(other, who)
     if other["class"] == "UNet2DConditionModel":
         if text_dim is None:
             raise ValueError(f"{who} is text-conditional, but this pipeline has no text encoder")

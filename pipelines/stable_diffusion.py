@@ -19,11 +19,14 @@ from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline,
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.models.lora import adjust_lora_scale_text_encoder
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from superdiff.pipelines import _common as C
 from superdiff.pipelines import adapters as A
+from superdiff.pipelines._checkpoints import check_not_guidance_distilled
 
 __all__ = ["SuperDiffStableDiffusionPipeline"]
 
@@ -79,8 +82,44 @@ class SuperDiffStableDiffusionPipeline(
         self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     # diffusers' own implementations (textual inversion, LoRA scale and clip_skip included)
-    encode_prompt = StableDiffusionPipeline.encode_prompt
     run_safety_checker = StableDiffusionPipeline.run_safety_checker
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        """diffusers' StableDiffusionPipeline.encode_prompt, except the prompt encoding with
+        clip_skip when the text encoder has no `.text_model` (transformers >= 5: CLIPTextModel
+        is itself the text transformer, and diffusers' text_encoder.text_model.final_layer_norm
+        fails): then `_clip_skip_embeds` gives diffusers' hidden_states[-(clip_skip + 1)]
+        through the final layer norm, and diffusers does the rest (negatives, repeats, dtype)."""
+        te = self.text_encoder
+        if clip_skip is not None and prompt_embeds is None and te is not None and not hasattr(te, "text_model"):
+            prompt_embeds = self._clip_skip_embeds(prompt, device, lora_scale, clip_skip)
+        return StableDiffusionPipeline.encode_prompt(
+            self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+            clip_skip=clip_skip)
+
+    def _clip_skip_embeds(self, prompt: str | list[str], device: torch.device, lora_scale: float | None,
+                          clip_skip: int) -> torch.Tensor:
+        """The prompt encoding of diffusers' clip_skip path (textual inversion and LoRA scale
+        included), with the final layer norm found on `.text_model` or on the encoder itself."""
+        te = self.text_encoder
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
+        tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device) if getattr(te.config, "use_attention_mask", False) else None
+        if lora_scale is not None and not USE_PEFT_BACKEND:
+            adjust_lora_scale_text_encoder(te, lora_scale)
+        scaled = lora_scale is not None and USE_PEFT_BACKEND
+        if scaled:
+            scale_lora_layers(te, lora_scale)
+        try:
+            out = te(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+            return getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+        finally:
+            if scaled:
+                unscale_lora_layers(te, lora_scale)
 
     def _encode_texts(self, texts: Sequence[str], device: torch.device, clip_skip: int | None,
                       lora_scale: float | None) -> dict[str, dict[str, torch.Tensor]]:
@@ -211,6 +250,7 @@ class SuperDiffStableDiffusionPipeline(
             self.unet.config.cross_attention_dim
         base = C.NetworkPlan(self.unet, C.network_info(self.unet, self.scheduler.config, None,
                                                        self.vae.config, "unet"), "unet")
+        check_not_guidance_distilled(base.info, "the pipeline's 'unet'")  # as every extra UNet is checked
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config, text_dim,
                                                  self.unet.dtype)
         C.check_unet_size([(n.name, n.module) for n in networks], height, width, self.vae_scale_factor)

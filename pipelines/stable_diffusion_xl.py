@@ -26,6 +26,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from superdiff.pipelines import _common as C
 from superdiff.pipelines import adapters as A
+from superdiff.pipelines._checkpoints import check_not_guidance_distilled
 
 __all__ = ["SuperDiffStableDiffusionXLPipeline"]
 
@@ -131,6 +132,9 @@ class SuperDiffStableDiffusionXLPipeline(
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
@@ -140,7 +144,10 @@ class SuperDiffStableDiffusionXLPipeline(
 
         The arguments are those of `SuperDiffStableDiffusionPipeline.__call__` plus SDXL's
         micro-conditioning (original_size, crops_coords_top_left, target_size), adapters (LoRA
-        experts, see pipelines/adapters.py) included. With
+        experts, see pipelines/adapters.py) included. negative_original_size,
+        negative_crops_coords_top_left and negative_target_size micro-condition the
+        unconditional branch as in diffusers (they apply when both sizes are given; one size
+        alone, or the crop alone, is refused rather than ignored). With
         force_zeros_for_empty_prompt (the SDXL default) and no negative prompt, the
         unconditional branch uses zero embeddings, as in diffusers.
 
@@ -158,8 +165,15 @@ class SuperDiffStableDiffusionXLPipeline(
             height, width, num_inference_steps, num_images_per_prompt, output_type, guidance_scale, max_batch_size,
             generator, sampler, callback_on_step_end, callback_on_step_end_tensor_inputs, latents=latents)
         B = int(num_images_per_prompt)
+        negative_sizes = negative_original_size is not None and negative_target_size is not None
+        if not negative_sizes and (negative_original_size is not None or negative_target_size is not None
+                                   or tuple(negative_crops_coords_top_left or (0, 0)) != (0, 0)):
+            raise ValueError("negative micro-conditioning applies (as in diffusers) only with both "
+                             "negative_original_size and negative_target_size; give both (e.g. (1024, 1024)), "
+                             "or none of the negative_* size arguments")
         base = C.NetworkPlan(self.unet, C.network_info(self.unet, self.scheduler.config, None,
                                                        self.vae.config, "unet"), "unet")
+        check_not_guidance_distilled(base.info, "the pipeline's 'unet'")  # as every extra UNet is checked
         networks, extras = C.plan_extra_networks(base, extra_unets, self.scheduler.config,
                                                  self.unet.config.cross_attention_dim, self.unet.dtype)
         C.check_unet_size([(n.name, n.module) for n in networks], height, width, self.vae_scale_factor)
@@ -186,6 +200,13 @@ class SuperDiffStableDiffusionXLPipeline(
                     - 6 * self.unet.config.addition_time_embed_dim)
         time_ids = self._get_add_time_ids(original_size, tuple(crops_coords_top_left), target_size,
                                           dtype=self.unet.dtype, text_encoder_projection_dim=proj_dim).to(device)
+        neg_time_ids = time_ids  # the unconditional branch's, as diffusers' negative_add_time_ids
+        if negative_sizes:
+            neg_time_ids = self._get_add_time_ids(tuple(negative_original_size),
+                                                  tuple(negative_crops_coords_top_left or (0, 0)),
+                                                  tuple(negative_target_size),
+                                                  dtype=self.unet.dtype,
+                                                  text_encoder_projection_dim=proj_dim).to(device)
         texts = [p.prompt for p in plans if p.prompt is not None]
         enc = self._encode_texts(texts, device, clip_skip, lora_scale, time_ids) if texts else {}
         zeros_for_empty = self.config.force_zeros_for_empty_prompt
@@ -193,7 +214,7 @@ class SuperDiffStableDiffusionXLPipeline(
             neg_texts = [p.negative or "" for p in plans
                          if p.prompt is not None and not (p.negative is None and zeros_for_empty)]
             if neg_texts:
-                enc_neg = self._encode_texts(neg_texts, device, None, lora_scale, time_ids)
+                enc_neg = self._encode_texts(neg_texts, device, None, lora_scale, neg_time_ids)
                 enc.update({("neg", k): v for k, v in enc_neg.items()})
         branches = []
         for p in plans:
@@ -205,7 +226,7 @@ class SuperDiffStableDiffusionXLPipeline(
                 branches.append(C.Branch(p.network, c, name=p.name))
             elif p.negative is None and zeros_for_empty:
                 u = {"encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"]),
-                     "text_embeds": torch.zeros_like(c["text_embeds"]), "time_ids": time_ids}
+                     "text_embeds": torch.zeros_like(c["text_embeds"]), "time_ids": neg_time_ids}
                 branches.append(C.Branch(p.network, c, u, ("zeros",), p.name))
             else:
                 neg = p.negative or ""

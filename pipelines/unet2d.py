@@ -160,7 +160,7 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         num_inference_steps: int = 50,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -200,10 +200,13 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         `class_labels` (or its UNetExpert.class_label).
 
         Args:
-            batch_size (alias num_images_per_prompt): number of samples B.
-            class_labels: the labels for class-conditional UNets (one expert each).
+            batch_size (alias num_images_per_prompt): number of samples B (default 1); give
+                one of the two, or both equal.
+            class_labels: the labels for class-conditional UNets (one expert each), each in
+                [0, num_class_embeds); refused when no UNet is class-conditional.
             guidance_scale, null_class_label: classifier-free guidance for class-conditional
-                UNets trained with a null class (> 1 needs null_class_label).
+                UNets trained with a null class (> 1 needs null_class_label, in
+                [0, num_class_embeds) of every class-conditional UNet).
             height, width: sample size (default: unet.config.sample_size times the VAE factor);
                 multiples of the VAE factor times 2**(down-sampling levels) of every UNet.
             operator ... grid_end, max_batch_size, corrector, callback_on_step_end: as in
@@ -214,7 +217,11 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
         Returns:
             SuperDiffPipelineOutput (images, trace), or (images, trace) when return_dict is False.
         """
-        B = int(num_images_per_prompt) if num_images_per_prompt is not None else batch_size
+        if batch_size is not None and num_images_per_prompt is not None and batch_size != num_images_per_prompt:
+            raise ValueError(f"batch_size={batch_size!r} and num_images_per_prompt={num_images_per_prompt!r} are "
+                             "the same setting (the number of samples) with different values; give one of them")
+        B = num_images_per_prompt if num_images_per_prompt is not None else batch_size
+        B = 1 if B is None else int(B)
         size = self.unet.config.sample_size
         sh, sw = (size, size) if isinstance(size, int) else tuple(size)
         height = height or sh * self.vae_scale_factor
@@ -237,7 +244,12 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
             plans += self._expert_plans(k, networks[k], labels)
         for e in extras:
             k = next(i for i, n in enumerate(networks) if n.module is e.unet)
+            if e.class_label is not None and not networks[k].info["class_conditional"]:
+                raise ValueError(f"extra UNet {networks[k].name!r} is unconditional (no num_class_embeds in its "
+                                 f"config), but was given class_label={e.class_label!r}, which it cannot take; "
+                                 "leave class_label out for it")
             plans += self._expert_plans(k, networks[k], labels if e.class_label is None else [e.class_label])
+        self._check_labels(networks, plans, class_labels, null_class_label)
         do_cfg, w = self._guidance(guidance_scale)
         if do_cfg:
             if null_class_label is None or not any(p.class_label is not None for p in plans):
@@ -287,6 +299,38 @@ class SuperDiffUNet2DPipeline(DiffusionPipeline, C.SuperDiffPipelineMixin):
             if not any(m.module is n.module for m in merged):
                 merged.append(n)
         return merged, extras
+
+    @staticmethod
+    def _check_labels(networks: list[C.NetworkPlan], plans: list[C.ExpertPlan], class_labels: Any,
+                      null_class_label: Any) -> None:
+        """Labels that would be ignored (no class-conditional UNet) or that lie outside a UNet's
+        class embedding table are refused before any compute."""
+        if not any(n.info["class_conditional"] for n in networks):
+            given = [k for k, v in (("class_labels", class_labels), ("null_class_label", null_class_label))
+                     if v is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} given, but none of the UNets is class-conditional (no "
+                                 "num_class_embeds in their configs), so the labels would be ignored; leave "
+                                 f"{'them' if len(given) > 1 else 'it'} out")
+            return
+
+        def table(n: C.NetworkPlan) -> int | None:  # an nn.Embedding of num_class_embeds rows
+            cfg = n.module.config
+            if getattr(cfg, "class_embed_type", None) is None and getattr(cfg, "num_class_embeds", None):
+                return int(cfg.num_class_embeds)
+            return None
+
+        for p in plans:
+            n = networks[p.network]
+            size = table(n)
+            if p.class_label is not None and size is not None and not 0 <= p.class_label < size:
+                raise ValueError(f"class label {p.class_label} is outside {n.name}'s classes 0..{size - 1} "
+                                 f"(num_class_embeds={size}); give labels in that range")
+            if null_class_label is not None and p.class_label is not None and size is not None \
+                    and not 0 <= int(null_class_label) < size:
+                raise ValueError(f"null_class_label={null_class_label} is outside {n.name}'s classes "
+                                 f"0..{size - 1} (num_class_embeds={size}); give the label its training used for "
+                                 "the unconditional (dropped) class")
 
     @staticmethod
     def _expert_plans(k: int, n: C.NetworkPlan, labels: list[int] | None) -> list[C.ExpertPlan]:

@@ -112,8 +112,14 @@ class Schedule:
 
     @property
     def time_limit(self) -> float:
-        """The largest time alpha_t and sigma_t are defined at (custom grids lie in [0, time_limit])."""
+        """The largest time alpha_t and sigma_t are defined at (custom grids lie in
+        [time_floor, time_limit])."""
         return self.t_max
+
+    @property
+    def time_floor(self) -> float:
+        """The smallest time alpha_t and sigma_t are defined at (0: the data end)."""
+        return 0.0
 
     # --- marginal coefficients -------------------------------------------------------
     def alpha(self, t: Any) -> Tensor:
@@ -231,6 +237,11 @@ class VPDiscrete(Schedule):
         u = torch.clamp(t + 1.0, 0.0, float(self.num_train_timesteps))
         hi = torch.clamp(torch.ceil(u), 1, self.num_train_timesteps).long()
         return u, hi
+
+    @property
+    def time_floor(self) -> float:
+        """t = -1, where abar = 1 (sigma = 0): the end point of the DDPM/DDIM loop (grid(end="zero"))."""
+        return -1.0
 
     def log_abar(self, t: Any) -> Tensor:
         t = _t(t)

@@ -301,6 +301,60 @@ def test_incompatible_experts_refused(pipe, make_extra, match):
     assert counter.calls == 0
 
 
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_is_diffusers_formula(pipe, clip_skip):
+    """clip_skip on a CLIPTextModel without `.text_model` (transformers >= 5; diffusers' own
+    encode_prompt raised AttributeError): the prompt embedding is hidden_states[-(clip_skip + 1)]
+    through the final layer norm, the negative one the plain last hidden state, and the call
+    samples with it."""
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    ids = tok(["a red cat"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = te(ids, output_hidden_states=True).hidden_states
+        want = getattr(te, "text_model", te).final_layer_norm(hidden[-(clip_skip + 1)])
+        emb, neg = pipe.encode_prompt("a red cat", "cpu", 2, True, clip_skip=clip_skip)
+        plain, _ = pipe.encode_prompt("a red cat", "cpu", 1, False)
+        neg_plain = te(tok([""], padding="max_length", max_length=tok.model_max_length,
+                           return_tensors="pt").input_ids)[0]
+    assert emb.shape == (2, *want.shape[1:])
+    torch.testing.assert_close(emb, want.expand(2, -1, -1))
+    torch.testing.assert_close(neg, neg_plain.expand(2, -1, -1))
+    assert not torch.allclose(emb[:1], plain)
+    kw = dict(num_inference_steps=2, generator=gen(0), operator="single", sampler="euler", output_type="latent")
+    a = pipe("a red cat", clip_skip=clip_skip, **kw).images
+    assert torch.isfinite(a).all() and not torch.equal(a, pipe("a red cat", **kw).images)
+
+
+def _guidance_distilled_unet():
+    """tiny_sd_unet with an LCM-style guidance embedding (time_cond_proj_dim)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in tiny_sd_unet(0).config.items() if not k.startswith("_")}
+    return UNet2DConditionModel(**{**config, "time_cond_proj_dim": 8}).eval()
+
+
+def test_guidance_distilled_unet_refused_as_the_pipelines_own_unet():
+    """An LCM-style UNet (time_cond_proj_dim set) as the pipeline's own UNet is refused before
+    any compute, as it is as an extra: the composition would run CFG on it and never pass the
+    timestep_cond it expects (before: a wrong image, no error)."""
+    lcm = _guidance_distilled_unet()
+    bad = SuperDiffStableDiffusionPipeline(**{**tiny_sd_components(0), "unet": lcm})
+    bad.set_progress_bar_config(disable=True)
+    counters = [CallCounter(lcm), CallCounter(bad.text_encoder)]
+    try:
+        for gs in (7.5, 1.0):
+            with pytest.raises(ValueError, match=r"the pipeline's 'unet' is guidance-distilled \(time_cond_proj_dim"):
+                bad("a red cat", guidance_scale=gs, num_inference_steps=2, output_type="latent")
+        with pytest.raises(ValueError, match=r"expert network 'unet_2' is guidance-distilled"):
+            make_pipe()("a red cat", extra_unets=[lcm], num_inference_steps=2, output_type="latent")
+    finally:
+        for c in counters:
+            c.remove()
+    assert [c.calls for c in counters] == [0, 0]
+
+
 # ----------------------------------------------------------------------------- outputs, callbacks
 
 

@@ -46,6 +46,25 @@ def test_parity_with_diffusers_sdxl_euler(comps, pipe, negative_prompt):
     assert np.abs(out.images - a).max() <= 1e-4
 
 
+@pytest.mark.parametrize("negative_prompt", [None, "blurry"])
+def test_negative_micro_conditioning_parity_with_diffusers(comps, pipe, negative_prompt):
+    """negative_original_size / negative_crops_coords_top_left / negative_target_size go into
+    the unconditional branch's time ids (zeroed or encoded negative), as diffusers'
+    negative_add_time_ids (before: refused as unknown arguments); one size alone is refused
+    rather than ignored."""
+    ref = StableDiffusionXLPipeline(**comps, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    neg = dict(negative_original_size=(8, 12), negative_crops_coords_top_left=(2, 1), negative_target_size=(12, 8))
+    kw = dict(negative_prompt=negative_prompt, num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    a = ref("a red cat", generator=gen(0), **neg, **kw).images
+    out = pipe("a red cat", generator=gen(0), operator="single", sampler="euler", **neg, **kw).images
+    plain = pipe("a red cat", generator=gen(0), operator="single", sampler="euler", **kw).images
+    assert np.abs(out - a).max() <= 1e-4
+    assert np.abs(out - plain).max() > 1e-3  # the negative time ids did change the image
+    with pytest.raises(ValueError, match="both negative_original_size and negative_target_size"):
+        pipe("a red cat", negative_original_size=(8, 8), num_inference_steps=2)
+
+
 @pytest.mark.parametrize("operator", ["or", "and", "average"])
 @pytest.mark.parametrize("n", [2, 3])
 def test_operators_one_batched_forward_per_step(pipe, operator, n):
@@ -69,6 +88,29 @@ def test_extra_sdxl_unet_and_refusal_of_an_sd_unet(pipe):
     assert out.trace.meta["forward_calls_per_network"] == {"unet": STEPS, "unet_2": STEPS}
     with pytest.raises(ValueError, match="text embeddings of width 32|cannot be mixed"):
         pipe("a cat", extra_unets=[tiny_sd_unet(1)], num_inference_steps=STEPS)
+
+
+def test_guidance_distilled_unet_refused_as_the_pipelines_own_unet(comps):
+    """An LCM-style SDXL UNet (time_cond_proj_dim set) as the pipeline's own UNet is refused
+    before any forward, with the message an extra UNet gets (before: CFG ran on it and
+    timestep_cond was never passed)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in comps["unet"].config.items() if not k.startswith("_")}
+    lcm = UNet2DConditionModel(**{**config, "time_cond_proj_dim": 8}).eval()
+    bad = SuperDiffStableDiffusionXLPipeline(**{**comps, "unet": lcm}, add_watermarker=False)
+    bad.set_progress_bar_config(disable=True)
+    rows = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, kw: rows.append(1), with_kwargs=True)
+             for m in (lcm, comps["text_encoder"], comps["text_encoder_2"])]
+    try:
+        with pytest.raises(ValueError, match=r"the pipeline's 'unet' is guidance-distilled \(time_cond_proj_dim"):
+            bad("a cat", num_inference_steps=2, output_type="latent")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rows == []
 
 
 def test_batch_consistency_and_errors(pipe):

@@ -120,6 +120,45 @@ def test_class_conditional_with_guidance():
         pipe(class_labels=[1], guidance_scale=2.0, num_inference_steps=2)
 
 
+def test_labels_and_batch_size_that_would_be_ignored_or_crash_are_refused(pipe, unets):
+    """Before any forward: class_labels / null_class_label / UNetExpert(class_label=...) on
+    unconditional UNets (before: silently ignored), labels outside num_class_embeds (before: a
+    bare IndexError in the UNet's embedding), and batch_size with a different
+    num_images_per_prompt (before: one of them silently won)."""
+    cond = tiny_unet2d(0, num_class_embeds=5)
+    cpipe = quiet(SuperDiffUNet2DPipeline.from_unets([cond], DDPMScheduler(**SCHED)))
+    rows, hooks = count_rows([*unets, cond])
+    kw = dict(num_inference_steps=2, output_type="np")
+    try:
+        with pytest.raises(ValueError, match="class_labels given, but none of the UNets is class-conditional"):
+            pipe(class_labels=[3, 7], **kw)
+        with pytest.raises(ValueError, match="class_labels and null_class_label given, but none"):
+            pipe(class_labels=[3], null_class_label=0, guidance_scale=3.0, **kw)
+        with pytest.raises(ValueError, match="null_class_label given, but none"):
+            pipe(null_class_label=0, **kw)
+        with pytest.raises(ValueError, match="extra UNet 'unet_3' is unconditional .* class_label=2"):
+            pipe(extra_unets=[UNetExpert(unets[2], class_label=2)], **kw)
+        with pytest.raises(ValueError, match=r"class label 12 is outside unet's classes 0\.\.4"):
+            cpipe(class_labels=[1, 12], **kw)
+        with pytest.raises(ValueError, match=r"class label -1 is outside"):
+            cpipe(class_labels=-1, **kw)
+        with pytest.raises(ValueError, match=r"null_class_label=5 is outside unet's classes 0\.\.4"):
+            cpipe(class_labels=[3], null_class_label=5, guidance_scale=2.0, **kw)
+        with pytest.raises(ValueError, match=r"class label 9 is outside unet_2's classes"):
+            cpipe(extra_unets=[UNetExpert(tiny_unet2d(1, num_class_embeds=5), class_label=9)], class_labels=[1],
+                  **kw)
+        with pytest.raises(ValueError, match="batch_size=3 and num_images_per_prompt=2 .* give one of them"):
+            pipe(batch_size=3, num_images_per_prompt=2, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(r == [] for r in rows.values())
+    # either one alone, or both equal, sets the batch
+    for given in (dict(batch_size=2), dict(num_images_per_prompt=2), dict(batch_size=2, num_images_per_prompt=2)):
+        assert pipe(**given, generator=gen(0), **kw).images.shape[0] == 2
+    assert pipe(generator=gen(0), **kw).images.shape[0] == 1
+
+
 def _save_checkpoint(path, unet, sched_kw=SCHED, vae=None):
     unet.save_pretrained(path / "unet")
     DDPMScheduler(**sched_kw).save_pretrained(path / "scheduler")

@@ -108,3 +108,24 @@ def test_bad_schedule_parameters_are_refused():
         RectifiedFlow(t_min=0.5, t_max=0.2)
     with pytest.raises(ValueError, match="end"):
         RectifiedFlow().grid(10, end="middle")
+
+
+def test_vp_default_grid_is_a_valid_custom_grid():
+    """VPDiscrete's own grid ends at t = -1 (abar = 1, the DDPM/DDIM end): its time_floor is -1,
+    so sample(timesteps=grid) takes that grid back and gives what the default grid gives; a
+    time below -1 is refused with the valid range named. VE and flow keep floor 0."""
+    from superdiff.experts import GaussianMixtureExpert
+    from superdiff.sampling import sample
+
+    vp = VPDiscrete(make_betas(), timestep_spacing="linspace")
+    assert vp.time_floor == -1.0 and VESigma.from_betas(make_betas()).time_floor == 0.0
+    assert RectifiedFlow().time_floor == 0.0
+    ex = [GaussianMixtureExpert([[1.0, -1.0]], 0.5), GaussianMixtureExpert([[-1.0, 0.5]], 0.3)]
+    kw = dict(operator="or", integrator="ddpm", shape=(2, 2), progress=False, dtype=torch.float64)
+    default = sample(ex, vp, 5, generator=torch.Generator().manual_seed(0), **kw)
+    grid = vp.grid(5)
+    assert float(grid[-1]) == -1.0
+    custom = sample(ex, vp, None, timesteps=grid, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(custom.samples, default.samples)
+    with pytest.raises(ValueError, match=r"outside .* times \[-1, 999\] .*the last one -1 or above"):
+        sample(ex, vp, None, timesteps=[500.0, -1.5], **kw)
