@@ -113,8 +113,9 @@ def eps_x0_coefficients(kind: str, alpha: float, sigma: float) -> tuple[float, f
         r = math.sqrt(a * a + s * s)
         av, bv = a / r, s / r
         return bv / r, av, av / r, -bv
-    if kind == "flow":
-        return 1.0, a, 1.0, -s
+    if kind == "flow":  # eps = (x + a u) / (a + s), x0 = (x - s u) / (a + s); a + s = 1 on the rectified flow
+        r = a + s
+        return fdiv(1.0, r), fdiv(a, r), fdiv(1.0, r), fdiv(-s, r)
     raise ValueError(f"unknown prediction type {kind!r}; expected epsilon, sample, v_prediction or flow")
 
 

@@ -295,6 +295,14 @@ class NetworkExperts(ExpertSet):
                            and (not self.has_uncond or (self._shared_uncond
                                                         and self._uncond_row[0] == (self.branches[0].network, M))))
 
+    @property
+    def member_kinds(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(self.networks[n].prediction_type for n in self._sets))
+
+    @property
+    def has_shared_uncond(self) -> bool:  # type: ignore[override]
+        return self._shared_uncond
+
     def set_grid(self, times: Sequence[Tensor], device: torch.device | str | None = None) -> None:
         for s in self._sets.values():
             s.set_grid(times, device)

@@ -83,6 +83,18 @@ class ExpertSet:
     def evaluate(self, x: Tensor, t: Tensor, schedule: Schedule) -> ExpertOutput:
         raise NotImplementedError
 
+    @property
+    def member_kinds(self) -> tuple[str, ...]:
+        """The prediction kinds the members return before the set converts them to
+        `prediction_type` (a conversion from epsilon is undefined where alpha_t = 0)."""
+        return (self.prediction_type,)
+
+    @property
+    def has_shared_uncond(self) -> bool:
+        """Whether the unconditional branch is one prediction shared by every expert (what
+        completes weights that need not sum to one) rather than one per expert."""
+        return self.has_uncond
+
     def model_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """x as the step hands it to `evaluate`: in `dtype` (the models' dtype), without an op
         when it already is. A set that primed an evaluation at a converted copy of the sampler's
@@ -158,6 +170,15 @@ class ExpertList(ExpertSet):
         self.has_uncond = uncond is not None
         self.num_forward_calls = 0
 
+    @property
+    def member_kinds(self) -> tuple[str, ...]:  # type: ignore[override]
+        u = list(self.uncond) if isinstance(self.uncond, Sequence) else [] if self.uncond is None else [self.uncond]
+        return tuple(dict.fromkeys(e.prediction_type for e in [*self.experts, *u]))
+
+    @property
+    def has_shared_uncond(self) -> bool:  # type: ignore[override]
+        return self.uncond is not None and not isinstance(self.uncond, Sequence)
+
     def subset(self, index: int) -> "ExpertSet | None":
         if type(self) is not ExpertList:  # a subclass may evaluate differently: evaluate all
             return None
@@ -196,6 +217,14 @@ class _CountingView(ExpertSet):
     @property
     def compute_dtype(self) -> torch.dtype | None:  # type: ignore[override]
         return self.inner.compute_dtype
+
+    @property
+    def member_kinds(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.inner.member_kinds
+
+    @property
+    def has_shared_uncond(self) -> bool:  # type: ignore[override]
+        return self.inner.has_shared_uncond
 
     @property
     def num_forward_calls(self) -> int:  # type: ignore[override]

@@ -7,8 +7,8 @@ With x = alpha x0 + sigma eps at the current time:
     v_prediction:  v = a eps - b x0 with (a, b) = (alpha, sigma) / r, r = sqrt(alpha^2 + sigma^2)
                    (the VP variables; r = 1 for VP, sqrt(1 + sigma^2) in the VE form):
                    eps = b x/r + a v,   x0 = a x/r - b v
-    flow (u = eps - x0, needs alpha + sigma = 1):
-                   x0 = x - sigma u,   eps = x + alpha u
+    flow (u = eps - x0):  x0 = (x - sigma u) / (alpha + sigma),   eps = (x + alpha u) / (alpha + sigma)
+                   (alpha + sigma = 1 on the rectified flow x = (1 - t) x0 + t eps, section 7)
 
 Every conversion is affine in the prediction, so an affine combination (weights summing
 to one) of predictions of one kind equals the same combination in any other kind. That is
@@ -60,8 +60,11 @@ def to_eps_x0(pred: Tensor, kind: str, x: Tensor, alpha: Any, sigma: Any) -> tup
         r = (a * a + s * s) ** 0.5
         av, bv = a / r, s / r
         return bv * x / r + av * pred, av * x / r - bv * pred
-    # flow velocity u = eps - x0 of x = (1 - t) x0 + t eps
-    return x + a * pred, x - s * pred
+    # flow velocity u = eps - x0: x + alpha u = (alpha + sigma) eps and x - sigma u = (alpha + sigma) x0
+    r = a + s
+    if isinstance(r, float) and r == 1.0:  # the rectified flow: no division
+        return x + a * pred, x - s * pred
+    return (x + a * pred) / r, (x - s * pred) / r
 
 
 def from_eps_x0(eps: Tensor, x0: Tensor, kind: str, x: Tensor, alpha: Any, sigma: Any) -> Tensor:

@@ -196,10 +196,12 @@ def sample(
         grid = torch.as_tensor(timesteps, dtype=_F64).flatten()
         if len(grid) < 2 or not torch.all(grid[1:] < grid[:-1]):
             raise ValueError("timesteps must be a strictly decreasing grid of at least 2 times")
-        hi = schedule.time_limit
-        if not (float(grid[-1]) >= 0.0 and float(grid[0]) <= hi):
+        lo, hi = float(getattr(schedule, "time_floor", 0.0)), schedule.time_limit
+        if not (float(grid[-1]) >= lo and float(grid[0]) <= hi):
+            below = "" if lo >= 0 else f" (its trained times [0, {hi:g}], and down to {lo:g} for a noise-free end)"
             raise ValueError(f"timesteps run from {float(grid[0]):g} to {float(grid[-1]):g}, outside {schedule!r}'s "
-                             f"times [0, {hi:g}]; give times in that range (the last one 0 or above)")
+                             f"times [{lo:g}, {hi:g}]{below}; give times in that range (the last one {lo:g} or "
+                             "above)")
     else:
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -211,12 +213,14 @@ def sample(
     coefs = grid_coefficients(schedule, grid)
     for c in coefs:
         integ.check_coefficients(c)
-    if es.prediction_type == "epsilon" and float(schedule.alpha(grid[0])) == 0.0:
+    if "epsilon" in (es.prediction_type, *es.member_kinds) and float(schedule.alpha(grid[0])) == 0.0:
+        who = "these experts predict" if es.prediction_type == "epsilon" else \
+            "an expert or unconditional branch predicts"
         raise ValueError(
-            f"the grid starts at t={float(grid[0]):g}, where alpha_t = 0 (pure noise), and these experts "
-            "predict epsilon, which determines no x0_hat or velocity there; use experts that predict the "
+            f"the grid starts at t={float(grid[0]):g}, where alpha_t = 0 (pure noise), and {who} epsilon, "
+            "which determines no x0_hat or velocity there; use experts that predict the "
             "flow velocity, x0 or v, or start the grid below that point")
-    if not op.affine and not es.has_uncond and float(schedule.alpha(grid[0])) == 0.0:
+    if not op.affine and not es.has_shared_uncond and float(schedule.alpha(grid[0])) == 0.0:
         raise ValueError(null_reference_error(op.name, float(grid[0])))
 
     if latents is not None:

@@ -8,24 +8,27 @@ from superdiff.predictions import KINDS, convert, null_prediction, to_eps_x0, to
 
 
 @pytest.mark.parametrize("alpha,sigma", [(0.8, 0.6), (1.0, 3.0), (0.3, 0.7)])
-def test_every_kind_round_trips_through_every_other(alpha, sigma):
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_every_kind_round_trips_through_every_other(alpha, sigma, as_tensor):
+    """On any schedule (VP, VE, rectified flow), also the flow velocity u = eps - x0, whose
+    inverse divides by alpha + sigma (1 only on the rectified flow; it was taken to be 1)."""
+    from superdiff.coefficients import eps_x0_coefficients
+    from superdiff.predictions import from_eps_x0
+
     torch.manual_seed(0)
     x0, eps = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     x = alpha * x0 + sigma * eps
-    flow_ok = abs(alpha + sigma - 1) < 1e-12
+    a, s = (torch.tensor(alpha, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64)) if as_tensor \
+        else (alpha, sigma)
     for kind in KINDS:
-        if kind == "flow" and not flow_ok:
-            continue
-        from superdiff.predictions import from_eps_x0
-
-        p = from_eps_x0(eps, x0, kind, x, alpha, sigma)
-        e2, x02 = to_eps_x0(p, kind, x, alpha, sigma)
+        p = from_eps_x0(eps, x0, kind, x, a, s)
+        e2, x02 = to_eps_x0(p, kind, x, a, s)
         assert torch.allclose(e2, eps) and torch.allclose(x02, x0), kind
-        assert torch.allclose(to_score(p, kind, x, alpha, sigma), -eps / sigma), kind
+        ex, ep, x0x, x0p = eps_x0_coefficients(kind, alpha, sigma)  # the hot path's affine form
+        assert torch.allclose(ex * x + ep * p, eps) and torch.allclose(x0x * x + x0p * p, x0), kind
+        assert torch.allclose(to_score(p, kind, x, a, s), -eps / sigma), kind
         for to in KINDS:
-            if to == "flow" and not flow_ok:
-                continue
-            back = convert(convert(p, kind, to, x, alpha, sigma), to, kind, x, alpha, sigma)
+            back = convert(convert(p, kind, to, x, a, s), to, kind, x, a, s)
             assert torch.allclose(back, p), (kind, to)
 
 

@@ -216,3 +216,45 @@ def test_a_steps_network_output_is_freed_before_the_next_forward(integrator, est
            guidance_scale=2.0, shape=(2, 8), generator=torch.Generator().manual_seed(0), progress=False)
     firsts = alive[::calls]  # the first forward of each step (Heun's last step is Euler: 2 calls)
     assert len(firsts) == 4 and firsts == [0, 0, 0, 0], alive
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_flow_velocity_experts_sample_as_their_epsilon_twins_on_any_schedule(name):
+    """u = eps - x0 converts through alpha + sigma, which is 1 only on the rectified flow: on VP
+    and VE the flow-kind experts used to move x by up to 0.4 and 2.3 from their epsilon twins."""
+    sched = schedules()[name]
+    kw = dict(operator="or", integrator="heun", estimator="ode", shape=(4, 2), progress=False, dtype=torch.float64)
+    runs = [sample(two_mixtures(2, kind), sched, 12, generator=torch.Generator().manual_seed(0), **kw)
+            for kind in ("epsilon", "flow")]
+    torch.testing.assert_close(runs[1].samples, runs[0].samples, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(runs[1].logq, runs[0].logq, atol=1e-9, rtol=1e-9)
+
+
+def test_an_epsilon_member_behind_another_kind_is_refused_at_alpha_zero_before_any_call():
+    """An expert list takes its kind from its first expert; an epsilon expert or unconditional
+    branch behind it still cannot be converted at t = 1 of a flow (x0 = (x - eps) / 0), and per-
+    expert unconditional branches complete no non-affine weights: refused before any call."""
+    from superdiff.experts import ExpertList, GaussianMixtureExpert
+    from superdiff.operators import AverageOperator
+    from superdiff.schedules import RectifiedFlow
+
+    calls = []
+
+    class Counting(GaussianMixtureExpert):
+        def predict(self, x, t, schedule):
+            calls.append(1)
+            return super().predict(x, t, schedule)
+
+    flow_a, flow_b = (Counting([[c, 0.0]], 1.0, prediction_type="flow") for c in (0.0, 1.0))
+    eps_b, eps_u = Counting([[1.0, 0.0]], 1.0), Counting([[0.5, 0.0]], 2.0)
+    kw = dict(shape=(2, 2), progress=False)
+    with pytest.raises(ValueError, match="an expert or unconditional branch predicts epsilon"):
+        sample(ExpertList([flow_a, eps_b]), RectifiedFlow(), 4, operator="average", **kw)
+    with pytest.raises(ValueError, match="an expert or unconditional branch predicts epsilon"):
+        sample(ExpertList([flow_a, flow_b], uncond=eps_u), RectifiedFlow(), 4, operator="average",
+               guidance_scale=2.0, **kw)
+    flow_u = Counting([[0.5, 0.0]], 2.0, prediction_type="flow")
+    with pytest.raises(ValueError, match="need not sum to one"):
+        sample(ExpertList([flow_a, flow_b], uncond=[flow_u, flow_u]), RectifiedFlow(), 4,
+               operator=AverageOperator([0.7, 0.7]), guidance_scale=2.0, **kw)
+    assert calls == []
