@@ -73,7 +73,12 @@ MODES: dict[str, dict] = {
 #: How far a quick rerun may move from the committed quick figures (--check). Sampling is
 #: seeded, so differences come only from floating-point nondeterminism across machines and
 #: thread counts; rates move in steps of 1/images.
-TOLERANCES = {"fid_rel": 0.05, "rate_abs": 0.07, "tv_abs": 0.05, "curve_abs": 0.13}
+TOLERANCES = {"fid_rel": 0.05, "rate_abs": 0.07, "tv_abs": 0.05, "curve_abs": 0.13, "curve_ode_abs": 0.26}
+#: curve_ode_abs: the bundled curves of the ODE estimator (8 images a point). Its finite-difference
+#: JVP divides float32 rounding by eps ~ 3e-4, so the same code on another CPU (other SIMD paths in
+#: the UNet's convolutions) can move borderline images: heun + ode at 10 steps gave AND 0.375 /
+#: lenient 0.75 on the committed run and 0.5 / 1.0 on a later session's CPU, for the commit that
+#: made the committed figures as for the newest one. Two images of 8, not one.
 
 PAPER = {
     "cifar": {"source": "CIFAR-10 FID (SDE), superdiff-math.md section 6",
@@ -708,7 +713,8 @@ def compare(new: dict, old: dict) -> list[str]:
             for key in ("or_error", "and_rate", "and_lenient"):
                 for s, val in rec.get(key, {}).items():
                     nv = new["steps"][part][name][key][s]
-                    if abs(nv - val) > TOLERANCES["curve_abs"]:
+                    tol = TOLERANCES["curve_ode_abs" if part == "bundled" and name.endswith("+ode") else "curve_abs"]
+                    if abs(nv - val) > tol:
                         bad.append(f"steps {part} {name} {key} at {s}: {nv:.3f} vs {val:.3f}")
     return bad
 
