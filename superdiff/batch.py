@@ -60,9 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .compose import (OPERATOR_CHOICES, OPERATOR_PARAMS, PARAM_UNSET, Composition, draw_seed, foreign_params,
-                      prepare_composition, run_composition)
-from .images import PNG_KEY, save_png
+from .compose import (OPERATOR_CHOICES, Composition, draw_seed, prepare_composition, run_composition,
+                      split_foreign_params)
+from .images import read_png_record, save_png
 from .model_loading import ModelCache
 
 __all__ = ["Task", "JobError", "parse_jobs", "expand_tasks", "run_batch", "BatchSummary"]
@@ -203,15 +203,11 @@ def _drop_foreign(d: dict[str, Any], over: dict[str, Any], method: str | None, n
     they are meant for its other methods, and dropped for this one with a note."""
     merged = {**d, **over}
     op = str(merged.get("operator", "and")).lower().strip()
-    for k in foreign_params(merged):
-        uses = ", ".join(sorted(o for o, ps in OPERATOR_PARAMS.items() if k in ps))
-        if method is None or k in over:
-            raise ValueError(f"{k}: operator {op} does not take it (it is for: {uses}); remove it or choose one of "
-                             "those operators" + ("" if method is None else " for this method"))
-        notes.append(f"{k} (from the job line) is not used by operator {op}; dropped for this method "
-                     f"(it is for: {uses})")
-        merged[k] = PARAM_UNSET[k]
-    return merged
+    fields, dropped = split_foreign_params(merged, merged if method is None else over,
+                                           "" if method is None else " for this method")
+    notes += [f"{k} (from the job line) is not used by operator {op}; dropped for this method (it is for: {uses})"
+              for k, uses in dropped]
+    return fields
 
 
 def _prepare(d: dict[str, Any], job_id: str, method: str | None, seeds: dict[str, int],
@@ -374,20 +370,12 @@ def _manifest_keys(out: Path) -> set[str]:
 
 
 def _recorded(path: Path) -> dict[str, Any] | None:
-    """The composition record in the `superdiff` text chunk of an existing PNG, as JSON (None
-    when the file carries none or cannot be read). save_png writes its text chunks before the
-    image data, so Pillow finds them on opening without decoding the pixels."""
-    from PIL import Image
-
+    """The composition record of an existing PNG (images.read_png_record: the pixels are not
+    decoded), or None when it carries none or cannot be read (not the task's image)."""
     try:
-        with Image.open(path) as im:
-            raw = im.info.get(PNG_KEY)
-            if raw is None and im.format == "PNG":
-                raw = dict(getattr(im, "text", {}) or {}).get(PNG_KEY)  # a chunk after the pixels
-        d = json.loads(raw) if isinstance(raw, (str, bytes)) else None
-    except Exception:  # noqa: BLE001  (truncated, not a PNG, bad JSON: not the task's image)
+        return read_png_record(path)
+    except ValueError:
         return None
-    return d if isinstance(d, dict) else None
 
 
 def _changed_fields(task: Task, recorded: dict[str, Any] | None) -> list[str] | None:

@@ -72,6 +72,24 @@ PARAM_UNSET: dict[str, Any] = {"temperature": None, "weights": None, "bias": Non
                                "single_index": 0, "joint_template": None, "switch_every": 1}
 
 
+def split_foreign_params(d: dict[str, Any], given: Any, hint: str = "") -> tuple[dict[str, Any],
+                                                                              list[tuple[str, str]]]:
+    """(`d` less the operator parameters its operator does not use, [(parameter, the operators
+    that use it)] of those dropped). One set in `given` (what the user set now) is refused
+    instead: a ValueError naming the operators that take it (`hint` ends its message). Shared
+    by `superdiff generate` (a PNG's or config's parameters) and `batch` (a sweep line's)."""
+    op = str(d.get("operator", "and")).lower().strip()
+    out, dropped = dict(d), []
+    for k in foreign_params(d):
+        uses = ", ".join(sorted(o for o, ps in OPERATOR_PARAMS.items() if k in ps))
+        if k in given:
+            raise ValueError(f"{k}: operator {op} does not take it (it is for: {uses}); remove it or choose one of "
+                             f"those operators{hint}")
+        out[k] = PARAM_UNSET[k]
+        dropped.append((k, uses))
+    return out, dropped
+
+
 def foreign_params(d: dict[str, Any]) -> list[str]:
     """The operator parameters set in composition fields `d` that its operator does not use
     (none for a compose formula, which checks its own)."""

@@ -93,7 +93,7 @@ class quiet_libraries:
 
 
 def _composition_from_args(args: argparse.Namespace):
-    from .compose import OPERATOR_PARAMS, PARAM_UNSET, draw_seed, foreign_params, prepare_composition
+    from .compose import draw_seed, prepare_composition, split_foreign_params
     from .images import read_png_composition
 
     if args.from_png and args.config:
@@ -140,14 +140,10 @@ def _composition_from_args(args: argparse.Namespace):
     explicit = {k for k, v in flags.items() if v is not None and v != []} | set(dict(args.set or []))
     if "prompts" in explicit and "adapters" not in explicit and base.get("adapters"):
         _replace_prompts_of_adapters(d, base, "the PNG" if args.from_png else "the config")
-    for k in foreign_params(d):  # a parameter the operator does not use: refused if given now, else dropped
-        uses = ", ".join(sorted(o for o, ps in OPERATOR_PARAMS.items() if k in ps))
-        if k in explicit:
-            raise ValueError(f"{k}: operator {d.get('operator', 'and')} does not take it (it is for: {uses}); "
-                             "remove it or choose one of those operators")
+    d, dropped = split_foreign_params(d, explicit)  # a parameter the operator does not use: refused if given now
+    for k, _ in dropped:
         print(f"superdiff generate: note: {k} (from {'the PNG' if args.from_png else 'the config'}) is not used by "
               f"operator {d.get('operator', 'and')} and was dropped", file=sys.stderr)
-        d[k] = PARAM_UNSET[k]
     seed, drawn = draw_seed(d.get("seed"))
     if drawn:
         print(f"superdiff generate: seed -1: drew seed {seed} (recorded in the PNGs)", file=sys.stderr)

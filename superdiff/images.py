@@ -80,14 +80,18 @@ def save_png(image: Any, path: str | os.PathLike, record: Composition,
     return path
 
 
-def read_png_composition(path: str | os.PathLike) -> Composition:
-    """The composition stored in a PNG written by superdiff (one image: seed already offset;
-    a grid.png: the whole run)."""
+def read_png_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The composition record (JSON fields, without `superdiff_version`) of a PNG written by
+    superdiff; a ValueError saying why when it has none. save_png writes its text chunks before
+    the image data, so they are read without decoding the pixels (a chunk after them, which
+    other tools may write, is found through Pillow's `text`)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            text = dict(getattr(im, "text", {}) or {})
+            text = {k: v for k, v in im.info.items() if isinstance(v, str)}
+            if PNG_KEY not in text and im.format == "PNG":
+                text = dict(getattr(im, "text", {}) or {})
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except Exception as e:  # noqa: BLE001
@@ -104,11 +108,19 @@ def read_png_composition(path: str | os.PathLike) -> Composition:
         d = json.loads(text[PNG_KEY])
     except json.JSONDecodeError as e:
         raise ValueError(f"the superdiff chunk of {name} is not valid JSON ({e.msg})") from None
-    if isinstance(d, dict):
-        d.pop("superdiff_version", None)
+    if not isinstance(d, dict):
+        raise ValueError(f"the superdiff chunk of {name}: a composition must be a JSON object, got "
+                         f"{type(d).__name__}")
+    d.pop("superdiff_version", None)
+    return d
+
+
+def read_png_composition(path: str | os.PathLike) -> Composition:
+    """The composition stored in a PNG written by superdiff (one image: seed already offset;
+    a grid.png: the whole run)."""
     from .compose import Composition
 
-    return Composition.from_dict(d)
+    return Composition.from_dict(read_png_record(path))
 
 
 def _font(size: int) -> Any:
