@@ -46,7 +46,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["AdapterExpert", "AdapterSpec", "AdapterRouting", "METHODS", "ADAPTER_METHODS", "resolve_adapters",
+__all__ = ["AdapterExpert", "AdapterSpec", "AdapterRouting", "METHODS", "ADAPTER_METHODS", "resolve_adapters", "plan_adapters",
            "load_adapters", "plan_adapter_experts", "route_branches", "adapter_forward", "routed_forward", "routed_unet_forward",
            "denoiser_of", "check_architecture",
            "mixed_adapter_batch", "merged_adapters", "weight_file",
@@ -102,12 +102,23 @@ class AdapterSpec:
         return {"name": self.name, "path": self.source, "scale": self.scale, "sha256": self.sha256}
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime in ns) -> hex digest
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The file's sha256 (hex), read once per version of the file: a file whose size or
+    modification time changed is hashed again (every image of a run records its adapters'
+    hashes, and a studio or batch run makes many)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
 
 
 def weight_file(path: str | os.PathLike, safetensors_only: bool = False) -> Path:
@@ -536,6 +547,22 @@ def _scaled_key(name: str, scale: float, taken: Mapping[str, Any]) -> str:
     while key in taken:
         key, n = f"{base}_{n}", n + 1
     return key
+
+
+def plan_adapters(adapters: Sequence[Any] | Any | None, plans: Sequence[Any], prompts: Sequence[str],
+                  negatives: Sequence[str | None], method: str, switch_every: int = 1
+                  ) -> tuple[str, list[Any], AdapterRouting | None, list[AdapterSpec | None] | None]:
+    """A pipeline call's `adapters` argument checked and planned: (operator name, expert plans,
+    routing, specs). None or an empty sequence means no adapters (the plans unchanged, routing
+    and specs None), as diffusers treats an empty adapter list."""
+    if adapters is None or (isinstance(adapters, (list, tuple)) and len(adapters) == 0):
+        if isinstance(method, str) and method.lower() in ADAPTER_METHODS:
+            raise ValueError(f"operator {method!r} combines LoRA adapters: give at least two with adapters=[...] "
+                             "(got none)")
+        return method, list(plans), None, None
+    specs = resolve_adapters(adapters)
+    method, plans, routing = plan_adapter_experts(specs, plans, prompts, negatives, method, switch_every)
+    return method, plans, routing, specs
 
 
 def plan_adapter_experts(specs: Sequence[AdapterSpec | None], plans: Sequence[Any], prompts: Sequence[str],

@@ -264,10 +264,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin, C.SuperDiffP
         networks, extras = C.plan_extra_transformers(base, extra_transformers, self.scheduler.config,
                                                      self.transformer.dtype)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
-        routing, specs = None, None
-        if adapters is not None:
-            specs = A.resolve_adapters(adapters)
-            op_name, plans, routing = A.plan_adapter_experts(specs, plans, prompts, negatives, op_name, switch_every)
+        op_name, plans, routing, specs = A.plan_adapters(adapters, plans, prompts, negatives, op_name, switch_every)
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         h, w_lat = self._latent_hw(height, width)

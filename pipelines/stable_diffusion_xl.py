@@ -178,10 +178,7 @@ class SuperDiffStableDiffusionXLPipeline(
                                                  self.unet.config.cross_attention_dim, self.unet.dtype)
         C.check_unet_size([(n.name, n.module) for n in networks], height, width, self.vae_scale_factor)
         plans = C.plan_text_experts(prompts, negatives, networks, extras)
-        routing, specs = None, None
-        if adapters is not None:
-            specs = A.resolve_adapters(adapters)
-            op_name, plans, routing = A.plan_adapter_experts(specs, plans, prompts, negatives, op_name, switch_every)
+        op_name, plans, routing, specs = A.plan_adapters(adapters, plans, prompts, negatives, op_name, switch_every)
         op_params = dict(weights=weights, bias=bias, temperature=temperature, lift=lift, offsets=offsets,
                          kappa_clamp=kappa_clamp, ridge=ridge, feedback=feedback, operator_kwargs=operator_kwargs)
         method = self._plan_method(op_name, len(plans), op_params, estimator, integrator, schedule,

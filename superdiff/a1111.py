@@ -212,17 +212,9 @@ def _adapter_hash(a: dict) -> str | None:
         f = weight_file(a["path"], safetensors_only=True)
     except (ValueError, OSError):
         return None
-    if a.get("sha256") and _full_sha(f, file_sha256) != a["sha256"]:
+    if a.get("sha256") and file_sha256(f) != a["sha256"]:
         return None
     return lora_short_hash(f)
-
-
-def _full_sha(f: Any, file_sha256: Any) -> str:
-    st = f.stat()
-    key = ("sha256", str(f.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(f)
-    return _HASHES[key]
 
 
 def _expert_prompts(c: Any) -> tuple[list[str], dict[str, str]]:

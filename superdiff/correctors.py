@@ -622,7 +622,7 @@ class CorrectorRun:
 
             self.tree = operator_tree(operator, logq.shape[1], for_potential=True)
             cfg.check_grid(schedule, grid)
-            if self.guidance != 1.0 and experts.has_uncond and any(nd.op == "or" for nd in self.tree.walk()):
+            if self.guidance != 1.0 and experts.has_uncond and self.tree.has_or:
                 self.step_operator = GuidedLeaves(operator, self.guidance)
         self._prior_logp = None
         if cfg.smc:

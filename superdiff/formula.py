@@ -327,6 +327,11 @@ class Node:
         for c in self.children:
             yield from c.walk()
 
+    @property
+    def has_or(self) -> bool:
+        """Whether an OR node is anywhere in the tree (its mixture weights need every leaf's log q)."""
+        return any(n.op == "or" for n in self.walk())
+
     def show(self, names: Sequence[str] | None = None, indent: int = 0) -> str:
         """The tree as indented text (what the studio shows)."""
         pad = "  " * indent
@@ -652,7 +657,7 @@ def tree_potential(root: Node, leaves: Any, logq: Tensor, kappa_step: Tensor, g2
 
     w = float(getattr(leaves, "guidance", 1.0))
     guided = leaves.ref is not None and w != 1.0  # the guided leaves share the unconditional branch
-    if w != 1.0 and leaves.ref is None and any(n.op == "or" for n in root.walk()):
+    if w != 1.0 and leaves.ref is None and root.has_or:
         raise ValueError(
             "SMC on an OR under classifier-free guidance needs one unconditional branch shared by all experts: "
             "with one per expert (e.g. a negative prompt per prompt) each guided leaf q_u_i^(1-w) q_i^w has its "

@@ -244,6 +244,8 @@ def _generate(args: argparse.Namespace) -> int:
                        f"{comp.operator.upper()}: " + " | ".join(comp.prompts or [comp.model]))
     (out / "composition.json").write_text(res.composition.to_json(indent=2))
     shapes = Path(comp.model).name.startswith("shapes-")  # the bundled shapes world has an exact oracle
+    wrote = ["grid.png", "trace.json", "trace.png", "composition.json"]
+    (out / "oracle.json").unlink(missing_ok=True)  # an earlier run's labels never sit beside these images
     if shapes and res.images[0].size[0] != res.images[0].size[1]:
         print("oracle: skipped (the shapes oracle classifies square images)")
     elif shapes:
@@ -256,10 +258,10 @@ def _generate(args: argparse.Namespace) -> int:
         clean_counts = {lab: sum(c for la, c in zip(labels, clean) if la == lab) for lab in counts}
         (out / "oracle.json").write_text(json.dumps({"labels": labels, "clean": clean, "counts": counts,
                                                      "clean_counts": clean_counts}, indent=2))
+        wrote.append("oracle.json")
         print("oracle: " + ", ".join(f"{lab} {n}/{len(labels)} ({clean_counts[lab]} with a clean shape)"
                                      for lab, n in counts.items()))
-    print(f"wrote {len(paths)} image(s), grid.png, trace.json, trace.png and composition.json in {out} "
-          f"({res.seconds:.1f} s)")
+    print(f"wrote {len(paths)} image(s), {', '.join(wrote[:-1])} and {wrote[-1]} in {out} ({res.seconds:.1f} s)")
     changed = bool(args.from_png) and comp != source
     if changed:
         print(f"regenerated {args.from_png} with changed settings (no pixel comparison)")

@@ -583,3 +583,31 @@ def test_the_same_file_at_two_scales_keeps_its_name(tiny_loras):
     assert pipe.last_experts.names == ["lora-a@0.5: a red cat", "lora-a: a red cat"]
     assert [(x["name"], x["scale"]) for x in out.trace.meta["adapters"]] == [("lora-a", 0.5), ("lora-a", 1.0)]
     assert sorted(pipe.unet.peft_config) == ["lora-a", "lora-a_x1"]  # loaded twice, the name itself unchanged
+
+
+def test_an_empty_adapter_list_is_no_adapters(tiny_loras):
+    pipe = _tiny_sd()
+    np.testing.assert_array_equal(_image(pipe, adapters=[], operator="and"), _image(pipe, operator="and"))
+    assert not getattr(pipe.unet, "peft_config", None)  # nothing loaded
+    for method in ("merge", "switch", "composite"):  # the multi-LoRA methods say what they need
+        for adapters in (None, []):
+            with pytest.raises(ValueError, match=f"operator '{method}' combines LoRA adapters: give at least two "
+                                                 r"with adapters=\[...\] \(got none\)"):
+                _image(pipe, adapters=adapters, operator=method)
+
+
+def test_adapter_files_are_hashed_once_per_version(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from superdiff.pipelines import adapters as A
+
+    one, two = hashlib.sha256(b"one").hexdigest(), hashlib.sha256(b"two!").hexdigest()
+    reads, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(A.hashlib, "sha256", lambda *a: reads.append(1) or sha256(*a))
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"one")
+    assert A.file_sha256(f) == A.file_sha256(str(f)) == one and len(reads) == 1
+    f.write_bytes(b"two!")  # a new version of the file, at the same path
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))
+    assert A.file_sha256(f) == two and len(reads) == 2

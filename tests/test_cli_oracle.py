@@ -24,15 +24,19 @@ def test_generate_writes_oracle_labels_with_the_clean_flag(tmp_path, capsys):
 
     images = [Image.open(out / f"image_{i:03d}.png").convert("RGB") for i in range(2)]
     assert rec["clean"] == [bool(c) for c in oracle.classify(images).clean]
-    assert "with a clean shape" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "with a clean shape" in text and "composition.json and oracle.json in" in text
 
 
 def test_non_square_images_skip_the_oracle_and_the_run_succeeds(tmp_path, capsys):
     out = tmp_path / "o"
+    out.mkdir()
+    (out / "oracle.json").write_text("{}")  # an earlier run's labels in the same folder
     assert main(["generate", "--height", "48", "--width", "40", "--steps", "2", "--quiet", "--out", str(out)]) == 0
     assert (out / "composition.json").exists() and not (out / "oracle.json").exists()
     text = capsys.readouterr().out
     assert "oracle: skipped (the shapes oracle classifies square images)" in text and "wrote 1 image(s)" in text
+    assert "and composition.json in" in text and "oracle.json" not in text.split("wrote")[1]
 
 
 def test_negative_number_lists_are_taken_as_values(tmp_path):
