@@ -12,6 +12,7 @@ Only the standard library is imported here; torch and the models load inside the
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
     s.add_argument("--bias", type=float, nargs="+", default=None, help="OR log-weights l_i (one per expert)")
     s.add_argument("--temperature", type=float, default=None, help="OR temperature T (default 1)")
     s.add_argument("--weights", type=float, nargs="+", default=None, help="averaging weights (default 1/M)")
-    s.add_argument("--index", type=int, default=0, help="expert index for --operator single")
+    s.add_argument("--index", type=int, default=None, help="expert index for --operator single (default 0)")
     s.add_argument("--num", type=int, default=8, help="number of backbones")
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--integrator", choices=["em", "ddpm", "euler", "heun"], default="em",
@@ -60,8 +61,7 @@ _OPERATOR_FLAGS = {"or": {"temperature", "bias"}, "average": {"weights"}, "singl
 def _operator(args):
     from superdiff.operators import make_operator
 
-    given = {k for k in ("temperature", "bias", "weights") if getattr(args, k) is not None}
-    given |= {"index"} if args.index != 0 else set()
+    given = {k for k in ("temperature", "bias", "weights", "index") if getattr(args, k) is not None}
     foreign = sorted(given - _OPERATOR_FLAGS[args.operator])
     if foreign:
         uses = sorted(o for o, fl in _OPERATOR_FLAGS.items() if foreign[0] in fl)
@@ -72,7 +72,7 @@ def _operator(args):
     if args.operator == "average":
         return make_operator("average", weights=args.weights)
     if args.operator == "single":
-        return make_operator("single", index=args.index)
+        return make_operator("single", index=0 if args.index is None else args.index)
     return make_operator("and")
 
 
@@ -111,11 +111,32 @@ def _sample(args) -> int:
     return 0
 
 
+def table_diffs(ref: dict, new: dict, tol: float = 0.0015) -> list[str]:
+    """Metrics of the table.json `ref` that `new` does not reproduce (floats within `tol`; a NaN,
+    e.g. the diversity of a one-sample set, reproduces a NaN). Timings are not compared."""
+    diffs = []
+    for section in ("methods", "references"):
+        for name, row in ref[section].items():
+            for k, v in row.items():
+                if k in ("sampling_seconds",):
+                    continue
+                w = new[section].get(name, {}).get(k)
+                if isinstance(v, float) and isinstance(w, float) and (
+                        abs(v - w) <= tol or (math.isnan(v) and math.isnan(w))):
+                    continue
+                if v != w:
+                    diffs.append(f"{section}/{name}/{k}: committed {v}, now {w}")
+    return diffs
+
+
 def _bench(args) -> int:
     from .bench import run_bench
 
     if args.check and not Path(args.check).is_file():  # before the run, not after it
         raise ValueError(f"--check {args.check}: no such file (a table.json of an earlier `protein bench` run)")
+    if args.num < 1 or args.steps < 1 or args.pdb_per_method < 0:
+        raise ValueError(f"--num and --steps must be >= 1 and --pdb-per-method >= 0, got {args.num}, {args.steps} "
+                         f"and {args.pdb_per_method}")
 
     run_bench(args.out, args.num, args.steps, args.seed, pdb_per_method=args.pdb_per_method,
               mpnn=not args.no_mpnn, progress=not args.quiet)
@@ -123,17 +144,7 @@ def _bench(args) -> int:
     if args.check:
         ref = json.loads(Path(args.check).read_text())
         new = json.loads(Path(args.out, "table.json").read_text())
-        diffs = []
-        for section in ("methods", "references"):
-            for name, row in ref[section].items():
-                for k, v in row.items():
-                    if k in ("sampling_seconds",):
-                        continue
-                    w = new[section].get(name, {}).get(k)
-                    if isinstance(v, float) and isinstance(w, float) and abs(v - w) <= 0.0015:
-                        continue
-                    if v != w:
-                        diffs.append(f"{section}/{name}/{k}: committed {v}, now {w}")
+        diffs = table_diffs(ref, new)
         if diffs:
             print("NOT reproduced:\n  " + "\n  ".join(diffs), file=sys.stderr)
             return 1

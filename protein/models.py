@@ -110,7 +110,9 @@ def _residue_distance_features(xa: Tensor) -> Tensor:
     for a, k, b in _RES_DISTS:
         d = torch.zeros(B, L, device=xa.device, dtype=xa.dtype)
         valid = torch.zeros(L, device=xa.device, dtype=xa.dtype)
-        if k >= 0:
+        if abs(k) >= L:  # no residue has a partner k away: all zero (a negative slice bound would wrap)
+            pass
+        elif k >= 0:
             d[:, : L - k] = (xa[:, : L - k, a] - xa[:, k:, b]).norm(dim=-1)
             valid[: L - k] = 1
         else:
@@ -258,6 +260,11 @@ def load_backbone_model(name_or_path: str | Path) -> BackboneDenoiser:
 
     p = Path(name_or_path)
     if not p.is_dir():
+        if str(name_or_path) not in BUNDLED_PROTEIN_MODELS:
+            raise ValueError(
+                f"unknown bundled protein model {str(name_or_path)!r} and no such model directory "
+                f"({p.resolve()}); pass one of {', '.join(BUNDLED_PROTEIN_MODELS)} or a directory with "
+                "config.json and model.safetensors (scripts/train_protein.py --out-root writes one)")
         p = bundled_protein_model_path(str(name_or_path))
     cfg_path, w_path = p / "config.json", p / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():

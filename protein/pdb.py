@@ -117,6 +117,8 @@ def backbone_pdb_string(coords: np.ndarray, sequence: str | None = None, chain: 
     if X.ndim != 3:
         raise ValueError(f"write one backbone [L, 4, 3] at a time, got {tuple(X.shape)}")
     L = X.shape[0]
+    if L == 0:
+        raise ValueError("backbone has 0 residues: a PDB file needs at least one [4, 3] residue")
     one_to_three = {v: k for k, v in THREE_TO_ONE.items() if len(k) == 3 and k not in
                     ("MSE", "SEC", "HSD", "HSE", "HSP", "HID", "HIE", "HIP", "CYX")}
     if sequence is not None and len(sequence) != L:

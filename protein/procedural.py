@@ -61,7 +61,7 @@ def _place_t(a, b, c, bond: float, angle_deg: float, torsion_deg):
     """Torch NeRF step (differentiable in the torsion); a, b, c [..., 3], torsion [...] degrees."""
     import torch
 
-    th = torch.deg2rad(torch.as_tensor(angle_deg, dtype=c.dtype))
+    th = torch.deg2rad(torch.as_tensor(angle_deg, dtype=c.dtype, device=c.device))
     chi = torch.deg2rad(torsion_deg)
     bc = c - b
     bc = bc / bc.norm(dim=-1, keepdim=True)
@@ -81,9 +81,9 @@ def build_backbone_torch(phi, psi, omega=None):
     omega = torch.full_like(phi, 180.0) if omega is None else omega
     batch = phi.shape[:-1]
     ang = np.deg2rad(180.0 - ANGLE["N-CA-C"])
-    N0 = torch.zeros(*batch, 3, dtype=phi.dtype)
-    CA0 = N0 + torch.tensor([BOND["N-CA"], 0.0, 0.0], dtype=phi.dtype)
-    C0 = CA0 + BOND["CA-C"] * torch.tensor([np.cos(ang), np.sin(ang), 0.0], dtype=phi.dtype)
+    N0 = torch.zeros(*batch, 3, dtype=phi.dtype, device=phi.device)
+    CA0 = N0 + torch.tensor([BOND["N-CA"], 0.0, 0.0], dtype=phi.dtype, device=phi.device)
+    C0 = CA0 + BOND["CA-C"] * torch.tensor([np.cos(ang), np.sin(ang), 0.0], dtype=phi.dtype, device=phi.device)
     Ns, CAs, Cs = [N0], [CA0], [C0]
     for i in range(1, L):
         n = _place_t(Ns[-1], CAs[-1], Cs[-1], BOND["C-N"], ANGLE["CA-C-N"], psi[..., i - 1])

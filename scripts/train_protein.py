@@ -42,6 +42,7 @@ from superdiff.protein.models import (DEFAULT_CONFIG, BackboneDenoiser, bundled_
                                       center, random_rotations, save_backbone_model, schedule_from_config)
 
 MODELS = {"a": ("protein-a-helix", "helical"), "b": ("protein-b-strand", "strand")}
+LOG_EVERY = 100  # steps per loss-curve point (the mean loss over those steps)
 
 
 def procedural_extra(which: str, n: int, length: int, seed: int, cache: Path) -> np.ndarray:
@@ -94,6 +95,7 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     lr_at = lambda k: lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(k, steps) / steps)))  # noqa: E731
     log: list[dict] = []
     step, cpu_before = 0, 0.0
+    run_loss: list[float] = []
     ck = work / name / "ckpt.pt"
     # what a checkpoint must share with this run to be resumed (saved in it; older checkpoints
     # predate t_power and extra and had their defaults)
@@ -109,10 +111,12 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         step, log, cpu_before = st["step"], st["log"], st["cpu_seconds"]
+        # the losses since the last loss-curve point (a checkpoint between two points): without
+        # them the next point would average fewer steps than in an uninterrupted run
+        run_loss = list(st.get("run_loss", []))
         print(f"[{name}] resuming at step {step}")
     cpu0 = time.process_time()
     bar = tqdm(total=steps, initial=step, desc=name)
-    run_loss = []
     while step < steps:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # batch k depends only on (seed, k)
         idx = torch.randint(0, len(data), (batch,), generator=g)
@@ -141,14 +145,14 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
         step += 1
         run_loss.append(float(loss.detach()))
         bar.update(1)
-        if step % 100 == 0:
+        if step % LOG_EVERY == 0:
             log.append({"step": step, "loss": float(np.mean(run_loss)), "lr": lr_at(step)})
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
             run_loss = []
         if step % ckpt_every == 0 or step == steps:
             ck.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "log": log, **settings, "cpu_seconds": cpu_before + time.process_time() - cpu0}, ck)
+                        "log": log, "run_loss": run_loss, **settings, "cpu_seconds": cpu_before + time.process_time() - cpu0}, ck)
     bar.close()
     cpu = cpu_before + time.process_time() - cpu0
     out = bundled_protein_model_path(name) if out_root is None else out_root / name
@@ -160,7 +164,8 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
             "cpu_seconds": round(cpu, 1), "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": log[-1]["loss"] if log else None, "loss_log": log,
             "command": f"python scripts/train_protein.py --which {which} --steps {steps} --batch {batch} --seed {seed} "
-                       f"--t-power {t_power}" + (f" --procedural-extra {extra}" if extra else "")}
+                       f"--lr {lr} --dim {cfg['dim']} --depth {cfg['depth']} --t-power {t_power}"
+                       + (f" --procedural-extra {extra}" if extra else "")}
     (out / "training_log.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / "README.md").write_text(model_card(info, cfg))
     print(f"[{name}] saved to {out} ({cpu:.0f} CPU s, final loss {info['final_loss'] or float('nan'):.4f})")
@@ -218,13 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-root", type=Path, default=None,
                     help="write the trained model to OUT_ROOT/<name> instead of superdiff/bundled/<name>")
     ap.add_argument("--cards-only", action="store_true",
-                    help="rewrite README.md model cards from training_log.json + config.json (no training)")
+                    help="rewrite README.md model cards from training_log.json + config.json (no training), "
+                         "in OUT_ROOT/<name> when --out-root is given")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "protein-train")
     args = ap.parse_args(argv)
+    for flag, v in (("--steps", args.steps), ("--batch", args.batch), ("--ckpt-every", args.ckpt_every),
+                    ("--dim", args.dim), ("--depth", args.depth)):
+        if v < 1:
+            ap.error(f"{flag} must be >= 1, got {v}")
+    if args.procedural_extra < 0 or not args.lr > 0:
+        ap.error(f"--procedural-extra must be >= 0 and --lr > 0, got {args.procedural_extra} and {args.lr}")
     torch.set_num_threads(1)
     if args.cards_only:
         for w in (["a", "b"] if args.which == "both" else [args.which]):
-            d = bundled_protein_model_path(MODELS[w][0])
+            d = bundled_protein_model_path(MODELS[w][0]) if args.out_root is None else args.out_root / MODELS[w][0]
             info = json.loads((d / "training_log.json").read_text())
             (d / "README.md").write_text(model_card(info, json.loads((d / "config.json").read_text())))
         return 0

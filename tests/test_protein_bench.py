@@ -49,3 +49,27 @@ def test_rerun_reproduces_and_check_catches_a_change(first, tmp_path, capsys):
     changed.write_text(json.dumps(ref))
     assert main(["protein", "bench", "--out", str(tmp_path / "third"), *SMALL, "--check", str(changed)]) == 1
     assert "SuperDiff AND/helical" in capsys.readouterr().err
+
+
+def test_check_reproduces_nan_metrics_and_reports_real_changes():
+    """A one-sample set has no pairwise diversity (NaN in table.json): a rerun that gives NaN
+    again reproduces it; a number against a NaN, or a float moved past the tolerance, does not."""
+    from superdiff.protein.cli import table_diffs
+
+    nan = float("nan")
+    ref = {"methods": {"A": {"diversity": nan, "helical": 0.5, "sampling_seconds": 1.0}},
+           "references": {"R": {"diversity": nan}}}
+    same = {"methods": {"A": {"diversity": nan, "helical": 0.501, "sampling_seconds": 9.0}},
+            "references": {"R": {"diversity": nan}}}
+    assert table_diffs(ref, same) == []
+    moved = {"methods": {"A": {"diversity": 0.2, "helical": 0.51}}, "references": {"R": {"diversity": nan}}}
+    assert table_diffs(ref, moved) == ["methods/A/diversity: committed nan, now 0.2",
+                                       "methods/A/helical: committed 0.5, now 0.51"]
+
+
+@pytest.mark.parametrize("flag,value", [("--pdb-per-method", "-1"), ("--num", "0"), ("--steps", "0")])
+def test_bench_refuses_bad_counts_before_running(tmp_path, capsys, flag, value):
+    argv = ["protein", "bench", "--out", str(tmp_path / "b"), *SMALL]
+    argv[argv.index(flag) + 1] = value
+    assert main(argv) == 2
+    assert flag in capsys.readouterr().err and not (tmp_path / "b").exists()

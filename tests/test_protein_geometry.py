@@ -81,6 +81,8 @@ def test_bad_backbones_raise_clear_errors():
         geometry_metrics(X)
     with pytest.raises(ValueError, match="expected 32"):
         check_backbone(ideal_helix(10), length=32)
+    with pytest.raises(ValueError, match="0 residues"):
+        backbone_pdb_string(np.zeros((0, 4, 3)))
 
 
 def test_classify_rules():
@@ -110,3 +112,18 @@ def test_vendored_dataset_provenance_and_classes():
     # stored classes agree with pydssp on the stored (float16) coordinates
     _, _, _, cls = secondary_structure(W)
     assert (cls == "helical").all()
+
+
+def test_torch_nerf_builds_on_the_device_and_dtype_of_its_torsions():
+    """build_backbone_torch makes every tensor where its torsions live ("meta" stands in for a GPU:
+    a tensor left on the CPU is refused there exactly as on CUDA) and matches the float64 build."""
+    import torch
+
+    from superdiff.protein.procedural import build_backbone_torch
+
+    phi = torch.full((2, 5), -57.0, device="meta")
+    X = build_backbone_torch(phi, torch.full((2, 5), -47.0, device="meta"))
+    assert X.device.type == "meta" and X.shape == (2, 5, 4, 3) and X.dtype == torch.float32
+    X32 = build_backbone_torch(torch.full((5,), -57.0), torch.full((5,), -47.0))
+    assert X32.dtype == torch.float32
+    assert np.allclose(X32.numpy(), ideal_helix(5), atol=1e-4)

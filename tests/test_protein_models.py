@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -65,6 +66,14 @@ def test_wrong_model_inputs_raise(experts):
         load_backbone_model("protein-c")
 
 
+def test_missing_model_directory_is_named_as_such(tmp_path):
+    """A path that is not there is reported as a missing model directory (with its full path),
+    not only as an unknown bundled name."""
+    missing = tmp_path / "my-model"
+    with pytest.raises(ValueError, match="no such model directory " + re.escape(f"({missing.resolve()})")):
+        load_backbone_model(missing)
+
+
 def test_cli_sample_writes_pdbs_and_metrics(tmp_path):
     from superdiff.cli import main
 
@@ -85,6 +94,8 @@ def test_cli_sample_refuses_flags_its_operator_does_not_take_and_missing_files(t
     for argv, msg in [(["--operator", "and", "--bias", "5", "0"], "--bias: operator and does not take it (it is for: or)"),
                       (["--operator", "and", "--temperature", "0"], "--temperature: operator and does not take it"),
                       (["--operator", "or", "--weights", "0.9", "0.1"], "--weights: operator or does not take it"),
+                      # --index 0 is the default value, but written out it is still a flag AND does not take
+                      (["--operator", "and", "--index", "0"], "--index: operator and does not take it"),
                       (["--experts", str(tmp_path), str(tmp_path)], "superdiff: error:")]:
         assert main(["protein", "sample", *argv, "--num", "1", "--steps", "2", "--quiet",
                      "--out", str(tmp_path / "o")]) == 2, argv
@@ -114,3 +125,38 @@ def test_mpnn_proxy_on_ideal_helix():
     nll, seqs = mpnn_proxy(ideal_helix(32)[None])
     assert len(seqs[0]) == 32 and "X" not in seqs[0]
     assert 0.3 < nll[0] < 2.5
+
+
+def test_experts_trained_with_another_schedule_are_refused(experts, tmp_path):
+    """run_method samples on expert 0's training schedule: a model trained with other betas would
+    be fed timesteps (and noise levels) of a process it never saw, so it is refused up front."""
+    from superdiff.protein.models import BackboneDenoiser, save_backbone_model
+
+    for name, cfg in [("short", {"num_train_timesteps": 200}), ("steeper", {"beta_end": 0.05})]:
+        save_backbone_model(BackboneDenoiser({"dim": 16, "depth": 1, "heads": 2, **cfg}), tmp_path / name)
+        other = BackboneModelExpert.from_pretrained(str(tmp_path / name))
+        with pytest.raises(ValueError, match=r"expert 1 .* another noise schedule"):
+            run_method([experts[0], other], "or", 2, 3, seed=0)
+    same = tmp_path / "same"
+    save_backbone_model(BackboneDenoiser({"dim": 16, "depth": 1, "heads": 2}), same)
+    X, _ = run_method([experts[0], BackboneModelExpert.from_pretrained(str(same))], "or", 2, 3, seed=0)
+    assert X.shape == (2, 32, 4, 3)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 4, 6])
+def test_residue_distance_features_match_their_definition_at_any_length(L):
+    """Feature (a, k, b) of residue i is the RBF of |X[i, a] - X[i + k, b]|, and zero where
+    residue i + k does not exist (short backbones included: no wrap-around, no crash)."""
+    from superdiff.protein.models import _NRBF, _RES_DISTS, BackboneDenoiser, _rbf, _residue_distance_features
+
+    xa = torch.randn(2, L, 4, 3, generator=torch.Generator().manual_seed(L), dtype=torch.float64) * 3
+    got = _residue_distance_features(xa).reshape(2, L, len(_RES_DISTS), _NRBF)
+    for f, (a, k, b) in enumerate(_RES_DISTS):
+        for i in range(L):
+            if 0 <= i + k < L:
+                want = _rbf((xa[:, i, a] - xa[:, i + k, b]).norm(dim=-1), 1.0, 12.0, _NRBF)
+            else:
+                want = torch.zeros(2, _NRBF, dtype=xa.dtype)
+            assert torch.allclose(got[:, i, f], want, atol=1e-12), (L, a, k, b, i)
+    model = BackboneDenoiser({"length": L, "dim": 16, "depth": 1, "heads": 2})
+    assert model(torch.randn(2, L, 4, 3), torch.tensor([3, 700])).shape == (2, L, 4, 3)

@@ -87,3 +87,66 @@ def test_extra_procedural_windows_have_the_class_and_are_cached(train, tmp_path)
     assert list(secondary_structure(X.astype(np.float64))[3]) == ["helical"] * 3
     again = train.procedural_extra("a", 3, 32, 0, cache)
     assert np.array_equal(X, again)
+
+
+def test_resumed_run_keeps_the_same_loss_curve(train, tmp_path, monkeypatch):
+    """A checkpoint between two loss-curve points carries the losses since the last point, so the
+    resumed run's curve (and the card's final loss) equals the uninterrupted run's."""
+    monkeypatch.setattr(train, "LOG_EVERY", 3)
+    args = ("a", 6, 2, 1e-3, 0, 2)  # checkpoints at steps 2, 4, 6; loss-curve points at 3, 6
+    straight = train.train_one(*args, tmp_path / "w1", TINY, 2.0, out_root=tmp_path / "straight")
+    real_save = torch.save
+
+    def save_then_die(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        raise KeyboardInterrupt("killed after the checkpoint")
+
+    monkeypatch.setattr(train.torch, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
+    monkeypatch.setattr(train.torch, "save", real_save)
+    resumed = train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
+    assert [p["step"] for p in straight["loss_log"]] == [3, 6]
+    assert resumed["loss_log"] == straight["loss_log"]
+    assert resumed["final_loss"] == straight["final_loss"]
+
+
+def test_card_command_reproduces_the_run_settings(train, tmp_path, monkeypatch):
+    """The model card's `Reproduce` command, parsed by the script itself, asks for the same
+    training run (lr, dim and depth included)."""
+    import shlex
+
+    info = train.train_one("b", 2, 2, 5e-4, 3, 2, tmp_path / "work", {"dim": 24, "depth": 1}, 1.5,
+                           out_root=tmp_path / "models")
+    calls = []
+    monkeypatch.setattr(train, "train_one", lambda *a: calls.append(a))
+    argv = shlex.split(info["command"])
+    assert argv[:2] == ["python", "scripts/train_protein.py"]
+    assert train.main(argv[2:]) == 0
+    which, steps, batch, lr, seed, _ckpt, _work, config, t_power, extra, _out = calls[0]
+    assert (which, steps, batch, lr, seed, t_power, extra) == ("b", 2, 2, 5e-4, 3, 1.5, 0)
+    assert config == {"dim": 24, "depth": 1}
+
+
+def test_cards_only_rewrites_the_cards_under_out_root(train, tmp_path):
+    from superdiff.protein.models import bundled_protein_model_path
+
+    train.train_one("b", 2, 2, 1e-3, 0, 2, tmp_path / "work", TINY, 2.0, out_root=tmp_path / "models")
+    card = tmp_path / "models" / "protein-b-strand" / "README.md"
+    expected = card.read_text()
+    card.write_text("stale card\n")
+    shipped = bundled_protein_model_path("protein-b-strand") / "README.md"
+    shipped_before = shipped.read_bytes()
+    assert train.main(["--which", "b", "--cards-only", "--out-root", str(tmp_path / "models")]) == 0
+    assert card.read_text() == expected
+    assert shipped.read_bytes() == shipped_before  # the shipped card is not touched
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--ckpt-every", "--procedural-extra", "--lr"])
+def test_bad_counts_are_refused_by_name_before_training(train, flag, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "train_one", lambda *a: calls.append(a))
+    value = "-1" if flag in ("--procedural-extra", "--lr") else "0"
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--which", "a", flag, value])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err and not calls
