@@ -50,16 +50,16 @@ from superdiff.shapes.tokenizer import build_tokenizer
 from superdiff.shapes.training import (
     CAPTION_PROBS,
     EMA,
+    NOT_SETTINGS,
     Run,
     load_latent_dataset,
     lr_at,
     parameter_count,
+    reconcile_settings,
+    replacing_dir,
     step_rng,
     write_json,
 )
-
-#: Arguments that do not change the trained weights (everything else must match on resume).
-NOT_SETTINGS = ("workdir", "out", "export_only", "note", "threads", "log_every", "ckpt_every")
 
 
 def build_models(tokenizer):
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     scaling = float(vae.config.scaling_factor)
 
     run = Run(args.workdir)
+    state = run.load()
+    # resuming needs the saved settings; an export takes them (e.g. --captions picks the tokenizer)
+    settings = reconcile_settings(run, state, settings, args, args.export_only)
     tokenizer = build_tokenizer(run.dir / "tokenizer", model_max_length=TEXT_MAX_LENGTH, two_part=args.captions == "two-part")
     transformer, encoders = build_models(tokenizer)
     transformer.set_attn_processor(TiedTokenJointAttnProcessor(FLOW_T5_TOKENS))
@@ -147,13 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     joint_dim = transformer.config.joint_attention_dim
 
     start = 0
-    state = run.load()
     if state is not None:
-        if not args.export_only and state["settings"] != settings:
-            diff = {k: (state["settings"].get(k), settings.get(k)) for k in set(state["settings"]) | set(settings)
-                    if state["settings"].get(k) != settings.get(k)}
-            raise SystemExit(f"{run.ckpt} was trained with other settings (saved, given): {diff}; "
-                             "use the saved settings to resume, or another --workdir")
         for k, m in modules.items():
             m.load_state_dict(state[k])
             emas[k].module.load_state_dict(state["ema_" + k])
@@ -163,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
             run.truncate_log(start)
             print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
 
-    data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)
+    if not args.export_only:  # an export needs no training data
+        data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)
+        n = len(data["ids"])
     empty_ids = tokenizer([""], padding="max_length", max_length=TEXT_MAX_LENGTH, return_tensors="pt").input_ids
-    n = len(data["ids"])
 
     for m in modules.values():
         m.train()
@@ -212,12 +210,20 @@ def main(argv: list[str] | None = None) -> None:
     for k, e in emas.items():
         e.module.load_state_dict(final["ema_" + k])
     out = Path(args.out)
-    export(out, vae, run.dir / "tokenizer", emas["transformer"].module, [emas["text_encoder"].module, emas["text_encoder_2"].module])
+    with replacing_dir(out) as stage:  # the previous export stays until this one is complete
+        export(stage, vae, run.dir / "tokenizer", emas["transformer"].module,
+               [emas["text_encoder"].module, emas["text_encoder_2"].module])
+        write_training_json(stage, out.name, args, final, emas, vae, vae_dir)
+        run.copy_log(stage / "train_log.jsonl")
+    print(f"exported {out}", flush=True)
+
+
+def write_training_json(stage: Path, name: str, args, final: dict, emas: dict, vae, vae_dir: Path) -> None:
     vae_info = json.loads((vae_dir.parent / "training.json").read_text()).get("vae", {}) if (vae_dir.parent / "training.json").exists() else {}
     write_json(
-        out / "training.json",
+        stage / "training.json",
         {
-            "name": out.name,
+            "name": name,
             **({"note": args.note} if args.note else {}),
             "kind": "text-to-image",
             "layout": "sd3",
@@ -244,8 +250,6 @@ def main(argv: list[str] | None = None) -> None:
             },
         },
     )
-    shutil.copy(run.log_path, out / "train_log.jsonl")
-    print(f"exported {out}", flush=True)
 
 
 if __name__ == "__main__":

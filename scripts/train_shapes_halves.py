@@ -17,14 +17,14 @@ weights are exported in diffusers layout:
 number of training images) on all four shape classes: the "one model on all the data" of the
 paper's CIFAR-10 comparison (benchmarks/report.py).
 
-Re-running the same command resumes from <workdir>/checkpoint.pt.
+Re-running the same command resumes from <workdir>/checkpoint.pt (other settings are refused;
+``--export-only`` exports with the saved settings).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,7 +35,20 @@ from tqdm import tqdm
 
 from superdiff.shapes import world
 from superdiff.shapes.models import make_sampling_scheduler, make_train_scheduler, make_uncond_unet
-from superdiff.shapes.training import EMA, Run, encode_latents, lr_at, min_snr_weights, parameter_count, step_rng, write_json
+from superdiff.shapes.training import (
+    EMA,
+    NOT_SETTINGS,
+    Run,
+    encode_latents,
+    lr_at,
+    min_snr_weights,
+    parameter_count,
+    reconcile_settings,
+    replacing_dir,
+    save_atomic,
+    step_rng,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,8 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and exit")
     ap.add_argument("--note", default="", help="free-text note recorded in training.json (e.g. schedule changes)")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.dataset_size < 1:
+        raise SystemExit("--steps, --batch and --dataset-size must be positive")
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    workdir = Path(args.workdir or f"outputs/train/{'shapes-full' if args.half == 'full' else f'shapes-half-{args.half}'}")
+    run = Run(workdir)
+    state = run.load()
+    settings = reconcile_settings(run, state, settings, args, args.export_only)
     name = "shapes-full" if args.half == "full" else f"shapes-half-{args.half}"
-    workdir = Path(args.workdir or f"outputs/train/{name}")
     out = Path(args.out or f"superdiff/bundled/{name}")
     shapes = world.SHAPES if args.half == "full" else world.SHAPE_HALVES[args.half]
     torch.set_num_threads(args.threads)
@@ -73,31 +92,32 @@ def main(argv: list[str] | None = None) -> None:
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     scaling = float(vae.config.scaling_factor)
 
-    run = Run(workdir)
     unet = make_uncond_unet()
     ema = EMA(unet, args.ema)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     train_sched = make_train_scheduler()
     ac = train_sched.alphas_cumprod
     start = 0
-    state = run.load()
     if state is not None:
         unet.load_state_dict(state["unet"])
         ema.module.load_state_dict(state["ema_unet"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        run.truncate_log(start)
-        print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        if not args.export_only:  # an export beside a live run must not touch its log
+            run.truncate_log(start)
+            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
 
     cache = run.dir / f"latents-{args.seed}-{args.dataset_size}.pt"
-    if cache.exists():
+    if args.export_only:  # an export needs no training data
+        data = {"mean": torch.zeros(0)}
+    elif cache.exists():
         data = torch.load(cache, weights_only=False)
     else:
         print(f"rendering and encoding {args.dataset_size} images of {shapes} ...", flush=True)
         ds = world.make_dataset(np.random.default_rng([args.seed, 3, ord(args.half[0])]), args.dataset_size, shapes=shapes)
         mean, std = encode_latents(vae, ds.images)
         data = {"mean": mean, "std": std}
-        torch.save(data, cache)
+        save_atomic(data, cache)
     n = len(data["mean"])
 
     unet.train()
@@ -130,23 +150,28 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             print(rec, flush=True)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            run.save({"unet": unet.state_dict(), "ema_unet": ema.module.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+            run.save({"unet": unet.state_dict(), "ema_unet": ema.module.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                      "settings": settings})
 
     final_state = run.load()
     if final_state is None:
         raise SystemExit(f"no checkpoint in {run.dir}; train first")
     ema.module.load_state_dict(final_state["ema_unet"])
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    ema.module.save_pretrained(out / "unet")
-    make_sampling_scheduler().save_pretrained(out / "scheduler")
-    vae.save_pretrained(out / "vae")
+    with replacing_dir(out) as stage:  # the previous export stays until this one is complete
+        export(stage, name, shapes, args, final_state, ema, vae, vae_dir)
+        run.copy_log(stage / "train_log.jsonl")
+    print(f"exported {out}", flush=True)
+
+
+def export(stage: Path, name: str, shapes, args, final_state: dict, ema, vae, vae_dir: Path) -> None:
+    ema.module.save_pretrained(stage / "unet")
+    make_sampling_scheduler().save_pretrained(stage / "scheduler")
+    vae.save_pretrained(stage / "vae")
     vae_info = json.loads((vae_dir / "training.json").read_text()) if (vae_dir / "training.json").exists() else {}
     if not vae_info and (vae_dir.parent / "training.json").exists():  # the VAE of a bundled model
         vae_info = json.loads((vae_dir.parent / "training.json").read_text()).get("vae", {})
     write_json(
-        out / "training.json",
+        stage / "training.json",
         {
             "name": name,
             **({"note": args.note} if args.note else {}),
@@ -166,8 +191,6 @@ def main(argv: list[str] | None = None) -> None:
             },
         },
     )
-    shutil.copy(run.log_path, out / "train_log.jsonl")
-    print(f"exported {out}", flush=True)
 
 
 if __name__ == "__main__":

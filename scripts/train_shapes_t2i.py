@@ -13,7 +13,8 @@ an EulerDiscreteScheduler of the same betas, no safety checker and no feature ex
 
     nohup nice -n 10 .venv/bin/python scripts/train_shapes_t2i.py > outputs/train_t2i.log 2>&1 &
 
-Re-running the same command resumes from <workdir>/checkpoint.pt.
+Re-running the same command resumes from <workdir>/checkpoint.pt (other settings are refused;
+``--export-only`` exports with the saved settings).
 
 ``--captions two-part`` trains the ``shapes-t2i-pairs`` variant: a tokenizer that also knows
 "and", "that", "is", and captions that include joint prompts of seen pairs written the way a
@@ -50,11 +51,14 @@ from superdiff.shapes.tokenizer import build_tokenizer
 from superdiff.shapes.training import (
     CAPTION_PROBS,
     EMA,
+    NOT_SETTINGS,
     Run,
     load_latent_dataset,
     lr_at,
     min_snr_weights,
     parameter_count,
+    reconcile_settings,
+    replacing_dir,
     step_rng,
     write_json,
 )
@@ -81,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and exit")
     ap.add_argument("--note", default="", help="free-text note recorded in training.json (e.g. schedule changes)")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.dataset_size < 1:
+        raise SystemExit("--steps, --batch and --dataset-size must be positive")
+    run = Run(args.workdir)
+    state = run.load()
+    # resuming needs the saved settings; an export takes them (e.g. --captions picks the tokenizer)
+    settings = reconcile_settings(run, state, {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
+                                  args, args.export_only)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -92,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     scaling = float(vae.config.scaling_factor)
 
-    run = Run(args.workdir)
     tokenizer = build_tokenizer(run.dir / "tokenizer", model_max_length=TEXT_MAX_LENGTH, two_part=args.captions == "two-part")
     text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     unet = make_t2i_unet()
@@ -103,7 +113,6 @@ def main(argv: list[str] | None = None) -> None:
     ac = train_sched.alphas_cumprod
 
     start = 0
-    state = run.load()
     if state is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
@@ -111,12 +120,14 @@ def main(argv: list[str] | None = None) -> None:
         ema_te.module.load_state_dict(state["ema_text_encoder"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        run.truncate_log(start)
-        print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        if not args.export_only:  # an export beside a live run must not touch its log
+            run.truncate_log(start)
+            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
 
-    data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)
+    if not args.export_only:  # an export needs no training data
+        data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)
+        n = len(data["ids"])
     empty_ids = tokenizer([""], padding="max_length", max_length=TEXT_MAX_LENGTH, return_tensors="pt").input_ids
-    n = len(data["ids"])
 
     unet.train()
     text_encoder.train()
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                     "ema_text_encoder": ema_te.module.state_dict(),
                     "opt": opt.state_dict(),
                     "step": step + 1,
+                    "settings": settings,
                 }
             )
 
@@ -180,19 +192,23 @@ def main(argv: list[str] | None = None) -> None:
         requires_safety_checker=False,
     )
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    pipe.save_pretrained(out, safe_serialization=True)
+    with replacing_dir(out) as stage:  # the previous export stays until this one is complete
+        export(stage, out.name, pipe, run, args, final_state, ema_unet, ema_te, vae, vae_dir)
+    print(f"exported {out}", flush=True)
+
+
+def export(stage: Path, name: str, pipe, run: Run, args, final_state: dict, ema_unet, ema_te, vae, vae_dir: Path) -> None:
+    pipe.save_pretrained(stage, safe_serialization=True)
     # transformers 5 saves only tokenizer.json; ship the BPE source files too (CLIP layout).
     for fname in ("vocab.json", "merges.txt"):
-        shutil.copy(run.dir / "tokenizer" / fname, out / "tokenizer" / fname)
+        shutil.copy(run.dir / "tokenizer" / fname, stage / "tokenizer" / fname)
     vae_info = json.loads((vae_dir / "training.json").read_text()) if (vae_dir / "training.json").exists() else {}
     if not vae_info and (vae_dir.parent / "training.json").exists():  # the VAE of a bundled model
         vae_info = json.loads((vae_dir.parent / "training.json").read_text()).get("vae", {})
     write_json(
-        out / "training.json",
+        stage / "training.json",
         {
-            "name": out.name,
+            "name": name,
             **({"note": args.note} if args.note else {}),
             "kind": "text-to-image",
             "steps_trained": final_state["step"],
@@ -212,8 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             },
         },
     )
-    shutil.copy(run.log_path, out / "train_log.jsonl")
-    print(f"exported {out}", flush=True)
+    run.copy_log(stage / "train_log.jsonl")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ as Stable Diffusion does, and the model is saved in diffusers layout to <workdir
 
     nohup nice -n 10 .venv/bin/python scripts/train_shapes_vae.py > outputs/train_vae.log 2>&1 &
 
-Re-running the same command resumes from <workdir>/checkpoint.pt.
+Re-running the same command resumes from <workdir>/checkpoint.pt; the checkpoint keeps torch's
+RNG state (the posterior samples), so a resumed run matches an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
+        if "torch_rng" in state:  # the posterior samples draw from it: resume the same stream
+            torch.set_rng_state(state["torch_rng"])
         run.truncate_log(start)
         print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
 
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.0f}")
             print(rec_, flush=True)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            run.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+            run.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "torch_rng": torch.get_rng_state()})
 
     # Export: scaling factor and reconstruction quality on fresh, unseen renders.
     vae.eval()

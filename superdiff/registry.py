@@ -30,7 +30,8 @@ _TRAIN_HINT = (
 
 
 def _is_model_dir(d: Path) -> bool:
-    return d.is_dir() and (d / "training.json").is_file() and ((d / "model_index.json").is_file() or (d / "unet").is_dir())
+    # a dot-directory is an export in progress or left by a killed one (training.replacing_dir)
+    return not d.name.startswith(".") and d.is_dir() and (d / "training.json").is_file() and ((d / "model_index.json").is_file() or (d / "unet").is_dir())
 
 
 def list_bundled_models() -> list[str]:

@@ -122,3 +122,14 @@ def test_model_cards_record_the_quality_bars():
         hq = json.loads((path / "quality.json").read_text())
         assert hq["samples"] >= 256 and hq["purity"] >= 0.95
         assert f"{100 * hq['purity']:.1f}%" in (path / "README.md").read_text()
+
+
+def test_registry_ignores_an_export_left_half_done_beside_the_models(tmp_path, monkeypatch):
+    # the training scripts build an export in .<name>.partial and swap it in when complete
+    for d in ("shapes-x", ".shapes-x.partial", ".shapes-x.old"):
+        (tmp_path / d / "unet").mkdir(parents=True)
+        (tmp_path / d / "training.json").write_text("{}")
+    monkeypatch.setattr(registry, "BUNDLED_ROOT", tmp_path)
+    assert registry.list_bundled_models() == ["shapes-x"]
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        registry.bundled_model_path(".shapes-x.partial")

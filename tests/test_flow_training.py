@@ -128,3 +128,36 @@ def test_resume_is_bit_identical_and_other_settings_are_refused(train, tmp_path,
 
     with pytest.raises(SystemExit, match="other settings.*'lr'"):
         train.main([*TINY, "--lr", "1e-3", "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "other")])
+
+
+def test_a_run_shorter_than_one_log_interval_still_exports(train, tmp_path):
+    out = tmp_path / "out"
+    train.main([*TINY, "--log-every", "100", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    assert json.loads((out / "training.json").read_text())["steps_trained"] == 4
+    assert (out / "train_log.jsonl").read_text() == ""  # no step was logged
+
+
+def test_export_only_describes_the_trained_run_and_keeps_the_previous_export_on_failure(train, tmp_path, monkeypatch):
+    work, out = tmp_path / "w", tmp_path / "out"
+    train.main([*TINY, "--captions", "single", "--workdir", str(work), "--out", str(out)])
+    caches = sorted(p.name for p in work.glob("latents-*"))
+
+    # an export with the command's defaults records the settings the weights were trained with
+    train.main(["--export-only", "--vae", str(VAE), "--workdir", str(work), "--out", str(out)])
+    info = json.loads((out / "training.json").read_text())
+    hp = info["hyperparameters"]
+    assert (hp["steps"], hp["batch"], hp["dataset_size"], hp["captions"]) == (4, 4, 24, "single")
+    assert info["data"]["training_images"] == 24 and info["steps_trained"] == 4
+    assert sorted(p.name for p in work.glob("latents-*")) == caches  # no training set rendered to export
+
+    # an export that fails half-way leaves the previous export whole, and no half-written one beside it
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train, "write_json", fail)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(["--export-only", "--vae", str(VAE), "--workdir", str(work), "--out", str(out)])
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "w"]

@@ -121,6 +121,16 @@ def test_oracle_accepts_common_layouts():
         oracle.classify(np.zeros((2, 4, 32, 32)))
 
 
+def test_oracle_reads_torch_uint8_images_as_0_to_255_like_numpy_uint8():
+    """torchvision's image format (uint8 tensors) is divided by 255, as numpy uint8 is."""
+    data = world.make_dataset(5, 16, exclude=())
+    ref = oracle.classify(data.images)
+    u8 = torch.from_numpy((data.images * 255).round().astype(np.uint8))
+    for v in (oracle.classify(u8), oracle.classify(list(u8)), oracle.classify(u8.permute(0, 2, 3, 1))):
+        assert v.shape == ref.shape and v.colour == ref.colour
+        np.testing.assert_allclose(v.area, ref.area, atol=0.5)
+
+
 def test_tokenizer_maps_each_caption_word_to_one_token(tmp_path):
     vocab, merges = bpe_tables(world.vocabulary())
     assert len(set(vocab.values())) == len(vocab)
@@ -184,3 +194,111 @@ def test_clean_threshold_is_the_one_calibrated_on_morphs():
     rec = morph.calibrate_clean_threshold()
     assert abs(rec["threshold"] - oracle.CLEAN_FIT) < 2e-3
     assert rec["clean_kept"] > 0.95 and rec["in_between_rejected"] > 0.9
+
+
+# --------------------------------------------------------------------------------------
+# Resumable training scaffolding (superdiff.shapes.training) and the scripts built on it.
+# --------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES_VAE = ROOT / "superdiff" / "bundled" / "shapes-t2i" / "vae"
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _kill_after_first_checkpoint(mod, monkeypatch, argv, at_step=None):
+    real_save = mod.Run.save
+
+    def save_then_die(self, state):
+        real_save(self, state)
+        if at_step is None or state["step"] == at_step:
+            raise KeyboardInterrupt("killed after a checkpoint")
+
+    monkeypatch.setattr(mod.Run, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(argv)
+    monkeypatch.setattr(mod.Run, "save", real_save)
+
+
+def test_resume_drops_a_log_line_cut_short_by_a_crash(tmp_path):
+    from superdiff.shapes.training import Run
+
+    run = Run(tmp_path)
+    run.log({"step": 2, "loss": 1.0})
+    run.log({"step": 4, "loss": 0.9})
+    with run.log_path.open("a") as f:
+        f.write('{"step": 6, "lo')  # the process died while writing this line
+    run.truncate_log(4)
+    assert [r["step"] for r in map(__import__("json").loads, run.log_path.read_text().splitlines())] == [2, 4]
+
+
+def test_an_unreadable_checkpoint_is_named_with_the_way_out(tmp_path):
+    from superdiff.shapes.training import Run
+
+    run = Run(tmp_path)
+    run.ckpt.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match=r"checkpoint\.pt.*delete it.*--workdir"):
+        run.load()
+
+
+def test_a_crash_while_caching_the_training_set_leaves_no_cache(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from superdiff.shapes import training
+
+    vae = AutoencoderKL.from_pretrained(SHAPES_VAE).eval()
+    tok = build_tokenizer(tmp_path / "tok")
+    run = training.Run(tmp_path / "run")
+    real_save = torch.save
+
+    def save_half_then_die(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04")  # the first bytes of a zip: a cut-short file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        training.load_latent_dataset(run, vae, 0, 6, tok)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not list(run.dir.glob("latents-*.pt"))
+    blob = training.load_latent_dataset(run, vae, 0, 6, tok)  # the next run encodes afresh
+    assert len(blob["ids"]) == 6 and len(list(run.dir.glob("latents-*.pt"))) == 1
+
+
+def test_vae_training_resumes_bit_for_bit(tmp_path, monkeypatch):
+    vae_script = _script("train_shapes_vae")
+    tiny = ["--steps", "4", "--batch", "2", "--ckpt-every", "2", "--log-every", "2"]
+    # stopped right after the last checkpoint (the export is not what is compared)
+    _kill_after_first_checkpoint(vae_script, monkeypatch, [*tiny, "--workdir", str(tmp_path / "straight")], at_step=4)
+    _kill_after_first_checkpoint(vae_script, monkeypatch, [*tiny, "--workdir", str(tmp_path / "resumed")])
+    _kill_after_first_checkpoint(vae_script, monkeypatch, [*tiny, "--workdir", str(tmp_path / "resumed")], at_step=4)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["vae"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["vae"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("script,extra", [("train_shapes_halves", ["--half", "b"]), ("train_shapes_t2i", [])])
+def test_diffusion_scripts_refuse_other_settings_on_resume_and_export_the_trained_ones(script, extra, tmp_path, monkeypatch):
+    import json
+
+    mod = _script(script)
+    work, out = tmp_path / "w", tmp_path / "out"
+    tiny = [*extra, "--steps", "3", "--batch", "2", "--dataset-size", "6", "--ckpt-every", "2", "--log-every", "100",
+            "--vae", str(SHAPES_VAE), "--workdir", str(work), "--out", str(out)]
+    _kill_after_first_checkpoint(mod, monkeypatch, tiny)
+    with pytest.raises(SystemExit, match=r"other settings.*'lr'"):
+        mod.main([*tiny, "--lr", "1e-2"])
+    mod.main(tiny)  # the same command resumes; no step was logged, the log is empty
+    assert json.loads((out / "training.json").read_text())["steps_trained"] == 3
+    assert (out / "train_log.jsonl").read_text() == ""
+    mod.main([*extra, "--export-only", "--vae", str(SHAPES_VAE), "--workdir", str(work), "--out", str(out)])
+    hp = json.loads((out / "training.json").read_text())["hyperparameters"]
+    assert (hp["steps"], hp["batch"], hp["dataset_size"]) == (3, 2, 6)

@@ -163,7 +163,9 @@ def to_numpy_images(images: Any, value_range: tuple[float, float] = (0.0, 1.0)) 
 
 def _as_array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-        return x.detach().cpu().float().numpy()
+        x = x.detach().cpu()
+        # keep uint8 as uint8 so that to_numpy_images divides it by 255, as for numpy
+        return x.numpy() if str(x.dtype) == "torch.uint8" else x.float().numpy()
     if hasattr(x, "convert"):
         return np.asarray(x.convert("RGB"))
     return np.asarray(x)

@@ -14,10 +14,12 @@ sets ``CAPTION_PROBS``), VAE-encodes them to posterior mean/std and caches them 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,7 +93,16 @@ class Run:
         """The saved state, or ``None`` for a fresh run; restores the time counters."""
         if not self.ckpt.exists():
             return None
-        state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file: say which and what to do
+            raise SystemExit(
+                f"{self.ckpt} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                "delete it to start this run afresh, or pass another --workdir"
+            ) from e
+        if not isinstance(state, dict) or "step" not in state:
+            raise SystemExit(f"{self.ckpt} is not a training checkpoint of these scripts (no 'step'); "
+                             "delete it to start this run afresh, or pass another --workdir")
         self.cpu_offset = float(state.get("cpu_seconds", 0.0))
         self.wall_offset = float(state.get("wall_seconds", 0.0))
         self._cpu_start = time.process_time()
@@ -110,15 +121,28 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def truncate_log(self, step: int) -> None:
-        """Drop log lines past ``step`` (written after the last checkpoint before a crash)."""
+        """Drop log lines past ``step`` (written after the last checkpoint before a crash),
+        and a line cut short by the crash; the log is rewritten atomically."""
         if not self.log_path.exists():
             return
-        keep = [
-            line
-            for line in self.log_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.log_path.write_text("".join(k + "\n" for k in keep))
+        keep = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # empty, or cut short by a crash while it was written
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.log_path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.log_path)
+
+    def copy_log(self, dest: str | Path) -> None:
+        """Copy the loss log to ``dest`` (an empty file when no step was logged yet)."""
+        if self.log_path.exists():
+            shutil.copy(self.log_path, dest)
+        else:
+            Path(dest).write_text("")
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -163,5 +187,63 @@ def load_latent_dataset(run: Run, vae, seed: int, size: int, tokenizer, captions
     mean, std = encode_latents(vae, data.images)
     ids = tokenizer(data.captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
     blob = {"mean": mean, "std": std, "ids": ids, "captions": data.captions}
-    torch.save(blob, cache)
+    save_atomic(blob, cache)
     return blob
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file: a crash never leaves a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replacing_dir(out: str | Path):
+    """Yield an empty staging directory beside ``out``; when the block succeeds it replaces
+    ``out`` (an export is complete or absent), when it fails ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
+    for d in (stage, old):
+        if d.exists():
+            shutil.rmtree(d)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+#: Command-line arguments that do not change the trained weights (all others must match on resume).
+NOT_SETTINGS: tuple[str, ...] = ("workdir", "out", "export_only", "note", "threads", "log_every", "ckpt_every")
+
+
+def reconcile_settings(run: Run, state: dict[str, Any] | None, settings: dict[str, Any], args, export_only: bool,
+                       keep: tuple[str, ...] = ("vae",)) -> dict[str, Any]:
+    """The settings a run goes on with, given its checkpoint ``state`` (``None``: a fresh run).
+
+    Resuming with settings other than the saved ones is refused (a run would mix two recipes);
+    an export adopts the saved settings into ``args`` (except ``keep``) so that the exported
+    ``training.json`` describes the run that made the weights, not the export command's
+    defaults. A checkpoint from before settings were saved is taken as it is.
+    """
+    saved = None if state is None else state.get("settings")
+    if saved is None:
+        return settings
+    if export_only:
+        for k, v in saved.items():
+            if k not in keep and hasattr(args, k):
+                setattr(args, k, v)
+        return dict(saved)
+    if saved != settings:
+        diff = {k: (saved.get(k), settings.get(k)) for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)}
+        raise SystemExit(f"{run.ckpt} was trained with other settings (saved, given): {diff}; "
+                         "use the saved settings to resume, or another --workdir")
+    return settings
