@@ -830,6 +830,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = Path(args.out) if args.out else (OUT_FULL if mode == "full" else OUT_QUICK)
     if args.check and not args.out:
         out = ROOT / "outputs" / "report-check"
+    if args.check and out.resolve() == OUT_QUICK.resolve():
+        ap.error(f"--check --out {args.out}: that is the committed quick figures' folder, which the check would "
+                 "overwrite and then compare with itself; give a scratch folder or leave --out out")
+    if args.check:
+        for flag, value, default in (("--full-model", args.full_model, "shapes-full"),
+                                     ("--and-model", args.and_model, "shapes-t2i-pairs")):
+            if value != default:
+                ap.error(f"--check compares with the committed quick figures, made with {flag} {default}; "
+                         f"drop {flag} {value} (or run without --check)")
     if args.check:
         for f in out.glob("section_*.json"):
             f.unlink()

@@ -38,8 +38,10 @@ diffusers runs its whole batch). `--model sd15` runs instead an SD 1.5-size UNet
 random weights from SD 1.5's UNet config) at N = 2 (batch 3, the GPU target's), where the
 table also gives the share of the step spent outside the network (target: at most 3% in
 fp16 on a GPU). `--dtype float16` runs the networks in half precision and `--attention`
-picks the UNet's attention processor (sdpa, math, xformers). Writes results.json,
-results.md and speed.png under --out.
+picks the UNet's attention processor (sdpa, math, xformers). Writes results_<label>.json,
+results_<label>.md and speed_<label>.png under --out (label: --label, default the device type,
+with -quick for --quick), and partial_<label>.json after every case while it runs, which
+--resume continues when the settings (device, dtype, attention, steps, reps, threads) match.
 """
 
 from __future__ import annotations
@@ -625,9 +627,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     label = args.label or device.type + ("-quick" if args.quick else "")  # a smoke run keeps the full results
     partial = out / f"partial_{label}.json"  # per-case results so far: a killed run resumes
+    # what the figures depend on: a resumed run keeps only cases measured the same way
+    settings = {"device": device.type, "dtype": args.dtype, "attention": args.attention, "steps": args.steps,
+                "reps": reps, "threads": args.threads}
     done: dict[str, dict[str, Any]] = {}
     if args.resume and partial.is_file():
-        done = {r["key"]: r for r in json.loads(partial.read_text())}
+        done = {r["key"]: r for r in load_partial(partial, settings)}
     results: list[dict[str, Any]] = []
     t_start = time.time()
     bar = tqdm(total=len(todo), desc="speed cases")
@@ -642,7 +647,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             r = measure_case(bench, c, args.steps, reps, (2, 4))
             r["latent_shape"] = [4, bench.size // bench.ours.vae_scale_factor, bench.size // bench.ours.vae_scale_factor]
             results.append(r)
-            partial.write_text(json.dumps(results, indent=1))
+            write_json_atomic(partial, {"settings": settings, "results": results})
             bar.update()
             bar.write(f"{c.key}: outside {r['ours']['outside_ms']:.2f} ms vs {r['diffusers']['outside_ms']:.2f} ms, "
                       f"syncs {r['ours']['syncs_per_step']:.1f} vs {r['diffusers']['syncs_per_step']:.1f}")
@@ -654,7 +659,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     m = mem[r["key"]]
                     r["memory_mb"] = {k: v / 2**20 for k, v in m.items()}
                     r["memory_ratio"] = m["ours"] / max(m["diffusers"], 1.0)
-            partial.write_text(json.dumps(results, indent=1))
+            write_json_atomic(partial, {"settings": settings, "results": results})
         del bench
     bar.close()
     doc = {
@@ -669,12 +674,38 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results,
     }
-    (out / f"results_{label}.json").write_text(json.dumps(doc, indent=1))
-    (out / f"results_{label}.md").write_text(markdown(doc))
+    text = markdown(doc)  # before anything is written: a failure here keeps the previous results whole
+    write_json_atomic(out / f"results_{label}.json", doc)
+    (out / f"results_{label}.md").write_text(text)
     plot(doc, out / f"speed_{label}.png")
     partial.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    print(markdown(doc))
+    print(text)
     return 0
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """path written beside it and renamed: a run killed while writing (the partial file exists
+    for killed runs) leaves the previous complete file, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def load_partial(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cases of a partial file that --resume keeps, or a ValueError when they were measured
+    with other settings (mixing them would put figures of two setups in one table)."""
+    try:
+        doc = json.loads(path.read_text())
+        old, results = doc["settings"], doc["results"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--resume: {path} is not a partial file of this version of the benchmark; "
+                         "delete it or run without --resume") from None
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+        raise ValueError(f"--resume: {path} was measured with other settings ("
+                         + ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
+                         + "); rerun with those settings, give another --label, or run without --resume")
+    return results
 
 
 def quiet_libraries() -> None:

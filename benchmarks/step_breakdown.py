@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ValueError(f"--steps must be >= 3 (the first step is not counted), got {args.steps}")
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     speed.quiet_libraries()
     torch.set_num_threads(args.threads)
     known = {c.key: c for c in speed.all_cases()}

@@ -13,8 +13,23 @@ import re
 import sys
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .demo import run_demo
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: a file, not a folder; give a folder for the demo's plots and JSON")
 
     summary = run_demo(args.out, num_samples=args.samples, num_steps=args.steps, seed=args.seed,
                        estimator=args.estimator, progress=not args.quiet)
@@ -31,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("gmm-demo", help="the 2-D Gaussian-mixture OR/AND demo (paper Figure 2): scatter + trace plots")
     d.add_argument("--out", default="outputs/gmm-demo", help="output folder (default: outputs/gmm-demo)")
-    d.add_argument("--samples", type=int, default=2000)
-    d.add_argument("--steps", type=int, default=100)
+    d.add_argument("--samples", type=_positive_int, default=2000, help="samples per operator (default 2000)")
+    d.add_argument("--steps", type=_positive_int, default=100, help="sampling steps (default 100)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--estimator", choices=["kernel", "ito"], default=None, help="default: the package default")
     d.add_argument("--quiet", action="store_true", help="no progress bars")

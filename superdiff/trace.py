@@ -57,7 +57,7 @@ class Trace:
 
     def select(self, index: int | Sequence[int] | slice) -> "Trace":
         """The trace of a subset of the samples."""
-        idx = [index] if isinstance(index, int) else index
+        idx = [int(index)] if isinstance(index, (int, np.integer)) else index
         return Trace(self.t, self.sigma, self.kappa[:, idx], self.logq[:, idx], list(self.expert_names), dict(self.meta),
                      None if self.ess is None else self.ess[:, idx],
                      None if self.resampled is None else self.resampled[:, idx])
@@ -121,24 +121,48 @@ class Trace:
         return plot_trace(self, path, samples, title)
 
 
+def _plain(text: str) -> str:
+    """text drawn as written: matplotlib reads $...$ as mathtext, which would drop the dollar
+    signs of a prompt ("a $5 and $10 bill") or fail on one that does not parse ("$\\foo$")."""
+    return str(text).replace("$", r"\$")
+
+
 def _names(trace: Trace) -> list[str]:
     M = trace.num_experts
     names = list(trace.expert_names)[:M]
-    return names + [f"expert {i}" for i in range(len(names), M)]
+    return [_plain(x) for x in names + [f"expert {i}" for i in range(len(names), M)]]
+
+
+def _sample_indices(trace: Trace, samples: int | Sequence[int]) -> list[int]:
+    B = trace.batch_size
+    if isinstance(samples, (int, np.integer)):
+        idx = list(range(min(int(samples), B)))
+    else:
+        idx = [int(b) for b in samples]
+        bad = [b for b in idx if not -B <= b < B]
+        if bad:
+            raise ValueError(f"samples {bad} are not in this trace: it has {B} sample(s), numbered 0 to {B - 1}")
+        idx = [b % B for b in idx]  # -1: the last one, titled with its own number
+    if not idx:
+        raise ValueError(f"no samples selected to plot: give a count >= 1 or indices from 0 to {B - 1}")
+    return idx
 
 
 def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequence[int] = 4,
                title: str | None = None):
-    """Two panels per shown sample: kappa_i and log q_i (relative to the mean over experts)
-    against the step (a third with the ESS and the resampling events under a particle corrector). Writes a PNG when path is given; returns the matplotlib Figure."""
+    """Two panels per shown sample: kappa_i and log q_i (relative to the mean over experts;
+    relative to its value at step 0 for a single expert or when some experts' log q was not
+    tracked) against the step (a third with the ESS and the resampling events under a particle
+    corrector). samples: the first n samples, or a list of their indices. Expert names and the
+    title are drawn as plain text (a "$" stays a dollar sign). Writes the figure when path is
+    given (PNG unless its suffix names another format; the previous file stays in place if
+    drawing fails); returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    idx = list(range(min(samples, trace.batch_size))) if isinstance(samples, int) else list(samples)
-    if not idx:
-        raise ValueError("no samples selected to plot")
+    idx = _sample_indices(trace, samples)
     names = _names(trace)
     n = len(idx)
     rows = 3 if trace.ess is not None else 2
@@ -146,25 +170,31 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
     steps_k = np.arange(trace.num_steps)
     steps_q = np.arange(trace.num_steps + 1)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # more experts than colours: the next round of colours gets another line style, so that no
+    # two experts share a legend entry
+    styles = ["-", "--", ":", "-."]
     # experts whose log q was not tracked (operator "single" evaluates one expert) are NaN:
     # then each tracked curve is drawn relative to its own start instead of the experts' mean
     all_tracked = not np.isnan(trace.logq).any()
+    by_mean = all_tracked and trace.num_experts > 1
     for c, b in enumerate(idx):
         ak, aq = axes[0, c], axes[1, c]
         lq = trace.logq[:, b, :]
-        rel = lq - lq.mean(-1, keepdims=True) if all_tracked else lq - lq[:1]
+        # one expert: its log q minus the mean over experts is 0 at every step, so it is drawn
+        # relative to its start as well
+        rel = lq - lq.mean(-1, keepdims=True) if by_mean else lq - lq[:1]
         for i, name in enumerate(names):
-            col = colors[i % len(colors)]
-            ak.plot(steps_k, trace.kappa[:, b, i], color=col, label=name, lw=1.4)
+            col, ls = colors[i % len(colors)], styles[(i // len(colors)) % len(styles)]
+            ak.plot(steps_k, trace.kappa[:, b, i], color=col, ls=ls, label=name, lw=1.4)
             untracked = bool(np.isnan(lq[:, i]).all())
-            aq.plot(steps_q, rel[:, i], color=col, label=name + (" (not tracked)" if untracked else ""), lw=1.4)
+            aq.plot(steps_q, rel[:, i], color=col, ls=ls, label=name + (" (not tracked)" if untracked else ""), lw=1.4)
         ak.set_title(f"sample {b}", fontsize=10)
         ak.axhline(0, color="0.8", lw=0.6, zorder=0)
         aq.axhline(0, color="0.8", lw=0.6, zorder=0)
         aq.set_xlabel("step")
         if c == 0:
             ak.set_ylabel("kappa")
-            aq.set_ylabel("log q - mean (nats)" if all_tracked else "log q - log q at step 0 (nats)")
+            aq.set_ylabel("log q - mean (nats)" if by_mean else "log q - log q at step 0 (nats)")
         if trace.ess is not None:
             ae = axes[2, c]
             ae.plot(steps_k, trace.ess[:, b], color="0.25", lw=1.4, label="ESS / K")
@@ -178,14 +208,22 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
                 ae.set_ylabel("ESS / K")
                 ae.legend(fontsize=8, loc="lower left")
     axes[0, 0].legend(fontsize=8, loc="best")
+    if not all_tracked:  # the kappa legend does not say which experts' log q is missing
+        axes[1, 0].legend(fontsize=8, loc="best")
     op = trace.meta.get("operator")
-    fig.suptitle(title or (f"SuperDiff trace ({op})" if op else "SuperDiff trace"), fontsize=11)
+    fig.suptitle(_plain(title) if title else (f"SuperDiff trace ({op})" if op else "SuperDiff trace"), fontsize=11)
     fig.tight_layout()
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        # written beside it and renamed: a plot that fails half-way keeps the previous file
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or plt.rcParams["savefig.format"])
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            plt.close(fig)
     return fig
 
 

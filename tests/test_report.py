@@ -113,3 +113,38 @@ def test_bench_report_subcommand_forwards_its_options():
     assert args.func.__name__ == "_report" and args.full and args.sections == "or,and" and args.skip_existing
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "report", "--quick", "--full"])
+
+
+
+def _refuse_to_run(*args, **kwargs):
+    raise AssertionError("the report ran: the options should have been refused first")
+
+
+def test_check_never_writes_over_nor_compares_against_the_committed_quick_figures(tmp_path, monkeypatch):
+    """--check reruns quick mode and compares it with the committed quick figures: an --out that
+    is the committed folder would delete its section files, overwrite report.json and then
+    compare the new run with itself. Refused before anything runs or is deleted."""
+    rep = _report()
+    committed = tmp_path / "report" / "quick"  # a copy of the committed folder stands in for it
+    committed.mkdir(parents=True)
+    for name in ("report.json", "section_or.json"):
+        (committed / name).write_text((rep.OUT_QUICK / name).read_text())
+    monkeypatch.setattr(rep, "OUT_QUICK", committed)
+    monkeypatch.setattr(rep, "run", _refuse_to_run)
+    before = {p.name: p.read_bytes() for p in committed.iterdir()}
+    for out in (str(committed), str(committed) + "/", str(committed / ".." / "quick")):
+        with pytest.raises(SystemExit):
+            rep.main(["--check", "--out", out])
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == before
+
+
+def test_check_refuses_models_other_than_the_committed_ones(capsys, monkeypatch):
+    """The committed quick figures are of the default models: another --full-model or --and-model
+    has other table rows, so the comparison could not be made (it failed with a KeyError)."""
+    rep = _report()
+    monkeypatch.setattr(rep, "run", _refuse_to_run)
+    for flag, model in (("--full-model", "shapes-half-a"), ("--and-model", "shapes-t2i")):
+        with pytest.raises(SystemExit):
+            rep.main(["--check", flag, model])
+        err = capsys.readouterr().err
+        assert flag in err and "--check" in err

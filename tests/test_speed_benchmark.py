@@ -152,3 +152,38 @@ def test_plot_of_a_run_without_an_n2_case_writes_an_image(tmp_path):
     out = tmp_path / "speed_cpu.png"
     speed.plot(doc, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _no_bench(*args, **kwargs):
+    raise AssertionError("the benchmark started: the partial file should have been refused first")
+
+
+def test_resume_refuses_cases_measured_with_other_settings(tmp_path, monkeypatch):
+    """--resume keeps the cases of partial_<label>.json; measured with another --steps or --dtype
+    they would sit in one table with figures of the new settings, so the resume is refused and
+    the message says what differs and how to go on."""
+    monkeypatch.setattr(speed, "Bench", _no_bench)
+    settings = {"device": "cpu", "dtype": "float32", "attention": "default", "steps": 6, "reps": 1, "threads": 1}
+    speed.write_json_atomic(tmp_path / "partial_t.json", {"settings": settings, "results": [{"key": "k"}]})
+    assert speed.load_partial(tmp_path / "partial_t.json", settings) == [{"key": "k"}]
+    with pytest.raises(ValueError, match=r"steps 6 there, 4 now.*without --resume"):
+        speed.main(["--quick", "--resume", "--steps", "4", "--device", "cpu", "--out", str(tmp_path), "--label", "t"])
+    (tmp_path / "partial_t.json").write_text('[{"key": "sd64/sde+ito/and/N2", "ours": {')  # cut short by a kill
+    with pytest.raises(ValueError, match="not a partial file.*delete it or run without --resume"):
+        speed.main(["--quick", "--resume", "--steps", "6", "--device", "cpu", "--out", str(tmp_path), "--label", "t"])
+
+
+def test_json_results_are_replaced_whole(tmp_path, monkeypatch):
+    """A write that fails half-way (a killed run, a full disk) keeps the previous file."""
+    path = tmp_path / "partial_t.json"
+    speed.write_json_atomic(path, {"results": [1]})
+
+    def fail(self, *args, **kwargs):
+        Path.write_bytes(self, b'{"results": [')  # what a killed write leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", fail)
+    with pytest.raises(KeyboardInterrupt):
+        speed.write_json_atomic(path, {"results": [1, 2]})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"results": [1]}

@@ -104,3 +104,10 @@ def test_the_cli_runs_it_under_its_own_name(capsys):
         _breakdown(argparse.Namespace(breakdown_args=["--help"]))
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith("usage: superdiff bench breakdown ")
+
+
+def test_a_thread_count_below_one_is_refused_with_the_option_name():
+    """torch.set_num_threads(0) fails with a RuntimeError that `superdiff bench breakdown` shows
+    as a traceback; the option is checked with the others, before any work."""
+    with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+        sb.main(["--threads", "0", "--out", "/nonexistent"])

@@ -109,6 +109,12 @@ def test_trace_plot_is_titled_per_image_with_the_legend_below(tmp_path):
     names = [t.get_text() for t in legend.get_texts()]
     assert names[1] == "something red" and names[0].endswith("\u2026") and len(names[0]) <= 28, (names, texts)
     assert all(ax.get_legend() is None for ax in fig.axes)  # no legend on top of the curves
+    assert fig.axes[1].get_title() == "log q - mean over experts"
+    # one expert (operator single: the others' log q is not tracked): relative to step 0, and said so
+    one = list(H.run_jobs([("single", comp.replace(operator="single"))], cache, tmp_path / "one"))[-1]
+    fig = H.trace_figure(one[0])
+    assert fig.axes[1].get_title() == "log q - log q at step 0"
+    assert "(not tracked)" in " ".join(t.get_text() for t in fig.legends[0].get_texts())
     # after "Compare methods" the first trace shown is a SuperDiff one (OR / AND), not the flat joint prompt
     jobs = H.compare_methods(comp)
     fake = [H.ResultItem(label, label, items[0].path, c.image_record(0)) for label, c in jobs]

@@ -232,7 +232,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                                      format="png", elem_id="results-gallery", interactive=False)
                 trace_pick = gr.Dropdown([], label="Trace of image (or click an image)", elem_id="trace-pick",
                                          info="kappa (the weight of each expert) and log q (its log-density, "
-                                              "relative to the mean) over the steps")
+                                              "relative to the experts' mean, or to its start for a lone expert) over the steps")
                 trace_plot = gr.Image(label="trace", show_label=False, type="filepath", format="png",
                                       interactive=False, elem_id="trace-plot")
                 files = gr.File(label="Downloads: PNGs with embedded parameters, and everything as a zip",

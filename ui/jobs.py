@@ -189,12 +189,14 @@ def trace_figure(item: ResultItem) -> Any:
     fig = item.trace.plot(None, samples=[0], title=item.label)
     axes = fig.axes
     axes[0].set_title("kappa (weight of each expert)", fontsize=9)
-    if len(axes) > 1:
-        axes[1].set_title("log q - mean over experts", fontsize=9)
+    if len(axes) > 1:  # what the plot drew: relative to the experts' mean, or to step 0 (one expert, untracked ones)
+        by_mean = axes[1].get_ylabel().startswith("log q - mean")
+        axes[1].set_title("log q - mean over experts" if by_mean else "log q - log q at step 0", fontsize=9)
     for ax in axes:
         if ax.get_legend() is not None:
             ax.get_legend().remove()
-    handles, names = axes[0].get_legend_handles_labels()
+    # the log q panel's labels: the same experts and styles, with "(not tracked)" where so
+    handles, names = axes[min(1, len(axes) - 1)].get_legend_handles_labels()
     if handles:
         fig.legend(handles, [_short(n) for n in names], loc="lower center", ncol=min(3, len(handles)),
                    fontsize=8, frameon=False)
