@@ -13,7 +13,8 @@ import re
 import sys
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the subcommands' counts), refused with the value given."""
     try:
         v = int(text)
     except ValueError:
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("gmm-demo", help="the 2-D Gaussian-mixture OR/AND demo (paper Figure 2): scatter + trace plots")
     d.add_argument("--out", default="outputs/gmm-demo", help="output folder (default: outputs/gmm-demo)")
-    d.add_argument("--samples", type=_positive_int, default=2000, help="samples per operator (default 2000)")
-    d.add_argument("--steps", type=_positive_int, default=100, help="sampling steps (default 100)")
+    d.add_argument("--samples", type=positive_int, default=2000, help="samples per operator (default 2000)")
+    d.add_argument("--steps", type=positive_int, default=100, help="sampling steps (default 100)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--estimator", choices=["kernel", "ito"], default=None, help="default: the package default")
     d.add_argument("--quiet", action="store_true", help="no progress bars")

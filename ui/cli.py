@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from superdiff.cli import positive_int
+
 __all__ = ["add_parser"]
 
 
@@ -61,16 +63,6 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser(
         "ui", help="the Gradio studio: compose, compare methods and inspect traces in the browser",
@@ -82,9 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--allow-root", action="append", metavar="DIR",
                    help="a folder whose model sub-folders may be loaded; repeatable (default: ./models if present)")
     u.add_argument("--no-hub", action="store_true", help="refuse hub ids: bundled models and allowed folders only")
-    u.add_argument("--max-concurrency", type=_positive, default=1, help="jobs running at once (default 1)")
-    u.add_argument("--max-queue", type=_positive, default=16, help="jobs waiting at most (default 16)")
-    u.add_argument("--max-models", type=_positive, default=2, help="loaded models kept in memory (default 2)")
-    u.add_argument("--max-steps", type=_positive, default=200, help="steps allowed per request (default 200)")
-    u.add_argument("--max-images", type=_positive, default=8, help="images allowed per request (default 8)")
+    u.add_argument("--max-concurrency", type=positive_int, default=1, help="jobs running at once (default 1)")
+    u.add_argument("--max-queue", type=positive_int, default=16, help="jobs waiting at most (default 16)")
+    u.add_argument("--max-models", type=positive_int, default=2, help="loaded models kept in memory (default 2)")
+    u.add_argument("--max-steps", type=positive_int, default=200, help="steps allowed per request (default 200)")
+    u.add_argument("--max-images", type=positive_int, default=8, help="images allowed per request (default 8)")
     u.set_defaults(func=_ui)
