@@ -658,8 +658,9 @@ def write_markdown(res: dict, path: Path, mode: str) -> None:
               + "; ".join(f"{k}: **{'yes' if ok else 'no'}**" for k, ok in v.get("protein", {}).items()) + ".", ""]
     for name, rec in res.get("existing", {}).items():
         ran = f"rerun in {rec['seconds']} s, exit {rec['returncode']}" if rec.get("ran") else "committed output, not rerun"
-        up = "../" * (4 if mode == "quick" else 3)
-        L.append(f"- {name}: [{rec['output']}]({up}{rec['output']}) ({ran})")
+        # relative to the report's own folder, wherever --out put it
+        link = Path(os.path.relpath(ROOT / rec["output"], path.parent.resolve())).as_posix()
+        L.append(f"- {name}: [{rec['output']}]({link}) ({ran})")
     path.write_text("\n".join(L) + "\n")
 
 

@@ -38,10 +38,15 @@ diffusers runs its whole batch). `--model sd15` runs instead an SD 1.5-size UNet
 random weights from SD 1.5's UNet config) at N = 2 (batch 3, the GPU target's), where the
 table also gives the share of the step spent outside the network (target: at most 3% in
 fp16 on a GPU). `--dtype float16` runs the networks in half precision and `--attention`
-picks the UNet's attention processor (sdpa, math, xformers). Writes results_<label>.json,
-results_<label>.md and speed_<label>.png under --out (label: --label, default the device type,
-with -quick for --quick), and partial_<label>.json after every case while it runs, which
---resume continues when the settings (device, dtype, attention, steps, reps, threads) match.
+picks the UNet's attention processor (sdpa, math, xformers). `--cases KEY,...` runs those
+cases (any model's; with --model or --quick, only keys among the cases those select). Writes
+results_<label>.json, results_<label>.md and speed_<label>.png under --out (label: --label,
+default the device type for the default suite, else the device type followed by what differs:
+the --model, a --dtype other than float32, an --attention other than default, "cases" for
+--cases, "quick" for --quick, e.g. cpu-quick, cpu-sd15-float16-sdpa; a --label of `<device>` or
+`<device>-quick` is refused for any other configuration, so the committed default results are
+never overwritten by other figures), and partial_<label>.json after every case while it runs,
+which --resume continues when the settings (device, dtype, attention, steps, reps, threads) match.
 """
 
 from __future__ import annotations
@@ -580,6 +585,56 @@ def device_label(device: torch.device) -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
+def select_cases(keys: str | None, quick: bool = False, model: str | None = None) -> list[Case]:
+    """The cases to run: those --model and --quick select, or the --cases keys among them (any
+    case of any model when neither option is given). A key outside what --model / --quick
+    select is refused rather than run instead of them."""
+    todo = cases(quick, model)
+    if not keys:
+        return todo
+    want = list(dict.fromkeys(k for k in keys.split(",") if k))
+    known = {c.key: c for c in all_cases()}
+    unknown = [k for k in want if k not in known]
+    if unknown or not want:
+        raise ValueError(f"unknown case(s) {', '.join(unknown) or repr(keys)}; keys look like {cases(True)[0].key!r}")
+    if quick or model:
+        opts = " ".join(([f"--model {model}"] if model else []) + (["--quick"] if quick else []))
+        pool = [c.key for c in todo]
+        outside = [k for k in want if k not in pool]
+        if outside:
+            raise ValueError(f"--cases {', '.join(outside)}: not among the cases of {opts} ({', '.join(pool)}); "
+                             f"pick from those or drop {opts}")
+    return [known[k] for k in want]
+
+
+def results_label(args: argparse.Namespace, device_type: str) -> str:
+    """The name of a run's files (results_<label>.*). `<device>` belongs to the default suite
+    (the committed CPU results are results_cpu.*) and `<device>-quick` to the default --quick
+    run; without --label any other configuration is named by what differs (e.g.
+    cpu-sd15-float16-sdpa-quick, cpu-cases), and a --label that takes one of those two names
+    for another configuration is refused, so neither is ever overwritten by other figures."""
+    parts = [device_type]
+    if args.model:
+        parts.append(args.model)
+    if args.dtype != "float32":
+        parts.append(args.dtype)
+    if args.attention != "default":
+        parts.append(args.attention)
+    if args.cases:
+        parts.append("cases")
+    if args.quick:
+        parts.append("quick")
+    own = "-".join(parts)
+    if args.label is None:
+        return own
+    if args.label in (device_type, f"{device_type}-quick") and args.label != own:
+        raise ValueError(f"--label {args.label}: that name belongs to the default "
+                         f"{'--quick run' if args.label.endswith('-quick') else 'suite'} "
+                         f"(results_{args.label}.*), which this run's options would overwrite with other figures; "
+                         f"give another --label or leave it out (default here: {own})")
+    return args.label
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
@@ -588,7 +643,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed calls per pipeline and case (default 3)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
-    ap.add_argument("--cases", default=None, help="comma-separated case keys (default: all)")
+    ap.add_argument("--cases", default=None, help="comma-separated case keys (default: every case --model and "
+                                                    "--quick select; with them, keys among those)")
     ap.add_argument("--model", default=None, choices=MODELS,
                     help="one model's cases (default: sd64 and shapes-t2i; sd15: the SD 1.5-size UNet at N = 2)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
@@ -596,8 +652,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--attention", default="default", choices=("default", "sdpa", "math", "xformers"),
                     help="the UNet's attention processor (default: diffusers' choice)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    ap.add_argument("--label", default=None, help="name of the results (default: the device type, with -quick "
-                                                     "for --quick)")
+    ap.add_argument("--label", default=None, help="name of the results (default: the device type, then the "
+                                                     "non-default --model, --dtype, --attention, 'cases' for --cases "
+                                                     "and 'quick' for --quick, joined by '-')")
     ap.add_argument("--resume", action="store_true", help="keep the cases already in partial_<label>.json")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -612,20 +669,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ValueError(f"--reps and --threads must be >= 1, got {args.reps} and {args.threads}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    todo = cases(args.quick, args.model)
-    if args.cases:
-        want = list(dict.fromkeys(args.cases.split(",")))
-        known = {c.key: c for c in all_cases()}
-        unknown = [k for k in want if k not in known]
-        if unknown:
-            raise ValueError(f"unknown case(s) {', '.join(unknown)}; keys look like {cases(True)[0].key!r}")
-        todo = [known[k] for k in want]
+    todo = select_cases(args.cases, args.quick, args.model)
+    label = results_label(args, device.type)
     reps = 1 if args.quick else args.reps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
-    label = args.label or device.type + ("-quick" if args.quick else "")  # a smoke run keeps the full results
     partial = out / f"partial_{label}.json"  # per-case results so far: a killed run resumes
     # what the figures depend on: a resumed run keeps only cases measured the same way
     settings = {"device": device.type, "dtype": args.dtype, "attention": args.attention, "steps": args.steps,

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     speed.quiet_libraries()
     torch.set_num_threads(args.threads)
     known = {c.key: c for c in speed.all_cases()}
-    keys = [k for k in args.cases.split(",") if k]
+    keys = list(dict.fromkeys(k for k in args.cases.split(",") if k))  # a key given twice runs once
     bad = [k for k in keys if k not in known]
     if bad or not keys:
         raise ValueError(f"unknown case key(s) {bad or args.cases!r}; keys look like {next(iter(known))!r} "

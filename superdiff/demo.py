@@ -4,12 +4,14 @@ Two experts in R^2: expert A has modes {left, top}, expert B {right, top}; top i
 OR (T = 1, equal weights) samples the mixture of A and B (all three modes, top twice as
 likely); AND samples where both densities agree (the shared top mode). Writes a scatter
 plot of both with the exact mixture densities as contours, a trace plot of kappa and log q,
-and a JSON summary measured against the exact densities.
+and a JSON summary measured against the exact densities (each file written beside itself and
+renamed into place, so a failed write keeps the previous one).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,20 @@ def run_demo(out_dir: str | Path = "outputs/demo", num_samples: int = 2000, num_
         ax.set_xlim(-7, 7), ax.set_ylim(-7, 7), ax.set_aspect("equal")
     fig.suptitle(f"Superposition of two Gaussian-mixture experts ({num_samples} samples, {num_steps} steps)")
     fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=110)
-    plt.close(fig)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        _write_atomic(out / "samples.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+    _write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp) beside path, then renamed over it: a write that fails half-way (a full disk,
+    a kill) keeps the previous file whole (the traces are written the same way)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -3,6 +3,12 @@
 
 Small (float64 arrays of [steps, batch, experts]), serialisable to JSON, and plotted by
 `plot_trace` for the UI, the CLI and the benchmarks.
+
+JSON (`Trace.to_dict` / `to_json` / `save`, read back by `from_dict` / `load`) is strict: no
+NaN or Infinity literals. In the arrays (t, sigma, kappa, logq, ess) a NaN is `null` (log q of
+the experts a run did not track, operator "single"; or a kappa / ESS that went NaN) and an
+infinity the string "inf" or "-inf"; loading gives back the same NaN and infinities. In meta,
+non-finite floats are the strings "nan", "inf", "-inf" (`json_safe`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,17 @@ import numpy as np
 import torch
 
 __all__ = ["Trace", "plot_trace"]
+
+
+def encode_array(a: Any) -> list:
+    """a as nested lists of strict JSON: NaN as None (null), +-inf as the strings "inf" / "-inf";
+    np.asarray(..., dtype=np.float64) reads all three back."""
+    a = np.asarray(a, dtype=np.float64)
+    out = a.astype(object)
+    out[np.isnan(a)] = None
+    out[np.isposinf(a)] = "inf"
+    out[np.isneginf(a)] = "-inf"
+    return out.tolist()
 
 
 def json_safe(v: Any) -> Any:
@@ -80,25 +97,31 @@ class Trace:
                    np.concatenate([tr.resampled for tr in traces], axis=1) if all(particles) else None)
 
     def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON-ready: NaN as null, +-inf as "inf" / "-inf" (see the module doc)."""
         d = {
-            "t": self.t.tolist(),
-            "sigma": self.sigma.tolist(),
-            "kappa": self.kappa.tolist(),
+            "t": encode_array(self.t),
+            "sigma": encode_array(self.sigma),
+            "kappa": encode_array(self.kappa),
             # null where log q was not tracked (operator "single": the experts not evaluated)
-            "logq": np.where(np.isnan(self.logq), None, self.logq).tolist(),
+            "logq": encode_array(self.logq),
             "expert_names": list(self.expert_names),
             "meta": json_safe(self.meta),
         }
         if self.ess is not None:
-            d["ess"] = np.asarray(self.ess, dtype=np.float64).tolist()
+            d["ess"] = encode_array(self.ess)
             d["resampled"] = np.asarray(self.resampled, dtype=bool).tolist()
         return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The trace as strict JSON text (what `save` writes and `load` reads)."""
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trace":
         try:
             return cls(np.asarray(d["t"], dtype=np.float64), np.asarray(d["sigma"], dtype=np.float64),
-                       np.asarray(d["kappa"], dtype=np.float64), np.asarray(d["logq"], dtype=np.float64),  # null -> nan
+                       # null -> nan, "inf" / "-inf" -> +-inf
+                       np.asarray(d["kappa"], dtype=np.float64), np.asarray(d["logq"], dtype=np.float64),
                        list(d.get("expert_names", [])), dict(d.get("meta", {})),
                        None if d.get("ess") is None else np.asarray(d["ess"], dtype=np.float64),
                        None if d.get("resampled") is None else np.asarray(d["resampled"], dtype=bool))
@@ -109,7 +132,7 @@ class Trace:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), allow_nan=False))
+        tmp.write_text(self.to_json())
         tmp.replace(path)
         return path
 

@@ -148,3 +148,25 @@ def test_check_refuses_models_other_than_the_committed_ones(capsys, monkeypatch)
             rep.main(["--check", flag, model])
         err = capsys.readouterr().err
         assert flag in err and "--check" in err
+
+
+def test_links_to_the_other_benchmarks_resolve_from_any_output_folder(tmp_path, monkeypatch):
+    """The report links the other benchmarks' outputs relative to its own folder: under a custom
+    --out they still reach the files, as they do from the committed folder."""
+    import re
+
+    rep = _report()
+    res = rep._json_keys_to_int(json.loads((rep.OUT_FULL / "report.json").read_text()))
+    assert res.get("existing")
+    for out in (tmp_path / "custom", tmp_path / "a" / "b" / "c" / "d" / "e"):
+        out.mkdir(parents=True)
+        rep.write_markdown(res, out / "report.md", "full")
+        links = re.findall(r"\]\(([^)]*\.md)\)", (out / "report.md").read_text())
+        assert len(links) == len(res["existing"])
+        assert all((out / link).resolve().is_file() for link in links), links
+    written = {}
+    monkeypatch.setattr(Path, "write_text", lambda self, text, *a, **kw: written.__setitem__(self, text))
+    rep.write_markdown(res, rep.OUT_FULL / "report.md", "full")  # captured, not written
+    links = re.findall(r"\]\(([^)]*\.md)\)", written[rep.OUT_FULL / "report.md"])
+    assert links == ["../estimator_accuracy.md", "../compose_shapes.md", "../protein_bench/table.md"]
+    assert all((rep.OUT_FULL / link).resolve().is_file() for link in links)

@@ -187,3 +187,90 @@ def test_json_results_are_replaced_whole(tmp_path, monkeypatch):
         speed.write_json_atomic(path, {"results": [1, 2]})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"results": [1]}
+
+
+def _fake_run(monkeypatch) -> list[str]:
+    """speed.main with the measurement stubbed: returns the keys it ran (what is written is real)."""
+    ran: list[str] = []
+
+    class FakeBench:
+        size = 512
+
+        def __init__(self, *args, **kwargs):
+            self.ours = type("Ours", (), {"vae_scale_factor": 8})
+
+    def measure(bench, case, *args, **kwargs):
+        ran.append(case.key)
+        return {"key": case.key, "ours": {"outside_ms": 1.0, "syncs_per_step": 0.0},
+                "diffusers": {"outside_ms": 1.0, "syncs_per_step": 0.0}}
+
+    monkeypatch.setattr(speed, "Bench", FakeBench)
+    monkeypatch.setattr(speed, "measure_case", measure)
+    monkeypatch.setattr(speed, "markdown", lambda doc: "table\n")
+    monkeypatch.setattr(speed, "plot", lambda doc, path: path.write_bytes(b"png"))
+    return ran
+
+
+@pytest.mark.parametrize("options, label", [
+    ([], "cpu"),
+    (["--quick"], "cpu-quick"),
+    (["--model", "sd15"], "cpu-sd15"),
+    (["--dtype", "float16"], "cpu-float16"),
+    (["--model", "sd15", "--dtype", "float16", "--attention", "sdpa", "--quick"], "cpu-sd15-float16-sdpa-quick"),
+    (["--cases", "sd64/sde+ito/and/N3"], "cpu-cases"),
+])
+def test_only_the_default_suite_writes_the_device_named_results(tmp_path, monkeypatch, options, label):
+    """results_cpu.* are the committed default suite's: another model, dtype, attention, case
+    list or the quick run is named by what differs, never written over them."""
+    _fake_run(monkeypatch)
+    speed.main(options + ["--device", "cpu", "--no-memory", "--steps", "3", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"results_{label}.json", f"results_{label}.md",
+                                                          f"speed_{label}.png"]
+
+
+@pytest.mark.parametrize("options", [["--model", "sd15"], ["--dtype", "float16"], ["--attention", "math"],
+                                     ["--cases", "sd64/sde+ito/and/N3"], ["--quick"]])
+def test_a_label_naming_the_default_results_is_refused_for_another_configuration(tmp_path, monkeypatch, options):
+    monkeypatch.setattr(speed, "Bench", _no_bench)
+    with pytest.raises(ValueError, match=r"--label cpu: that name belongs to the default suite.*another --label"):
+        speed.main(options + ["--label", "cpu", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--label cpu-quick: that name belongs to the default --quick run"):
+        speed.main(options + ["--model", "sd64", "--label", "cpu-quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_gpu_check_runs_keep_their_own_labels():
+    """benchmarks/gpu_check.sh names every speed.py run (gpu-*): each is accepted as it stands."""
+    import argparse
+    import re
+    import shlex
+
+    script = (REPO / "benchmarks/gpu_check.sh").read_text()
+    runs = [shlex.split(m) for m in re.findall(r"^\s*run (--.*)$", script, flags=re.M)]
+    assert len(runs) == 4
+    for argv in runs:
+        args = argparse.Namespace(model=None, dtype="float32", attention="default", cases=None, quick=False, label=None)
+        it = iter(argv)
+        for flag in it:
+            key = flag[2:]
+            setattr(args, key, True if key == "quick" else next(it))
+        assert speed.results_label(args, "cuda") == args.label and args.label.startswith("gpu-")
+        assert speed.select_cases(args.cases, args.quick, args.model)
+
+
+def test_cases_outside_the_model_or_quick_selection_are_refused(tmp_path, monkeypatch):
+    """--cases picks among the cases --model and --quick select; a key of another model, or
+    outside the quick list, is named rather than run in their place."""
+    ran = _fake_run(monkeypatch)
+    base = ["--device", "cpu", "--no-memory", "--steps", "3", "--out", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"--cases sd64/sde\+ito/and/N2: not among the cases of --model sd15 "
+                                         r"\(sd15/sde\+ito/and/N2, .*drop --model sd15"):
+        speed.main(["--model", "sd15", "--cases", "sd64/sde+ito/and/N2"] + base)
+    with pytest.raises(ValueError, match=r"--cases sd64/sde\+ito/and/N3: not among the cases of --quick .*drop --quick"):
+        speed.main(["--quick", "--cases", "sd64/sde+ito/and/N3"] + base)
+    assert ran == [] and not list(tmp_path.iterdir())
+    speed.main(["--model", "sd15", "--cases", "sd15/euler+none/average/N2"] + base)
+    speed.main(["--quick", "--cases", "sd64/euler+ode/and/N2,sd64/euler+ode/and/N2"] + base)
+    speed.main(["--cases", "sd15/euler+none/average/N2,shapes-t2i/sde+ito/and/N2"] + base)  # no --model: any model
+    assert ran == ["sd15/euler+none/average/N2", "sd64/euler+ode/and/N2", "sd15/euler+none/average/N2",
+                   "shapes-t2i/sde+ito/and/N2"]

@@ -111,3 +111,17 @@ def test_a_thread_count_below_one_is_refused_with_the_option_name():
     as a traceback; the option is checked with the others, before any work."""
     with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
         sb.main(["--threads", "0", "--out", "/nonexistent"])
+
+
+def test_a_case_key_given_twice_runs_once(tmp_path, monkeypatch):
+    """--cases A,B,A measures A and B once each: one row per case in the table."""
+    ran = []
+    monkeypatch.setattr(sb.speed, "Bench", lambda model, device: object())
+    monkeypatch.setattr(sb, "breakdown_case", lambda bench, case, steps, reps: ran.append(case.key) or {"key": case.key})
+    monkeypatch.setattr(sb, "markdown", lambda doc: "table\n")
+    a, b = "sd64/euler+ode/and/N2", "sd64/sde+ito/and/N2"
+    sb.main(["--cases", f"{a},{b},{a}", "--device", "cpu", "--out", str(tmp_path), "--label", "t"])
+    assert ran == [a, b]
+    import json
+
+    assert [r["key"] for r in json.loads((tmp_path / "breakdown_t.json").read_text())["results"]] == [a, b]

@@ -149,3 +149,89 @@ def test_gmm_demo_refuses_bad_options_naming_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--out" in err and "not a folder" in err
     assert not (tmp_path / "demo").exists()
+
+
+def _strict_json(text: str):
+    """json.loads that refuses the NaN / Infinity literals (not JSON: browsers and jq reject them)."""
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON literal {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_kappa_ess_and_log_q_round_trip_as_strict_json(tmp_path):
+    """A kappa or ESS that went NaN or infinite (a diverged run is still worth inspecting) is
+    saved, not refused: in the arrays NaN is null and an infinity "inf" / "-inf", and loading
+    gives back the same values; untracked log q (NaN) stays null."""
+    tr = make_trace(particles=True)
+    tr.kappa[1, 0, 0], tr.kappa[2, 1, 1], tr.kappa[3, 2, 0] = np.nan, np.inf, -np.inf
+    tr.ess[0, 0], tr.ess[4, 2] = np.nan, np.inf
+    tr.logq[:, :, 1] = np.nan  # not tracked (operator single)
+    tr.logq[5, 0, 0] = -np.inf
+    d = _strict_json(tr.to_json())
+    assert d["kappa"][1][0][0] is None and d["kappa"][2][1][1] == "inf" and d["kappa"][3][2][0] == "-inf"
+    assert d["ess"][0][0] is None and d["ess"][4][2] == "inf"
+    assert d["logq"][0][0][1] is None and d["logq"][5][0][0] == "-inf"
+    assert d["meta"]["operator_params"]["temperature"] == "inf"
+    text = tr.save(tmp_path / "trace.json").read_text()
+    assert text == tr.to_json()
+    for back in (Trace.load(tmp_path / "trace.json"), Trace.from_dict(d)):
+        for name in ("t", "sigma", "kappa", "logq", "ess", "resampled"):
+            assert np.array_equal(getattr(back, name), getattr(tr, name), equal_nan=name != "resampled"), name
+
+
+def test_the_studio_zip_holds_the_same_strict_trace_json(tmp_path):
+    """ui.jobs.zip_results writes each image's trace as Trace.save does (no NaN literal)."""
+    import zipfile
+
+    from superdiff.compose import DEFAULT_COMPOSITION
+    from superdiff.ui.jobs import ResultItem, zip_results
+
+    tr = make_trace(batch=1)
+    tr.kappa[0, 0, 0] = np.nan
+    tr.logq[:, :, 1] = np.nan
+    png = tmp_path / "img.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    z = zipfile.ZipFile(zip_results([ResultItem("AND", "AND", str(png), DEFAULT_COMPOSITION, tr)], tmp_path / "all.zip"))
+    text = z.read("img_trace.json").decode()
+    assert text == tr.to_json()
+    back = Trace.from_dict(_strict_json(text))
+    assert np.array_equal(back.kappa, tr.kappa, equal_nan=True) and np.array_equal(back.logq, tr.logq, equal_nan=True)
+
+
+def test_gmm_demo_keeps_its_previous_files_when_writing_them_fails(tmp_path, monkeypatch):
+    """summary.json and samples.png are written beside themselves and renamed: a run that fails
+    while writing them (a full disk, a kill) leaves the previous run's files whole."""
+    from pathlib import Path
+
+    from superdiff.demo import run_demo
+
+    monkeypatch.setattr(Trace, "plot", lambda self, *args, **kwargs: None)  # not what is tested here (and slow)
+    run_demo(tmp_path, num_samples=20, num_steps=4, progress=False)
+    before = {name: (tmp_path / name).read_bytes() for name in ("summary.json", "samples.png")}
+    savefig, write_text = Figure.savefig, Path.write_text
+
+    def failing_savefig(self, fname, *args, **kwargs):
+        if "samples" in str(fname):
+            Path(fname).write_bytes(b"\x89PNG\r\n")  # what a failed write leaves
+            raise OSError("disk full")
+        return savefig(self, fname, *args, **kwargs)
+
+    def failing_write_text(self, text, *args, **kwargs):
+        if self.name.startswith("summary"):
+            write_text(self, text[:10])
+            raise OSError("disk full")
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        run_demo(tmp_path, num_samples=20, num_steps=4, seed=1, progress=False)
+    assert (tmp_path / "samples.png").read_bytes() == before["samples.png"]
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monkeypatch.setattr(Path, "write_text", failing_write_text)
+    with pytest.raises(OSError, match="disk full"):
+        run_demo(tmp_path, num_samples=20, num_steps=4, seed=1, progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "summary.json").read_bytes() == before["summary.json"]
+    assert json.loads((tmp_path / "summary.json").read_text())["seed"] == 0
+    assert not list(tmp_path.glob("*.tmp"))

@@ -250,7 +250,7 @@ def zip_results(items: Sequence[ResultItem], path: str | os.PathLike) -> str:
             p = Path(it.path)
             z.write(p, p.name)
             if it.trace is not None:
-                z.writestr(p.stem + "_trace.json", json.dumps(it.trace.to_dict(), allow_nan=True))
+                z.writestr(p.stem + "_trace.json", it.trace.to_json())  # strict JSON, as Trace.save
         z.writestr("compositions.json", json.dumps(
             [{"label": it.label, "file": Path(it.path).name, "composition": it.record.to_dict()} for it in items],
             indent=2))
