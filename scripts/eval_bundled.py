@@ -12,8 +12,9 @@ Measurements (all oracle-judged, seeds fixed, >= 256 samples each):
   shapes-flow   the same with diffusers StableDiffusion3Pipeline (its model_index's class)
   shapes-half-* fraction of unconditional samples whose shape is in the model's own half
 Each model's figures go to superdiff/bundled/<name>/quality.json (its README.md is
-re-rendered from it); the oracle's to superdiff/bundled/oracle_quality.json; sample grids
-to outputs/eval_bundled/.
+re-rendered from it); the oracle's to superdiff/bundled/oracle_quality.json (only by a run
+without --only: the oracle is still measured for the reference fit, but not recorded);
+sample grids to outputs/eval_bundled/. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.process_time()
     oq = eval_oracle(args.oracle_samples, args.seed)
     oq["command"] = command
-    write_json(registry.BUNDLED_ROOT / "oracle_quality.json", oq)
+    if not args.only:  # --only measures the named models; the oracle's file is the full run's
+        write_json(registry.BUNDLED_ROOT / "oracle_quality.json", oq)
     print("oracle", oq, flush=True)
     for name in args.only or registry.list_bundled_models():
         path = registry.bundled_model_path(name)

@@ -26,9 +26,11 @@ resumed run sees the batches an uninterrupted run would.
 
     nohup nice -n 10 .venv/bin/python scripts/train_shapes_lora.py --concept orange > outputs/train_lora_orange.log 2>&1 &
 
-Re-running the same command resumes from <workdir>/checkpoint.pt. After training, the
-adapter is exported to --out with a model card (README.md) and quality.json holding the
-oracle-measured concept rates with and without the adapter (same seeds).
+Re-running the same command resumes from <workdir>/checkpoint.pt (other settings are refused;
+``--export-only`` exports with the saved settings and leaves the run's log alone). After
+training, the adapter is exported to --out with a model card (README.md) and training.json
+holding the oracle-measured concept rates with and without the adapter (same seeds); the
+export is built beside --out and replaces it only when complete.
 """
 
 from __future__ import annotations
@@ -45,7 +47,18 @@ from tqdm import tqdm
 
 from superdiff.shapes import oracle, world
 from superdiff.shapes.models import TEXT_MAX_LENGTH, make_train_scheduler
-from superdiff.shapes.training import Run, lr_at, min_snr_weights, step_rng, to_model_range, write_json
+from superdiff.shapes.training import (
+    NOT_SETTINGS,
+    Run,
+    lr_at,
+    min_snr_weights,
+    reconcile_settings,
+    replacing_dir,
+    save_atomic,
+    step_rng,
+    to_model_range,
+    write_json,
+)
 
 #: concept -> (colours, shapes, style, caption modes)
 CONCEPTS: dict[str, dict] = {
@@ -58,6 +71,8 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv1", "conv2", "time_emb_proj"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 EVAL_PROMPTS = ("a circle", "a square", "a triangle")
+#: Arguments that change neither the adapter's weights nor its data (the measurement's are chosen at export).
+LORA_NOT_SETTINGS: tuple[str, ...] = (*NOT_SETTINGS, "eval_samples", "eval_seed")
 
 
 def concept_captions(scenes: list[world.Scene], modes: dict[str, float], rng: np.random.Generator) -> list[str]:
@@ -113,7 +128,7 @@ def load_concept_dataset(run: Run, vae, tokenizer, concept: str, args) -> dict:
     blob = {"z": z, "ids": ids, "captions": captions,
             "decoded_concept_rate": float(res.has(**label).mean()),
             "decoded_mse": float(((rec - images) ** 2).mean())}
-    torch.save(blob, cache)
+    save_atomic(blob, cache)
     return blob
 
 
@@ -212,17 +227,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seed", type=int, default=1000)
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and exit")
     args = ap.parse_args(argv)
+    workdir = Path(args.workdir or f"outputs/train/lora-{args.concept}")
+    run = Run(workdir)
+    state = run.load()
+    # resuming needs the saved settings; an export takes them (rank, base, data size, ...)
+    settings = reconcile_settings(run, state, {k: v for k, v in vars(args).items() if k not in LORA_NOT_SETTINGS},
+                                  args, args.export_only, keep=())
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from superdiff.registry import BUNDLED_ROOT
 
     base_dir = Path(args.base) if args.base else BUNDLED_ROOT / "shapes-t2i"
-    workdir = Path(args.workdir or f"outputs/train/lora-{args.concept}")
     out = Path(args.out or BUNDLED_ROOT / f"lora-{args.concept}")
     pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
     vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
@@ -230,8 +249,12 @@ def main(argv: list[str] | None = None) -> None:
         m.requires_grad_(False).eval()
     scaling = float(vae.config.scaling_factor)
 
-    run = Run(workdir)
-    data = load_concept_dataset(run, vae, tokenizer, args.concept, args)
+    data_info = None if state is None else state.get("data")
+    if args.export_only and data_info is not None:  # an export needs no training data
+        data = None
+    else:
+        data = load_concept_dataset(run, vae, tokenizer, args.concept, args)
+        data_info = {k: data[k] for k in ("decoded_concept_rate", "decoded_mse")}
     torch.manual_seed(args.seed)  # the same LoRA initialisation whether or not the data was cached
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=UNET_TARGETS))
@@ -254,15 +277,15 @@ def main(argv: list[str] | None = None) -> None:
             params[n].data.copy_(v)
 
     start = 0
-    state = run.load()
     if state is not None:
         load_lora_state(state["lora"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        run.truncate_log(start)
-        print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        if not args.export_only:  # an export beside a live run must not touch its log
+            run.truncate_log(start)
+            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
 
-    n = len(data["ids"])
+    n = 0 if data is None else len(data["ids"])
     steps = 0 if args.export_only else args.steps
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"lora-{args.concept}", mininterval=10)
     running = []
@@ -295,22 +318,33 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             print(rec, flush=True)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            run.save({"lora": lora_state(), "opt": opt.state_dict(), "step": step + 1})
+            run.save({"lora": lora_state(), "opt": opt.state_dict(), "step": step + 1, "settings": settings,
+                      "data": data_info})
 
     final = run.load()
     if final is None:
         raise SystemExit(f"no checkpoint in {run.dir}; train first")
     load_lora_state(final["lora"])
-    out.mkdir(parents=True, exist_ok=True)
+    with replacing_dir(out) as stage:  # the previous export stays until this one is complete
+        quality = export(stage, base_dir, unet, text_encoder, args, final, data_info)
+    print(json.dumps(quality, indent=1), flush=True)
+    print(f"exported {out}", flush=True)
+
+
+def export(stage: Path, base_dir: Path, unet, text_encoder, args, final: dict, data_info: dict) -> dict:
+    """Weights, training.json (with the measured quality) and README.md of the adapter, in ``stage``."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
     # PEFT key format (".lora_A.weight"), which load_lora_weights reads as is
     unet_layers = get_peft_model_state_dict(unet)
     te_layers = get_peft_model_state_dict(text_encoder) if args.text_encoder else None
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+    StableDiffusionPipeline.save_lora_weights(stage, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
                                               weight_name="pytorch_lora_weights.safetensors")
-    weights = out / "pytorch_lora_weights.safetensors"
+    weights = stage / "pytorch_lora_weights.safetensors"
     label = CONCEPTS[args.concept]["label"]
     print("measuring the concept rate with and without the LoRA ...", flush=True)
-    quality = {"with_lora": measure(base_dir, out, label, args.eval_samples, args.eval_seed),
+    quality = {"with_lora": measure(base_dir, stage, label, args.eval_samples, args.eval_seed),
                "base": measure(base_dir, None, label, args.eval_samples, args.eval_seed)}
     info = {
         "name": f"lora-{args.concept}",
@@ -324,15 +358,13 @@ def main(argv: list[str] | None = None) -> None:
         "parameters": int(sum(v.numel() for v in final["lora"].values())),
         "file_bytes": weights.stat().st_size,
         "cpu_seconds": round(float(final["cpu_seconds"]), 1),
-        "data": {"images": args.dataset_size, "decoded_concept_rate": data["decoded_concept_rate"],
-                 "decoded_mse": data["decoded_mse"]},
+        "data": {"images": args.dataset_size, **data_info},
         "eval_seed": args.eval_seed,
         "quality": quality,
     }
-    write_json(out / "training.json", info)
-    write_card(out, args.concept, info)
-    print(json.dumps(quality, indent=1), flush=True)
-    print(f"exported {out}", flush=True)
+    write_json(stage / "training.json", info)
+    write_card(stage, args.concept, info)
+    return quality
 
 
 if __name__ == "__main__":

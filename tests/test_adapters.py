@@ -611,3 +611,107 @@ def test_adapter_files_are_hashed_once_per_version(tmp_path, monkeypatch):
     f.write_bytes(b"two!")  # a new version of the file, at the same path
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))
     assert A.file_sha256(f) == two and len(reads) == 2
+
+
+# --- scripts/train_shapes_lora.py: resume, export and cache robustness (tiny runs, measurement stubbed) ---
+
+def _lora_script(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_lora.py"
+    spec = importlib.util.spec_from_file_location("train_shapes_lora", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rates = {"concept_rate": 0.5, "per_prompt": {"a circle": {"concept": 0.5, "shape": 1.0}}, "samples": 3}
+    monkeypatch.setattr(mod, "measure", lambda base, lora, label, n, seed: rates)  # 2 x 25 sampling steps otherwise
+    return mod
+
+
+def _tiny_lora_args(tmp_path, *extra):
+    return ["--concept", "orange", "--steps", "4", "--batch", "2", "--dataset-size", "3", "--invert-steps", "1",
+            "--rank", "2", "--log-every", "1", "--ckpt-every", "2", "--eval-samples", "3",
+            "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out"), *extra]
+
+
+def _stop_after_first_lora_checkpoint(mod, monkeypatch, argv):
+    real_save = mod.Run.save
+
+    def save_then_die(self, state):
+        real_save(self, state)
+        raise KeyboardInterrupt("killed after a checkpoint")
+
+    monkeypatch.setattr(mod.Run, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(argv)
+    monkeypatch.setattr(mod.Run, "save", real_save)
+
+
+def test_lora_export_only_takes_the_trained_settings_and_leaves_the_runs_log_alone(tmp_path, monkeypatch):
+    import json
+
+    mod = _lora_script(monkeypatch)
+    _stop_after_first_lora_checkpoint(mod, monkeypatch, _tiny_lora_args(tmp_path))  # checkpoint at step 2
+    log = tmp_path / "w" / "log.jsonl"
+    with log.open("a") as f:  # the live run has logged step 3 since its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    monkeypatch.setattr(mod, "load_concept_dataset", lambda *a: pytest.fail("an export needs no training data"))
+    mod.main(["--concept", "orange", "--export-only", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    info = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert info["steps_trained"] == 2
+    assert {k: info["hyperparameters"][k] for k in ("rank", "dataset_size", "steps")} == {"rank": 2, "dataset_size": 3, "steps": 4}
+
+
+def test_lora_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
+    mod = _lora_script(monkeypatch)
+    _stop_after_first_lora_checkpoint(mod, monkeypatch, _tiny_lora_args(tmp_path))
+    with pytest.raises(SystemExit, match=r"other settings.*'lr': \(0\.002, 0\.05\)"):
+        mod.main(_tiny_lora_args(tmp_path, "--lr", "0.05"))
+    mod.main(_tiny_lora_args(tmp_path, "--eval-samples", "6"))  # the measurement is not a training setting
+
+
+def test_a_failed_lora_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    mod = _lora_script(monkeypatch)
+    argv = _tiny_lora_args(tmp_path)
+    mod.main(argv)
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    state = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
+    state["lora"] = {k: v + 1.0 for k, v in state["lora"].items()}  # other weights to export
+    torch.save(state, tmp_path / "w" / "checkpoint.pt")
+
+    def measurement_fails(*a):
+        raise RuntimeError("out of memory while measuring")
+
+    monkeypatch.setattr(mod, "measure", measurement_fails)
+    with pytest.raises(RuntimeError, match="measuring"):
+        mod.main([*argv, "--export-only"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old weights beside their own card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "w"]  # no staging directory left
+
+
+def test_a_crash_while_caching_the_lora_latents_leaves_no_cache(tmp_path, monkeypatch):
+    import argparse
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    mod = _lora_script(monkeypatch)
+    base = bundled_model_path("shapes-t2i")
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").eval().requires_grad_(False)
+    tok = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    run = mod.Run(tmp_path / "w")
+    args = argparse.Namespace(seed=0, dataset_size=2, invert_steps=1, invert_lr=0.1)
+    real_save = torch.save
+
+    def save_half_then_die(obj, path):
+        open(path, "wb").write(b"PK\x03\x04")  # the first bytes of a zip: a cut-short file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mod.load_concept_dataset(run, vae, tok, "orange", args)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not list(run.dir.glob("latents-*.pt"))
+    assert len(mod.load_concept_dataset(run, vae, tok, "orange", args)["ids"]) == 2

@@ -302,3 +302,117 @@ def test_diffusion_scripts_refuse_other_settings_on_resume_and_export_the_traine
     mod.main([*extra, "--export-only", "--vae", str(SHAPES_VAE), "--workdir", str(work), "--out", str(out)])
     hp = json.loads((out / "training.json").read_text())["hyperparameters"]
     assert (hp["steps"], hp["batch"], hp["dataset_size"]) == (3, 2, 6)
+
+
+def test_classifier_training_resumes_bit_for_bit_and_refuses_other_settings(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    mod = _script("train_shapes_classifier")
+    monkeypatch.setattr(mod, "TEST_RENDERS", 64)  # the exported accuracy's 2048 renders take seconds
+    tiny = ["--steps", "4", "--batch", "8", "--dataset-size", "40", "--ckpt-every", "2", "--log-every", "1"]
+    mod.main([*tiny, "--workdir", str(tmp_path / "straight"), "--out", str(tmp_path / "straight-out")])
+    resumed = [*tiny, "--workdir", str(tmp_path / "resumed"), "--out", str(tmp_path / "resumed-out")]
+    _kill_after_first_checkpoint(mod, monkeypatch, resumed)  # killed at step 2
+    with pytest.raises(SystemExit, match=r"other settings.*'lr'"):
+        mod.main([*resumed, "--lr", "1e-2"])
+    mod.main(resumed)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight-out", "resumed-out"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [__import__("json").loads(x)["step"] for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_failed_classifier_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    mod = _script("train_shapes_classifier")
+    monkeypatch.setattr(mod, "TEST_RENDERS", 64)  # the exported accuracy's 2048 renders take seconds
+    argv = ["--steps", "2", "--batch", "8", "--dataset-size", "40", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]
+    mod.main(argv)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert sorted(before) == ["README.md", "config.json", "model.safetensors"]
+    mod.main([*argv[:-4], "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "out"), "--seed", "1"])  # other weights
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != before["model.safetensors"]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def config_fails(directory, record):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mod.features, "write_config", config_fails)
+    with pytest.raises(OSError, match="disk full"):
+        mod.main([*argv, "--export-only"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "w", "w2"]  # no staging directory left
+
+
+def _fake_bundled_root(tmp_path, monkeypatch):
+    """A bundled root holding a copy of shapes-half-a's JSON files and a stand-in weight file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from superdiff import registry
+
+    src, root = ROOT / "superdiff" / "bundled" / "shapes-half-a", tmp_path / "bundled"
+    d = root / "shapes-half-a"
+    (d / "unet").mkdir(parents=True)
+    shutil.copy(src / "training.json", d / "training.json")
+    save_file({"w": torch.zeros(1)}, str(d / "unet" / "diffusion_pytorch_model.safetensors"))
+    monkeypatch.setattr(registry, "BUNDLED_ROOT", root)
+    return root, __import__("json").loads((src / "quality.json").read_text())
+
+
+def _eval_bundled_stubbed(monkeypatch, quality):
+    mod = _script("eval_bundled")
+    monkeypatch.setattr(mod, "eval_oracle", lambda n, seed: {"samples": n, "reference_fit": 0.9})
+    monkeypatch.setattr(mod, "eval_half", lambda name, path, args, fit, command: dict(quality, command=command))
+    return mod
+
+
+def test_eval_bundled_with_only_leaves_the_oracles_file_alone(tmp_path, monkeypatch):
+    root, quality = _fake_bundled_root(tmp_path, monkeypatch)
+    mod = _eval_bundled_stubbed(monkeypatch, quality)
+    mod.main(["--only", "shapes-half-a", "--grids", str(tmp_path / "grids")])
+    assert (root / "shapes-half-a" / "quality.json").is_file() and (root / "shapes-half-a" / "README.md").is_file()
+    assert not (root / "oracle_quality.json").exists()  # the oracle file is the full run's
+    mod.main(["--grids", str(tmp_path / "grids")])
+    assert __import__("json").loads((root / "oracle_quality.json").read_text())["reference_fit"] == 0.9
+
+
+def test_eval_bundled_writes_quality_and_card_atomically(tmp_path, monkeypatch):
+    root, quality = _fake_bundled_root(tmp_path, monkeypatch)
+    mod = _eval_bundled_stubbed(monkeypatch, quality)
+    d = root / "shapes-half-a"
+    mod.main(["--only", "shapes-half-a", "--grids", str(tmp_path / "grids")])
+    before = {f: (d / f).read_text() for f in ("quality.json", "README.md")}
+    real_write_text = Path.write_text
+
+    def write_half_then_die(self, text, *a, **kw):
+        real_write_text(self, text[: len(text) // 2])
+        raise KeyboardInterrupt("killed while writing")
+
+    for target in ("quality.json", "README.md"):
+        calls = []
+
+        def dies_on_target(self, text, *a, **kw):
+            calls.append(self.name)
+            if self.name.startswith(target):
+                return write_half_then_die(self, text)
+            return real_write_text(self, text, *a, **kw)
+
+        monkeypatch.setattr(Path, "write_text", dies_on_target)
+        with pytest.raises(KeyboardInterrupt):
+            mod.main(["--only", "shapes-half-a", "--seed", "3", "--grids", str(tmp_path / "grids")])
+        monkeypatch.setattr(Path, "write_text", real_write_text)
+        assert any(c.startswith(target) for c in calls)
+        assert (d / target).read_text() == before[target]  # whole, as before the killed run
+        __import__("json").loads((d / "quality.json").read_text())
+        assert sorted(p.name for p in d.iterdir()) == ["README.md", "quality.json", "training.json", "unet"]
+
+
+def test_the_card_states_the_runs_log_interval(tmp_path):
+    import json
+
+    from superdiff.shapes.cards import render_card
+
+    info = json.loads((ROOT / "superdiff" / "bundled" / "shapes-half-a" / "training.json").read_text())
+    info["hyperparameters"]["log_every"] = 10
+    (tmp_path / "training.json").write_text(json.dumps(info))
+    assert "(one JSON line per 10 steps: step, loss, lr, cumulative CPU seconds)" in render_card(tmp_path)

@@ -138,7 +138,8 @@ def render_card(directory: str | Path) -> str:
         f"reconstruction MSE {vae.get('reconstruction', {}).get('mse_01', float('nan')):.4f} (images in [0,1]), "
         f"oracle joint accuracy on reconstructions {_pct(vae.get('reconstruction', {}).get('oracle_accuracy_on_reconstructions', {}).get('joint'))}.",
         *([f"- VAE note: {vae['note']}"] if vae.get("note") else []),
-        "- Loss log: `train_log.jsonl` (one JSON line per 50 steps: step, loss, lr, cumulative CPU seconds).",
+        f"- Loss log: `train_log.jsonl` (one JSON line per {tr['hyperparameters'].get('log_every', 50)} steps: "
+        "step, loss, lr, cumulative CPU seconds).",
         f"- CPU time (one thread, shared machine): diffusion model {_minutes(unet_cpu)}; VAE {_minutes(vae.get('cpu_seconds'))}.",
         "",
         "## Measured quality",
@@ -180,6 +181,9 @@ def render_card(directory: str | Path) -> str:
 
 
 def write_card(directory: str | Path) -> Path:
+    """Render README.md from the directory's JSON files; written atomically."""
+    from .training import write_text_atomic
+
     path = Path(directory) / "README.md"
-    path.write_text(render_card(directory))
+    write_text_atomic(path, render_card(directory))
     return path

@@ -33,7 +33,13 @@ from .models import TEXT_MAX_LENGTH
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:
-    """The batch generator of ``step``: deterministic and independent of resumption."""
+    """The batch generator of ``step``: deterministic and independent of resumption.
+
+    It is the generator of any other ``default_rng([seed, k])`` at ``step == k`` (e.g. the
+    dataset's ``[seed, 2]`` below): that batch's indices are then a rescaling of the dataset's
+    first draws (positions, not contents, are correlated). Kept as it is, since any other key
+    would change the recipe of the shipped models.
+    """
     return np.random.default_rng([seed, step])
 
 
@@ -161,8 +167,21 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: a crash never leaves a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """``data`` as indented, key-sorted JSON, written atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def parameter_count(modules: Iterable[torch.nn.Module]) -> int:
