@@ -45,6 +45,7 @@ independent noise draw. That is a heuristic for the rotations, stated as such.
 from __future__ import annotations
 
 import math
+import operator as _operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -74,12 +75,23 @@ def helmert_basis(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return H
 
 
+def _count(value: Any, what: str) -> int:
+    """value as a positive Python int: ints and numpy/torch integers are accepted, bools, floats
+    (even 8.0) and strings are not (a float length would otherwise be truncated silently)."""
+    try:
+        n = _operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or isinstance(value, bool) or n < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return n
+
+
 class CoMFreeBasis:
     """Isometry between backbones [B, L, A, 3] (centre-free) and coordinates y [B, L*A - 1, 3]."""
 
     def __init__(self, length: int, atoms: int = 4) -> None:
-        if not (isinstance(length, int) and length >= 1 and isinstance(atoms, int) and atoms >= 1):
-            raise ValueError(f"length and atoms must be positive ints, got {length!r}, {atoms!r}")
+        length, atoms = _count(length, "length"), _count(atoms, "atoms")
         self.length, self.atoms = length, atoms
         self.n = length * atoms
         self.H = helmert_basis(self.n)
@@ -124,8 +136,8 @@ class CoordinateBackboneExpert:
         if not (coord_scale > 0 and math.isfinite(coord_scale)):
             raise ValueError(f"coord_scale must be a positive number, got {coord_scale}")
         self.fn = fn
-        self.basis = CoMFreeBasis(int(length), int(atoms))
-        self.length, self.atoms = int(length), int(atoms)
+        self.basis = CoMFreeBasis(length, atoms)
+        self.length, self.atoms = self.basis.length, self.basis.atoms
         self.coord_scale = float(coord_scale)
         self.prediction_type = check_kind(prediction_type)
         self.model_time = model_time
@@ -163,8 +175,9 @@ class BackboneModelExpert(CoordinateBackboneExpert):
         self.model = model.eval()
 
         def fn(x: Tensor, tm: Tensor) -> Tensor:
+            dtype = next(model.parameters()).dtype  # float32 as shipped; float64 after model.double()
             with torch.no_grad():
-                return model(x.to(torch.float32), tm).to(x.dtype)
+                return model(x.to(dtype), tm).to(x.dtype)
 
         super().__init__(fn, cfg["length"], 4, cfg["coord_scale"], cfg["prediction_type"], name=name or "backbone model")
         self.config = cfg
@@ -215,8 +228,7 @@ def compose_backbones(experts: Sequence[CoordinateBackboneExpert], schedule: Sch
     from superdiff.sampling import sample
 
     es = backbone_expert_set(experts)
-    if not (isinstance(num_samples, int) and num_samples >= 1):
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    num_samples = _count(num_samples, "num_samples")
     basis = experts[0].basis
     out = sample(es, schedule, num_steps, operator=operator, estimator=estimator, integrator=integrator,
                  shape=(num_samples, *basis.shape), generator=generator, dtype=torch.float64,
@@ -266,6 +278,9 @@ class FrameExpert(CoordinateBackboneExpert):
         def coord_fn(x: Tensor, tm: Tensor) -> Tensor:
             if self.state.rots is None:
                 raise ValueError("FrameExpert needs rotations: sample it with sample_frames()")
+            if self.state.rots.shape[0] != x.shape[0]:
+                raise ValueError(f"{name} holds rotations for {self.state.rots.shape[0]} samples but was called on "
+                                 f"{x.shape[0]}; sample it with sample_frames()")
             trans, rs = fn(x, self.state.rots.to(x.dtype), tm)
             if tuple(rs.shape) != (x.shape[0], length, 3):
                 raise ValueError(f"{name} returned a rotation score of shape {tuple(rs.shape)}, "
@@ -287,7 +302,9 @@ def sample_frames(experts: Sequence[FrameExpert], schedule: Schedule, rot_g2: Ca
 
     (reverse-time geodesic random walk; r_i expert i's rotation score at the step's start, h the
     step length, z drawn from rot_generator: never the translation noise). Rotations start
-    uniform (the SO(3) prior). Returns (trans [B, L, 3] Angstrom, rots [B, L, 3, 3], SampleOutput)."""
+    uniform (the SO(3) prior). Returns (trans [B, L, 3] Angstrom, rots [B, L, 3, 3], SampleOutput).
+    The experts hold the rotations only while this runs: afterwards (or after an error) their
+    state is cleared, so they cannot be evaluated later with this run's rotations."""
     from superdiff.sampling import sample
 
     from .models import random_rotations
@@ -297,11 +314,13 @@ def sample_frames(experts: Sequence[FrameExpert], schedule: Schedule, rot_g2: Ca
         raise ValueError("sample_frames supports the Euler-Maruyama integrator with the 'ito' or 'kernel' "
                          "estimator (one expert evaluation per step, whose rotation scores drive the SO(3) step)")
     es = backbone_expert_set(experts)
-    L = experts[0].length
-    rots = random_rotations(num_samples * L, rot_generator, torch.float64).reshape(num_samples, L, 3, 3)
     for e in experts:
         if not isinstance(e, FrameExpert):
             raise ValueError(f"sample_frames needs FrameExpert instances, got {type(e).__name__}")
+    num_samples = _count(num_samples, "num_samples")
+    L = experts[0].length
+    rots = random_rotations(num_samples * L, rot_generator, torch.float64).reshape(num_samples, L, 3, 3)
+    for e in experts:
         e.state.rots = rots
 
     def callback(info):
@@ -317,8 +336,12 @@ def sample_frames(experts: Sequence[FrameExpert], schedule: Schedule, rot_g2: Ca
             e.state.rots = rots
         return None
 
-    out = sample(es, schedule, num_steps, operator=operator, shape=(num_samples, *experts[0].basis.shape),
-                 generator=generator, dtype=torch.float64, expert_names=[e.name for e in experts],
-                 callback=callback, progress=False, **kw)
+    try:
+        out = sample(es, schedule, num_steps, operator=operator, shape=(num_samples, *experts[0].basis.shape),
+                     generator=generator, dtype=torch.float64, expert_names=[e.name for e in experts],
+                     callback=callback, progress=False, **kw)
+    finally:  # the rotations belong to this run only
+        for e in experts:
+            e.state.rots, e.last_rot_score = None, None
     trans = experts[0].decode(out.samples)[:, :, 0]
     return trans, rots, out

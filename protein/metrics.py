@@ -152,7 +152,12 @@ def _load_mpnn():
 
 
 def mpnn_proxy(X: np.ndarray, seed: int = 0, temperature: float = 0.1) -> tuple[np.ndarray, list[str]]:
-    """([B] mean NLL per residue of the designed sequence, designed sequences) for backbones [B, L, 4, 3]."""
+    """([B] mean NLL per residue of the designed sequence, designed sequences) for backbones [B, L, 4, 3].
+
+    The random decoding orders and sampling draws are made for the batch as a whole, so a
+    structure's NLL depends on its position in X and on len(X) (not on the other structures'
+    coordinates): compare sets scored in the same layout (the committed benchmark scores each
+    method's samples as one batch)."""
     import torch
 
     model = _load_mpnn()

@@ -7,8 +7,10 @@ process is the VP-discrete DDPM process restricted to V,
     x_t = alpha_t x0 + sigma_t P eps,   eps ~ N(0, I_{4L x 3}),   P = I - 1 1^T / (4L) (per axis)
 
 (P eps is the standard Gaussian of V), and the network is trained with
-loss = || P eps_theta(x_t, t) - P eps ||^2 / d (uniform integer t). Its prediction is then
-always read through P (protein/experts.py), so it is a field on V.
+loss = || P eps_theta(x_t, t) - P eps ||^2 / (12 L), the mean over all 4L x 3 coordinates
+(and the batch; integer t, see scripts/train_protein.py), not divided by d = 3(4L - 1): the two
+differ by the constant factor d / (12 L), so only the loss scale changes. Its prediction is then always read
+through P (protein/experts.py), so it is a field on V.
 
 Network: a small transformer over the L residues (one token of 12 coordinates each; the input
 layer is a width-3 convolution over residues so that bond vectors to the neighbours are linear
@@ -189,11 +191,12 @@ class BackboneDenoiser(nn.Module):
             nn.init.zeros_(self.edge_out.bias)
 
     def _time_features(self, t: Tensor, B: int) -> Tensor:
-        t = torch.as_tensor(t, dtype=torch.float32, device=self.pos.device).reshape(-1)
+        # in the weights' dtype (float32 as trained; float64 after model.double())
+        t = torch.as_tensor(t, dtype=self.pos.dtype, device=self.pos.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(B)
         u = t / float(self.config["num_train_timesteps"])
-        freqs = torch.exp(torch.linspace(0, math.log(1000.0), 16, device=u.device))
+        freqs = torch.exp(torch.linspace(0, math.log(1000.0), 16, device=u.device, dtype=u.dtype))
         ang = u[:, None] * freqs[None] * math.pi
         return torch.cat([torch.sin(ang), torch.cos(ang)], -1)
 

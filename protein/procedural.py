@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["BOND", "ANGLE", "nerf_place", "build_backbone", "ideal_helix", "ideal_strand",
-           "helical_hairpin", "beta_meander", "beta_meanders", "dihedral",
+           "helical_hairpin", "HAIRPIN_MIN_LENGTH", "beta_meander", "beta_meanders", "dihedral",
            "build_backbone_torch"]
 
 BOND = {"N-CA": 1.458, "CA-C": 1.525, "C-N": 1.329, "C-O": 1.231}
@@ -137,8 +137,15 @@ def _rg(X: np.ndarray) -> float:
     return float(np.sqrt(((ca - ca.mean(0)) ** 2).sum(-1).mean()))
 
 
+#: the shortest helical hairpin: the loop (3-5 residues) starts up to 3 residues either side of the
+#: middle, so both helices exist only from 11 residues on
+HAIRPIN_MIN_LENGTH = 11
+
+
 def helical_hairpin(L: int, rng: np.random.Generator, tries: int = 48) -> np.ndarray:
     """Helix - loop (3-5 residues) - helix, the loop chosen for compactness among clash-free tries."""
+    if L < HAIRPIN_MIN_LENGTH:
+        raise ValueError(f"a helical hairpin needs at least {HAIRPIN_MIN_LENGTH} residues, got {L}")
     best, best_score = None, np.inf
     for _ in range(tries):
         loop = int(rng.integers(3, 6))

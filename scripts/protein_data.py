@@ -120,6 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "superdiff" / "bundled" / "protein-data" / "backbones.npz")
     args = ap.parse_args(argv)
+    from superdiff.protein.procedural import HAIRPIN_MIN_LENGTH
+
+    # refused here, before the slow extraction and de-duplication
+    if args.stride < 1:
+        ap.error(f"--stride must be >= 1 (residues between window starts), got {args.stride}")
+    if args.procedural < 0:
+        ap.error(f"--procedural must be >= 0, got {args.procedural}")
+    if args.window < 1:
+        ap.error(f"--window must be >= 1, got {args.window}")
+    if args.procedural > 0 and args.window < HAIRPIN_MIN_LENGTH:
+        ap.error(f"--window must be >= {HAIRPIN_MIN_LENGTH} with --procedural > 0 (the procedural helical hairpins "
+                 f"need it), got --window {args.window}")
     import pydssp
     import torch
 

@@ -13,13 +13,14 @@ with the vendored data alone B rarely closed strand ladders (4 of 32 samples "st
 18000 steps); with 512 extra meanders it makes them in about 40% of samples. "mixed"
 (alpha/beta) real windows are held out: they are the reference set for AND.
 
-Objective: || P eps_theta(x_t, t) - P eps ||^2 on the centre-of-mass-free subspace
-(protein/models.py), half the batch uniform in t and half t = T u^p, random rotations, AdamW
-with cosine decay, EMA of the weights (shipped). One CPU thread (the machines are shared); a
-checkpoint every --ckpt-every steps under --work/<name>/ so that an interrupted run resumes
-where it stopped (batch k depends only on (seed, k), so a resumed run equals an uninterrupted
-one). Writes model.safetensors, config.json, training_log.json (loss curve, CPU seconds, data
-counts, seed, command) and README.md (model card) to superdiff/bundled/<name> or --out-root.
+Objective: || P eps_theta(x_t, t) - P eps ||^2 / (12 L) (the mean over the 4L x 3 coordinates)
+on the centre-of-mass-free subspace (protein/models.py), half the batch uniform in t and half
+t = T u^p, random rotations, AdamW with cosine decay, EMA of the weights (shipped). One CPU
+thread (the machines are shared); a checkpoint every --ckpt-every steps under --work/<name>/
+so that an interrupted run resumes where it stopped (batch k depends only on (seed, k), so a
+resumed run equals an uninterrupted one). Writes model.safetensors, config.json,
+training_log.json (loss curve, CPU seconds, data counts, seed, command) and README.md (model
+card) to superdiff/bundled/<name> or --out-root.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ LOG_EVERY = 100  # steps per loss-curve point (the mean loss over those steps)
 def procedural_extra(which: str, n: int, length: int, seed: int, cache: Path) -> np.ndarray:
     """n more procedural windows of the model's class [n, L, 4, 3] (A: helical hairpins, B: beta
     meanders; protein/procedural.py), seeded by (seed, which), kept only if pydssp gives them the
-    class, centred. Cached in the work directory: the same arguments give the same array."""
+    class, centred. Cached in the work directory: the same arguments give the same array (a cache
+    of another count or window length is not used but rebuilt)."""
     from superdiff.protein.metrics import secondary_structure
     from superdiff.protein.procedural import beta_meanders, helical_hairpin
 
     if cache.is_file():
         X = np.load(cache)
-        if len(X) == n:
+        if X.shape == (n, length, 4, 3):
             return X
     rng = np.random.default_rng([seed, ord(which), n])
     cls = MODELS[which][1]
@@ -66,7 +68,10 @@ def procedural_extra(which: str, n: int, length: int, seed: int, cache: Path) ->
         out += [x - x.reshape(-1, 3).mean(0) for x, k in zip(batch, c) if k == cls]
     X = np.stack(out[:n]).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, X)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    with open(tmp, "wb") as f:  # complete or absent: a run killed while writing leaves no torn cache
+        np.save(f, X)
+    tmp.replace(cache)
     return X
 
 
@@ -80,7 +85,7 @@ def train_one(which: str, steps: int, batch: int, lr: float, seed: int, ckpt_eve
     n_real = len(ds.window_indices(cls, real=True))
     if extra:
         print(f"[{name}] {extra} extra procedural {cls} windows (cached in {work / name})")
-        cache = work / name / f"extra{extra}-seed{seed}.npy"
+        cache = work / name / f"extra{extra}-L{int(ds.window)}-seed{seed}.npy"
         X = np.concatenate([X, procedural_extra(which, extra, int(ds.window), seed, cache)])
     cfg = dict(DEFAULT_CONFIG, **config, length=int(ds.window))
     data = torch.tensor(X * cfg["coord_scale"], dtype=torch.float32)

@@ -180,3 +180,60 @@ def test_frame_experts_compose_translations_exactly():
     assert torch.isfinite(out.logq).all()
     tr = torch.diagonal(rots, dim1=-2, dim2=-1).sum(-1)  # 1 + 2 cos(angle); uniform SO(3) has mean 0
     assert tr.mean() > 1.0
+
+
+def test_numpy_integer_lengths_and_counts_are_accepted_and_non_integers_refused():
+    b = CoMFreeBasis(np.int64(8), np.int64(4))
+    assert (b.length, b.atoms, b.dim) == (8, 4, 3 * 31) and type(b.length) is int
+    (eA, eB), _ = _experts()
+    X, _ = compose_backbones([eA, eB], SCHED, np.int64(2), 3, generator=torch.Generator().manual_seed(0))
+    assert X.shape == (2, L, 4, 3)
+    e = CoordinateBackboneExpert(lambda x, t: x, torch.tensor(6), np.int32(4))
+    assert e.signature() == (6, 4, 1.0)
+    for bad in (4.7, 8.0, True, "8", 0):
+        with pytest.raises(ValueError, match=r"^length must be a positive int, got"):
+            CoMFreeBasis(bad)
+    for bad in (2.0, True, 0, -1):
+        with pytest.raises(ValueError, match=r"^num_samples must be a positive int, got"):
+            compose_backbones([eA, eB], SCHED, bad, 3)
+
+
+def _still_frame_expert(Lf=5):
+    def fn(trans, rots, tm):
+        return torch.zeros_like(trans), torch.zeros(rots.shape[:-1], dtype=rots.dtype)
+    return FrameExpert(fn, Lf, name="still")
+
+
+def test_sample_frames_checks_num_samples_and_leaves_no_rotations_behind():
+    fe = _still_frame_expert()
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"^num_samples must be a positive int, got"):
+            sample_frames([fe], SCHED, rot_g2=lambda t: 0.01, num_samples=bad, num_steps=3)
+    trans, rots, _ = sample_frames([fe], SCHED, rot_g2=lambda t: 0.01, num_samples=np.int64(3), num_steps=3)
+    assert trans.shape == (3, 5, 3) and rots.shape == (3, 5, 3, 3)
+    assert fe.state.rots is None and fe.last_rot_score is None
+    # evaluated outside sample_frames, at this run's batch size or another, it refuses (no stale rotations)
+    for B in (3, 4):
+        with pytest.raises(ValueError, match="needs rotations: sample it with sample_frames"):
+            fe.predict(torch.zeros(B, 4, 3, dtype=torch.float64), torch.tensor(10.0), SCHED)
+    # a second run with another batch size works and again clears the state
+    trans, rots, _ = sample_frames([fe], SCHED, rot_g2=lambda t: 0.01, num_samples=2, num_steps=3)
+    assert rots.shape == (2, 5, 3, 3) and fe.state.rots is None
+
+
+def test_sample_frames_clears_the_rotations_after_an_error():
+    fe = _still_frame_expert()
+
+    def rot_g2(t):
+        raise RuntimeError("rot_g2 failed")
+
+    with pytest.raises(RuntimeError, match="rot_g2 failed"):
+        sample_frames([fe], SCHED, rot_g2=rot_g2, num_samples=2, num_steps=3)
+    assert fe.state.rots is None and fe.last_rot_score is None
+
+
+def test_frame_expert_refuses_rotations_of_another_batch():
+    fe = _still_frame_expert()
+    fe.state.rots = torch.eye(3, dtype=torch.float64).expand(3, 5, 3, 3)
+    with pytest.raises(ValueError, match="rotations for 3 samples but was called on 4"):
+        fe.predict(torch.zeros(4, 4, 3, dtype=torch.float64), torch.tensor(10.0), SCHED)

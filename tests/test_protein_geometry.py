@@ -127,3 +127,43 @@ def test_torch_nerf_builds_on_the_device_and_dtype_of_its_torsions():
     X32 = build_backbone_torch(torch.full((5,), -57.0), torch.full((5,), -47.0))
     assert X32.dtype == torch.float32
     assert np.allclose(X32.numpy(), ideal_helix(5), atol=1e-4)
+
+
+def _protein_data_script():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "protein_data", Path(__file__).resolve().parents[1] / "scripts" / "protein_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stride", "0"], "--stride must be >= 1"),
+    (["--stride", "-2"], "--stride must be >= 1"),
+    (["--window", "10"], "--window must be >= 11 with --procedural > 0"),
+    (["--window", "0", "--procedural", "0"], "--window must be >= 1"),
+    (["--procedural", "-1"], "--procedural must be >= 0"),
+])
+def test_protein_data_refuses_bad_flags_before_extracting(argv, message, monkeypatch, capsys, tmp_path):
+    mod = _protein_data_script()
+
+    def no_extract(*a, **k):
+        raise AssertionError("the slow extraction ran before the arguments were checked")
+
+    monkeypatch.setattr(mod, "extract", no_extract)
+    with pytest.raises(SystemExit) as ex:
+        mod.main(argv + ["--out", str(tmp_path / "b.npz")])
+    assert ex.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_helical_hairpin_names_its_minimum_length():
+    from superdiff.protein.procedural import HAIRPIN_MIN_LENGTH, helical_hairpin
+
+    assert HAIRPIN_MIN_LENGTH == 11
+    with pytest.raises(ValueError, match="a helical hairpin needs at least 11 residues, got 10"):
+        helical_hairpin(10, np.random.default_rng(0))
+    assert helical_hairpin(11, np.random.default_rng(0), tries=8).shape == (11, 4, 3)

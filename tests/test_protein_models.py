@@ -160,3 +160,30 @@ def test_residue_distance_features_match_their_definition_at_any_length(L):
             assert torch.allclose(got[:, i, f], want, atol=1e-12), (L, a, k, b, i)
     model = BackboneDenoiser({"length": L, "dim": 16, "depth": 1, "heads": 2})
     assert model(torch.randn(2, L, 4, 3), torch.tensor([3, 700])).shape == (2, L, 4, 3)
+
+
+def test_a_model_converted_to_float64_runs_in_float64_and_matches_float32():
+    """model.double() makes the whole network float64 (time features included): as a module and
+    wrapped as an expert it returns what the float32 model returns, to float32 precision."""
+    from superdiff.protein.models import BackboneDenoiser
+
+    torch.manual_seed(0)
+    m32 = BackboneDenoiser({"length": 6, "dim": 16, "depth": 1, "heads": 2})
+    with torch.no_grad():
+        for p in m32.parameters():  # the output layers start at zero: make the output non-trivial
+            p.add_(0.02 * torch.randn_like(p))
+    m64 = BackboneDenoiser(m32.config)
+    m64.load_state_dict(m32.state_dict())
+    m64 = m64.double()
+    x = torch.randn(2, 6, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([10.0, 700.0], dtype=torch.float64)
+    with torch.no_grad():
+        out32, out64 = m32(x.float(), t), m64(x, t)
+    assert out64.dtype == torch.float64 and out32.dtype == torch.float32
+    assert out64.abs().max() > 0.1 and torch.allclose(out64, out32.double(), rtol=1e-4, atol=1e-4)
+    e32, e64 = BackboneModelExpert(m32), BackboneModelExpert(m64)
+    y = e64.encode(x / m32.config["coord_scale"])
+    sched = e64.schedule()
+    p64 = e64.predict(y, torch.tensor(300.0, dtype=torch.float64), sched)
+    p32 = e32.predict(y, torch.tensor(300.0, dtype=torch.float64), sched)
+    assert p64.dtype == torch.float64 and torch.allclose(p64, p32, rtol=1e-4, atol=1e-4)

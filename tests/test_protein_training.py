@@ -89,6 +89,20 @@ def test_extra_procedural_windows_have_the_class_and_are_cached(train, tmp_path)
     assert np.array_equal(X, again)
 
 
+def test_extra_window_cache_of_another_length_is_rebuilt_not_reused(train, tmp_path, monkeypatch):
+    from superdiff.protein import procedural
+
+    # ideal helices instead of the (slow) hairpin search: the cache logic is what is tested
+    monkeypatch.setattr(procedural, "helical_hairpin", lambda L, rng: procedural.ideal_helix(L))
+    cache = tmp_path / "extra.npy"
+    short = train.procedural_extra("a", 2, 16, 0, cache)
+    assert short.shape == (2, 16, 4, 3)
+    longer = train.procedural_extra("a", 2, 20, 0, cache)  # same count and seed, other window length
+    assert longer.shape == (2, 20, 4, 3)
+    assert np.load(cache).shape == (2, 20, 4, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["extra.npy"]  # written in place of a temporary file
+
+
 def test_resumed_run_keeps_the_same_loss_curve(train, tmp_path, monkeypatch):
     """A checkpoint between two loss-curve points carries the losses since the last point, so the
     resumed run's curve (and the card's final loss) equals the uninterrupted run's."""
@@ -150,3 +164,17 @@ def test_bad_counts_are_refused_by_name_before_training(train, flag, capsys, mon
     with pytest.raises(SystemExit) as exc:
         train.main(["--which", "a", flag, value])
     assert exc.value.code == 2 and flag in capsys.readouterr().err and not calls
+
+
+def test_the_documented_loss_is_the_mean_over_the_12L_coordinates(train):
+    """The shipped weights were trained with mean((P eps_theta - P eps)^2) over B x L x 4 x 3
+    entries: the model docstring and the script say / (12 L), not / d = 3(4L - 1)."""
+    import superdiff.protein.models as models
+
+    assert "P eps ||^2 / (12 L)" in models.__doc__ and "P eps ||^2 / d " not in models.__doc__
+    assert "P eps ||^2 / (12 L)" in train.__doc__
+    B, L = 3, 5
+    g = torch.Generator().manual_seed(0)
+    pred, eps = models.center(torch.randn(B, L, 4, 3, generator=g)), models.center(torch.randn(B, L, 4, 3, generator=g))
+    loss = (pred - eps).pow(2).mean()  # as in train_one
+    assert torch.allclose(loss, ((pred - eps) ** 2).sum((1, 2, 3)).div(12 * L).mean())
