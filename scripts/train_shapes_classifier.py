@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, losses = state["step"], list(state["losses"])
-        if not args.export_only:  # an export beside a live run must not touch its log
-            run.truncate_log(start)
-            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        run.resume(start, args.export_only)
     steps = 0 if args.export_only else args.steps
     if start < steps:
         rng = np.random.default_rng([args.seed, 1])

@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             emas[k].module.load_state_dict(state["ema_" + k])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        if not args.export_only:  # an export beside a live run must not touch its log
-            run.truncate_log(start)
-            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        run.resume(start, args.export_only)
 
     if not args.export_only:  # an export needs no training data
         data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)

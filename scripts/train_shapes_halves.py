@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         ema.module.load_state_dict(state["ema_unet"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        if not args.export_only:  # an export beside a live run must not touch its log
-            run.truncate_log(start)
-            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        run.resume(start, args.export_only)
 
     cache = run.dir / f"latents-{args.seed}-{args.dataset_size}.pt"
     if args.export_only:  # an export needs no training data

@@ -281,9 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         load_lora_state(state["lora"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        if not args.export_only:  # an export beside a live run must not touch its log
-            run.truncate_log(start)
-            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        run.resume(start, args.export_only)
 
     n = 0 if data is None else len(data["ids"])
     steps = 0 if args.export_only else args.steps

@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         ema_te.module.load_state_dict(state["ema_text_encoder"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        if not args.export_only:  # an export beside a live run must not touch its log
-            run.truncate_log(start)
-            print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        run.resume(start, args.export_only)
 
     if not args.export_only:  # an export needs no training data
         data = load_latent_dataset(run, vae, args.seed, args.dataset_size, tokenizer, args.captions)

@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         start = state["step"]
         if "torch_rng" in state:  # the posterior samples draw from it: resume the same stream
             torch.set_rng_state(state["torch_rng"])
-        run.truncate_log(start)
-        print(f"resuming from step {start} ({run.cpu_offset:.0f} CPU s so far)", flush=True)
+        run.resume(start)
 
     vae.train()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="vae", mininterval=10)

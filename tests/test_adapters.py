@@ -14,6 +14,7 @@ pytest.importorskip("peft")
 
 from superdiff.registry import bundled_model_path, list_bundled_models  # noqa: E402
 from _pipes import _one_thread, gen  # noqa: F401  (autouse fixture)
+from _training import killed_after_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.skipif("shapes-t2i" not in list_bundled_models(), reason="shapes-t2i not built")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "proj_in"]
@@ -635,16 +636,7 @@ def _tiny_lora_args(tmp_path, *extra):
 
 
 def _stop_after_first_lora_checkpoint(mod, monkeypatch, argv):
-    real_save = mod.Run.save
-
-    def save_then_die(self, state):
-        real_save(self, state)
-        raise KeyboardInterrupt("killed after a checkpoint")
-
-    monkeypatch.setattr(mod.Run, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        mod.main(argv)
-    monkeypatch.setattr(mod.Run, "save", real_save)
+    killed_after_checkpoint(monkeypatch, mod.Run, "save", lambda: mod.main(argv))
 
 
 def test_lora_export_only_takes_the_trained_settings_and_leaves_the_runs_log_alone(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from superdiff.schedules import RectifiedFlow
+from _training import killed_after_checkpoint
 from superdiff.shapes.flow import (
     TiedTokenJointAttnProcessor,
     clip_prompt_embeds,
@@ -109,16 +110,8 @@ def test_resume_is_bit_identical_and_other_settings_are_refused(train, tmp_path,
 
     weights = "transformer/diffusion_pytorch_model.safetensors"
     train.main([*TINY, "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "straight")])
-    real_save = train.Run.save
-
-    def save_then_die(self, state):
-        real_save(self, state)
-        raise KeyboardInterrupt("killed after the step-2 checkpoint")
-
-    monkeypatch.setattr(train.Run, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*TINY, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train.Run, "save", real_save)
+    killed_after_checkpoint(monkeypatch, train.Run, "save",  # killed after the step-2 checkpoint
+                            lambda: train.main([*TINY, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "resumed")]))
     assert torch.load(tmp_path / "w2" / "checkpoint.pt", weights_only=False)["step"] == 2
     train.main([*TINY, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "resumed")])
     a, b = load_file(str(tmp_path / "straight" / weights)), load_file(str(tmp_path / "resumed" / weights))

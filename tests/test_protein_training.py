@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _training import killed_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dim": 16, "depth": 1, "heads": 2}
@@ -53,16 +54,8 @@ def test_resume_continues_and_other_settings_are_refused(train, tmp_path, monkey
     args = ("a", 4, 2, 1e-3, 0, 2)
     train.train_one(*args, tmp_path / "w1", TINY, 2.0, out_root=tmp_path / "straight")
     # the same run killed right after its step-2 checkpoint, then started again
-    real_save = torch.save
-
-    def save_then_die(obj, path, *a, **k):
-        real_save(obj, path, *a, **k)
-        raise KeyboardInterrupt("killed after the checkpoint")
-
-    monkeypatch.setattr(train.torch, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
-    monkeypatch.setattr(train.torch, "save", real_save)
+    killed_after_checkpoint(monkeypatch, train.torch, "save",
+                            lambda: train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed"))
     assert torch.load(tmp_path / "w2" / "protein-a-helix" / "ckpt.pt", weights_only=False)["step"] == 2
     assert not (tmp_path / "resumed").exists()
     train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
@@ -109,16 +102,8 @@ def test_resumed_run_keeps_the_same_loss_curve(train, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "LOG_EVERY", 3)
     args = ("a", 6, 2, 1e-3, 0, 2)  # checkpoints at steps 2, 4, 6; loss-curve points at 3, 6
     straight = train.train_one(*args, tmp_path / "w1", TINY, 2.0, out_root=tmp_path / "straight")
-    real_save = torch.save
-
-    def save_then_die(obj, path, *a, **k):
-        real_save(obj, path, *a, **k)
-        raise KeyboardInterrupt("killed after the checkpoint")
-
-    monkeypatch.setattr(train.torch, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
-    monkeypatch.setattr(train.torch, "save", real_save)
+    killed_after_checkpoint(monkeypatch, train.torch, "save",
+                            lambda: train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed"))
     resumed = train.train_one(*args, tmp_path / "w2", TINY, 2.0, out_root=tmp_path / "resumed")
     assert [p["step"] for p in straight["loss_log"]] == [3, 6]
     assert resumed["loss_log"] == straight["loss_log"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from superdiff.shapes import oracle, world
+from _training import killed_after_checkpoint
 from superdiff.shapes.tokenizer import bpe_tables, build_tokenizer
 
 
@@ -216,17 +217,7 @@ def _script(name: str):
 
 
 def _kill_after_first_checkpoint(mod, monkeypatch, argv, at_step=None):
-    real_save = mod.Run.save
-
-    def save_then_die(self, state):
-        real_save(self, state)
-        if at_step is None or state["step"] == at_step:
-            raise KeyboardInterrupt("killed after a checkpoint")
-
-    monkeypatch.setattr(mod.Run, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        mod.main(argv)
-    monkeypatch.setattr(mod.Run, "save", real_save)
+    killed_after_checkpoint(monkeypatch, mod.Run, "save", lambda: mod.main(argv), at_step)
 
 
 def test_resume_drops_a_log_line_cut_short_by_a_crash(tmp_path):

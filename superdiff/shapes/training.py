@@ -143,6 +143,14 @@ class Run:
         tmp.write_text("".join(k + "\n" for k in keep))
         os.replace(tmp, self.log_path)
 
+    def resume(self, step: int, export_only: bool = False) -> None:
+        """Go on from a checkpoint at ``step``: drop the log lines written after it and say so.
+        An export (``export_only``) beside a possibly live run leaves its log alone."""
+        if export_only:
+            return
+        self.truncate_log(step)
+        print(f"resuming from step {step} ({self.cpu_offset:.0f} CPU s so far)", flush=True)
+
     def copy_log(self, dest: str | Path) -> None:
         """Copy the loss log to ``dest`` (an empty file when no step was logged yet)."""
         if self.log_path.exists():
