@@ -333,7 +333,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="joint prompt template, e.g. '{0} that looks like {1}' (default: the prompts joined by "
                         "'and')")
     g.add_argument("--estimator", choices=["kernel", "ito", "ode", "none"],
-                   help="log-density estimator (default: the sampler's own: kernel for sde/ddpm, ode for ode/euler/heun)")
+                   help="log-density estimator (default: the sampler's own: ito for sde, kernel for ddpm, ode for ode/euler/heun)")
     g.add_argument("--sampler", choices=list(SAMPLER_LABELS),
                    help="sde (Euler-Maruyama, the paper's), ddpm (ancestral), ode/euler, heun (default: sde)")
     g.add_argument("--steps", type=int, help="sampler steps (default: 25)")
