@@ -862,4 +862,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from superdiff.cli import reporting_errors
+
+    sys.exit(reporting_errors(main, "report.py"))

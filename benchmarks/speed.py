@@ -899,4 +899,6 @@ def _plot_chunked_memory(ax: Any, results: list[dict[str, Any]], chunked: list[d
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from superdiff.cli import reporting_errors
+
+    sys.exit(reporting_errors(main, "speed.py"))

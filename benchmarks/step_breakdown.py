@@ -275,4 +275,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from superdiff.cli import reporting_errors
+
+    sys.exit(reporting_errors(main, "step_breakdown.py"))

@@ -87,13 +87,20 @@ def glue_negative_lists(argv: list[str]) -> list[str]:
     return out
 
 
+def reporting_errors(run, prog: str) -> int:
+    """run()'s exit status, or 2 with one "PROG: error: ..." line (no traceback) for bad input
+    or a file or model folder that is not there (ValueError, FileNotFoundError): the command
+    line's and the benchmark scripts' way of refusing what they were given."""
+    try:
+        return run()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(glue_negative_lists(list(sys.argv[1:] if argv is None else argv)))
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input, or a file or model folder that is not there
-        print(f"superdiff: error: {e}", file=sys.stderr)
-        return 2
+    return reporting_errors(lambda: args.func(args), "superdiff")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,18 @@ def test_a_thread_count_below_one_is_refused_with_the_option_name():
         sb.main(["--threads", "0", "--out", "/nonexistent"])
 
 
+def test_the_scripts_refuse_bad_options_in_one_line_without_a_traceback(capsys):
+    """`python benchmarks/step_breakdown.py --threads 0` (and speed.py, report.py) exit with 2
+    and the message, as `superdiff bench ...` does, through superdiff.cli.reporting_errors."""
+    from superdiff.cli import reporting_errors
+
+    assert reporting_errors(lambda: sb.main(["--threads", "0", "--out", "/nonexistent"]), "step_breakdown.py") == 2
+    assert capsys.readouterr().err == "step_breakdown.py: error: --threads must be >= 1, got 0\n"
+    for script in ("speed.py", "report.py", "step_breakdown.py"):
+        text = (REPO / "benchmarks" / script).read_text()
+        assert f'sys.exit(reporting_errors(main, "{script}"))' in text, script
+
+
 def test_a_case_key_given_twice_runs_once(tmp_path, monkeypatch):
     """--cases A,B,A measures A and B once each: one row per case in the table."""
     ran = []
