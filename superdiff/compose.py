@@ -125,7 +125,7 @@ def default_guidance(model: str, kind: str) -> float:
     from .registry import bundled_model_path, list_bundled_models
 
     bundled = model in list_bundled_models()
-    folder = bundled_model_path(model) if bundled else Path(model)
+    folder = bundled_model_path(model) if bundled else Path(model).expanduser()
     card = folder / "quality.json"
     if card.is_file():
         scale = json.loads(card.read_text()).get("settings", {}).get("guidance_scale")
@@ -723,6 +723,7 @@ def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition,
     the recorded sha256 (a record read back from a PNG) equal to the file's. Returns the
     composition with each adapter's name and sha256 filled in, and the pipeline entries."""
     from .pipelines.adapters import resolve_adapters as check_files
+    from .registry import BUNDLED_ROOT
 
     entries = []
     for k, a in enumerate(comp.adapters):
@@ -735,11 +736,23 @@ def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition,
             if not any(rp == r or r in rp.parents for r in cache.allow_roots):
                 raise _fail("adapters", f"adapter {k}: {a['path']} is outside the allowed folders "
                                         f"({', '.join(map(str, cache.allow_roots)) or 'none configured'})")
-        entries.append({k2: a[k2] for k2 in ("path", "scale", "prompt", "name") if k2 in a})
+        entry = {k2: a[k2] for k2 in ("path", "scale", "prompt", "name") if k2 in a}
+        if p.exists():  # "~/loras/x.safetensors": the file the roots check saw
+            entry["path"] = str(p)
+        entries.append(entry)
     try:
         specs = check_files(entries, safetensors_only=True)
     except ValueError as e:
         raise _fail("adapters", str(e)) from None
+    if cache.allow_roots is not None:  # the weight file itself (a symlink in an allowed folder may leave it)
+        for k, (a, spec) in enumerate(zip(comp.adapters, specs)):
+            if spec is None or spec.file is None:
+                continue
+            rf = Path(spec.file).resolve()
+            if not any(rf == r or r in rf.parents for r in (BUNDLED_ROOT, *cache.allow_roots)):
+                raise _fail("adapters", f"adapter {k}: {a['path']} is outside the allowed folders (its weight file "
+                                        f"{spec.file} leads to {rf}; allowed: "
+                                        f"{', '.join(map(str, cache.allow_roots)) or 'none configured'})")
     adapters = []
     for a, spec in zip(comp.adapters, specs):
         if spec is None or spec.file is None:

@@ -33,6 +33,19 @@ def model_kind(path_or_id: str) -> str:
         index = local / "model_index.json"
         cfg = json.loads(index.read_text()) if index.is_file() else None
         if cfg is None:
+            # a bare model folder (config.json) or a pipeline folder without model_index.json:
+            # its network's class tells a flow transformer (an extra of an SD3 / Flux model)
+            # from a UNet
+            for sub in ("transformer", ".", "unet"):
+                conf = local / sub / "config.json"
+                try:
+                    net = json.loads(conf.read_text()).get("_class_name", "") if conf.is_file() else None
+                except (ValueError, AttributeError):
+                    net = None
+                if net == "SD3Transformer2DModel":
+                    return "sd3"
+                if net == "FluxTransformer2DModel":
+                    return "flux"
             if (local / "unet").is_dir() or (local / "config.json").is_file():
                 return "unet2d"
             raise ValueError(f"model: {path_or_id} is neither a diffusers pipeline directory (model_index.json) "
@@ -71,17 +84,71 @@ def model_kind(path_or_id: str) -> str:
                      "(1.x/2.x, XL, 3), Flux and UNet2D models")
 
 
+#: pipeline components ModelCache never loads (their weights may stay pickled)
+_NOT_LOADED = ("safety_checker",)
+
+
+def _pickle_only(files: Sequence[str], cfg: Any) -> list[str]:
+    """The `.bin` files (relative posix paths) of each folder that is loaded on its own (the
+    pipeline's components, or a bare model's folder) and has no safetensors: a UNet checkpoint
+    with unet/*.bin next to vae/*.safetensors would otherwise load the pickle (the UNet2D and
+    extra-UNet loaders fall back to .bin)."""
+    if isinstance(cfg, dict):  # the safety checker is not loaded (safety_checker=None, as the pipelines pass it)
+        parts = [k for k, v in cfg.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                 and v[0] is not None and v[1] is not None and k not in _NOT_LOADED]
+    else:
+        parts = ["", "unet", "vae", "transformer"]
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        by_dir.setdefault(f.rpartition("/")[0], []).append(f)
+    bins = []
+    for part in parts:
+        here = by_dir.get(part, [])
+        if not any(f.endswith(".safetensors") for f in here):
+            bins += sorted(f for f in here if f.endswith(".bin"))
+    return bins
+
+
+def _hub_files(repo: str) -> tuple[list[str], Any] | None:
+    """(files, model_index.json) of a hub id: the hub's listing when it answers, else the local
+    Hugging Face cache's snapshot; None when neither is known."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:
+        cfg = DiffusionPipeline.load_config(repo, local_files_only=True)
+    except Exception:  # noqa: BLE001  (a bare model repo, not cached)
+        cfg = None
+    if not hub_unreachable():
+        try:
+            return list(list_repo_files(repo)), cfg
+        except Exception:  # noqa: BLE001  (loading it says what is wrong)
+            pass
+    try:
+        snap = Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # noqa: BLE001
+        return None
+    return [p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()], cfg
+
+
 def check_safetensors(path: str) -> None:
-    """Refuse, in one line, a local model folder whose weights are only pickled `.bin`
+    """Refuse, in one line, a model (a local folder, or a hub id as the hub or the local
+    Hugging Face cache lists it) with a component whose weights are only pickled `.bin`
     files: only safetensors are loaded (pickles can run code)."""
     d = Path(path)
-    if not d.is_dir():
-        return  # a hub id: from_pretrained(use_safetensors=True) checks it
-    if any(d.rglob("*.safetensors")):
-        return
-    bins = sorted(p.relative_to(d).as_posix() for p in d.rglob("*.bin"))
+    if d.is_dir():
+        index = d / "model_index.json"
+        try:
+            cfg = json.loads(index.read_text()) if index.is_file() else None
+        except ValueError:
+            cfg = None
+        bins = _pickle_only([p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()], cfg)
+    else:
+        listed = _hub_files(path)
+        bins = [] if listed is None else _pickle_only(*listed)
     if bins:
-        raise ValueError(f"model: {d.name} has only .bin weights ({', '.join(bins[:3])}); only safetensors are "
+        raise ValueError(f"model: {d.name if d.is_dir() else path} has only .bin weights ({', '.join(bins[:3])}); "
+                         "only safetensors are "
                          "loaded. Convert them once, e.g. DiffusionPipeline.from_pretrained(dir, "
                          "use_safetensors=False).save_pretrained(dir, safe_serialization=True)")
 
@@ -141,7 +208,7 @@ class ModelCache:
     def __init__(self, max_models: int = 2, allow_roots: Sequence[str | os.PathLike] | None = None,
                  allow_hub: bool = True, device: str | None = None) -> None:
         self.max_models = max(1, int(max_models))
-        self.allow_roots = None if allow_roots is None else [Path(r).resolve() for r in allow_roots]
+        self.allow_roots = None if allow_roots is None else [Path(r).expanduser().resolve() for r in allow_roots]
         self.allow_hub = allow_hub
         self.device = device
         self._pipes: OrderedDict[tuple, Any] = OrderedDict()
@@ -164,6 +231,12 @@ class ModelCache:
                                  f"({', '.join(map(str, self.allow_roots)) or 'none configured'})")
             if not rp.is_dir():
                 raise ValueError(f"{what}: {name} is not a directory")
+            if self.allow_roots is not None:
+                away = self._link_leaving_roots(rp)
+                if away is not None:
+                    raise ValueError(f"{what}: {name} is outside the allowed model folders: {away[0]} is a "
+                                     f"symlink to {away[1]} (allowed: "
+                                     f"{', '.join(map(str, self.allow_roots)) or 'none configured'})")
             return str(rp)
         if not self.allow_hub:
             raise ValueError(f"{what}: unknown model {name!r}; give a bundled model "
@@ -174,6 +247,27 @@ class ModelCache:
                              "an existing directory, or a hub id of the form 'org/name'")
         return name
 
+    def _link_leaving_roots(self, folder: Path) -> tuple[Path, Path] | None:
+        """(link, target) of the first symlink inside `folder` (a component folder or weight
+        file) that leads outside the allowed roots, or None. Links inside the roots (a Hugging
+        Face cache snapshot's links to its blobs) are followed."""
+        roots = self.allow_roots or []
+        seen, todo = {folder}, [folder]
+        while todo:
+            d = todo.pop()
+            try:
+                children = list(d.iterdir())
+            except OSError:
+                continue
+            for c in children:
+                target = c.resolve() if c.is_symlink() else c
+                if c.is_symlink() and not any(target == r or r in target.parents for r in roots):
+                    return c, target
+                if target.is_dir() and target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        return None
+
     def pipeline(self, model: str, extra_models: Sequence[str] = (), dtype: str = "float32") -> tuple[Any, str, list[str]]:
         """(pipeline, kind, resolved extra models). For UNet2D models the extra checkpoints are
         part of the pipeline; for text-to-image models they are passed per call."""
@@ -182,20 +276,27 @@ class ModelCache:
         src = self.resolve(model)
         extras = [self.resolve(m, "extra_models") for m in extra_models]
         kind = model_kind(src)
+        if kind in FLOW_KINDS and Path(src).is_dir() and not (Path(src) / "model_index.json").is_file():
+            raise ValueError(f"model: {model.strip()} is a bare {kind} transformer checkpoint, not a pipeline "
+                             "folder (model_index.json with its text encoders, VAE and scheduler); give it as an "
+                             "extra model of an SD3 / Flux pipeline, or load a whole pipeline folder as the model")
         for m, d in zip(extra_models, extras):  # flow and epsilon models never mix: refuse before loading
             if Path(d).is_dir() and (model_kind(d) in FLOW_KINDS) != (kind in FLOW_KINDS):
                 from .pipelines._checkpoints import mixed_families_message
 
                 raise ValueError("extra_models: " + mixed_families_message(
                     f"{m} (a {model_kind(d)} model)", f"{model.strip()} (a {kind} model)"))
-        for d in (src, *extras):
-            check_safetensors(d)
+        if kind != "unet2d":  # loaded by the pipeline at each call
+            for d in extras:
+                check_safetensors(d)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         key = (src, tuple(extras) if kind == "unet2d" else (), dtype, device)
         with self._lock:
             if key in self._pipes:
                 self._pipes.move_to_end(key)
                 return self._pipes[key], kind, extras
+        for d in (src, *extras) if kind == "unet2d" else (src,):  # a hub id's check may ask the hub: once
+            check_safetensors(d)
         torch_dtype = getattr(torch, dtype)
         if torch_dtype != torch.float32 and device == "cpu":
             raise ValueError(f"dtype: {dtype} needs a GPU; use float32 on the CPU")

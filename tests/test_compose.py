@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -251,3 +252,138 @@ def test_jobs_that_share_a_cached_pipeline_call_it_one_at_a_time():
     assert most[0] == 1
     for k in alone:
         np.testing.assert_array_equal(got[k], alone[k])
+
+
+def _half_with_pickled_unet(dst):
+    """shapes-half-a with its UNet saved as a pickle (unet/*.bin) next to vae/*.safetensors."""
+    from diffusers import UNet2DModel
+
+    shutil.copytree(bundled_model_path("shapes-half-a"), dst)
+    unet = UNet2DModel.from_pretrained(dst, subfolder="unet")
+    (dst / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(dst / "unet", safe_serialization=False)
+    return dst
+
+
+def test_a_component_with_only_pickled_weights_is_refused_before_loading(tmp_path, monkeypatch):
+    """One safetensors file elsewhere in the folder (the VAE) must not let a pickled UNet load:
+    the UNet2D and extra-UNet loaders fall back to .bin, and torch.load can run code."""
+    import torch
+
+    model = _half_with_pickled_unet(tmp_path / "half-bin")
+    def no_pickle(f, *a, **k):
+        raise AssertionError(f"a pickle was loaded: {f}")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    for kw in ({"model": str(model)}, {"model": "shapes-half-a", "extra_models": [str(model)]}):
+        with pytest.raises(ValueError, match=r"only \.bin weights \(unet/diffusion_pytorch_model\.bin\); only "
+                                             "safetensors are loaded"):
+            ModelCache().pipeline(kw["model"], kw.get("extra_models", ()))
+
+
+def test_pickled_weights_count_only_in_the_components_that_are_loaded():
+    """A hub SD repo whose safety checker is pickled still loads (the pipelines pass
+    safety_checker=None); a pickled text encoder does not."""
+    from superdiff.model_loading import _pickle_only
+
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "feature_extractor": ["transformers", "CLIPImageProcessor"],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "image_encoder": [None, None]}
+    files = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "safety_checker/pytorch_model.bin",
+             "feature_extractor/preprocessor_config.json"]
+    assert _pickle_only(files + ["text_encoder/model.safetensors"], index) == []
+    assert _pickle_only(files + ["text_encoder/pytorch_model.bin"], index) == ["text_encoder/pytorch_model.bin"]
+
+
+def test_a_bare_flow_transformer_folder_is_an_extra_model_of_a_flow_pipeline(tmp_path):
+    """A bare SD3 transformer folder (config.json + weights, as load_transformer takes it) is an
+    sd3 checkpoint, not a UNet2D one: as an extra model of an SD3 pipeline it is not refused as
+    "a unet2d model" of another family, and as the model it is refused with what to do."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from superdiff.pipelines._testing import tiny_sd3_components, tiny_sd3_transformer
+
+    StableDiffusion3Pipeline(**tiny_sd3_components(0)).save_pretrained(tmp_path / "sd3")
+    tiny_sd3_transformer(1).save_pretrained(tmp_path / "bare")
+    assert model_kind(str(tmp_path / "bare")) == "sd3"
+    comp = Composition.from_dict({"model": str(tmp_path / "sd3"), "prompts": ["a"], "operator": "and",
+                                  "extra_models": [str(tmp_path / "bare")], "steps": 1, "sampler": "ddpm",
+                                  "height": 16, "width": 16})
+    res = run_composition(comp, ModelCache(), progress=False)
+    assert res.images[0].size == (16, 16)
+    with pytest.raises(ValueError, match="model: .*bare is a bare sd3 transformer checkpoint, not a pipeline folder"):
+        ModelCache().pipeline(str(tmp_path / "bare"))
+
+
+def test_adapter_paths_with_a_tilde_and_symlinks_leaving_the_allowed_folders(tmp_path, monkeypatch):
+    """An adapter "~/loras/x.safetensors" is the file the allowed-roots check saw (not "not
+    found"); a folder inside the roots whose weight file is a symlink to a file outside them is
+    refused like a path outside them."""
+    from superdiff.compose import resolve_adapters
+    from superdiff.registry import BUNDLED_ROOT
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loras, outside = tmp_path / "loras", tmp_path / "outside"
+    loras.mkdir()
+    outside.mkdir()
+    for name in ("orange", "outline"):
+        shutil.copy(BUNDLED_ROOT / f"lora-{name}" / "pytorch_lora_weights.safetensors", loras / f"{name}.safetensors")
+    comp = Composition(prompts=["a circle"], operator="merge",
+                       adapters=["~/loras/orange.safetensors", "~/loras/outline.safetensors"]).validated()
+    for roots in (None, [loras]):
+        _, entries = resolve_adapters(comp, ModelCache(allow_roots=roots))
+        assert [e["path"] for e in entries] == [str(loras / "orange.safetensors"), str(loras / "outline.safetensors")]
+    shutil.copy(loras / "orange.safetensors", outside / "secret.safetensors")
+    (loras / "sneaky").mkdir()
+    (loras / "sneaky" / "pytorch_lora_weights.safetensors").symlink_to(outside / "secret.safetensors")
+    sneaky = comp.replace(adapters=[str(loras / "sneaky"), "lora-outline"])
+    with pytest.raises(ValueError, match="adapters: adapter 0: .*sneaky is outside the allowed folders"):
+        resolve_adapters(sneaky, ModelCache(allow_roots=[loras]))
+    assert resolve_adapters(sneaky, ModelCache())  # no roots configured: any local file
+
+
+def test_model_folders_under_the_allowed_roots_cannot_leave_them_through_symlinks(tmp_path, monkeypatch):
+    """The roots check resolves the folder, and the component folders and weight files inside it
+    too: a unet/ linked to a folder outside the roots is refused; links inside the roots (a
+    Hugging Face cache snapshot's links to its blobs) are fine; "~" in a root is the home folder."""
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    shutil.copytree(bundled_model_path("shapes-half-a"), outside / "half")
+    m = root / "half"
+    m.mkdir(parents=True)
+    (m / "unet").symlink_to(outside / "half" / "unet")
+    for sub in ("vae", "scheduler"):
+        shutil.copytree(outside / "half" / sub, m / sub)
+    cache = ModelCache(allow_roots=[root])
+    with pytest.raises(ValueError, match="outside the allowed model folders: .*unet is a symlink to"):
+        cache.resolve(str(m))
+    (m / "unet").unlink()
+    (root / "blobs").mkdir()
+    shutil.copytree(outside / "half" / "unet", root / "blobs" / "unet")
+    (m / "unet").symlink_to(root / "blobs" / "unet")
+    assert cache.resolve(str(m)) == str(m.resolve())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ModelCache(allow_roots=["~/models"]).resolve(str(m)) == str(m.resolve())
+
+
+def test_a_hub_id_whose_cached_snapshot_has_a_pickled_unet_is_refused(tmp_path, monkeypatch):
+    """A hub id is checked like a folder, through the local Hugging Face cache's snapshot (no
+    network here): the UNet2D loader would otherwise fall back to its unet/*.bin pickle."""
+    import torch
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--org--half-bin"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = _half_with_pickled_unet(repo / "snapshots" / ("0" * 40))
+    (snap / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                                       "scheduler": ["diffusers", "DDPMScheduler"]}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def no_pickle(f, *a, **k):
+        raise AssertionError(f"a pickle was loaded: {f}")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    with pytest.raises(ValueError, match=r"model: org/half-bin has only \.bin weights \(unet/diffusion_pytorch_model"
+                                         r"\.bin\); only safetensors are loaded"):
+        ModelCache().pipeline("org/half-bin")

@@ -64,3 +64,10 @@ def test_studio_model_defaults_per_family(tmp_path):
 def test_a_model_folder_with_a_card_defaults_to_the_scale_its_card_names(tmp_path):
     (tmp_path / "quality.json").write_text(json.dumps({"settings": {"guidance_scale": 2.5}}))
     assert default_guidance(str(tmp_path), "sd") == 2.5
+
+
+def test_a_model_folder_given_with_a_tilde_reads_its_card(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "quality.json").write_text(json.dumps({"settings": {"guidance_scale": 2.5}}))
+    assert default_guidance("~/m", "sd") == 2.5
