@@ -183,3 +183,20 @@ def test_stopping_the_server_removes_its_temporary_folders(tmp_path):
     assert proc.returncode == 0, out
     assert "temporary files removed" in out
     assert not studio_dirs[0].exists() and not list(tmp_path.glob("superdiff-studio-*"))
+
+
+def test_applying_settings_without_a_guidance_scale_keeps_the_models_default(tmp_path):
+    """A composition without guidance_scale (the page's own initial Settings JSON, a hand-written
+    --config) means the model's default; the slider cannot hold None and showed 0, so Generate
+    after "Apply JSON" drew with guidance 0 instead of the default."""
+    from superdiff.ui.app import Studio, build_app
+
+    app = build_app(Studio(allow_roots=[], allow_hub=False, out_root=tmp_path))
+    apply = next(f for f in app.fns.values() if f.name == "apply_json")
+    assert DEFAULT_COMPOSITION.guidance_scale is None
+    out = apply.fn(H.settings_json(DEFAULT_COMPOSITION))
+    slider = next(c for c in apply.outputs if getattr(c, "elem_id", None) == "guidance")
+    value = out[apply.outputs.index(slider)]
+    assert slider.postprocess(value) == H.model_defaults("shapes-t2i", app.studio.cache)[0] == 4.0
+    out = apply.fn(H.settings_json(DEFAULT_COMPOSITION.replace(guidance_scale=2.5)))  # a recorded scale is kept
+    assert slider.postprocess(out[apply.outputs.index(slider)]) == 2.5

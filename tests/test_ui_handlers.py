@@ -55,6 +55,18 @@ def test_blank_and_extra_rows():
     assert c.weights == [0.25, 0.75]
 
 
+def test_prompts_beyond_the_shown_rows_are_named_in_a_note():
+    """A scripted call (gradio_client) that sets prompt_3 but leaves prompt_rows at the page's 2
+    lost the third prompt without a word."""
+    named = dict(zip(H.API_NAMES, H.values_from_form(H.form_from_composition(DEFAULT_COMPOSITION))))
+    named.update(prompt_1="a circle", prompt_2="something red", prompt_3="a square", operator="or")
+    c, notes = H.parse_form(H.form_from_values([named[n] for n in H.API_NAMES]))
+    assert c.prompts == ["a circle", "something red"]
+    assert any("prompt 3 is beyond the 2 prompt rows shown and was ignored" in n for n in notes), notes
+    c, notes = H.parse_form(H.form_from_values([{**named, "prompt_rows": 3}[n] for n in H.API_NAMES]))
+    assert c.prompts == ["a circle", "something red", "a square"] and not any("beyond" in n for n in notes)
+
+
 def test_unconditional_rows_are_model_then_extra_models():
     f = form(model="shapes-half-a", extra_models=["shapes-half-b"], prompts=["", ""], biases=["0", "1"],
              operator="or")
@@ -148,6 +160,40 @@ def test_compare_expansion_of_lora_rows(prompts):
     jobs = H.compare_methods(comp)
     assert [label for label, _ in jobs] == ["average", "OR", "AND"]
     assert all(c.adapters == comp.adapters for _, c in jobs)
+
+
+def test_compare_refuses_a_formula_instead_of_drawing_it_under_four_labels():
+    """A formula fixes its own method (the operator is ignored by the run): before, Compare drew
+    the same formula four times, labelled joint prompt / average / OR / AND, with records that
+    named those operators."""
+    comp, _ = H.parse_form(form(compose='"a circle" & "something red"'))
+    with pytest.raises(ValueError, match="^compose: Compare methods") as e:
+        H.compare_methods(comp)
+    assert H.error_message(e.value).startswith("Formula: ")
+
+
+def test_compare_with_a_corrector_leaves_out_the_joint_prompt_and_names_the_run_that_refuses():
+    """The joint-prompt baseline takes no corrector: before, Compare with e.g. 'ula' failed only
+    after the model loaded, at its first run; and with SMC the message told the user to pick
+    the operator they had picked (it was Compare's AND run that refused it)."""
+    comp, _ = H.parse_form(form(operator="or", corrector="ula", sampler="ddpm"))
+    jobs = H.compare_methods(comp)
+    assert [label for label, _ in jobs] == ["average", "OR", "AND"]
+    assert all(c.corrector == "ula" for _, c in jobs)
+    with pytest.raises(ValueError, match="^corrector: .*joint-prompt baseline takes no corrector"):
+        H.parse_form(form(operator="joint", corrector="ula", sampler="ddpm"))
+    comp, _ = H.parse_form(form(operator="average", corrector="smc:4", sampler="ddpm"))
+    with pytest.raises(ValueError, match="^corrector: Compare methods also runs AND"):
+        H.compare_methods(comp)
+
+
+@pytest.mark.parametrize("changes, label", [
+    ({"compose": '"a circle" & '}, "Formula: "), ({"corrector": "foo"}, "Corrector: "),
+    ({"compose": '"a" & "b"', "and_mode": "xx"}, "& means: ")])
+def test_formula_and_corrector_errors_name_the_fields_on_the_page(changes, label):
+    with pytest.raises(ValueError) as e:
+        H.parse_form(form(**changes))
+    assert H.error_message(e.value).startswith(label)
 
 
 # ---- settings JSON --------------------------------------------------------------------------------

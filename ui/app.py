@@ -338,6 +338,9 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
 
         def apply_composition(comp: Composition, source: str) -> list[Any]:
             form = H.form_from_composition(comp)
+            if form["guidance_scale"] is None:  # "the model's default": the slider cannot hold None (it would show 0)
+                scale = H.model_defaults(comp.model, studio.cache)[0]
+                form["guidance_scale"] = gr.skip() if scale is None else scale
             msg = f"Settings loaded from {source}."
             return [*H.values_from_form(form), *row_visibility(form["rows"]), *op_visibility(comp.operator),
                     H.settings_json(comp), H.describe_model(comp.model, studio.cache), msg, msg]

@@ -70,7 +70,7 @@ FIELD_LABELS: dict[str, str] = {
     "estimator": "Estimator", "sampler": "Sampler", "steps": "Steps", "guidance_scale": "Guidance scale",
     "negative_prompt": "Negative prompt", "seed": "Seed", "num_images": "Images", "height": "Height",
     "width": "Width", "dtype": "Precision", "settings": "Settings", "adapters": "LoRA adapters",
-    "switch_every": "Switch every",
+    "switch_every": "Switch every", "compose": "Formula", "and_mode": "& means", "corrector": "Corrector",
 }
 
 assert set(OPERATOR_LABELS) == set(OPERATOR_CHOICES) == set(OPERATOR_PARAMS)
@@ -192,6 +192,11 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     prompts, weights, adapters = parse_prompt_rows(_tagged_rows(prompts, picks), weights, operator.lower().strip())
     adapters = _with_hashes(adapters, _lora_hashes(form.get("lora_sha256")))
     notes: list[str] = []
+    hidden = [str(i + 1) for i, v in enumerate(list(form.get("prompts") or [])[rows:MAX_PROMPTS], rows) if not _blank(v)]
+    if hidden:  # e.g. a scripted call that sets prompt_3 but leaves prompt_rows at 2
+        notes.append(f"prompt {', '.join(hidden)} {'is' if len(hidden) == 1 else 'are'} beyond the {rows} prompt "
+                     f"rows shown and {'was' if len(hidden) == 1 else 'were'} ignored (add rows; prompt_rows in a "
+                     "scripted call)")
     seed, drawn = draw_seed(form.get("seed"))
     if drawn:
         notes.append(f"seed -1 drew seed {seed}")
@@ -300,6 +305,8 @@ def for_operator(comp: Composition, operator: str) -> Composition:
     if op == "and" and c.lift is not None and n != 2:
         raise ValueError(f"lift: the lift offsets log q_1 - log q_2 and needs exactly two experts, got {n}; "
                          "clear it or use two prompts")
+    if op == "joint" and c.corrector is not None and c.compose is None:  # refused by the pipeline, after loading
+        raise ValueError("corrector: the joint-prompt baseline takes no corrector; clear it or pick another operator")
     if op == "single" and c.single_index >= n:
         raise ValueError(f"single_index: expert {c.single_index + 1} does not exist ({n} experts); pick 1 to {n}")
     if op in ("or", "average") and c.weights is not None and len(c.weights) != n:
@@ -402,16 +409,29 @@ def _fmt(v: float | int | None) -> str:
 
 def compare_methods(comp: Composition) -> list[tuple[str, Composition]]:
     """(label, composition) for joint prompt, averaging, OR and AND on the same seed and
-    settings. The joint prompt needs prompts (text-to-image) without LoRA rows and is left out
-    otherwise."""
+    settings. The joint prompt needs prompts (text-to-image) without LoRA rows or a corrector and
+    is left out otherwise; a formula (which fixes its own method) is refused."""
+    if comp.compose is not None:  # the formula is the method: the operator would be ignored by every run
+        raise ValueError("compose: Compare methods runs the joint prompt, averaging, OR and AND over the prompt "
+                         "rows, but a formula fixes its own method (each run would draw the formula again); clear "
+                         "the formula and write its prompts in the rows to compare")
     if num_experts(comp) < 2:
         raise ValueError("prompts: comparing methods needs at least two experts (two prompts, a model plus "
                          "an extra model, or two LoRA rows)")
     out = []
     for op, label in COMPARE_METHODS:
-        if op == "joint" and (not comp.prompts or comp.extra_models or comp.adapters):
-            continue  # joint prompt: one text prompt on the base model; no meaning for checkpoints or LoRA rows
-        out.append((label, for_operator(comp, op)))
+        if op == "joint" and (not comp.prompts or comp.extra_models or comp.adapters or comp.corrector is not None):
+            continue  # joint prompt: one text prompt on the base model; no meaning for checkpoints or LoRA rows,
+            # and it takes no corrector
+        try:
+            out.append((label, for_operator(comp, op)))
+        except ValueError as e:  # say that it is Compare's own run of `label` that refuses the form
+            if comp.operator == op:
+                raise
+            m = _FIELD_RE.match(str(e))
+            field, text = m.groups() if m else ("settings", str(e))
+            raise ValueError(f"{field}: Compare methods also runs {label}, which refuses these settings: "
+                             f"{text}") from None
     return out
 
 
