@@ -25,8 +25,9 @@ def joint_prompt(prompts: Sequence[str], template: str | None = None) -> str:
         return " and ".join(prompts)
     try:
         return template.format(*prompts)
-    except (IndexError, KeyError) as e:
-        raise ValueError(f"joint_template {template!r} does not fit {len(prompts)} prompts ({e})") from None
+    except (IndexError, KeyError, ValueError) as e:  # {5} for 2 prompts, {name}, an unmatched brace
+        raise ValueError(f"joint_template {template!r} does not fit {len(prompts)} prompts ({e}); use {{0}}, "
+                         "{1}, ... for the prompts in order and {{ }} for literal braces") from None
 
 
 def normalize_prompts(prompt: str | Sequence[str] | None, allow_empty: bool = False) -> list[str]:

@@ -295,6 +295,13 @@ class Composition:
             raise _fail("negative_prompt", "must be a string")
         if c.joint_template is not None and not isinstance(c.joint_template, str):
             raise _fail("joint_template", "must be a string such as '{0} that looks like {1}'")
+        if c.joint_template is not None and c.operator == "joint" and c.prompts:  # before any model loads
+            from .pipelines._inputs import joint_prompt
+
+            try:
+                joint_prompt(c.prompts, c.joint_template)
+            except ValueError as e:
+                raise _fail("joint_template", str(e).removeprefix("joint_template ")) from None
         c.adapters = _adapter_list(c.adapters)
         c.switch_every = _int(c.switch_every, "switch_every", 1, 10_000)
         _check_formula_fields(c)

@@ -387,3 +387,11 @@ def test_a_hub_id_whose_cached_snapshot_has_a_pickled_unet_is_refused(tmp_path, 
     with pytest.raises(ValueError, match=r"model: org/half-bin has only \.bin weights \(unet/diffusion_pytorch_model"
                                          r"\.bin\); only safetensors are loaded"):
         ModelCache().pipeline("org/half-bin")
+
+
+@pytest.mark.parametrize("template", ["{5}", "{", "{name}"])
+def test_a_joint_template_that_does_not_fit_the_prompts_is_refused_before_any_model_loads(template):
+    d = {"model": "shapes-t2i", "prompts": ["a circle", "something red"], "operator": "joint"}
+    with pytest.raises(ValueError, match=r"^joint_template: .* does not fit 2 prompts .*use \{0\}, \{1\}"):
+        Composition.from_dict({**d, "joint_template": template})
+    assert Composition.from_dict({**d, "joint_template": "{1} beside {0}"}).joint_template == "{1} beside {0}"
