@@ -65,6 +65,8 @@ def test_prompts_beyond_the_shown_rows_are_named_in_a_note():
     assert any("prompt 3 is beyond the 2 prompt rows shown and was ignored" in n for n in notes), notes
     c, notes = H.parse_form(H.form_from_values([{**named, "prompt_rows": 3}[n] for n in H.API_NAMES]))
     assert c.prompts == ["a circle", "something red", "a square"] and not any("beyond" in n for n in notes)
+    c, notes = H.parse_form(H.form_from_values([{**named, "prompt_rows": 0}[n] for n in H.API_NAMES]))
+    assert c.prompts == ["a circle"] and any("prompt 2, 3 are beyond the 1 prompt rows" in n for n in notes), notes
 
 
 def test_unconditional_rows_are_model_then_extra_models():

@@ -169,8 +169,8 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     operator does not use (they are dropped). Raises ValueError('field: message')."""
     from superdiff.a1111 import parse_prompt_rows
 
-    rows = _int_or_none(form.get("rows"), "prompts") or 2
-    rows = max(MIN_PROMPTS, min(MAX_PROMPTS, rows))
+    rows = _int_or_none(form.get("rows"), "prompts")
+    rows = max(MIN_PROMPTS, min(MAX_PROMPTS, 2 if rows is None else rows))  # blank: the page's two rows
     prompts_in = list(form.get("prompts") or [])[:rows]
     prompts_in += [""] * (rows - len(prompts_in))
     extras = _str_list(form.get("extra_models"))
