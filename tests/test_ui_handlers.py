@@ -619,3 +619,12 @@ def test_the_compare_grid_names_the_images_size_not_the_canvas(tmp_path):
     with Image.open(grid) as im:
         assert im.size != (32, 32)
         assert "Size: 32x32" in im.text["parameters"].splitlines()[-1]
+
+
+def test_imported_guidance_beyond_the_slider_is_refused_with_the_way_out():
+    """A composition with guidance 25 fits the slider (0-30, as A1111's CFG scale); one with 40
+    would fail in the browser at Generate: the import says so."""
+    assert H.form_from_composition(DEFAULT_COMPOSITION.replace(guidance_scale=25.0))["guidance_scale"] == 25.0
+    with pytest.raises(ValueError, match=r"guidance_scale: the studio's slider holds 0 to 30, this composition has 40; "
+                                         "run it with `superdiff generate --config` instead"):
+        H.form_from_composition(DEFAULT_COMPOSITION.replace(guidance_scale=40.0))

@@ -190,7 +190,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
                         # instead of being clamped in the browser without a word
                         steps = gr.Number(default.steps, label=f"Steps (1-{studio.max_steps})", precision=0,
                                           elem_id="steps")
-                        guidance = gr.Slider(0, 20, value=default.guidance_scale if default.guidance_scale is not None
+                        guidance = gr.Slider(0, H.GUIDANCE_MAX, value=default.guidance_scale if default.guidance_scale is not None
                                              else (H.model_defaults(default.model, studio.cache)[0] or 4.0),
                                              step=0.5, label="Guidance scale", elem_id="guidance")
                     with gr.Row():

@@ -20,6 +20,9 @@ from superdiff.model_loading import ModelCache
 log = logging.getLogger("superdiff.ui")
 
 
+#: the guidance slider's range (A1111's CFG scale goes to 30 as well)
+GUIDANCE_MAX = 30.0
+
 #: prompt rows the page holds (rows beyond the visible count are ignored)
 MAX_PROMPTS = 6
 MIN_PROMPTS = 1
@@ -340,6 +343,9 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
             if a["path"] != BASE_ADAPTER:
                 loras[i], lora_scales[i] = a["path"], float(a.get("scale", 1.0))
         comp = Composition(**{**comp.to_dict(), "prompts": [p for p, _ in rows], "adapters": []})
+    if comp.guidance_scale is not None and not 0 <= comp.guidance_scale <= GUIDANCE_MAX:
+        raise ValueError(f"guidance_scale: the studio's slider holds 0 to {GUIDANCE_MAX:g}, this composition has "
+                         f"{comp.guidance_scale:g}; run it with `superdiff generate --config` instead")
     n_rows_needed = len(comp.prompts) + len(comp.extra_models) if comp.prompts else 1 + len(comp.extra_models)
     has_row_values = comp.weights is not None or comp.bias is not None
     rows = max(2, len(comp.prompts), n_rows_needed if has_row_values else 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from superdiff.compose import DEFAULT_COMPOSITION, check_experts
 
-from .forms import (API_NAMES, COMPARE_METHODS, DTYPE_UI_CHOICES, ESTIMATOR_UI_CHOICES, FIELD_LABELS, FORM_SCALARS,
+from .forms import (API_NAMES, GUIDANCE_MAX, COMPARE_METHODS, DTYPE_UI_CHOICES, ESTIMATOR_UI_CHOICES, FIELD_LABELS, FORM_SCALARS,
                     MAX_PROMPTS, MIN_PROMPTS, NO_LORA, OPERATOR_LABELS, ROW_FIELDS, SAMPLER_UI_CHOICES,
                     check_adapter_files, check_limits, check_model_fits, compare_methods, composition_from_form,
                     error_message, for_operator, form_from_composition, form_from_values, formula_tree,
@@ -30,5 +30,5 @@ __all__ = [
     "CancelRegistry", "JobQueue", "ResultItem", "run_jobs", "render_trace_plot", "zip_results", "OutputDirs",
     "compare_grid", "pick_trace_item", "API_NAMES", "formula_tree", "lora_choices", "store_lora_upload",
     "NO_LORA", "check_adapter_files", "ROW_FIELDS", "ESTIMATOR_UI_CHOICES", "SAMPLER_UI_CHOICES", "DTYPE_UI_CHOICES",
-    "MAX_LORA_BYTES", "bundled_adapters", "trace_figure", "model_defaults", "check_experts", "DEFAULT_COMPOSITION",
+    "MAX_LORA_BYTES", "GUIDANCE_MAX", "bundled_adapters", "trace_figure", "model_defaults", "check_experts", "DEFAULT_COMPOSITION",
 ]
