@@ -332,7 +332,12 @@ class Composition:
         return dataclasses.replace(self, seed=self.seed + index, num_images=1)
 
     def describe(self) -> str:
-        what = " | ".join(self.prompts + self.extra_models) or self.model
+        """One line naming the method and its experts (what `superdiff generate` prints first):
+        the prompts and extra models, or the unconditional models, then the LoRA adapters."""
+        what = " | ".join(self.prompts + self.extra_models if self.prompts else [self.model, *self.extra_models])
+        loras = [a.get("name") or Path(str(a["path"])).stem for a in self.adapters if a["path"] != BASE_ADAPTER]
+        if loras:
+            what += f"; LoRA {', '.join(loras)}"
         corr = f" + {self.corrector}" if self.corrector is not None else ""
         if self.compose is not None:
             mode = "" if self.and_mode == "superdiff" else f" ({self.and_mode} AND)"

@@ -395,3 +395,12 @@ def test_a_joint_template_that_does_not_fit_the_prompts_is_refused_before_any_mo
     with pytest.raises(ValueError, match=r"^joint_template: .* does not fit 2 prompts .*use \{0\}, \{1\}"):
         Composition.from_dict({**d, "joint_template": template})
     assert Composition.from_dict({**d, "joint_template": "{1} beside {0}"}).joint_template == "{1} beside {0}"
+
+
+def test_the_one_line_description_names_every_expert():
+    half = Composition.from_dict({"model": "shapes-half-a", "extra_models": ["shapes-half-b"], "operator": "or",
+                                  "prompts": []})
+    assert half.describe() == "OR[shapes-half-a | shapes-half-b] seed 0"  # both unconditional models
+    loras = Composition.from_dict({"model": "shapes-t2i", "prompts": ["a circle"], "operator": "and", "seed": 3,
+                                   "adapters": [{"path": "lora-orange"}, {"path": "x/lora-outline.safetensors"}]})
+    assert loras.describe() == "AND[a circle; LoRA lora-orange, lora-outline] seed 3"
