@@ -221,8 +221,8 @@ class ModelCache:
         otherwise a hub id (if allowed)."""
         from .registry import list_bundled_models, resolve as resolve_bundled
 
-        if name in list_bundled_models():
-            return resolve_bundled(name)
+        if name in list_bundled_models() or (name.rstrip("/") in list_bundled_models() and not Path(name).exists()):
+            return resolve_bundled(name.rstrip("/"))  # "shapes-t2i/", as a shell completes a folder name
         p = Path(name).expanduser()
         if name.startswith((".", "/", "~")) or p.exists():
             rp = p.resolve()
@@ -242,7 +242,7 @@ class ModelCache:
             raise ValueError(f"{what}: unknown model {name!r}; give a bundled model "
                              f"({', '.join(list_bundled_models())}) or a folder under the allowed roots "
                              "(hub ids are switched off: --no-hub)")
-        if name.count("/") != 1 or any(ch in name for ch in " \\:"):
+        if name.count("/") != 1 or not all(name.split("/")) or any(ch in name for ch in " \\:"):
             raise ValueError(f"{what}: {name!r} is not a bundled model ({', '.join(list_bundled_models())}), "
                              "an existing directory, or a hub id of the form 'org/name'")
         return name

@@ -404,3 +404,16 @@ def test_the_one_line_description_names_every_expert():
     loras = Composition.from_dict({"model": "shapes-t2i", "prompts": ["a circle"], "operator": "and", "seed": 3,
                                    "adapters": [{"path": "lora-orange"}, {"path": "x/lora-outline.safetensors"}]})
     assert loras.describe() == "AND[a circle; LoRA lora-orange, lora-outline] seed 3"
+
+
+def test_a_bundled_name_with_a_trailing_slash_is_the_bundled_model_not_a_hub_id(tmp_path, monkeypatch):
+    from superdiff.registry import bundled_model_path
+
+    cache = ModelCache()
+    assert cache.resolve("shapes-t2i/") == str(bundled_model_path("shapes-t2i"))
+    for bad in ("org/", "name/"):  # not "org/name"
+        with pytest.raises(ValueError, match="or a hub id of the form 'org/name'"):
+            cache.resolve(bad)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes-t2i").mkdir()  # a local folder of that name, written with the slash, is the folder
+    assert cache.resolve("shapes-t2i/") == str(tmp_path / "shapes-t2i")
