@@ -225,16 +225,37 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the cases of the committed breakdown (benchmarks/results/speed/breakdown_cpu.*)
+DEFAULT_CASES: tuple[str, ...] = ("sd64/euler+ode/and/N2", "sd64/euler+ode/and/N3", "sd64/euler+ode/and/N6",
+                                  "sd64/heun+ode/and/N3", "sd64/sde+ito/and/N3", "sd64/euler+none/average/N3")
+
+
+def breakdown_label(label: str | None, device_type: str, keys: list[str]) -> str:
+    """The name of a run's files (breakdown_<label>.*): `<device>` belongs to the default cases
+    (the committed figures), other cases are `<device>-cases` unless --label names them; a
+    --label taking the default name for other cases is refused (it would overwrite them)."""
+    own = device_type if tuple(keys) == DEFAULT_CASES else f"{device_type}-cases"
+    if label is None:
+        return own
+    if label == device_type and own != device_type:
+        raise ValueError(f"--label {label}: that name belongs to the default cases (breakdown_{label}.*), which "
+                         f"this run's --cases would overwrite with other figures; give another --label or leave it "
+                         f"out (default here: {own})")
+    return label
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="sd64/euler+ode/and/N2,sd64/euler+ode/and/N3",
-                    help="comma-separated case keys of benchmarks/speed.py (default: euler + ode, AND, N = 2 and 3)")
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                    help="comma-separated case keys of benchmarks/speed.py (default: the committed breakdown's six: "
+                         "euler + ode AND at N = 2, 3, 6, heun + ode and sde + ito AND at N = 3, no estimator at N = 3)")
     ap.add_argument("--steps", type=int, default=12, help="steps per call (default 12; the first is not counted)")
     ap.add_argument("--reps", type=int, default=3, help="calls per case and mode (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as speed.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
-    ap.add_argument("--label", default=None, help="name of the results (default: the device type)")
+    ap.add_argument("--label", default=None, help="name of the results (default: the device type for the default "
+                                                    "cases, which are the committed figures, else DEVICE-cases)")
     args = ap.parse_args(argv)
     if args.steps < 3:
         raise ValueError(f"--steps must be >= 3 (the first step is not counted), got {args.steps}")
@@ -266,10 +287,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
            " ".join(argv if argv is not None else sys.argv[1:]), "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    label = args.label or device.type
-    (out / f"breakdown_{label}.json").write_text(json.dumps(doc, indent=1))
+    label = breakdown_label(args.label, device.type, keys)
     text = markdown(doc)
-    (out / f"breakdown_{label}.md").write_text(text)
+    for path, body in ((out / f"breakdown_{label}.json", json.dumps(doc, indent=1)), (out / f"breakdown_{label}.md", text)):
+        tmp = path.with_name(path.name + ".tmp")  # a failed write keeps the previous file
+        tmp.write_text(body)
+        tmp.replace(path)
     print(text)
     return 0
 

@@ -137,3 +137,17 @@ def test_a_case_key_given_twice_runs_once(tmp_path, monkeypatch):
     import json
 
     assert [r["key"] for r in json.loads((tmp_path / "breakdown_t.json").read_text())["results"]] == [a, b]
+
+
+def test_only_the_default_cases_write_the_device_named_breakdown():
+    """The committed breakdown_cpu.* holds the six default cases: other --cases get their own
+    name, and --label cpu for them is refused instead of overwriting the committed figures."""
+    import json
+
+    committed = json.loads((REPO / "benchmarks" / "results" / "speed" / "breakdown_cpu.json").read_text())
+    assert tuple(r["key"] for r in committed["results"]) == sb.DEFAULT_CASES
+    assert sb.breakdown_label(None, "cpu", list(sb.DEFAULT_CASES)) == "cpu"
+    assert sb.breakdown_label(None, "cpu", ["sd64/euler+ode/and/N3"]) == "cpu-cases"
+    assert sb.breakdown_label("mine", "cpu", ["sd64/euler+ode/and/N3"]) == "mine"
+    with pytest.raises(ValueError, match="--label cpu: that name belongs to the default cases"):
+        sb.breakdown_label("cpu", "cpu", ["sd64/euler+ode/and/N3"])
