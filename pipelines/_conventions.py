@@ -17,7 +17,9 @@
   as in diffusers); ``sigmas=`` (diffusers' custom Euler sigmas: n + 1 of them for n steps,
   ending at the final sigma, usually 0) becomes our VE time grid.
 - ``pipe._interrupt = True`` (``pipe.interrupt``) set in a callback stops after that step;
-  the images are decoded from the latents reached, as in diffusers (see _mixin.py).
+  the images are decoded from the latents reached, as in diffusers (see _mixin.py). In a batch
+  of compositions, the later ones stop after the same number of steps (diffusers stops its
+  whole batch at that step).
 - ``guidance_rescale`` (0 only), ``eta``, ``timesteps``, ``ip_adapter_*``, the legacy
   ``callback`` and the rest of diffusers' arguments that have no meaning here are refused
   with a message saying what to use, instead of a TypeError.
@@ -182,8 +184,17 @@ def _batch(call: Callable, pipe: Any, given: dict[str, Any]) -> Any:
     neg = given.get("negative_prompt")
     gens = given.get("generator")
     B = int(given.get("num_images_per_prompt") or 1)
-    if isinstance(neg, (list, tuple)) and neg and all(isinstance(x, (list, tuple)) for x in neg) and len(neg) != n:
-        raise ValueError(f"negative_prompt: {len(neg)} lists for {n} prompt lists")
+    nested_neg = isinstance(neg, (list, tuple)) and bool(neg) and all(isinstance(x, (list, tuple)) for x in neg)
+    if nested_neg and len(neg) != n:
+        raise ValueError(f"negative_prompt: {len(neg)} lists for {n} prompt lists; give one list per composition "
+                         "(each with one negative prompt for all its prompts, or one per prompt), or one string for all")
+    if isinstance(neg, (list, tuple)) and not nested_neg and len(neg) > 1:
+        bad = [len(p) for p in prompts if len(p) != len(neg)]
+        if bad:
+            raise ValueError(f"negative_prompt: a flat list of {len(neg)} negative prompts is one per prompt of every "
+                             f"composition, but a composition has {bad[0]} prompts; for one negative prompt per "
+                             f"composition give a list of lists, e.g. {[[str(x)] for x in neg[:n]]!r}, or one string "
+                             "for all")
     if isinstance(gens, (list, tuple)) and len(gens) not in (n, n * B):
         raise ValueError(f"generator: give one, one per composition ({n}) or one per image ({n * B}); got {len(gens)}")
     lat = given.get("latents")
@@ -198,8 +209,19 @@ def _batch(call: Callable, pipe: Any, given: dict[str, Any]) -> Any:
         if lat is not None:
             kw["latents"] = lat[i * B:(i + 1) * B]
         per_call.append(kw)
-    outs = [call(pipe, **kw) for kw in per_call]
     return_dict = given.get("return_dict", True)
+    outs: list[Any] = []
+    stop_after = None  # diffusers stops its whole batch at the step `_interrupt` is set
+    try:
+        for kw in per_call:
+            pipe._interrupt = False
+            pipe._stop_after_steps = stop_after
+            outs.append(call(pipe, **kw))
+            if pipe._interrupt and stop_after is None:
+                stop_after = (outs[-1].trace if return_dict else outs[-1][1]).num_steps
+    finally:
+        pipe._stop_after_steps = None
+        pipe._interrupt = stop_after is not None
     images = [o.images if return_dict else o[0] for o in outs]
     traces = [o.trace if return_dict else o[1] for o in outs]
     first = images[0]
@@ -209,7 +231,8 @@ def _batch(call: Callable, pipe: Any, given: dict[str, Any]) -> Any:
         merged = np.concatenate(images)
     else:
         merged = [im for ims in images for im in ims]
-    trace = Trace.concat(traces) if all(t.num_experts == traces[0].num_experts for t in traces) else traces
+    joinable = all(t.num_experts == traces[0].num_experts and t.num_steps == traces[0].num_steps for t in traces)
+    trace = Trace.concat(traces) if joinable else traces
     if not return_dict:
         return (merged, trace)
     out = outs[0]

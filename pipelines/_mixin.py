@@ -202,10 +202,14 @@ class SuperDiffPipelineMixin:
         n_steps = num_inference_steps if timesteps is None else len(timesteps) - 1
         bar = self.progress_bar(total=n_steps)
 
+        # a later composition of a batch whose first interrupted one stopped after that many steps
+        # (_conventions._batch), so that the whole batch stops at one step, as diffusers' does
+        stop_after = self.__dict__.get("_stop_after_steps")
+
         def on_step(info: StepInfo):
             new = user_step(info)
-            if self.__dict__.get("_interrupt"):  # the latents reached, the trace of the steps taken
-                raise StopSampling(new)
+            if self.__dict__.get("_interrupt") or (stop_after is not None and info.step + 1 >= stop_after):
+                raise StopSampling(new)  # the latents reached, the trace of the steps taken
             return new
 
         def user_step(info: StepInfo):

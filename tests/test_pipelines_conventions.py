@@ -68,6 +68,21 @@ def test_nested_prompt_lists_are_a_batch_of_compositions(pipe):
     assert len(same.images) == 2 and same.trace.batch_size == 2  # equal expert counts: one concatenated trace
 
 
+def test_negative_prompts_of_a_batch_of_compositions_that_do_not_fit_say_how(pipe):
+    """diffusers' habit of one negative prompt per batch entry, as a flat list next to nested
+    prompt lists, is refused naming the list-of-lists form (before: "got 2 negative prompts for
+    1 prompts", as if one prompt had been given), before any compute."""
+    with pytest.raises(ValueError, match=r"one negative prompt per composition give a list of lists, e\.g\. "
+                                         r"\[\['blurry'\], \['dark'\]\]"):
+        pipe([["a red cat"], ["a dog"]], negative_prompt=["blurry", "dark"], **KW)
+    with pytest.raises(ValueError, match="3 lists for 2 prompt lists; give one list per composition"):
+        pipe([["a red cat"], ["a dog"]], negative_prompt=[["x"], ["y"], ["z"]], **KW)
+    # a flat list that fits every composition is one negative prompt per prompt, as before
+    out = pipe([["a red cat", "a dog"], ["a hat", "a cat"]], negative_prompt=["blurry", "dark"], generator=gen(0),
+               **KW)
+    assert out.images.shape[0] == 2
+
+
 def test_scheduler_swaps_are_mapped_or_refused():
     pipe = make_pipe()
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
@@ -133,6 +148,38 @@ def test_interrupt_from_a_callback_stops_after_that_step(pipe):
     full = pipe(["a red cat", "a dog"], generator=gen(0), num_inference_steps=6, output_type="np")
     assert not pipe.interrupt and full.trace.num_steps == 6  # the flag is reset by the next call
     np.testing.assert_allclose(out.trace.kappa, full.trace.kappa[:2])  # the same first two steps
+
+
+def test_interrupt_in_a_batch_of_compositions_stops_every_composition_at_that_step(pipe):
+    """diffusers stops its whole batch at the step a callback sets `_interrupt`; a batch of
+    compositions (nested prompt lists) runs them one after the other, so the later ones stop after
+    the same number of steps (before: the flag still set made them stop after their first step,
+    and joining the traces of different lengths failed with a ValueError after all the compute)."""
+    def stop_after_two(p, step, t, kwargs):
+        if step == 1:
+            p._interrupt = True
+        return kwargs
+
+    ref = reference(pipe, EulerDiscreteScheduler(**SD_SCHEDULE, steps_offset=1))
+    kw = dict(num_inference_steps=4, output_type="np")
+    a = ref(["a red cat", "a dog"], generator=[gen(0), gen(1)], callback_on_step_end=stop_after_two, **kw).images
+    out = pipe([["a red cat"], ["a dog"]], generator=[gen(0), gen(1)], operator="single", sampler="euler",
+               callback_on_step_end=stop_after_two, **kw)
+    assert np.abs(out.images - a).max() <= 1e-4
+    assert out.trace.num_steps == 2 and pipe.interrupt
+    # an interrupt the callback sets only once (e.g. a cancel button) stops the later compositions too
+    calls = []
+
+    def once(p, step, t, kwargs):
+        calls.append(step)
+        if len(calls) == 2:
+            p._interrupt = True
+        return kwargs
+
+    out = pipe([["a red cat"], ["a dog"], ["a hat"]], generator=gen(0), callback_on_step_end=once, **kw)
+    assert out.images.shape[0] == 3 and out.trace.num_steps == 2 and calls == [0, 1, 0, 1, 0, 1]
+    full = pipe([["a red cat"], ["a dog"]], generator=gen(0), **kw)
+    assert not pipe.interrupt and full.trace.num_steps == 4  # reset by the next call
 
 
 @pytest.mark.parametrize("kwargs, expected", [
