@@ -33,10 +33,12 @@ its header, the kohya / additional-networks hash A1111 and Civitai look LoRAs up
 `adapters_from_infotext` reads them back.
 
 Prompt syntax: A1111 splits a prompt at the word ``AND`` (upper case) into sub-prompts,
-each with an optional ``:weight`` suffix, and *averages* their noise predictions
-(Composable Diffusion). `split_and_prompt` maps such a prompt to our experts (one per part,
-weights as given); the caller must name the method explicitly, since SuperDiff's AND is not
-an average (`expand_prompt_syntax`).
+each with an optional ``:weight`` suffix (read once the prompt's ``<lora:...>`` tags are taken
+out, so ``a circle:0.3 <lora:x:0.8>`` has weight 0.3), and adds up their guidance at those
+weights, 1 each by default (Composable Diffusion). An average run without weights (1/M each)
+therefore writes its weights on the prompt line. `split_and_prompt` maps such a prompt to our
+experts (one per part, weights as given); the caller must name the method explicitly, since
+SuperDiff's AND is not an average (`expand_prompt_syntax`).
 """
 
 from __future__ import annotations
@@ -61,14 +63,24 @@ def split_and_prompt(prompt: str) -> tuple[list[str], list[float | None]]:
     """'a circle AND something red:0.7' -> (['a circle', 'something red'], [None, 0.7])."""
     prompts, weights = [], []
     for part in _AND.split(prompt):
-        m = _WEIGHT.match(part)
-        text, w = (m.group(1), m.group(2)) if m else (part, None)
-        text = text.strip()
+        text, w = _part_weight(part)
         if not text:
             raise ValueError(f"prompts: an empty part in {prompt!r}; write 'first prompt AND second prompt'")
         prompts.append(text)
         weights.append(None if w is None else float(w))
     return prompts, weights
+
+
+def _part_weight(part: str) -> tuple[str, str | None]:
+    """(text, weight or None) of one AND part as A1111 reads it: A1111 takes the <lora:...> tags
+    out of a prompt before it reads the ':weight' suffixes, so 'a circle:0.3 <lora:x:0.8>' has
+    weight 0.3 and 'a clock at 10:30 <lora:x:1>' weight 30. The tags stay in the text, after it."""
+    tags = ROW_LORA_TAG.findall(part)
+    rest = ROW_LORA_TAG.sub(" ", part) if tags else part
+    m = _WEIGHT.match(rest)
+    text, w = (m.group(1), m.group(2)) if m else (rest, None)
+    text = " ".join([text.strip(), *(f"<lora:{t}>" for t in tags)]).strip()
+    return text, w
 
 
 def expand_prompt_syntax(prompts: Sequence[str], weights: Sequence[float] | None,
@@ -117,12 +129,7 @@ def join_and_prompt(prompts: Sequence[str], weights: Sequence[float] | None = No
 
 def ends_in_weight(prompt: str) -> bool:
     """Whether A1111 would read the end of `prompt` as a ':weight' suffix ('a clock at 10:30')."""
-    m = _WEIGHT.match(prompt)
-    return bool(m and m.group(2) is not None)
-
-
-#: A1111's LoRA tag: <lora:name:multiplier> (the multiplier optional, 1 by default)
-_LORA = re.compile(r"<lora:([^:<>]+)(?::([^:<>]+))?>")
+    return _part_weight(prompt)[1] is not None
 
 
 def lora_tag(name: str, scale: float = 1.0) -> str:
@@ -135,9 +142,15 @@ def _alias(name: str) -> str:
 
 
 def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """'a circle <lora:orange:0.8>' -> ('a circle', [('orange', 0.8)])."""
-    tags = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in _LORA.finditer(prompt)]
-    return " ".join(_LORA.sub(" ", prompt).split()), tags
+    """'a circle <lora:orange:0.8>' -> ('a circle', [('orange', 0.8)]); A1111's longer forms
+    <lora:NAME:TE:UNET> and <lora:NAME:unet=SCALE> give their UNet multiplier (`parse_lora`)."""
+    from .compose import parse_lora
+
+    tags = []
+    for body in ROW_LORA_TAG.findall(prompt):
+        a = parse_lora(body.strip())
+        tags.append((a["path"].strip(), float(a["scale"])))
+    return " ".join(ROW_LORA_TAG.sub(" ", prompt).split()), tags
 
 
 #: a LoRA tag in a prompt row as the CLI and the studio take it: <lora:NAME_OR_PATH[:SCALE]>
@@ -262,8 +275,7 @@ def adapters_from_infotext(params: dict[str, str]) -> list[dict[str, Any]]:
     out = []
     prompt = params.get("Prompt") or ""
     for part in _AND.split(prompt) if prompt else []:
-        m = _WEIGHT.match(part)
-        text, tags = split_lora_tags(m.group(1) if m else part)
+        text, tags = split_lora_tags(_part_weight(part)[0])
         out += [{"name": n, "scale": s, "prompt": text, "hash": hashes.get(n)} for n, s in tags]
     return out
 
@@ -273,10 +285,15 @@ def _num(v: float) -> str:
 
 
 def _value(v: Any) -> str:
-    """A value as A1111 writes it: plain, or a JSON string when it holds , : or \"."""
-    s = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else \
-        _num(v) if isinstance(v, (int, float)) else str(v)
-    return json.dumps(s) if any(ch in s for ch in ',:"\n') else s
+    """A value as A1111 writes it: plain, or a JSON string when it holds , : or \" (its non-ASCII
+    characters as they are, as A1111's json.dumps(..., ensure_ascii=False) writes them)."""
+    if isinstance(v, str):
+        s = v
+    elif isinstance(v, (list, dict, bool)) or v is None:
+        s = json.dumps(v, ensure_ascii=False)
+    else:
+        s = _num(v) if isinstance(v, (int, float)) else str(v)
+    return json.dumps(s, ensure_ascii=False) if any(ch in s for ch in ',:"\n') else s
 
 
 def _formula_prompt(text: str) -> str:
@@ -302,9 +319,10 @@ def infotext(record: Any, size: tuple[int, int] | None = None, version: str = ""
     if weights is not None and len(weights) != len(prompts):
         weights = None
     if c.weights is None and c.operator in ("or", "average") and not formula and not c.extra_models \
-            and len(prompts) > 1 and any(ends_in_weight(p) for p in prompts):
-        # a part ending in ':number' needs a weight to read back whole: write the equal weights the
-        # operator uses without any (OR: equal mixture weights; average: 1/M each, not A1111's 1 each)
+            and len(prompts) > 1 and (c.operator == "average" or any(ends_in_weight(p) for p in prompts)):
+        # the equal weights the operator uses without any (OR: equal mixture weights; average: 1/M
+        # each, which A1111, whose AND sums the parts at weight 1 each, reads only when written),
+        # and a part ending in ':number' needs a weight to read back whole
         weights = [1.0 if c.operator == "or" else 1.0 / len(prompts)] * len(prompts)
     if formula:  # the formula itself: its prompts are not an AND (nor an average) of them all
         lines = [_formula_prompt(c.compose)]

@@ -41,3 +41,21 @@ def parse_parameters(text: str) -> dict[str, str]:
         else:
             out[key] = value
     return out
+
+
+# what A1111 does with a prompt line before sampling: its extra networks (<lora:...>, any
+# <name:args>) are taken out first (modules/extra_networks.py), then the rest is split at AND
+# and each part's ':weight' read (modules/prompt_parser.py, get_multicond_prompt_list)
+EXTRA_NET = re.compile(r"<(\w+):([^>]+)>")
+AND = re.compile(r"\bAND\b")
+WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def a1111_subprompts(prompt: str) -> list[tuple[str, float]]:
+    """(text, weight) of each AND part of a prompt as A1111 samples it (text stripped)."""
+    out = []
+    for part in AND.split(EXTRA_NET.sub("", prompt)):
+        m = WEIGHT.search(part)
+        text, w = m.groups() if m is not None else (part, None)
+        out.append((" ".join(text.split()), 1.0 if w is None else float(w)))
+    return out

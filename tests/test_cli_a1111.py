@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _a1111_infotext import parse_parameters
+from _a1111_infotext import a1111_subprompts, parse_parameters
 from superdiff.a1111 import SAMPLER_LABELS, expand_prompt_syntax, split_and_prompt
 from superdiff.cli import main
 from superdiff.compose import Composition, read_png_composition, save_png
@@ -519,3 +519,61 @@ def test_quiet_hides_the_trace_plots_font_warnings(tmp_path):
         assert main(["generate", "--prompt", "\u4e00\u4e2a\u5706", "--prompt", "something red", "--steps", "1",
                      "--quiet", "--out", str(tmp_path / "q")]) == 0
     assert not [w for w in seen if "Glyph" in str(w.message)], [str(w.message) for w in seen]
+
+
+# ---- A1111 reads a prompt's ':weight' after taking its <lora:...> tags out ---------------------------
+def test_a_weight_before_a_lora_tag_is_a1111s_weight_in_the_prompt_and_the_infotext(tmp_path):
+    """A1111 removes the extra-network tags from a prompt before it reads each AND part's
+    ':weight': 'a circle:0.3 <lora:x:0.8>' has weight 0.3 (our --prompt read 'a circle:0.3' as
+    text, weight 1), and an expert row 'a clock at 10:30 <lora:x:0.8>' written on the AND line
+    would be read by A1111 as 'a clock at 10' with weight 30."""
+    from superdiff.a1111 import adapters_from_infotext, parse_prompt_rows
+
+    line = "a circle:0.3 <lora:lora-orange:0.8> AND something red:0.7"
+    assert a1111_subprompts(line) == [("a circle", 0.3), ("something red", 0.7)]
+    prompts, weights, adapters = parse_prompt_rows([line], None, "or")
+    assert prompts == ["a circle", "something red"] and weights == [0.3, 0.7]
+    assert adapters == [{"path": "lora-orange", "scale": 0.8, "prompt": "a circle"},
+                        {"path": "base", "prompt": "something red"}]
+    assert [a["prompt"] for a in adapters_from_infotext({"Prompt": line})] == ["a circle"]
+    comp = Composition(prompts=["a clock at 10:30", "something red"], operator="and", adapters=[
+        {"path": "lora-orange", "scale": 0.8, "prompt": "a clock at 10:30"},
+        {"path": "base", "prompt": "something red"}]).validated()
+    _, p = _infotext_of(tmp_path, comp)
+    assert [t for t, _ in a1111_subprompts(p["Prompt"])] == comp.prompts, p["Prompt"]
+    assert parse_prompt_rows([p["Prompt"]], None, "and") == (comp.prompts, None, [
+        {"path": "lora-orange", "scale": 0.8, "prompt": "a clock at 10:30"},
+        {"path": "base", "prompt": "something red"}])
+    assert [(a["name"], a["prompt"]) for a in adapters_from_infotext(p)] == [("lora-orange", "a clock at 10:30")]
+
+
+def test_adapters_from_infotext_reads_a1111s_longer_lora_tags():
+    """<lora:NAME:TE:UNET> and <lora:NAME:unet=X>, as A1111 writes them: the UNet multiplier is
+    the scale (as in --prompt); before, the first was skipped and the second raised."""
+    from superdiff.a1111 import adapters_from_infotext
+
+    p = {"Prompt": "a circle <lora:orange v1.5:0.5:0.8> AND a square <lora:outline:te=1:unet=0.3>",
+         "Lora hashes": "orange v1.5: 0123456789ab, outline: ba9876543210"}
+    assert [(a["name"], a["scale"], a["prompt"], a["hash"]) for a in adapters_from_infotext(p)] == [
+        ("orange v1.5", 0.8, "a circle", "0123456789ab"), ("outline", 0.3, "a square", "ba9876543210")]
+
+
+def test_quoted_infotext_values_keep_non_ascii_text_as_a1111_writes_it(tmp_path):
+    """A1111 quotes a value with json.dumps(..., ensure_ascii=False): '一个圆', not '\\u4e00...',
+    which readers that only strip the quotes (image browsers) would show."""
+    comp = Composition(compose='"\u4e00\u4e2a\u5706" & "something red"', steps=2).validated()
+    text, p = _infotext_of(tmp_path, comp)
+    assert '"\\"\u4e00\u4e2a\u5706\\" & \\"something red\\""' in text.split("\n")[-1] and "\\u" not in text
+    assert p["SuperDiff formula"] == comp.compose
+
+
+def test_an_average_without_weights_writes_the_weights_it_ran_with(tmp_path):
+    """A1111's AND sums the parts' guidance with weight 1 each (eps = u + w sum_i w_i (c_i - u)),
+    so 'a circle AND something red' is kappa (1, 1) there; operator average without weights runs
+    kappa 1/M each. The infotext names those weights, so A1111 (and --prompt) read what ran."""
+    comp = Composition(prompts=["a circle", "something red", "a square"], operator="average").validated()
+    _, p = _infotext_of(tmp_path, comp)
+    third = 1 / 3
+    assert a1111_subprompts(p["Prompt"]) == [("a circle", third), ("something red", third), ("a square", third)]
+    assert expand_prompt_syntax([p["Prompt"]], None, "average") == (comp.prompts, [third] * 3)
+    assert "Weights" not in p
