@@ -31,7 +31,7 @@ Job lines: the fields of `superdiff.compose.Composition`, plus
              as `superdiff generate` refuses it.
 An id or method name is a folder name inside OUT/images: characters other than letters,
 digits, "_", "-" and "." become "_" (so "/" and "\\" never make a path), and a name that
-starts with "." ("." and ".." included) is refused on its line.
+starts with "." ("." and ".." included) or is longer than 255 characters is refused on its line.
 Job files are UTF-8, with or without a byte order mark (Excel's "CSV UTF-8", PowerShell).
 CSV: a header row of those field names; list fields (prompts, extra_models, methods,
 weights, bias, kappa_clamp, adapters as "PATH[:SCALE]") separated by "|"; an empty cell
@@ -71,6 +71,7 @@ _LIST_FIELDS = {"prompts", "extra_models", "methods", "weights", "bias", "kappa_
 _NUM_LIST_FIELDS = {"weights", "bias", "kappa_clamp"}
 _EXTRA_FIELDS = {"id", "methods"}
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]+")
+_NAME_MAX = 255  # bytes in one folder name (Linux, macOS and Windows file systems)
 SEEDS_FILE = "drawn_seeds.json"
 
 
@@ -81,6 +82,9 @@ def _safe_name(raw: Any, what: str) -> str:
     if not name or name.startswith("."):
         raise ValueError(f"{what}: {raw!r} cannot name a folder (it must not be empty or start with '.'); use "
                          "letters, digits, '_', '-' and '.'")
+    if len(name) > _NAME_MAX:  # ASCII once sanitized: characters are bytes
+        raise ValueError(f"{what}: {str(raw)[:40]!r}... is {len(name)} characters long; a folder name can have at most "
+                         f"{_NAME_MAX}; give a shorter one")
     return name
 
 
@@ -137,8 +141,9 @@ def _csv_rows(text: str) -> Iterable[tuple[int, dict[str, Any] | JobError]]:
         return
     header = [h.strip() for h in header]
     str_fields = {"model", "operator", "sampler", "estimator", "negative_prompt", "joint_template", "id", "dtype"}
-    for row in reader:
-        line = reader.line_num
+    end = reader.line_num
+    for row in reader:  # a row's line is the one it starts on (a quoted cell may span lines)
+        line, end = end + 1, reader.line_num
         if not any(c.strip() for c in row):
             continue
         if len(row) != len(header):
@@ -182,9 +187,11 @@ def _method_overrides(m: Any, where: str) -> tuple[str, dict[str, Any]]:
         name = m.strip().lower()
         if name.startswith("single:"):
             try:
-                return name.replace(":", ""), {"operator": "single", "single_index": int(name.split(":", 1)[1])}
+                index = int(name.split(":", 1)[1])
             except ValueError:
                 raise ValueError(f"{where}: bad method {m!r}; use single:<expert index>") from None
+            # "single: 1" becomes "single_1": a method name is a folder name
+            return _safe_name(name.replace(":", ""), f"{where}: name"), {"operator": "single", "single_index": index}
         if name not in OPERATOR_CHOICES:
             raise ValueError(f"{where}: unknown method {m!r}; use one of {', '.join(OPERATOR_CHOICES)}, "
                              "single:<i>, or an object of overrides")
@@ -241,7 +248,14 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None, *,
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Excel's "CSV UTF-8", PowerShell) is dropped
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a byte order mark (Excel's "CSV UTF-8", PowerShell)
+    try:
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text() reads it
+    except UnicodeDecodeError as e:
+        line, column = data[:e.start].count(b"\n") + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise ValueError(f"job file {path} line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                         "save it as UTF-8 (Excel: \"CSV UTF-8\")") from None
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _csv_rows(text)
@@ -253,17 +267,18 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None, *,
     seeds = {} if seeds is None else seeds
     out: list[tuple[int, str, str, Composition]] = []
     errors: list[JobError] = []
-    seen_ids: dict[str, int] = {}
+    seen_ids: dict[str, tuple[int, Any]] = {}  # folder name -> (line, the id as written; None: a default id)
     for line, row in rows:
         if isinstance(row, JobError):
             errors.append(row)
             continue
         try:
             d = dict(row)
-            job_id = d.pop("id", None)
-            job_id = f"job{line:04d}" if job_id in (None, "") else _safe_name(job_id, "id")
+            raw_id = d.pop("id", None)
+            raw_id = None if raw_id in (None, "") else raw_id
+            job_id = f"job{line:04d}" if raw_id is None else _safe_name(raw_id, "id")
             if job_id in seen_ids:
-                raise ValueError(f"id: {job_id!r} is already used on line {seen_ids[job_id]}")
+                raise ValueError(_id_taken(raw_id, job_id, *seen_ids[job_id]))
             methods = d.pop("methods", None)
             unknown = sorted(set(d) - set(Composition.field_names()))
             if unknown:
@@ -301,7 +316,7 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None, *,
                     said, seed_said = seed_said + said, []
                 variants.append((comp.operator if name is None else name, comp,
                                  seed_said + (said if name is None else [f"{name}: {n}" for n in said])))
-            seen_ids[job_id] = line
+            seen_ids[job_id] = (line, raw_id)
             for name, comp, said in variants:
                 out.append((line, job_id, name, comp))
                 if notes is not None:
@@ -309,6 +324,19 @@ def parse_jobs(path: str | os.PathLike, cache: ModelCache | None = None, *,
         except ValueError as e:
             errors.append(JobError(line, str(e)))
     return out, errors
+
+
+def _id_taken(raw: Any, job_id: str, line: int, earlier: Any) -> str:
+    """Why a line's folder name `job_id` (from its id `raw`, None: none given) is refused:
+    the job on `line` (with id `earlier`) already has it."""
+    other = f"line {line}" + ("" if earlier is None or str(earlier) == job_id else f" (id {earlier!r})")
+    if raw is None:
+        return (f"this line has no id, and its default id {job_id!r} (from its line number) is already used on "
+                f"{other}; give this line an id")
+    if str(raw) != job_id:
+        return (f"id: {raw!r} becomes the folder name {job_id!r} (characters other than letters, digits, '_', '-' "
+                f"and '.' become '_'), which {other} already uses; give each job an id that stays distinct")
+    return f"id: {job_id!r} is already used on {other}; give each job its own id"
 
 
 def expand_tasks(jobs: Sequence[tuple[int, str, str, Composition]]) -> list[Task]:
@@ -599,7 +627,11 @@ def _merge_parts(out: Path) -> None:
     parts = sorted(out.glob("manifest.rank*.jsonl"))
     if not parts:
         return
-    with open(out / "manifest.jsonl", "a", encoding="utf-8") as f:
+    target = out / "manifest.jsonl"
+    cut = target.is_file() and target.stat().st_size > 0 and not target.read_bytes().endswith(b"\n")
+    with open(target, "a", encoding="utf-8") as f:
+        if cut:  # its last line was cut by a kill: end it, so that the first merged record stays whole
+            f.write("\n")
         for part in parts:
             text = part.read_text(encoding="utf-8")
             f.write(text if not text or text.endswith("\n") else text + "\n")

@@ -276,6 +276,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
+    _check_out(Path(args.out))  # a file, or a folder that cannot be written: refused before any job runs
     with quiet_libraries(args.quiet):
         s = run_batch(args.jobs, args.out, progress=not args.quiet, limit=args.limit)
     if s.rank != 0:

@@ -447,3 +447,89 @@ def test_limit_counts_only_the_tasks_left_to_do(tmp_path, capsys):
                                                                                    "0002.png"]
     assert main(["batch", str(jobs), "--out", str(out), "--quiet", "--limit", "1"]) == 0
     assert "0 generated, 3 already done" in capsys.readouterr().err
+
+
+def test_unsafe_method_names_and_overlong_ids_are_refused_or_fixed_on_their_line(tmp_path, capsys):
+    """"single: 1" (a space after the colon) is a folder name like any other method name (it
+    becomes single_1) instead of stopping the whole batch; an id longer than a folder name can
+    be is refused on its line before any model runs, not failed image by image."""
+    pair = {"prompts": ["a circle", "something red"], "steps": 1}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "s", **pair, "methods": ["single: 1", "or"]},
+        {"id": "x" * 300, **pair, "operator": "or"},
+        {"id": "x" * 255, **pair, "operator": "or"},
+    ])
+    valid, errors = parse_jobs(jobs)
+    assert [(e.line, e.message) for e in errors] == [
+        (2, f"id: {'x' * 40!r}... is 300 characters long; a folder name can have at most 255; give a shorter one")]
+    assert [(j[1], j[2]) for j in valid] == [("s", "single_1"), ("s", "or"), ("x" * 255, "or")]
+    out = tmp_path / "out"
+    main(["batch", str(jobs), "--out", str(out), "--quiet", "--limit", "0"])  # --limit 0: nothing runs (fast)
+    err = capsys.readouterr().err
+    assert "error:" not in err and "3 image task(s)" in err and "1 invalid job line(s)" in err, err
+
+
+def test_duplicate_id_messages_name_both_lines_and_the_fix(tmp_path):
+    """A line refused because its folder name is taken says why: its default id (from its line
+    number) clashes with an earlier explicit id, or its id becomes the same folder name as an
+    earlier one once sanitized."""
+    pair = {"prompts": ["a circle", "something red"], "steps": 1, "operator": "or"}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "job0002", **pair}, pair, {"id": "日本", **pair}, {"id": "中国", **pair}, {"id": "job0002", **pair}])
+    _, errors = parse_jobs(jobs)
+    by_line = {e.line: e.message for e in errors}
+    assert by_line[2] == ("this line has no id, and its default id 'job0002' (from its line number) is already used "
+                          "on line 1; give this line an id")
+    assert by_line[4].startswith("id: '中国' becomes the folder name '_' (characters other than letters")
+    assert "which line 3 (id '日本') already uses; give each job an id that stays distinct" in by_line[4]
+    assert by_line[5] == "id: 'job0002' is already used on line 1; give each job its own id"
+
+
+def test_parts_merged_onto_a_manifest_cut_by_a_kill_stay_whole_lines(tmp_path):
+    """A single-process run killed in the middle of a manifest line, resumed under several
+    processes (or with parts left by a killed multi-process run): the merge starts the parts on
+    a line of their own, so no record is glued to the cut line and lost."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": "c", "prompts": ["a circle"], "operator": "single",
+                                                 "steps": 1}])
+    out = tmp_path / "out"
+    out.mkdir()
+    whole = {"key": "c/single/0000", "job": "c", "method": "single", "index": 0, "status": "ok", "rank": 1}
+    (out / "manifest.jsonl").write_text('{"key": "c/sin')  # cut by a kill
+    (out / "manifest.rank1.jsonl").write_text(json.dumps(whole) + "\n")
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet", "--limit", "0"]) == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert lines[0] == '{"key": "c/sin' and json.loads(lines[1]) == whole, lines
+
+
+def test_a_job_file_that_is_not_utf8_names_its_line_and_the_fix(tmp_path, capsys):
+    """Excel's plain "CSV" (cp1252 on Windows) is refused with the file, the line and how to
+    save it, not with a bare codec error."""
+    csv = tmp_path / "jobs.csv"
+    csv.write_bytes("id,prompts,operator,steps\ncafé,a circle|something red,or,1\n".encode("cp1252"))
+    assert main(["batch", str(csv), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"job file {csv} line 2: not UTF-8 (byte 0xe9 at column 4); save it as UTF-8 (Excel: \"CSV UTF-8\")" in err
+    csv.write_bytes("\ufeffid,prompts,operator,steps\r\ncafé,a circle|something red,or,1\r\n".encode("utf-8"))
+    valid, errors = parse_jobs(csv)  # with a byte order mark and CRLF line ends: read as before
+    assert errors == [] and [(j[1], j[2]) for j in valid] == [("caf_", "or")]
+
+
+def test_csv_rows_with_a_cell_over_several_lines_are_named_by_their_first_line(tmp_path):
+    """A quoted CSV cell may span lines (Excel writes one for a cell with a line break): the
+    row's errors and its default id name the line it starts on, as in a JSONL file."""
+    csv = tmp_path / "jobs.csv"
+    csv.write_text('prompts,operator,steps,negative_prompt\n'
+                   'a circle|something red,or,1,"blurry\nugly"\n'
+                   'a circle|something red,or,x,"dark\n\nnoisy"\n'
+                   'a circle|something red,or,1,\n')
+    valid, errors = parse_jobs(csv)
+    assert [(j[0], j[1]) for j in valid] == [(2, "job0002"), (7, "job0007")]
+    assert valid[0][3].negative_prompt == "blurry\nugly"
+    assert [(e.line, e.message) for e in errors] == [(4, "steps: must be an integer, got 'x'")]
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompts": ["a circle"], "operator": "single", "steps": 1}])
+    (tmp_path / "out").write_text("not a folder")
+    assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert f"--out {tmp_path / 'out'} is a file, not a folder" in capsys.readouterr().err
