@@ -154,7 +154,10 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 #: a LoRA tag in a prompt row as the CLI and the studio take it: <lora:NAME_OR_PATH[:SCALE]>
-ROW_LORA_TAG = re.compile(r"<lora:([^<>]+)>")
+#: (A1111 takes <lyco:...> as another name for it)
+ROW_LORA_TAG = re.compile(r"<(?:lora|lyco):([^<>]+)>")
+#: A1111's hypernetwork tag, which nothing here can run
+_HYPERNET_TAG = re.compile(r"<hypernet:[^<>]*>")
 
 
 def prompt_adapters(prompts: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -187,6 +190,11 @@ def parse_prompt_rows(prompts: Sequence[str], weights: Sequence[float] | None, o
     a job line, the studio's rows): A1111's AND syntax expanded first (`expand_prompt_syntax`,
     so a part "a circle <lora:x:0.8>" of "a circle <lora:x:0.8> AND something red" keeps its
     tag), then each part's LoRA tag made its adapter expert (`prompt_adapters`)."""
+    for i, p in enumerate(prompts):
+        tag = _HYPERNET_TAG.search(p)
+        if tag:
+            raise ValueError(f"prompts: prompt {i + 1} names the hypernetwork {tag.group(0)}; A1111 hypernetworks are "
+                             "not supported (only LoRA adapters, <lora:NAME:SCALE>): remove the tag")
     prompts, weights = expand_prompt_syntax(prompts, weights, operator)
     prompts, adapters = prompt_adapters(prompts)
     return prompts, weights, adapters

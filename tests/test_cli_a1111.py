@@ -577,3 +577,17 @@ def test_an_average_without_weights_writes_the_weights_it_ran_with(tmp_path):
     assert a1111_subprompts(p["Prompt"]) == [("a circle", third), ("something red", third), ("a square", third)]
     assert expand_prompt_syntax([p["Prompt"]], None, "average") == (comp.prompts, [third] * 3)
     assert "Weights" not in p
+
+
+def test_lyco_tags_are_lora_tags_and_hypernetwork_tags_are_refused():
+    """A1111 takes <lyco:...> as another name for <lora:...>; a <hypernet:...> tag would reach the
+    text encoder as words: it is refused, naming the tag."""
+    from superdiff.a1111 import parse_prompt_rows
+
+    assert parse_prompt_rows(["a circle <lyco:lora-orange:0.8>", "something red"], None, "and") == \
+        parse_prompt_rows(["a circle <lora:lora-orange:0.8>", "something red"], None, "and")
+    prompts, _, adapters = parse_prompt_rows(["a circle <lyco:lora-orange:0.8>"], None, "single")
+    assert prompts == ["a circle"] and adapters[0]["path"] == "lora-orange" and adapters[0]["scale"] == 0.8
+    with pytest.raises(ValueError, match=r"prompt 2 names the hypernetwork <hypernet:anime:1>; A1111 hypernetworks "
+                                         r"are not supported"):
+        parse_prompt_rows(["a circle", "something red <hypernet:anime:1>"], None, "and")
