@@ -198,6 +198,9 @@ def _batch(call: Callable, pipe: Any, given: dict[str, Any]) -> Any:
     if isinstance(gens, (list, tuple)) and len(gens) not in (n, n * B):
         raise ValueError(f"generator: give one, one per composition ({n}) or one per image ({n * B}); got {len(gens)}")
     lat = given.get("latents")
+    if lat is not None and not isinstance(lat, torch.Tensor):
+        raise ValueError(f"latents: give a torch.Tensor of {n * B} rows (one per image of the {n} compositions), "
+                         f"got {type(lat).__name__}")
     if lat is not None and lat.shape[0] != n * B:
         raise ValueError(f"latents: {lat.shape[0]} rows for {n} compositions x {B} images")
     for i, p in enumerate(prompts):

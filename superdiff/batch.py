@@ -588,7 +588,9 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     if rank == 0:
         d = summary.to_dict()
         d.pop("rank")
-        (out / "summary.json").write_text(json.dumps({**d, "invalid": [str(e) for e in errors]}, indent=2))
+        tmp = out / "summary.json.tmp"  # a kill while writing keeps the previous summary whole
+        tmp.write_text(json.dumps({**d, "invalid": [str(e) for e in errors]}, indent=2))
+        tmp.replace(out / "summary.json")
     return summary
 
 

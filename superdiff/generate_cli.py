@@ -277,6 +277,8 @@ def _batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
     _check_out(Path(args.out))  # a file, or a folder that cannot be written: refused before any job runs
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0 (images to generate in this run), got {args.limit}")
     with quiet_libraries(args.quiet):
         s = run_batch(args.jobs, args.out, progress=not args.quiet, limit=args.limit)
     if s.rank != 0:

@@ -533,3 +533,6 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "out").write_text("not a folder")
     assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert f"--out {tmp_path / 'out'} is a file, not a folder" in capsys.readouterr().err
+    assert main(["batch", str(jobs), "--out", str(tmp_path / "new"), "--limit", "-1", "--quiet"]) == 2
+    assert "--limit must be >= 0 (images to generate in this run), got -1" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -81,6 +81,8 @@ def test_negative_prompts_of_a_batch_of_compositions_that_do_not_fit_say_how(pip
     out = pipe([["a red cat", "a dog"], ["a hat", "a cat"]], negative_prompt=["blurry", "dark"], generator=gen(0),
                **KW)
     assert out.images.shape[0] == 2
+    with pytest.raises(ValueError, match=r"latents: give a torch\.Tensor of 2 rows .* got ndarray"):
+        pipe([["a red cat"], ["a dog"]], latents=np.zeros((2, 4, 8, 8), dtype=np.float32), **KW)
 
 
 def test_scheduler_swaps_are_mapped_or_refused():
