@@ -68,6 +68,8 @@ from typing import Any, Callable
 
 import torch
 
+from superdiff.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: SuperDiff sampler -> diffusers scheduler of the reference pipeline
@@ -736,9 +738,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """path written beside it and renamed: a run killed while writing (the partial file exists
     for killed runs) leaves the previous complete file, never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def load_partial(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:

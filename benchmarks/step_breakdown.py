@@ -42,6 +42,8 @@ from typing import Any, Callable
 
 import torch
 
+from superdiff.atomic import write_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
@@ -290,9 +292,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     label = breakdown_label(args.label, device.type, keys)
     text = markdown(doc)
     for path, body in ((out / f"breakdown_{label}.json", json.dumps(doc, indent=1)), (out / f"breakdown_{label}.md", text)):
-        tmp = path.with_name(path.name + ".tmp")  # a failed write keeps the previous file
-        tmp.write_text(body)
-        tmp.replace(path)
+        write_text(path, body)  # a failed write keeps the previous file
     print(text)
     return 0
 

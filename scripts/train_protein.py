@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from superdiff.atomic import replacing  # noqa: E402
 from superdiff.protein.data import CLASS_RULES, load_dataset  # noqa: E402
 from superdiff.protein.models import (DEFAULT_CONFIG, BackboneDenoiser, bundled_protein_model_path,  # noqa: E402
                                       center, random_rotations, save_backbone_model, schedule_from_config)
@@ -68,10 +69,8 @@ def procedural_extra(which: str, n: int, length: int, seed: int, cache: Path) ->
         out += [x - x.reshape(-1, 3).mean(0) for x, k in zip(batch, c) if k == cls]
     X = np.stack(out[:n]).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    with open(tmp, "wb") as f:  # complete or absent: a run killed while writing leaves no torn cache
+    with replacing(cache) as tmp, open(tmp, "wb") as f:  # complete or absent: a kill leaves no torn cache
         np.save(f, X)
-    tmp.replace(cache)
     return X
 
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .atomic import write_text
 from .compose import (OPERATOR_CHOICES, Composition, draw_seed, prepare_composition, run_composition,
                       split_foreign_params)
 from .images import read_png_record, save_png
@@ -588,9 +589,8 @@ def run_batch(jobs_path: str | os.PathLike, out: str | os.PathLike, *, progress:
     if rank == 0:
         d = summary.to_dict()
         d.pop("rank")
-        tmp = out / "summary.json.tmp"  # a kill while writing keeps the previous summary whole
-        tmp.write_text(json.dumps({**d, "invalid": [str(e) for e in errors]}, indent=2))
-        tmp.replace(out / "summary.json")
+        # a kill while writing keeps the previous summary whole
+        write_text(out / "summary.json", json.dumps({**d, "invalid": [str(e) for e in errors]}, indent=2))
     return summary
 
 

@@ -11,12 +11,12 @@ renamed into place, so a failed write keeps the previous one).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import replacing, write_text
 from .experts import GaussianMixtureExpert
 from .sampling import sample
 from .schedules import VESigma, make_betas
@@ -79,20 +79,10 @@ def run_demo(out_dir: str | Path = "outputs/demo", num_samples: int = 2000, num_
         ax.set_xlim(-7, 7), ax.set_ylim(-7, 7), ax.set_aspect("equal")
     fig.suptitle(f"Superposition of two Gaussian-mixture experts ({num_samples} samples, {num_steps} steps)")
     fig.tight_layout()
-    try:
-        _write_atomic(out / "samples.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    try:  # written whole (superdiff.atomic), as the traces are: a failed write keeps the previous file
+        with replacing(out / "samples.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-    _write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp) beside path, then renamed over it: a write that fails half-way (a full disk,
-    a kill) keeps the previous file whole (the traces are written the same way)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

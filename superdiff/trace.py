@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .atomic import replacing, write_text
+
 __all__ = ["Trace", "plot_trace"]
 
 
@@ -131,9 +133,7 @@ class Trace:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_text(path, self.to_json())
         return path
 
     @classmethod
@@ -239,13 +239,10 @@ def plot_trace(trace: Trace, path: str | Path | None = None, samples: int | Sequ
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # written beside it and renamed: a plot that fails half-way keeps the previous file
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or plt.rcParams["savefig.format"])
-            tmp.replace(path)
+        try:  # written beside it and renamed: a plot that fails half-way keeps the previous file
+            with replacing(path) as tmp:
+                fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or plt.rcParams["savefig.format"])
         finally:
-            tmp.unlink(missing_ok=True)
             plt.close(fig)
     return fig
 

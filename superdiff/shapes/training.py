@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import atomic
 from . import world
 from .models import TEXT_MAX_LENGTH
 
@@ -177,14 +178,7 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torc
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file: a crash never leaves a partial file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, text)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -220,10 +214,8 @@ def load_latent_dataset(run: Run, vae, seed: int, size: int, tokenizer, captions
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` through a temporary file: a crash never leaves a partial file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @contextlib.contextmanager
