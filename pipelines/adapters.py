@@ -102,19 +102,23 @@ class AdapterSpec:
         return {"name": self.name, "path": self.source, "scale": self.scale, "sha256": self.sha256}
 
 
-_SHA256: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime in ns) -> hex digest
+_SHA256: dict[tuple[str, int, int, bool], str] = {}  # (resolved path, size, mtime in ns, after header) -> digest
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike, after_header: bool = False) -> str:
     """The file's sha256 (hex), read once per version of the file: a file whose size or
     modification time changed is hashed again (every image of a run records its adapters'
-    hashes, and a studio or batch run makes many)."""
+    hashes, and a studio or batch run makes many). after_header: of a safetensors file's bytes
+    after its header (the 8-byte length and the JSON metadata that tools rewrite), as A1111's
+    LoRA hash (superdiff.a1111.lora_short_hash)."""
     p = Path(path)
     st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, after_header)
     if key not in _SHA256:
         h = hashlib.sha256()
         with open(p, "rb") as f:
+            if after_header:
+                f.seek(8 + int.from_bytes(f.read(8), "little"))
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         _SHA256[key] = h.hexdigest()

@@ -204,24 +204,9 @@ def lora_short_hash(path: str | Any) -> str:
     """A1111's short LoRA hash of a safetensors file: sha256 of the bytes after the header
     (the 8-byte header length and the JSON header, which holds metadata that tools rewrite),
     first 12 hex digits."""
-    import hashlib
-    from pathlib import Path
+    from .pipelines.adapters import file_sha256
 
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            f.seek(8 + n)
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()[:12]
-    return _HASHES[key]
-
-
-_HASHES: dict[tuple, str] = {}
+    return file_sha256(path, after_header=True)[:12]
 
 
 def _adapter_hash(a: dict) -> str | None:

@@ -140,9 +140,7 @@ class Run:
                 continue
             if isinstance(rec, dict) and rec.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.log_path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.log_path)
+        atomic.write_text(self.log_path, "".join(k + "\n" for k in keep))
 
     def resume(self, step: int, export_only: bool = False) -> None:
         """Go on from a checkpoint at ``step``: drop the log lines written after it and say so.
