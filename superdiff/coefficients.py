@@ -141,5 +141,5 @@ def affine(x: Tensor, a: float, pred: Tensor, b: float) -> Tensor:
     if a == 0.0:
         return pred * b
     if a == 1.0:
-        return torch.add(x, pred, alpha=b) if pred.dim() == x.dim() else torch.add(x.expand_as(pred), pred, alpha=b)
+        return torch.add(x, pred, alpha=b)  # broadcasts x over pred's expert axis
     return torch.add(x * a, pred, alpha=b)

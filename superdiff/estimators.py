@@ -217,16 +217,15 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, exact:
     Returns [B, M]. exact=True sums over a basis (trace of J), else averages (Hutchinson).
     All probes go through ONE forward-mode JVP on a batch of P * B rows.
     """
-    P, B = probes.shape[:2]
+    P = probes.shape[0]
     xr = _probe_rows(x, P)
-    zr = probes.reshape(P * B, *x.shape[1:]).to(x)
+    zr = _as_rows(probes, x)
     try:
         _, jz = torch.func.jvp(fn, (xr,), (zr,))
     except (RuntimeError, NotImplementedError):  # no forward-mode AD for some op: double-backward
         _, jz = torch.autograd.functional.jvp(fn, xr, zr)
-    quad = _probe_products(jz, probes)  # [M, P, B]
-    red = quad.sum(1) if exact else quad.mean(1)
-    return red.T
+    red = _probe_products(jz, zr, P)  # [M, B]
+    return (red if exact else red / P).T
 
 
 def _probe_rows(x: Tensor, P: int) -> Tensor:
@@ -235,11 +234,17 @@ def _probe_rows(x: Tensor, P: int) -> Tensor:
     return x if P == 1 else torch.cat([x] * P)
 
 
-def _probe_products(jz: Tensor, probes: Tensor) -> Tensor:
-    """<z_p, (J z)_p> [M, P, B] (float64 sums) from jz [M, P * B, *S] (probe-major rows, or
-    already [M, P, B, ...]) and the probes [P, B, *S]."""
-    P, B = probes.shape[:2]
-    return (jz.reshape(jz.shape[0], P, B, -1) * probes.reshape(1, P, B, -1).to(jz)).sum(-1, dtype=_F64)
+def _as_rows(probes: Tensor, x: Tensor) -> Tensor:
+    """The probes [P, B, *S] as probe-major rows [P * B, *S] in x's dtype (a view when they are)."""
+    zr = probes.reshape(-1, *x.shape[1:])
+    return zr if zr.dtype == x.dtype else zr.to(x.dtype)
+
+
+def _probe_products(jz: Tensor, zr: Tensor, P: int) -> Tensor:
+    """sum over the P probes of <z_p, (J z)_p> [M, B] (float64 sums) from jz [M, P * B, *S]
+    and the probes zr [P * B, *S], both probe-major rows (two ops for one probe)."""
+    q = (jz * zr).sum(dim=tuple(range(2, jz.dim())), dtype=_F64)  # [M, P * B]
+    return q if P == 1 else q.view(q.shape[0], P, -1).sum(1)
 
 
 _SIGN_TABLES: dict[tuple[str, torch.dtype], Tensor] = {}
@@ -261,7 +266,10 @@ def rademacher(shape: tuple[int, ...], generator: torch.Generator | None, dtype:
         _SIGN_TABLES[key] = (bits * 2 - 1).to(device=device, dtype=dtype)
     dev = generator.device if generator is not None else device
     byte = torch.randint(0, 256, (-(-n // 8),), generator=generator, device=dev)
-    return _SIGN_TABLES[key].index_select(0, byte.to(device)).reshape(-1)[:n].reshape(shape)
+    if byte.device != device:
+        byte = byte.to(device)
+    signs = _SIGN_TABLES[key].index_select(0, byte)  # [ceil(n / 8), 8]
+    return signs.view(shape) if n % 8 == 0 else signs.reshape(-1)[:n].reshape(shape)
 
 
 def fd_step(model_dtype: torch.dtype, alpha: float, sigma: float) -> float:
@@ -344,37 +352,32 @@ class ODEEstimator(Estimator):
         conditional predictions [M, N, *S]) around its value `primal` [M, B, *S] at x: one
         forward of P * B rows at x + eps z, eps = fd_step(fd_dtype, ...) (a Python number)."""
         probes, exact = self._probes(x, generator)
-        P, B = probes.shape[:2]
-        xr = _probe_rows(x, P)
-        zr = probes.reshape(P * B, *x.shape[1:])
+        P = probes.shape[0]
+        zr = _as_rows(probes, x)
         alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
         eps = fd_step(fd_dtype, alpha, sigma)
-        f1 = fn(torch.add(xr, zr, alpha=eps))
-        M = primal.shape[0]
-        diff = f1.reshape(M, P, B, -1) - primal.reshape(M, 1, B, -1)  # eps J z
-        return self._quadratic(diff, probes, exact, c, at_next, kind, 1.0 / eps)
+        f1 = fn(torch.add(_probe_rows(x, P), zr, alpha=eps))  # [M, P * B, *S]
+        if P == 1:
+            diff = f1 - primal  # eps J z
+        else:
+            M = primal.shape[0]
+            diff = (f1.view(M, P, *primal.shape[1:]) - primal[:, None]).view(f1.shape)
+        return self._quadratic(diff, zr, P, exact, c, at_next, kind, 1.0 / eps)
 
-    def _quadratic(self, jz: Tensor, probes: Tensor, exact: bool, c: StepCoefficients, at_next: bool,
+    def _quadratic(self, jz: Tensor, zr: Tensor, P: int, exact: bool, c: StepCoefficients, at_next: bool,
                    kind: str, scale: float = 1.0) -> Tensor:
-        """sum / mean over probes of <z, J_v z> = vx |z|^2 + vp <z, J_pred z>: [B, M], with
-        J_pred z = scale jz (scale = 1 / eps for a finite difference's eps J z)."""
-        return self._reduce(_probe_products(jz, probes), exact, probes.shape[1:], c, at_next, kind, scale)
-
-    @staticmethod
-    def _reduce(zjz: Tensor, exact: bool, shape: torch.Size, c: StepCoefficients, at_next: bool, kind: str,
-                scale: float) -> Tensor:
-        """[B, M] from scale <z, J_pred z> [M, P, B]: the sum (basis probes) or mean (Hutchinson)
-        over probes of vx |z|^2 + vp <z, J_pred z>, |z|^2 being 1 for a basis vector and d for a
-        Rademacher probe (two ops on [M, B] once the probe axis is reduced)."""
+        """[B, M]: the sum (basis probes) or mean (Hutchinson) over the P probes of
+        <z, J_v z> = vx |z|^2 + vp <z, J_pred z>, with J_pred z = scale jz (scale = 1 / eps for a
+        finite difference's eps J z) and |z|^2 1 for a basis vector, d for a Rademacher probe:
+        two ops on [M, B] once the products are summed."""
         if at_next:
             vx, vp = velocity_coefficients(kind, c.alpha_next, c.sigma_next, c.dalpha_next, c.dsigma_next)
         else:
             vx, vp = velocity_coefficients(kind, c.alpha, c.sigma, c.dalpha, c.dsigma)
-        P = zjz.shape[1]
-        red = zjz[:, 0] if P == 1 else zjz.sum(1)  # [M, B]
+        red = _probe_products(jz, zr, P)  # [M, B]
         if exact:  # the trace: sum over the d basis vectors, each |z|^2 = 1
             return torch.add(red * (vp * scale), vx * P).T
-        return torch.add(red * (vp * scale / P), vx * math.prod(shape[1:])).T
+        return torch.add(red * (vp * scale / P), vx * math.prod(zr.shape[1:])).T
 
     def _probes(self, x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> tuple[Tensor, bool]:
         """[P, B, *S] probes: a basis (exact) or Rademacher draws, sample b's from generator[b]
@@ -411,14 +414,12 @@ class ODEEstimator(Estimator):
         v_i = vx x + vp pred_i is affine, so <z, J_v z> = vx |z|^2 + vp <z, J_pred z>.
         fd_dtype: the dtype the finite-difference fallback's step is sized for (default x's)."""
         probes, exact = self._probes(x, generator)
-        P, B = probes.shape[:2]
-        xr = _probe_rows(x, P)
-        zr = probes.reshape(P * B, *x.shape[1:]).to(x)
+        P = probes.shape[0]
+        zr = _as_rows(probes, x)
         alpha, sigma = (c.alpha_next, c.sigma_next) if at_next else (c.alpha, c.sigma)
-        primal, jz = self._jvp(fn, xr, zr, fd_step(fd_dtype or x.dtype, alpha, sigma))
-        M = primal.shape[0]
-        cond = primal.reshape(M, P, B, *x.shape[1:])[:, 0]
-        return cond, self._quadratic(jz, probes, exact, c, at_next, kind)
+        primal, jz = self._jvp(fn, _probe_rows(x, P), zr, fd_step(fd_dtype or x.dtype, alpha, sigma))
+        cond = primal if P == 1 else primal[:, : x.shape[0]]  # the first probe's rows: x itself
+        return cond, self._quadratic(jz, zr, P, exact, c, at_next, kind)
 
     def velocities(self, c: StepCoefficients, x: Tensor, preds: Tensor, kind: str, at_next: bool = False) -> Tensor:
         return velocity(c, x, preds if preds.dtype == x.dtype else preds.to(x.dtype), kind, at_next)

@@ -195,20 +195,22 @@ def _project_pair(k: Tensor, lo: float, hi: float) -> Tensor:
 
 
 def _project_sorted(k: Tensor, lo: float, hi: float) -> Tensor:
-    """Any M: tau from the sorted breakpoints (see project_capped_simplex), in about 15 ops:
-    S at every breakpoint, the segment crossing 1 found by searchsorted (S is non-decreasing),
-    tau interpolated on it. Rows already feasible come back unchanged up to rounding."""
+    """Any M: tau from the sorted breakpoints (see project_capped_simplex) in about 20 ops. With
+    S_0 <= ... <= S_2M-1 the values of S at the sorted breakpoints b_0 <= ... <= b_2M-1
+    (S_0 = M lo <= 1 <= M hi = S_2M-1), S is linear on each segment, so
+
+        tau = b_0 + sum_j (b_j+1 - b_j) clip((1 - S_j) / (S_j+1 - S_j), 0, 1)
+
+    (segments wholly below 1 count in full, those above not at all, the crossing one in part; a
+    flat segment at S = 1, 0 / 0, counts as 0). Rows already feasible come back unchanged up to
+    rounding."""
     Bn, M = k.shape
-    lohi, one, shift = _const(("project", str(k.device), lo, hi, Bn), lambda: (
-        torch.tensor([[lo], [hi]], dtype=_F64, device=k.device),
-        torch.ones(Bn, 1, dtype=_F64, device=k.device), torch.tensor([[-1, 0]], device=k.device)))
-    bp = (lohi - k.unsqueeze(-2)).reshape(Bn, 2 * M).sort(-1).values  # [B, 2M]: lo - k_i, hi - k_i
-    S = (k.unsqueeze(-2) + bp.unsqueeze(-1)).clamp(lo, hi).sum(-1)  # [B, 2M]: S at each breakpoint
-    j = torch.searchsorted(S, one).clamp_(1, 2 * M - 1)  # S[j - 1] < 1 <= S[j]
-    bs = torch.stack([bp, S], 1).gather(-1, (j + shift).unsqueeze(1).expand(Bn, 2, 2))  # [B, 2, 2]
-    d = torch.diff(bs, dim=-1)  # [B, 2, 1]: the segment's db, dS
-    b0, s0, db, ds = bs[:, 0, :1], bs[:, 1, :1], d[:, 0], d[:, 1]
-    tau = torch.where(ds > 0, torch.addcmul(b0, (1.0 - s0) / ds, db), b0)  # dS = 0: S = 1 on the whole segment
+    lohi = _const(("project", str(k.device), lo, hi), lambda: torch.tensor([[lo], [hi]], dtype=_F64, device=k.device))
+    kk = k.unsqueeze(-2)  # [B, 1, M]
+    bp = (lohi - kk).reshape(Bn, 2 * M).sort(-1).values  # [B, 2M]: lo - k_i, hi - k_i, sorted
+    S = (kk + bp.unsqueeze(-1)).clamp_(lo, hi).sum(-1)  # [B, 2M]: S at each breakpoint
+    frac = torch.nan_to_num_((1.0 - S[:, :-1]) / S.diff(dim=-1), nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+    tau = torch.add(bp[:, :1], torch.linalg.vecdot(frac, bp.diff(dim=-1)).unsqueeze(-1))
     return (k + tau).clamp_(lo, hi)
 
 
@@ -294,8 +296,7 @@ def _solve_general(A: Tensor, c: Tensor, ridge: float, floor: float) -> Tensor:
     L = torch.linalg.cholesky_ex(H)[0]
     z = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, G[..., -1:], upper=False), upper=True)
     k = torch.addmm(mean, z.squeeze(-1), neg_qt)  # 1/M - Q z
-    s = k.sum(-1, keepdim=True)
-    return torch.where((s - s) == 0, k, 1.0 / M)  # a row with any non-finite entry: equal weights
+    return torch.where(torch.isfinite(k.sum(-1, keepdim=True)), k, 1.0 / M)  # a row with any non-finite entry: equal weights
 
 
 def _pair_maps(device: torch.device, ridge: float, floor: float) -> tuple[Tensor, ...]:
@@ -309,7 +310,7 @@ def _pair_maps(device: torch.device, ridge: float, floor: float) -> tuple[Tensor
             t([[1, 0.5, 1, 0, 1, 0, 0, 0], [-1, 0.5, -1, 0, 0, 1, 0, 0], [-1, -0.5, 0, 1, 0, 0, 1, 0],
                [1, -0.5, 0, -1, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0, 0, 0], [0, -1, 0, 0, 0, 0, 0, 0]]),
             # (D^2, R^2, e1^2, e2^2, A11^2, A12^2, A21^2, A22^2) -> D^2 + 4 rho
-            t([1, 0, ridge, ridge, floor, floor, floor, floor]),
+            t([[1], [0], [ridge], [ridge], [floor], [floor], [floor], [floor]]),
             t(4 * torch.finfo(_F64).tiny), t(0.5), t([0.0, 1.0]), t([1.0, -1.0]))
 
     return _const(("pair", str(device), ridge, floor), make)
@@ -327,10 +328,9 @@ def _solve_pair(A: Tensor, c: Tensor, ridge: float, floor: float, clamp: tuple[f
     [max(lo, 1 - hi), min(hi, 1 - lo)] (see _project_pair): nine ops on [B, <= 8] tensors
     where the general path takes thirty."""
     lin, den_w, tiny, half, e1, d12 = _pair_maps(c.device, ridge, floor)
-    Af = A.reshape(c.shape[0], 4)
-    L = torch.cat([Af, c], -1) @ lin  # [B, 8]: D, R, e1, e2 and A itself
-    den = torch.addmv(tiny, L.square(), den_w)[:, None]  # D^2 + 4 rho
-    k1 = torch.addcdiv(half, L[:, :1] * L[:, 1:2], den, value=-1.0)
+    L = torch.cat([A.reshape(c.shape[0], 4), c], -1) @ lin  # [B, 8]: D, R, e1, e2 and A itself
+    den = torch.addmm(tiny, L.square(), den_w)  # [B, 1]: D^2 + 4 rho
+    k1 = torch.addcdiv(half, L[:, :2].prod(-1, keepdim=True), den, value=-1.0)  # 1/2 - D R / den
     k1 = torch.nan_to_num(k1, nan=0.5, posinf=0.5, neginf=0.5)  # non-finite rows: equal weights
     if clamp is not None:
         k1 = k1.clamp(*_pair_bounds(*clamp))

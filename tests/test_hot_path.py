@@ -154,7 +154,10 @@ def test_float32_sampling_tracks_log_q_like_float64():
 
 
 @pytest.mark.slow
-def test_step_compiles_without_graph_breaks_and_matches_eager():
+@pytest.mark.parametrize("num_experts,integrator,estimator", [
+    (2, "em", "ito"), (3, "em", "ito"),  # three: the AND solve's Cholesky path and sorted projection
+    (2, "euler", "ode")])
+def test_step_compiles_without_graph_breaks_and_matches_eager(num_experts, integrator, estimator):
     """torch.compile(fullgraph=True) of the whole step on analytic experts: no Python-side
     check breaks the graph, and the compiled step gives the eager step's numbers."""
     from superdiff.coefficients import grid_coefficients
@@ -164,17 +167,21 @@ def test_step_compiles_without_graph_breaks_and_matches_eager():
     from superdiff.step import FiniteMonitor, superdiff_step
 
     sch = schedules()["ve"]
-    es = ExpertList(two_mixtures(4))
+    experts = two_mixtures(4)
+    if num_experts == 3:
+        experts = [*experts, GaussianMixtureExpert(torch.full((1, 4), 0.5, dtype=torch.float64), 0.5)]
+    es = ExpertList(experts)
     grid = sch.grid(5)
     coefs = grid_coefficients(sch, grid)
-    integ, op, est = make_integrator("em"), make_operator("and"), make_estimator("ito")
-    op.validate(2)
+    integ, op, est = make_integrator(integrator), make_operator("and"), make_estimator(estimator)
+    op.validate(num_experts)
     x0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)) * float(sch.prior_std())
-    logq0 = torch.zeros(3, 2, dtype=torch.float64)
+    logq0 = torch.zeros(3, num_experts, dtype=torch.float64)
 
     def run(step_fn):
         x, logq = x0, logq0
-        mon = FiniteMonitor(2, "cpu", est.name)
+        est.begin()
+        mon = FiniteMonitor(num_experts, "cpu", est.name)
         for k in range(3):
             so = step_fn(es, sch, integ, op, est, x, grid[k], grid[k + 1], logq, k, 5,
                          coefficients=coefs[k], monitor=mon)

@@ -253,6 +253,32 @@ def test_capped_simplex_projection_of_two_weights_is_the_general_projection():
         assert (((k - p) ** 2).sum(-1) <= best + 1e-12).all()
 
 
+def test_capped_simplex_projection_equals_bisection_on_the_shift_for_any_number_of_experts():
+    """The projection is clip(k + tau, lo, hi) with tau the root of sum_i clip(k_i + tau) = 1:
+    the closed form over the sorted breakpoints agrees with 200 bisection steps on tau for
+    M = 3..8, ties and rows already feasible included (those come back unchanged)."""
+    from superdiff.operators import _project_sorted
+
+    g = torch.Generator().manual_seed(3)
+    for M in (3, 4, 6, 8):
+        for lo, hi in [(-1.0, 2.0), (0.0, 1.0), (0.05, 0.5), (-0.3, 0.9)]:
+            if not M * lo <= 1.0 <= M * hi:
+                continue
+            k = torch.randn(2000, M, generator=g, dtype=torch.float64) * 2
+            k[:5] = 1.0 / M  # feasible
+            k[5:10, 0] = k[5:10, 1]  # ties between breakpoints
+            k[10:15] = torch.tensor([lo] + [(1.0 - lo) / (M - 1)] * (M - 1), dtype=torch.float64)  # on the boundary
+            a, b = torch.full((2000, 1), -100.0, dtype=torch.float64), torch.full((2000, 1), 100.0, dtype=torch.float64)
+            for _ in range(200):
+                m = (a + b) / 2
+                below = (k + m).clamp(lo, hi).sum(-1, keepdim=True) < 1
+                a, b = torch.where(below, m, a), torch.where(below, b, m)
+            p = _project_sorted(k, lo, hi)
+            torch.testing.assert_close(p, (k + (a + b) / 2).clamp(lo, hi), rtol=0, atol=1e-12)
+            feasible = torch.cat([k[:5], k[10:15]])
+            torch.testing.assert_close(torch.cat([p[:5], p[10:15]]), feasible, rtol=0, atol=1e-14)
+
+
 def test_single_operator_reproduces_the_experts_own_sampler_exactly():
     e1, e2 = two_mixtures(3)
     for integ in ["em", "ddpm", "euler", "heun"]:
