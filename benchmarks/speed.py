@@ -68,7 +68,7 @@ from typing import Any, Callable
 
 import torch
 
-from superdiff.atomic import write_text
+from superdiff.atomic import replacing, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     }
     text = markdown(doc)  # before anything is written: a failure here keeps the previous results whole
     write_json_atomic(out / f"results_{label}.json", doc)
-    (out / f"results_{label}.md").write_text(text)
+    write_text(out / f"results_{label}.md", text)
     plot(doc, out / f"speed_{label}.png")
     partial.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(text)
@@ -868,7 +868,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         _plot_chunked_memory(axes[2], doc["results"], chunked)
     fig.suptitle(f"SuperDiff vs diffusers: {doc['device']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

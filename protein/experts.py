@@ -214,7 +214,26 @@ def backbone_expert_set(experts: Sequence[CoordinateBackboneExpert]) -> ExpertLi
         if abs(s - s0) > 1e-12:
             raise ValueError(f"mismatched experts: expert {i} uses coord_scale {s} but expert 0 uses {s0}; "
                              "composed experts must share one coordinate system")
+    _check_training_schedules(experts)
     return ExpertList(experts)
+
+
+def _check_training_schedules(experts: Sequence[CoordinateBackboneExpert]) -> None:
+    """Trained experts (those with a training schedule, BackboneModelExpert) must share it: their
+    scores are scores of one noise process only then."""
+    trained = [(i, e) for i, e in enumerate(experts) if isinstance(e, BackboneModelExpert)]
+    if len(trained) < 2:
+        return
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    i0, e0 = trained[0]
+    betas = e0.schedule().betas
+    for i, e in trained[1:]:
+        if not torch.equal(e.schedule().betas, betas):
+            theirs = ", ".join(f"{k}={e.config.get(k)}" for k in keys)
+            ours = ", ".join(f"{k}={e0.config.get(k)}" for k in keys)
+            raise ValueError(f"mismatched experts: expert {i} ({e.name}) was trained with another noise schedule "
+                             f"({theirs}) than expert {i0} ({e0.name}: {ours}); composed models must "
+                             "share their training schedule")
 
 
 def compose_backbones(experts: Sequence[CoordinateBackboneExpert], schedule: Schedule, num_samples: int,

@@ -129,7 +129,9 @@ def test_mpnn_proxy_on_ideal_helix():
 
 def test_experts_trained_with_another_schedule_are_refused(experts, tmp_path):
     """run_method samples on expert 0's training schedule: a model trained with other betas would
-    be fed timesteps (and noise levels) of a process it never saw, so it is refused up front."""
+    be fed timesteps (and noise levels) of a process it never saw, so it is refused up front, by
+    the expert set that compose_backbones (and so run_method) builds."""
+    from superdiff.protein.experts import backbone_expert_set
     from superdiff.protein.models import BackboneDenoiser, save_backbone_model
 
     for name, cfg in [("short", {"num_train_timesteps": 200}), ("steeper", {"beta_end": 0.05})]:
@@ -137,6 +139,8 @@ def test_experts_trained_with_another_schedule_are_refused(experts, tmp_path):
         other = BackboneModelExpert.from_pretrained(str(tmp_path / name))
         with pytest.raises(ValueError, match=r"expert 1 .* another noise schedule"):
             run_method([experts[0], other], "or", 2, 3, seed=0)
+        with pytest.raises(ValueError, match=r"expert 2 .* another noise schedule .* than expert 0"):
+            backbone_expert_set([experts[0], experts[0], other])
     same = tmp_path / "same"
     save_backbone_model(BackboneDenoiser({"dim": 16, "depth": 1, "heads": 2}), same)
     X, _ = run_method([experts[0], BackboneModelExpert.from_pretrained(str(same))], "or", 2, 3, seed=0)

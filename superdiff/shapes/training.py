@@ -118,10 +118,7 @@ class Run:
 
     def save(self, state: dict[str, Any]) -> None:
         """Atomically write ``state`` (plus the time counters) to ``checkpoint.pt``."""
-        state = dict(state, cpu_seconds=self.cpu_seconds, wall_seconds=self.wall_seconds)
-        tmp = self.ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt)
+        save_atomic(dict(state, cpu_seconds=self.cpu_seconds, wall_seconds=self.wall_seconds), self.ckpt)
 
     def log(self, record: dict[str, Any]) -> None:
         with self.log_path.open("a") as f:
