@@ -623,6 +623,13 @@ def _gather(summary: BatchSummary, out: Path, rank: int, world: int) -> BatchSum
     return total
 
 
+def _last_byte(path: Path) -> bytes:
+    """The last byte of a non-empty file (not the whole file read for it)."""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 def _merge_parts(out: Path) -> None:
     """Append every per-process manifest part to manifest.jsonl, then remove the parts (a
     line cut short by a kill is completed with a newline; resume judges tasks by their PNG)."""
@@ -630,7 +637,7 @@ def _merge_parts(out: Path) -> None:
     if not parts:
         return
     target = out / "manifest.jsonl"
-    cut = target.is_file() and target.stat().st_size > 0 and not target.read_bytes().endswith(b"\n")
+    cut = target.is_file() and target.stat().st_size > 0 and _last_byte(target) != b"\n"
     with open(target, "a", encoding="utf-8") as f:
         if cut:  # its last line was cut by a kill: end it, so that the first merged record stays whole
             f.write("\n")

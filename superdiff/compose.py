@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 # from here, where earlier versions defined them
 from .images import GRID_KEY, PNG_KEY, image_grid, png_metadata, read_png_composition, save_png  # noqa: F401
 from .model_loading import (FLOW_KINDS, MODEL_KINDS, TEXT_KINDS, ModelCache, check_safetensors,  # noqa: F401
-                            hub_unreachable, model_kind)
+                            hub_unreachable, inside, model_kind)
 
 __all__ = [
     "Composition",
@@ -745,7 +745,7 @@ def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition,
         p = Path(a["path"]).expanduser()
         if p.exists() and cache.allow_roots is not None:
             rp = p.resolve()
-            if not any(rp == r or r in rp.parents for r in cache.allow_roots):
+            if not inside(rp, cache.allow_roots):
                 raise _fail("adapters", f"adapter {k}: {a['path']} is outside the allowed folders "
                                         f"({', '.join(map(str, cache.allow_roots)) or 'none configured'})")
         entry = {k2: a[k2] for k2 in ("path", "scale", "prompt", "name") if k2 in a}
@@ -761,7 +761,7 @@ def resolve_adapters(comp: Composition, cache: ModelCache) -> tuple[Composition,
             if spec is None or spec.file is None:
                 continue
             rf = Path(spec.file).resolve()
-            if not any(rf == r or r in rf.parents for r in (BUNDLED_ROOT, *cache.allow_roots)):
+            if not inside(rf, (BUNDLED_ROOT, *cache.allow_roots)):
                 raise _fail("adapters", f"adapter {k}: {a['path']} is outside the allowed folders (its weight file "
                                         f"{spec.file} leads to {rf}; allowed: "
                                         f"{', '.join(map(str, cache.allow_roots)) or 'none configured'})")

@@ -12,7 +12,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 __all__ = ["MODEL_KINDS", "TEXT_KINDS", "FLOW_KINDS", "model_kind", "check_safetensors", "hub_unreachable",
            "ModelCache"]
@@ -82,6 +82,11 @@ def model_kind(path_or_id: str) -> str:
         return "unet2d"
     raise ValueError(f"model: {path_or_id} is a {cls or 'unknown'} pipeline; SuperDiff composes Stable Diffusion "
                      "(1.x/2.x, XL, 3), Flux and UNet2D models")
+
+
+def inside(path: Path, roots: Iterable[Path]) -> bool:
+    """Whether the resolved `path` is one of the (resolved) `roots` or lies under one."""
+    return any(path == r or r in path.parents for r in roots)
 
 
 #: pipeline components ModelCache never loads (their weights may stay pickled)
@@ -226,7 +231,7 @@ class ModelCache:
         p = Path(name).expanduser()
         if name.startswith((".", "/", "~")) or p.exists():
             rp = p.resolve()
-            if self.allow_roots is not None and not any(rp == r or r in rp.parents for r in self.allow_roots):
+            if self.allow_roots is not None and not inside(rp, self.allow_roots):
                 raise ValueError(f"{what}: {name} is outside the allowed model folders "
                                  f"({', '.join(map(str, self.allow_roots)) or 'none configured'})")
             if not rp.is_dir():
@@ -261,7 +266,7 @@ class ModelCache:
                 continue
             for c in children:
                 target = c.resolve() if c.is_symlink() else c
-                if c.is_symlink() and not any(target == r or r in target.parents for r in roots):
+                if c.is_symlink() and not inside(target, roots):
                     return c, target
                 if target.is_dir() and target not in seen:
                     seen.add(target)

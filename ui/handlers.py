@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from superdiff.compose import DEFAULT_COMPOSITION, check_experts
 
-from .forms import (API_NAMES, GUIDANCE_MAX, COMPARE_METHODS, DTYPE_UI_CHOICES, ESTIMATOR_UI_CHOICES, FIELD_LABELS, FORM_SCALARS,
-                    MAX_PROMPTS, MIN_PROMPTS, NO_LORA, OPERATOR_LABELS, ROW_FIELDS, SAMPLER_UI_CHOICES,
+from .forms import (API_NAMES, COMPARE_METHODS, DTYPE_UI_CHOICES, ESTIMATOR_UI_CHOICES, FIELD_LABELS, FORM_SCALARS,
+                    GUIDANCE_MAX, MAX_PROMPTS, MIN_PROMPTS, NO_LORA, OPERATOR_LABELS, ROW_FIELDS, SAMPLER_UI_CHOICES,
                     check_adapter_files, check_limits, check_model_fits, compare_methods, composition_from_form,
                     error_message, for_operator, form_from_composition, form_from_values, formula_tree,
                     load_settings_file, parse_form, settings_from_json, settings_json, values_from_form)

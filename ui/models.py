@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from superdiff.model_loading import ModelCache, check_safetensors
+from superdiff.model_loading import ModelCache, check_safetensors, inside
 
 from .forms import NO_LORA, _blank, _first_line, error_message
 
@@ -32,7 +32,7 @@ def _loadable(d: Path, root: Path) -> bool:
     """A model folder the studio will load: inside its root once resolved (no symlink
     leaving it) and with safetensors weights (`.bin` pickles are refused)."""
     rd = d.resolve()
-    if not (rd == root or root in rd.parents):
+    if not inside(rd, (root,)):
         return False
     try:
         check_safetensors(str(rd))

@@ -182,8 +182,8 @@ def render_card(directory: str | Path) -> str:
 
 def write_card(directory: str | Path) -> Path:
     """Render README.md from the directory's JSON files; written atomically."""
-    from .training import write_text_atomic
+    from ..atomic import write_text
 
     path = Path(directory) / "README.md"
-    write_text_atomic(path, render_card(directory))
+    write_text(path, render_card(directory))
     return path

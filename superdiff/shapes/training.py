@@ -171,14 +171,9 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: a crash never leaves a partial file."""
-    atomic.write_text(path, text)
-
-
 def write_json(path: str | Path, data: Any) -> None:
     """``data`` as indented, key-sorted JSON, written atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def parameter_count(modules: Iterable[torch.nn.Module]) -> int:
