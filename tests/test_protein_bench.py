@@ -4,6 +4,7 @@ reproduces its own table and `--check` reports any metric that moved."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_bench_writes_table_pdbs_and_plots(first):
     assert len(pdbs) == 6 * 2 and "ATOM" in pdbs[0].read_text()
 
 
-def test_rerun_reproduces_and_check_catches_a_change(first, tmp_path, capsys):
+def test_rerun_reproduces_and_check_catches_a_change(first, tmp_path, capsys, monkeypatch):
     assert main(["protein", "bench", "--out", str(tmp_path / "again"), *SMALL,
                  "--check", str(first / "table.json")]) == 0
     assert "reproduced" in capsys.readouterr().out
@@ -47,8 +48,16 @@ def test_rerun_reproduces_and_check_catches_a_change(first, tmp_path, capsys):
     ref["methods"]["SuperDiff AND"]["helical"] += 0.25
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps(ref))
+
+    # the same run again (its tables, without sampling a third time), checked against the changed table
+    def rerun(out, *args, **kwargs):
+        shutil.copytree(tmp_path / "again", out)
+
+    monkeypatch.setattr("superdiff.protein.bench.run_bench", rerun)
     assert main(["protein", "bench", "--out", str(tmp_path / "third"), *SMALL, "--check", str(changed)]) == 1
-    assert "SuperDiff AND/helical" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "NOT reproduced" in err and "SuperDiff AND/helical: committed" in err
+    assert err.count("\n  ") == 1  # that metric only: the rerun reproduced every other one
 
 
 def test_check_reproduces_nan_metrics_and_reports_real_changes():
