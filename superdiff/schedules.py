@@ -365,16 +365,24 @@ class VESigma(Schedule):
         return torch.sqrt(1.0 + _t(t) ** 2)
 
     def model_time(self, t: Any) -> Tensor:
-        """Inverse of diffusers' np.interp(timesteps, arange(T), sigmas): piecewise linear,
-        n + (sigma - sigma_n) / (sigma_{n+1} - sigma_n), clamped to [0, T - 1]. Tensor ops only
-        (no host read; traceable by torch.func transforms and torch.compile)."""
+        """The timestep diffusers' Euler/Heun schedulers feed the network at sigma = t, clamped
+        to [0, T - 1], with n the training step below t:
+
+            n + (sigma - sigma_n) / (sigma_n+1 - sigma_n)             the inverse of their
+                np.interp(timesteps, arange(T), sigmas) on the default grid
+            n + log(sigma / sigma_n) / log(sigma_n+1 / sigma_n)       with Karras sigmas, whose
+                timesteps their _sigma_to_t interpolates in log sigma
+
+        Tensor ops only (no host read; traceable by torch.func transforms and torch.compile)."""
         tt = _t(t)
         s = self._sigmas_t.to(tt.device)
         u = torch.clamp(tt, float(self.sigmas_train[0]), float(self.sigmas_train[-1]))
         hi = torch.clamp(torch.searchsorted(s, u.reshape(-1)), 1, len(s) - 1).reshape(u.shape)
         lo = hi - 1
-        s_lo = torch.take(s, lo)
-        return lo.to(_F64) + (u - s_lo) / (torch.take(s, hi) - s_lo)
+        s_lo, s_hi = torch.take(s, lo), torch.take(s, hi)
+        if self.use_karras_sigmas:
+            return lo.to(_F64) + torch.log(u / s_lo) / torch.log(s_hi / s_lo)
+        return lo.to(_F64) + (u - s_lo) / (s_hi - s_lo)
 
     def input_scale(self, t: Any) -> Tensor:
         """c_in = 1 / sqrt(sigma^2 + 1): maps x~ back to the VP variable the network expects."""

@@ -23,8 +23,10 @@ def test_ve_grid_is_diffusers_euler_sigmas(spacing, karras, n):
     # x~_T = x_T / alpha_T has variance 1 + sigma^2 (diffusers' init_noise_sigma drops the 1 for
     # "linspace"/"trailing" spacing; the exact prior is used here)
     assert float(ve.prior_std(grid[0])) == pytest.approx(float((sched.sigmas[0] ** 2 + 1) ** 0.5), rel=1e-6)
-    if not karras:  # the network time of each grid sigma is diffusers' timestep
-        assert torch.allclose(ve.model_time(grid[:-1]), sched.timesteps.double(), atol=1e-3)
+    # the network time of each grid sigma is diffusers' timestep (with Karras sigmas, their
+    # interpolation in log sigma: linear in sigma was up to 0.02 timesteps off; what is left
+    # is the grid's float32 rounding above, about 1e-5 of sigma)
+    assert torch.allclose(ve.model_time(grid[:-1]), sched.timesteps.double(), atol=2e-3 if karras else 1e-3)
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
