@@ -586,6 +586,34 @@ def test_settings_import_refuses_a_lora_whose_hash_differs_like_from_png(cache, 
     assert H.error_message(e.value).startswith("LoRA adapters: the recorded LoRA hashes"), H.error_message(e.value)
 
 
+def test_imported_adapter_names_survive_the_form_and_name_the_run(tmp_path):
+    """An adapter's own name (not its file's) is kept through the form by the hidden lora_names
+    field and names the adapter in the run's PNG; another file picked in that row, or one
+    file that two experts name differently, takes the default name."""
+    from PIL import Image
+
+    cache = ModelCache()
+    comp = Composition.from_dict({"model": "shapes-t2i", "prompts": ["a circle"], "operator": "and", "steps": 2,
+                                  "adapters": [{"path": "lora-orange", "scale": 1.0, "name": "warm"},
+                                               {"path": "lora-outline", "scale": 0.8}]})
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "named.png", comp)
+    f = H.form_from_composition(H.load_settings_file(png, cache))
+    assert json.loads(f["lora_names"]) == {"lora-orange": "warm"}
+    back, _ = H.parse_form(H.form_from_values(H.values_from_form(f)))
+    assert [a.get("name") for a in back.adapters] == ["warm", None]
+    (item,) = list(H.run_jobs([("AND", back)], cache, tmp_path / "out"))[-1]
+    assert [a["name"] for a in read_png_composition(item.path).adapters] == ["warm", "lora-outline"]
+    other, _ = H.parse_form({**f, "loras": ["lora-outline", "lora-outline"]})
+    assert [a.get("name") for a in other.adapters] == [None, None]
+    twice = Composition.from_dict({**comp.to_dict(), "prompts": ["a circle", "a square"],
+                                   "adapters": [{"path": "lora-orange", "prompt": "a circle", "name": "warm"},
+                                                {"path": "lora-orange", "prompt": "a square", "name": "hot"}]})
+    assert H.form_from_composition(twice)["lora_names"] == ""
+    with pytest.raises(ValueError) as e:
+        H.parse_form({**f, "lora_names": json.dumps({"lora-orange": 3})})
+    assert H.error_message(e.value).startswith("LoRA adapters: the recorded LoRA names"), H.error_message(e.value)
+
+
 @pytest.mark.parametrize("operator", ["and", "single"])
 def test_a_row_with_a_lora_tag_and_and_reads_as_the_cli_reads_it(operator):
     """'a circle <lora:lora-orange:0.8> AND something red' in one row: AND parts first, then each

@@ -107,6 +107,8 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
         rows_state = gr.Number(form0["rows"], visible=False, precision=0, elem_id="prompt-rows")
         # the sha256 recorded for the adapters of imported settings (hidden; Generate checks the files)
         lora_sha256 = gr.Textbox(form0["lora_sha256"], visible=False, elem_id="lora-sha256")
+        # the names imported settings give their adapter files (hidden; the run keeps them)
+        lora_names = gr.Textbox(form0["lora_names"], visible=False, elem_id="lora-names")
         results_state = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=360):
@@ -246,7 +248,7 @@ def build_app(studio: Studio | None = None, *, default: Composition = DEFAULT_CO
             "switch_every": switch_every, "estimator": estimator, "sampler": sampler, "steps": steps,
             "guidance_scale": guidance, "negative_prompt": negative_prompt, "seed": seed, "num_images": num_images,
             "height": height, "width": width, "dtype": dtype, "compose": compose, "and_mode": and_mode,
-            "corrector": corrector, "lora_sha256": lora_sha256,
+            "corrector": corrector, "lora_sha256": lora_sha256, "lora_names": lora_names,
         }
         assert tuple(scalar_components) == H.FORM_SCALARS
         form_components = [*scalar_components.values(), *prompts, *weights, *biases, *loras, *lora_scales]

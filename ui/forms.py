@@ -30,12 +30,14 @@ MIN_PROMPTS = 1
 #: the scalar form fields, in the order app.py passes their values (then the per-row lists
 #: prompts, weights, biases, loras, lora_scales). lora_sha256 is a hidden field: the sha256
 #: recorded for each adapter of an imported composition, as JSON {path: sha256}, so that
-#: Generate checks the files against it (and the new PNGs record it).
+#: Generate checks the files against it (and the new PNGs record it). lora_names, hidden too:
+#: the adapter names an imported composition gives its files, as JSON {path: name}, so that a
+#: run from the studio keeps them (in its trace labels and the PNGs' <lora:name:scale> tags).
 FORM_SCALARS: tuple[str, ...] = (
     "model", "extra_models", "rows", "operator", "temperature", "lift", "clamp_mode", "clamp_lo", "clamp_hi",
     "single_expert", "joint_template", "switch_every", "estimator", "sampler", "steps", "guidance_scale",
     "negative_prompt", "seed", "num_images", "height", "width", "dtype", "compose", "and_mode", "corrector",
-    "lora_sha256",
+    "lora_sha256", "lora_names",
 )
 
 #: the studio's scripted-API (gradio_client) input names, in form_from_values order
@@ -194,6 +196,7 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
     # as the CLI reads --prompt (superdiff.a1111.parse_prompt_rows): AND parts first, then their tags
     prompts, weights, adapters = parse_prompt_rows(_tagged_rows(prompts, picks), weights, operator.lower().strip())
     adapters = _with_hashes(adapters, _lora_hashes(form.get("lora_sha256")))
+    adapters = _with_names(adapters, _lora_names(form.get("lora_names")))
     notes: list[str] = []
     hidden = [str(i + 1) for i, v in enumerate(list(form.get("prompts") or [])[rows:MAX_PROMPTS], rows) if not _blank(v)]
     if hidden:  # e.g. a scripted call that sets prompt_3 but leaves prompt_rows at 2
@@ -327,6 +330,7 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
     loras: list[str] = [NO_LORA] * MAX_PROMPTS
     lora_scales: list[float] = [1.0] * MAX_PROMPTS
     hashes: dict[str, str] = {}
+    names = _names_by_path(comp.adapters)
     for a in comp.adapters:  # the recorded hashes, checked again when the form is run
         if a.get("sha256"):
             if hashes.setdefault(a["path"], a["sha256"]) != a["sha256"]:
@@ -378,6 +382,7 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
         "corrector": "" if comp.corrector is None else (comp.corrector if isinstance(comp.corrector, str)
                                                           else json.dumps(comp.corrector)),
         "lora_sha256": json.dumps(hashes, sort_keys=True) if hashes else "",
+        "lora_names": json.dumps(names, sort_keys=True) if names else "",
     }
 
 
@@ -394,6 +399,37 @@ def _lora_hashes(v: Any) -> dict[str, str]:
         raise ValueError(f"adapters: the recorded LoRA hashes (lora_sha256) must be JSON {{path: sha256}}, got "
                          f"{_first_line(str(v), 120)!r}")
     return {k.strip(): h.strip() for k, h in d.items()}
+
+
+def _names_by_path(adapters: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """{path: name} of the adapters that name themselves; a file that two experts name
+    differently is left out (one name per picker path is all the form holds: those experts
+    then take the default name, the folder or file name)."""
+    names: dict[str, set[str]] = {}
+    for a in adapters:
+        if a.get("name"):
+            names.setdefault(str(a["path"]).strip(), set()).add(str(a["name"]))
+    return {p: next(iter(n)) for p, n in names.items() if len(n) == 1}
+
+
+def _lora_names(v: Any) -> dict[str, str]:
+    """The hidden lora_names field: JSON {adapter path: name}, or blank."""
+    if _blank(v):
+        return {}
+    try:
+        d = json.loads(v) if isinstance(v, str) else v
+    except json.JSONDecodeError:
+        d = None
+    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(n, str) and n.strip()
+                                          for k, n in d.items()):
+        raise ValueError(f"adapters: the recorded LoRA names (lora_names) must be JSON {{path: name}}, got "
+                         f"{_first_line(str(v), 120)!r}")
+    return {k.strip(): n.strip() for k, n in d.items()}
+
+
+def _with_names(adapters: list[dict[str, Any]], names: Mapping[str, str]) -> list[dict[str, Any]]:
+    """`adapters` with the recorded name of each adapter whose path has one (as _with_hashes)."""
+    return [{**a, "name": names[a["path"].strip()]} if a["path"].strip() in names else a for a in adapters]
 
 
 def _with_hashes(adapters: list[dict[str, Any]], hashes: Mapping[str, str]) -> list[dict[str, Any]]:
