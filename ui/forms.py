@@ -195,8 +195,7 @@ def parse_form(form: Mapping[str, Any]) -> tuple[Composition, list[str]]:
                              "e.g. 'a circle <lora:lora-orange:0.8> AND something red'")
     # as the CLI reads --prompt (superdiff.a1111.parse_prompt_rows): AND parts first, then their tags
     prompts, weights, adapters = parse_prompt_rows(_tagged_rows(prompts, picks), weights, operator.lower().strip())
-    adapters = _with_hashes(adapters, _lora_hashes(form.get("lora_sha256")))
-    adapters = _with_names(adapters, _lora_names(form.get("lora_names")))
+    adapters = _with_recorded(adapters, form)
     notes: list[str] = []
     hidden = [str(i + 1) for i, v in enumerate(list(form.get("prompts") or [])[rows:MAX_PROMPTS], rows) if not _blank(v)]
     if hidden:  # e.g. a scripted call that sets prompt_3 but leaves prompt_rows at 2
@@ -386,19 +385,35 @@ def form_from_composition(comp: Composition) -> dict[str, Any]:
     }
 
 
-def _lora_hashes(v: Any) -> dict[str, str]:
-    """The hidden lora_sha256 field: JSON {adapter path: recorded sha256}, or blank."""
+#: the hidden per-path fields: form field -> (adapter key, what its values are, for messages)
+_PATH_FIELDS = {"lora_sha256": ("sha256", "hashes"), "lora_names": ("name", "names")}
+
+
+def _recorded(form: Mapping[str, Any], field: str) -> dict[str, str]:
+    """A hidden per-path field (lora_sha256, lora_names): JSON {adapter path: value}, or blank."""
+    v = form.get(field)
     if _blank(v):
         return {}
     try:
         d = json.loads(v) if isinstance(v, str) else v
     except json.JSONDecodeError:
         d = None
-    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(h, str) and h.strip()
-                                          for k, h in d.items()):
-        raise ValueError(f"adapters: the recorded LoRA hashes (lora_sha256) must be JSON {{path: sha256}}, got "
+    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(x, str) and x.strip()
+                                          for k, x in d.items()):
+        key, what = _PATH_FIELDS[field]
+        raise ValueError(f"adapters: the recorded LoRA {what} ({field}) must be JSON {{path: {key}}}, got "
                          f"{_first_line(str(v), 120)!r}")
-    return {k.strip(): h.strip() for k, h in d.items()}
+    return {k.strip(): x.strip() for k, x in d.items()}
+
+
+def _with_recorded(adapters: list[dict[str, Any]], form: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`adapters` with the sha256 and the name recorded for each one's path (an adapter picked
+    since the import names another path: it is not held to the imported hash and takes its
+    default name)."""
+    for field, (key, _) in _PATH_FIELDS.items():
+        rec = _recorded(form, field)
+        adapters = [{**a, key: rec[a["path"].strip()]} if a["path"].strip() in rec else a for a in adapters]
+    return adapters
 
 
 def _names_by_path(adapters: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -410,32 +425,6 @@ def _names_by_path(adapters: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         if a.get("name"):
             names.setdefault(str(a["path"]).strip(), set()).add(str(a["name"]))
     return {p: next(iter(n)) for p, n in names.items() if len(n) == 1}
-
-
-def _lora_names(v: Any) -> dict[str, str]:
-    """The hidden lora_names field: JSON {adapter path: name}, or blank."""
-    if _blank(v):
-        return {}
-    try:
-        d = json.loads(v) if isinstance(v, str) else v
-    except json.JSONDecodeError:
-        d = None
-    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(n, str) and n.strip()
-                                          for k, n in d.items()):
-        raise ValueError(f"adapters: the recorded LoRA names (lora_names) must be JSON {{path: name}}, got "
-                         f"{_first_line(str(v), 120)!r}")
-    return {k.strip(): n.strip() for k, n in d.items()}
-
-
-def _with_names(adapters: list[dict[str, Any]], names: Mapping[str, str]) -> list[dict[str, Any]]:
-    """`adapters` with the recorded name of each adapter whose path has one (as _with_hashes)."""
-    return [{**a, "name": names[a["path"].strip()]} if a["path"].strip() in names else a for a in adapters]
-
-
-def _with_hashes(adapters: list[dict[str, Any]], hashes: Mapping[str, str]) -> list[dict[str, Any]]:
-    """`adapters` with the recorded sha256 of each adapter whose path has one (an adapter
-    picked since the import names another path and is not held to it)."""
-    return [{**a, "sha256": hashes[a["path"].strip()]} if a["path"].strip() in hashes else a for a in adapters]
 
 
 def _fmt(v: float | int | None) -> str:
