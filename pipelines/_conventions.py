@@ -15,12 +15,14 @@
   ``negative_pooled_prompt_embeds`` for SDXL, given in pairs): one expert per row, for the SD
   and SDXL pipelines (without ``negative_prompt_embeds``, a ``negative_prompt`` is encoded,
   as in diffusers); ``sigmas=`` (diffusers' custom Euler sigmas: n + 1 of them for n steps,
-  ending at the final sigma, usually 0) becomes our VE time grid.
+  ending at the final sigma, usually 0) becomes our VE time grid; ``timesteps=`` (diffusers'
+  custom training timesteps, one per step, e.g. Align Your Steps') becomes the grid of the
+  call's schedule as diffusers' Euler and DDPM schedulers make it (_method.DiffusersTimesteps).
 - ``pipe._interrupt = True`` (``pipe.interrupt``) set in a callback stops after that step;
   the images are decoded from the latents reached, as in diffusers (see _mixin.py). In a batch
   of compositions, the later ones stop after the same number of steps (diffusers stops its
   whole batch at that step).
-- ``guidance_rescale`` (0 only), ``eta``, ``timesteps``, ``ip_adapter_*``, the legacy
+- ``guidance_rescale`` (0 only), ``eta``, ``ip_adapter_*``, the legacy
   ``callback`` and the rest of diffusers' arguments that have no meaning here are refused
   with a message saying what to use, instead of a TypeError.
 """
@@ -46,8 +48,6 @@ SCHEDULER_SAMPLERS = {
 _REFUSED = {
     "eta": "eta is DDIM's noise level; here the sampler decides it: sampler='ddpm' (ancestral, like eta=1) "
            "or 'euler' / 'ode' (deterministic, like eta=0), 'sde' (the paper's Euler-Maruyama)",
-    "timesteps": "custom DDPM timesteps are not taken; give sigmas= (diffusers' Euler sigmas) or time_grid= "
-                 "(a decreasing grid in schedule time, ending at the final time)",
     "guidance_rescale": "guidance_rescale (Lin et al.'s rescaled CFG) is not applied by the SuperDiff "
                         "combination; leave it at 0",
     "callback": "the legacy callback is not supported; use callback_on_step_end",
@@ -119,6 +119,20 @@ def _take_conventions(pipe: Any, given: dict[str, Any], extra: dict[str, Any], c
                                  "EulerDiscreteScheduler takes them")
             given["time_grid"] = s  # as diffusers: n + 1 sigmas for n steps, the last one the end point
             given["schedule"] = "ve"
+        elif key == "timesteps":
+            extra.pop(key)
+            if value is None:
+                continue
+            if pipe._flow_matching:
+                raise ValueError(f"{cls}: timesteps= is not taken by the flow pipelines; give sigmas= (flow times "
+                                 "from 1 towards 0) or time_grid=")
+            if given.get("time_grid") is not None or "sigmas" in extra or given.get("sigmas") is not None:
+                raise ValueError("give one of timesteps=, sigmas= and time_grid=")
+            from ._method import DiffusersTimesteps
+
+            # one per step, on the training scale; the schedule of the call (its sampler's) makes
+            # them its grid (DiffusersTimesteps.grid), as diffusers' Euler and DDPM schedulers do
+            given["time_grid"] = DiffusersTimesteps(tuple(float(t) for t in value))
         elif key in _REFUSED and value is None:  # diffusers' own default: nothing asked for
             extra.pop(key)
         elif key in _REFUSED:

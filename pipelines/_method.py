@@ -18,12 +18,13 @@ from superdiff.estimators import make_estimator
 from superdiff.integrators import Integrator, make_integrator
 from superdiff.operators import Operator, make_operator
 from superdiff.sampling import default_estimator
-from superdiff.schedules import RectifiedFlow, Schedule, VESigma, schedule_from_config
+from superdiff.schedules import RectifiedFlow, Schedule, VESigma, VPDiscrete, schedule_from_config
 
 Tensor = torch.Tensor
 
 __all__ = ["SAMPLERS", "MethodPlan", "build_operator", "resolve_sampler", "resolve_estimator", "make_schedule",
-           "make_flow_schedule", "flow_time_grid", "flow_grid", "init_noise_sigma", "prepare_latents"]
+           "make_flow_schedule", "flow_time_grid", "flow_grid", "init_noise_sigma", "prepare_latents",
+           "DiffusersTimesteps"]
 
 SAMPLERS = ("sde", "em", "ode", "euler", "heun", "ddpm")
 
@@ -239,6 +240,43 @@ def flow_grid(scheduler: Any, num_inference_steps: int, schedule: Any, time_grid
                              f"t_max); give either it or {' / '.join(n + '=' for n in given)}, not both")
         return schedule.grid(int(num_inference_steps))
     return flow_time_grid(scheduler, num_inference_steps, default_mu if mu is None else mu, sigmas)
+
+
+@dataclass(frozen=True)
+class DiffusersTimesteps:
+    """Custom timesteps as diffusers' pipelines take them (`timesteps=`, e.g. Align Your Steps'
+    [999, 845, ..., 13]): one per step, decreasing, on the training scale [0, T - 1]. They
+    become the schedule's grid once the call's schedule is known (`grid`), with the end point
+    that diffusers' schedulers append."""
+
+    values: tuple[float, ...]
+
+    def grid(self, schedule: Schedule, end: str) -> Tensor:
+        """VE ("sigma", Euler/Heun): sigma_k = np.interp(t_k, arange(T), training sigmas), as
+        EulerDiscreteScheduler.set_timesteps(timesteps=...), then 0 (end="zero") or the smallest
+        trained sigma (end="min", their final_sigmas_type="sigma_min"); the network is fed t_k
+        again (VESigma.model_time inverts the interpolation). VP (DDPM): the timesteps
+        themselves, then -1 (abar = 1) or 0."""
+        ts = np.asarray(self.values, dtype=np.float64)
+        T = getattr(schedule, "num_train_timesteps", None)
+        if not isinstance(schedule, (VESigma, VPDiscrete)):
+            raise ValueError(f"timesteps= are diffusers' training timesteps, for the 've' and 'vp' schedules; this "
+                             f"call's schedule is {type(schedule).__name__}: give time_grid= instead")
+        if len(ts) < 1 or not np.all(np.isfinite(ts)) or np.any(np.diff(ts) >= 0) or ts[-1] < 0 or ts[0] > T - 1:
+            raise ValueError(f"timesteps must be a strictly decreasing list of training timesteps in [0, {T - 1}] "
+                             f"(one per step, e.g. [999, 845, 730, ...]), got {list(self.values)}")
+        if isinstance(schedule, VESigma):
+            if schedule.use_karras_sigmas:
+                raise ValueError("timesteps= cannot be combined with Karras sigmas (use_karras_sigmas=True), as in "
+                                 "diffusers: give sigmas= or drop one of the two")
+            grid = np.interp(ts, np.arange(T, dtype=np.float64), schedule.sigmas_train)
+            last = 0.0 if end == "zero" else float(schedule.sigmas_train[0])
+        else:
+            grid, last = ts, (-1.0 if end == "zero" else 0.0)
+        if not grid[-1] > last:
+            raise ValueError(f"timesteps: the last one ({ts[-1]:g}) is already the end point of grid_end={end!r}; "
+                             "leave it out (one timestep per step)")
+        return torch.as_tensor(np.concatenate([grid, [last]]), dtype=torch.float64)
 
 
 def init_noise_sigma(schedule: Schedule, grid: Tensor, scheduler_config: Mapping[str, Any]) -> float:

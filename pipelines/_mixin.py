@@ -16,8 +16,8 @@ from superdiff.sampling import SampleOutput, StepInfo, StopSampling, sample
 from superdiff.schedules import Schedule
 
 from ._inputs import apply_compose, check_common, check_generator, check_height_width
-from ._method import (MethodPlan, attach_corrector, build_operator, init_noise_sigma, make_flow_schedule, make_schedule, prepare_latents,
-                      resolve_estimator, resolve_sampler)
+from ._method import (DiffusersTimesteps, MethodPlan, attach_corrector, build_operator, init_noise_sigma, make_flow_schedule,
+                      make_schedule, prepare_latents, resolve_estimator, resolve_sampler)
 
 Tensor = torch.Tensor
 
@@ -261,7 +261,9 @@ class SuperDiffPipelineMixin:
     @staticmethod
     def _grid_and_sigma(schedule: Schedule, num_inference_steps: int, timesteps: Any, grid_end: str,
                         scheduler_config: Mapping[str, Any]) -> tuple[Tensor, float]:
-        if timesteps is not None:
+        if isinstance(timesteps, DiffusersTimesteps):  # diffusers' timesteps=, mapped by _conventions
+            grid = timesteps.grid(schedule, grid_end)
+        elif timesteps is not None:
             grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
             if len(grid) < 2 or not bool(torch.all(grid[1:] < grid[:-1])) or not bool(torch.isfinite(grid).all()):
                 raise ValueError("`time_grid` must be a strictly decreasing list of at least 2 finite schedule "

@@ -137,6 +137,36 @@ def test_sigmas_are_diffusers_euler_sigmas(pipe):
     assert np.abs(default - a).max() > 1e-3  # the sigmas were really used
 
 
+@pytest.mark.parametrize("sampler,scheduler", [("euler", EulerDiscreteScheduler), ("ddpm", DDPMScheduler)])
+def test_timesteps_are_diffusers_custom_timesteps(pipe, sampler, scheduler):
+    """timesteps= as diffusers' pipelines take them (one training timestep per step, e.g. Align
+    Your Steps' schedule): Euler's sigmas interpolated at them and the network fed them, DDPM's
+    steps between them; the same images as diffusers' own pipeline with the same timesteps."""
+    ays = [999, 845, 730, 587, 443, 310, 193, 116, 53, 13]
+    ref = reference(pipe, scheduler(**SD_SCHEDULE, steps_offset=1))
+    a = ref("a red cat", generator=gen(0), timesteps=ays, guidance_scale=7.5, output_type="np").images
+    out = pipe("a red cat", generator=gen(0), timesteps=ays, guidance_scale=7.5, output_type="np",
+               operator="single", sampler=sampler)
+    assert out.trace.num_steps == len(ays)
+    assert np.abs(out.images - a).max() <= 1e-4
+    default = pipe("a red cat", generator=gen(0), num_inference_steps=len(ays), guidance_scale=7.5,
+                   output_type="np", operator="single", sampler=sampler).images
+    assert np.abs(default - a).max() > 1e-3  # the timesteps were really used
+
+
+def test_timesteps_are_refused_with_karras_sigmas_and_on_flow_pipelines():
+    from superdiff.pipelines._testing import tiny_sd3_components
+
+    karras = EulerDiscreteScheduler(**SD_SCHEDULE, steps_offset=1, use_karras_sigmas=True)
+    pipe = SuperDiffStableDiffusionPipeline(**{**tiny_sd_components(0), "scheduler": karras})
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"timesteps= cannot be combined with Karras sigmas"):
+        pipe("a red cat", timesteps=[999, 500], operator="single", output_type="np")
+    sd3 = SuperDiffStableDiffusion3Pipeline(**tiny_sd3_components(0))
+    with pytest.raises(ValueError, match=r"timesteps= is not taken by the flow pipelines; give sigmas="):
+        sd3("a red cat", timesteps=[999, 500], height=16, width=16, output_type="latent")
+
+
 def test_interrupt_from_a_callback_stops_after_that_step(pipe):
     def stop_after_two(p, step, t, kwargs):
         if step == 1:
@@ -187,7 +217,10 @@ def test_interrupt_in_a_batch_of_compositions_stops_every_composition_at_that_st
 @pytest.mark.parametrize("kwargs, expected", [
     ({"eta": 0.0}, "eta is DDIM's noise level"),
     ({"guidance_rescale": 0.7}, "guidance_rescale"),
-    ({"timesteps": [999, 500, 1]}, "custom DDPM timesteps are not taken"),
+    ({"timesteps": [999, 500, 1], "sigmas": [10.0, 1.0, 0.0]}, "give one of timesteps=, sigmas= and time_grid="),
+    ({"timesteps": [999, 500, 1], "time_grid": [10.0, 1.0, 0.0]}, "give one of timesteps=, sigmas= and time_grid="),
+    ({"timesteps": [500, 999]}, "strictly decreasing list of training timesteps in \\[0, 999\\]"),
+    ({"timesteps": [999, 500, 0], "grid_end": "min"}, "the last one \\(0\\) is already the end point"),
     ({"ip_adapter_image": object()}, "IP-Adapters are not supported"),
     ({"callback": print, "callback_steps": 1}, "use callback_on_step_end"),
     ({"prompt_2": "x"}, "each expert's prompt feeds every text encoder"),
