@@ -126,7 +126,7 @@ def _take_conventions(pipe: Any, given: dict[str, Any], extra: dict[str, Any], c
             if pipe._flow_matching:
                 raise ValueError(f"{cls}: timesteps= is not taken by the flow pipelines; give sigmas= (flow times "
                                  "from 1 towards 0) or time_grid=")
-            if given.get("time_grid") is not None or "sigmas" in extra or given.get("sigmas") is not None:
+            if given.get("time_grid") is not None or "sigmas" in extra:
                 raise ValueError("give one of timesteps=, sigmas= and time_grid=")
             from ._method import DiffusersTimesteps
 

@@ -257,11 +257,10 @@ class DiffusersTimesteps:
         trained sigma (end="min", their final_sigmas_type="sigma_min"); the network is fed t_k
         again (VESigma.model_time inverts the interpolation). VP (DDPM): the timesteps
         themselves, then -1 (abar = 1) or 0."""
-        ts = np.asarray(self.values, dtype=np.float64)
-        T = getattr(schedule, "num_train_timesteps", None)
         if not isinstance(schedule, (VESigma, VPDiscrete)):
             raise ValueError(f"timesteps= are diffusers' training timesteps, for the 've' and 'vp' schedules; this "
                              f"call's schedule is {type(schedule).__name__}: give time_grid= instead")
+        ts, T = np.asarray(self.values, dtype=np.float64), schedule.num_train_timesteps
         if len(ts) < 1 or not np.all(np.isfinite(ts)) or np.any(np.diff(ts) >= 0) or ts[-1] < 0 or ts[0] > T - 1:
             raise ValueError(f"timesteps must be a strictly decreasing list of training timesteps in [0, {T - 1}] "
                              f"(one per step, e.g. [999, 845, 730, ...]), got {list(self.values)}")

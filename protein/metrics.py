@@ -165,21 +165,20 @@ def mpnn_proxy(X: np.ndarray, seed: int = 0, temperature: float = 0.1) -> tuple[
     alphabet = "ACDEFGHIKLMNPQRSTVWYX"
     ones = torch.ones(1, L)
     zeros21 = torch.zeros(1, L, 21)
+    fixed = dict(omit_AAs_np=np.array([a == "X" for a in alphabet], dtype=np.float32), bias_AAs_np=np.zeros(21),
+                 chain_M_pos=ones, omit_AA_mask=zeros21, pssm_coef=torch.zeros(1, L), pssm_bias=zeros21,
+                 pssm_multi=0.0, pssm_log_odds_flag=False, pssm_log_odds_mask=torch.ones(1, L, 21),
+                 pssm_bias_flag=False, bias_by_res=zeros21)  # no PSSM, no bias: the same for every structure
     S0 = torch.zeros(1, L, dtype=torch.long)
     residx = torch.arange(L)[None]
-    omit = np.array([a == "X" for a in alphabet], dtype=np.float32)
+    randn = torch.randn(1, L, generator=torch.Generator().manual_seed(seed))  # the decoding order (read only)
     nll, seqs = [], []
     state = torch.random.get_rng_state()
     try:
         for xb in Xb:
-            randn = torch.randn(1, L, generator=torch.Generator().manual_seed(seed))  # the decoding order
             torch.manual_seed(seed)  # model.sample draws the sequence with the global generator
             with torch.no_grad():
-                out = model.sample(xb[None], randn, S0, ones, ones, residx, mask=ones, temperature=temperature,
-                                   omit_AAs_np=omit, bias_AAs_np=np.zeros(21), chain_M_pos=ones, omit_AA_mask=zeros21,
-                                   pssm_coef=torch.zeros(1, L), pssm_bias=zeros21, pssm_multi=0.0,
-                                   pssm_log_odds_flag=False, pssm_log_odds_mask=torch.ones(1, L, 21),
-                                   pssm_bias_flag=False, bias_by_res=zeros21)
+                out = model.sample(xb[None], randn, S0, ones, ones, residx, mask=ones, temperature=temperature, **fixed)
                 S = out["S"]
                 logp = model(xb[None], S, ones, ones, residx, ones, randn, use_input_decoding_order=True,
                              decoding_order=out["decoding_order"])
